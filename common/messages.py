@@ -1,0 +1,459 @@
+"""The wire contract: every message on the bus, its versioned name, and where it is routed.
+
+A model changes only by adding optional fields (``extra="ignore"`` lets an older consumer read a
+newer producer's message); a breaking change is a new ``vN+1`` class consumed beside the old one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+# ---------------------------------------------------------------------------------------------
+# Names that both sides must agree on.
+
+CELLS_EXCHANGE = "substrate.cells"
+EVENTS_EXCHANGE = "substrate.events"
+COMMANDS_EXCHANGE = "substrate.commands"
+RPC_EXCHANGE = "substrate.rpc"
+DLX_EXCHANGE = "substrate.dlx"
+
+CELL_ID_PATTERN = r"^[a-z][a-z0-9-]{1,40}[a-z0-9]$"
+# Service and operator broker users take these prefixes; a cell id never may, so a cell can
+# never be given a broker user that collides with a control-plane one.
+RESERVED_PREFIXES = ("svc-", "op-")
+STAGES = ("staging", "saas", "dedicated")
+Stage = Literal["staging", "saas", "dedicated"]
+
+_CELL_ID_RE = re.compile(CELL_ID_PATTERN)
+
+
+def cell_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable cell id, or None when it is."""
+    if not _CELL_ID_RE.fullmatch(value):
+        return (
+            f"cell id {value!r} is not a DNS label of 3 to 42 characters "
+            "(lower-case letters, digits and '-', starting with a letter)"
+        )
+    for prefix in RESERVED_PREFIXES:
+        if value.startswith(prefix):
+            return f"cell id {value!r} uses the reserved prefix {prefix!r}"
+    return None
+
+
+def _check_cell_id(value: str) -> str:
+    problem = cell_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+CellId = Annotated[str, AfterValidator(_check_cell_id)]
+Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z.+-]+$")]
+
+
+def command_queue(cell_id: str) -> str:
+    """The queue a cell consumes its commands from; declared by the control plane."""
+    return f"cell.{cell_id}.commands"
+
+
+def rpc_queue(service: str) -> str:
+    return f"{service}.rpc"
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class and the registry of wire names.
+
+
+class Message(BaseModel):
+    """A message on the bus. ``wire_name`` is its AMQP ``type`` property."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    wire_name: ClassVar[str]
+    exchange: ClassVar[str]
+
+    def routing_key(self) -> str:
+        raise NotImplementedError
+
+
+MESSAGES: dict[str, type[Message]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def wire(name: str) -> Callable[[M], M]:
+    """Register a message class under its versioned wire name."""
+
+    def register(cls: M) -> M:
+        if name in MESSAGES:
+            raise ValueError(f"wire name {name!r} registered twice")
+        cls.wire_name = name
+        MESSAGES[name] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the bus knows about a delivered message besides its body.
+
+    Handlers get this instead of the broker's message object so they never touch aio-pika.
+    ``user_id`` is the broker-authenticated publisher: the broker refuses a forged one, but a
+    message with none is not checked at all, so consumers must insist on it.
+    """
+
+    message_id: str | None
+    user_id: str | None
+    routing_key: str
+    redelivered: bool
+    delivery_count: int
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Releases: carried by events and commands, so they live in the contract.
+
+
+class Component(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+    image: Annotated[str, Field(min_length=1, max_length=512)]
+    digest: Digest
+    requires_maintenance: bool = False
+
+
+class Release(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: Version
+    components: tuple[Component, ...] = Field(min_length=1)
+    reversible: bool = True
+    notes: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell reports: published by a cell on substrate.cells as ``<cell_id>.<kind>``.
+
+
+class CellReport(Message):
+    exchange: ClassVar[str] = CELLS_EXCHANGE
+    kind: ClassVar[str]
+
+    cell_id: CellId
+    # Per-cell sequence number: consumers order reports by it, never by arrival or the cell's clock.
+    seq: int = Field(ge=0)
+    sent_at: AwareDatetime
+
+    def routing_key(self) -> str:
+        return f"{self.cell_id}.{self.kind}"
+
+
+@wire("cell.register.v1")
+class CellRegister(CellReport):
+    kind: ClassVar[str] = "register"
+
+    agent_version: str
+    aws_account_id: Annotated[str, Field(pattern=r"^[0-9]{12}$")]
+    region: str
+    stack_name: str | None = None
+    template_version: str | None = None
+    installed_release: str | None = None
+
+
+@wire("cell.heartbeat.v1")
+class CellHeartbeat(CellReport):
+    kind: ClassVar[str] = "heartbeat"
+
+    agent_version: str
+    installed_release: str | None = None
+    applied_generation: int | None = None
+    maintenance: bool = False
+    template_version: str | None = None
+    flags_snapshot_version: int | None = None
+    # The id (never the secret) of the credentials the agent holds, so the registry knows a
+    # rotation reached it.
+    credential_id: str | None = None
+
+
+UpgradePhase = Literal["accepted", "verifying", "applying", "succeeded", "failed", "rolled_back"]
+
+
+@wire("cell.upgrade.v1")
+class CellUpgrade(CellReport):
+    kind: ClassVar[str] = "upgrade"
+
+    generation: int = Field(ge=0)
+    release_version: str | None
+    phase: UpgradePhase
+    error: str | None = None
+
+
+@wire("cell.maintenance.v1")
+class CellMaintenance(CellReport):
+    kind: ClassVar[str] = "maintenance"
+
+    enabled: bool
+    enabled_until: AwareDatetime | None = None
+    reason: str = ""
+
+
+@wire("cell.debug-access.v1")
+class CellDebugAccess(CellReport):
+    kind: ClassVar[str] = "debug-access"
+
+    action: Literal["granted", "revoked", "expired"]
+    role_arn: str
+    expires_at: AwareDatetime | None = None
+    reason: str = ""
+    granted_by: str = ""
+
+
+@wire("cell.sync.v1")
+class CellSync(CellReport):
+    kind: ClassVar[str] = "sync"
+
+    reason: Literal["start", "reconnect", "periodic"] = "periodic"
+    applied_generation: int | None = None
+    flags_snapshot_version: int | None = None
+
+
+CELL_REPORT_KINDS = tuple(cls.kind for cls in MESSAGES.values() if issubclass(cls, CellReport))
+
+# ---------------------------------------------------------------------------------------------
+# Control-plane events: published by services on substrate.events as ``<domain>.<event>``.
+
+
+class Event(Message):
+    exchange: ClassVar[str] = EVENTS_EXCHANGE
+    event_key: ClassVar[str]
+
+    at: AwareDatetime
+
+    def routing_key(self) -> str:
+        return self.event_key
+
+
+@wire("cell.created.v1")
+class CellCreated(Event):
+    event_key: ClassVar[str] = "cell.created"
+
+    cell_id: CellId
+    stage: Stage
+    region: str
+    org: str
+
+
+@wire("cell.registered.v1")
+class CellRegistered(Event):
+    event_key: ClassVar[str] = "cell.registered"
+
+    cell_id: CellId
+    stage: Stage
+    region: str
+    org: str
+    aws_account_id: str
+    agent_version: str
+    installed_release: str | None = None
+    template_version: str | None = None
+
+
+@wire("cell.registration-refused.v1")
+class CellRegistrationRefused(Event):
+    event_key: ClassVar[str] = "cell.registration-refused"
+
+    cell_id: str
+    reason: str
+    aws_account_id: str | None = None
+
+
+@wire("cell.offline.v1")
+class CellOffline(Event):
+    event_key: ClassVar[str] = "cell.offline"
+
+    cell_id: CellId
+    last_heartbeat_at: AwareDatetime | None = None
+
+
+@wire("cell.online.v1")
+class CellOnline(Event):
+    event_key: ClassVar[str] = "cell.online"
+
+    cell_id: CellId
+
+
+@wire("cell.decommissioned.v1")
+class CellDecommissioned(Event):
+    event_key: ClassVar[str] = "cell.decommissioned"
+
+    cell_id: CellId
+
+
+@wire("release.published.v1")
+class ReleasePublished(Event):
+    event_key: ClassVar[str] = "release.published"
+
+    release: Release
+
+
+RolloutState = Literal[
+    "in_progress", "soaking", "halted", "paused", "completed", "aborted", "superseded"
+]
+
+
+@wire("rollout.progressed.v1")
+class RolloutProgressed(Event):
+    event_key: ClassVar[str] = "rollout.progressed"
+
+    version: str
+    state: RolloutState
+    stage: Stage | None = None
+    wave: int | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class CellFailure(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    cell_id: str
+    error: str
+
+
+@wire("rollout.halted.v1")
+class RolloutHalted(Event):
+    event_key: ClassVar[str] = "rollout.halted"
+
+    version: str
+    stage: Stage
+    wave: int | None = None
+    reason: str
+    failures: tuple[CellFailure, ...] = ()
+
+
+@wire("rollout.completed.v1")
+class RolloutCompleted(Event):
+    event_key: ClassVar[str] = "rollout.completed"
+
+    version: str
+
+
+@wire("flags.changed.v1")
+class FlagsChanged(Event):
+    event_key: ClassVar[str] = "flags.changed"
+
+    key: str
+    snapshot_version: int
+    actor: str
+    deleted: bool = False
+
+
+@wire("infra.template-published.v1")
+class InfraTemplatePublished(Event):
+    event_key: ClassVar[str] = "infra.template-published"
+
+    version: str
+    location: str
+    deadline: AwareDatetime
+
+
+@wire("infra.compliance-changed.v1")
+class InfraComplianceChanged(Event):
+    event_key: ClassVar[str] = "infra.compliance-changed"
+
+    cell_id: CellId
+    status: Literal["compliant", "pending", "out_of_sla"]
+    template_version: str | None = None
+    required_version: str | None = None
+    deadline: AwareDatetime | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: published by services on substrate.commands with the cell id as routing key.
+
+
+class Command(Message):
+    exchange: ClassVar[str] = COMMANDS_EXCHANGE
+
+    cell_id: CellId
+    issued_at: AwareDatetime
+
+    def routing_key(self) -> str:
+        return self.cell_id
+
+
+@wire("command.desired-state.v1")
+class DesiredState(Command):
+    """The full spec for a cell. Level-triggered: the newest generation wins."""
+
+    generation: int = Field(ge=0)
+    release: Release | None
+
+
+@wire("command.flags-snapshot.v1")
+class FlagsSnapshot(Command):
+    version: int = Field(ge=0)
+    # The flag definitions; their schema is owned by the flags engine.
+    flags: tuple[dict[str, Any], ...] = ()
+
+
+@wire("command.rotate-credentials.v1")
+class RotateCredentials(Command):
+    credential_id: str
+    password: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Request/reply envelopes on substrate.rpc (routing key = service name).
+
+
+class RpcErrorBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    code: str
+    message: str
+
+
+@wire("rpc.request.v1")
+class RpcRequest(Message):
+    exchange: ClassVar[str] = RPC_EXCHANGE
+
+    service: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def routing_key(self) -> str:
+        return self.service
+
+
+@wire("rpc.reply.v1")
+class RpcReply(Message):
+    exchange: ClassVar[str] = ""
+
+    ok: bool
+    result: Any = None
+    error: RpcErrorBody | None = None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of every message, keyed by wire name."""
+    names = sorted(MESSAGES)
+    _, schema = models_json_schema(
+        [(MESSAGES[name], "validation") for name in names],
+        title="Substrate wire contract",
+    )
+    schema["messages"] = {
+        name: {
+            "$ref": f"#/$defs/{MESSAGES[name].__name__}",
+            "exchange": MESSAGES[name].exchange,
+        }
+        for name in names
+    }
+    return schema

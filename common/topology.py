@@ -1,0 +1,163 @@
+"""The broker objects the control plane declares: exchanges, service queues with their dead
+letter queues, and each cell's command queue. Plain data; ``RabbitBus.declare`` applies it, and
+declaring the same objects with the same arguments twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.messages import (
+    CELLS_EXCHANGE,
+    COMMANDS_EXCHANGE,
+    DLX_EXCHANGE,
+    EVENTS_EXCHANGE,
+    RPC_EXCHANGE,
+    command_queue,
+    rpc_queue,
+)
+
+# A handler that fails this many times in a row is dead-lettered. Five covers a restart or a
+# short Redis outage; more would only delay the operator seeing a poison message.
+DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: str  # "topic" | "direct"
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    bindings: tuple[Binding, ...] = ()
+    # Quorum queues replicate and enforce x-delivery-limit. Cells' command queues are classic:
+    # one Raft group per cell would not fit a large fleet (see command_queue_spec).
+    quorum: bool = True
+    dead_letter_queue: str | None = field(default=None)
+    delivery_limit: int | None = DELIVERY_LIMIT
+
+    def arguments(self) -> dict[str, str | int]:
+        args: dict[str, str | int] = {}
+        if self.quorum:
+            args["x-queue-type"] = "quorum"
+            if self.delivery_limit is not None:
+                args["x-delivery-limit"] = self.delivery_limit
+        else:
+            args["x-queue-type"] = "classic"
+        if self.dead_letter_queue:
+            args["x-dead-letter-exchange"] = DLX_EXCHANGE
+            args["x-dead-letter-routing-key"] = self.dead_letter_queue
+            if self.quorum:
+                # Without at-least-once a quorum queue may drop a dead letter if the dead letter
+                # queue is unavailable; at-least-once requires reject-publish overflow.
+                args["x-dead-letter-strategy"] = "at-least-once"
+                args["x-overflow"] = "reject-publish"
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    exchanges: tuple[ExchangeSpec, ...]
+    queues: tuple[QueueSpec, ...]
+
+
+EXCHANGES = (
+    ExchangeSpec(CELLS_EXCHANGE, "topic"),
+    ExchangeSpec(EVENTS_EXCHANGE, "topic"),
+    ExchangeSpec(COMMANDS_EXCHANGE, "direct"),
+    ExchangeSpec(RPC_EXCHANGE, "direct"),
+    ExchangeSpec(DLX_EXCHANGE, "direct"),
+)
+
+
+def dead_letter_name(queue: str) -> str:
+    return f"{queue}.dead"
+
+
+def consuming_queue(name: str, *bindings: Binding, quorum: bool = True) -> tuple[QueueSpec, ...]:
+    """A consuming queue and the ``.dead`` queue it dead-letters into."""
+    dead = dead_letter_name(name)
+    return (
+        QueueSpec(name, bindings, quorum=quorum, dead_letter_queue=dead),
+        QueueSpec(dead, (Binding(DLX_EXCHANGE, dead),), quorum=quorum, delivery_limit=None),
+    )
+
+
+def _cells(*kinds: str) -> tuple[Binding, ...]:
+    return tuple(Binding(CELLS_EXCHANGE, f"*.{kind}") for kind in kinds)
+
+
+def _events(*keys: str) -> tuple[Binding, ...]:
+    return tuple(Binding(EVENTS_EXCHANGE, key) for key in keys)
+
+
+def _rpc(service: str) -> tuple[QueueSpec, ...]:
+    return consuming_queue(rpc_queue(service), Binding(RPC_EXCHANGE, service))
+
+
+# What each service consumes. The registry owns what cells report about themselves; rollout
+# follows upgrades and answers a cell's sync with its desired state; flags answers sync with a
+# snapshot; every service keeps the cell facts it needs from the registry's events.
+SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
+    "registry": (
+        *consuming_queue(
+            "registry.cells",
+            *_cells("register", "heartbeat", "upgrade", "maintenance", "debug-access"),
+        ),
+        *_rpc("registry"),
+    ),
+    "rollout": (
+        *consuming_queue("rollout.cells", *_cells("upgrade", "sync")),
+        *consuming_queue("rollout.events", *_events("cell.#", "infra.compliance-changed")),
+        *_rpc("rollout"),
+    ),
+    "flags": (
+        *consuming_queue("flags.cells", *_cells("sync")),
+        *consuming_queue("flags.events", *_events("cell.#")),
+        *_rpc("flags"),
+    ),
+    "infra_compliance": (
+        *consuming_queue("infra_compliance.events", *_events("cell.#")),
+        *_rpc("infra_compliance"),
+    ),
+}
+
+SERVICES = tuple(SERVICE_QUEUES)
+
+
+def control_plane() -> Topology:
+    """Every static object: what each service declares at start (all of it, so a request to a
+    service that is down waits in its queue instead of being unroutable)."""
+    queues = tuple(q for service in SERVICES for q in SERVICE_QUEUES[service])
+    return Topology(EXCHANGES, queues)
+
+
+# One shared dead letter queue for all cells' commands: a queue per cell for dead letters would
+# double the number of queues for a case that should never happen.
+CELL_COMMANDS_DEAD = "cell.commands.dead"
+
+
+def cell_commands(cell_id: str) -> Topology:
+    """A cell's command queue, declared by the control plane when the cell is created."""
+    queue = QueueSpec(
+        command_queue(cell_id),
+        (Binding(COMMANDS_EXCHANGE, cell_id),),
+        quorum=False,
+        dead_letter_queue=CELL_COMMANDS_DEAD,
+        delivery_limit=None,
+    )
+    dead = QueueSpec(
+        CELL_COMMANDS_DEAD,
+        (Binding(DLX_EXCHANGE, CELL_COMMANDS_DEAD),),
+        quorum=False,
+        delivery_limit=None,
+    )
+    return Topology((), (dead, queue))

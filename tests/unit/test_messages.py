@@ -1,0 +1,122 @@
+"""The wire contract: names, routing, validation and the published schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from common.messages import (
+    CELL_REPORT_KINDS,
+    MESSAGES,
+    CellHeartbeat,
+    CellRegistered,
+    Component,
+    DesiredState,
+    Release,
+    RpcRequest,
+    cell_id_problem,
+    command_queue,
+    json_schema,
+)
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+DIGEST = "sha256:" + "a" * 64
+
+
+def test_every_architecture_message_has_a_versioned_wire_name() -> None:
+    expected = {
+        "cell.register.v1", "cell.heartbeat.v1", "cell.upgrade.v1", "cell.maintenance.v1",
+        "cell.debug-access.v1", "cell.sync.v1", "cell.registered.v1", "cell.offline.v1",
+        "cell.online.v1", "cell.decommissioned.v1", "release.published.v1",
+        "rollout.progressed.v1", "rollout.halted.v1", "rollout.completed.v1", "flags.changed.v1",
+        "infra.template-published.v1", "infra.compliance-changed.v1",
+        "command.desired-state.v1", "command.flags-snapshot.v1",
+        "command.rotate-credentials.v1", "rpc.request.v1", "rpc.reply.v1",
+    }  # fmt: skip
+    assert expected <= set(MESSAGES)
+    assert set(CELL_REPORT_KINDS) == {
+        "register", "heartbeat", "upgrade", "maintenance", "debug-access", "sync"
+    }  # fmt: skip
+
+
+def test_routing_keys_follow_the_topology() -> None:
+    hb = CellHeartbeat(cell_id="acme-prod", seq=1, sent_at=NOW, agent_version="1")
+    assert (hb.exchange, hb.routing_key()) == ("substrate.cells", "acme-prod.heartbeat")
+    event = CellRegistered(
+        cell_id="acme-prod", stage="dedicated", region="eu-west-1", org="acme",
+        aws_account_id="123456789012", agent_version="1", at=NOW,
+    )  # fmt: skip
+    assert (event.exchange, event.routing_key()) == ("substrate.events", "cell.registered")
+    cmd = DesiredState(cell_id="acme-prod", issued_at=NOW, generation=3, release=None)
+    assert (cmd.exchange, cmd.routing_key()) == ("substrate.commands", "acme-prod")
+    assert command_queue("acme-prod") == "cell.acme-prod.commands"
+    req = RpcRequest(service="registry", method="cells.list")
+    assert (req.exchange, req.routing_key()) == ("substrate.rpc", "registry")
+
+
+@pytest.mark.parametrize(
+    ("cell_id", "problem"),
+    [
+        ("acme-prod", None),
+        ("a1b", None),
+        ("ab", "DNS label"),
+        ("Acme", "DNS label"),
+        ("acme.prod", "DNS label"),
+        ("acme-", "DNS label"),
+        ("9acme", "DNS label"),
+        ("a" * 43, "DNS label"),
+        ("svc-registry", "reserved prefix 'svc-'"),
+        ("op-alice", "reserved prefix 'op-'"),
+    ],
+)
+def test_cell_ids_are_dns_labels_outside_reserved_prefixes(
+    cell_id: str, problem: str | None
+) -> None:
+    found = cell_id_problem(cell_id)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+        with pytest.raises(ValidationError, match="cell_id"):
+            CellHeartbeat(cell_id=cell_id, seq=1, sent_at=NOW, agent_version="1")
+
+
+def test_messages_are_frozen_and_ignore_unknown_fields() -> None:
+    body = CellHeartbeat(cell_id="acme-prod", seq=1, sent_at=NOW, agent_version="1")
+    with pytest.raises(ValidationError):
+        body.seq = 2  # type: ignore[misc]
+    newer = body.model_dump(mode="json") | {"field_from_the_future": 1}
+    assert CellHeartbeat.model_validate(newer) == body
+
+
+def test_release_validation_names_the_field() -> None:
+    with pytest.raises(ValidationError, match=r"components\.0\.digest"):
+        Release.model_validate(
+            {
+                "version": "2026.11.3",
+                "components": [{"name": "server", "image": "x", "digest": "md5:1"}],
+            }
+        )
+    with pytest.raises(ValidationError, match="components"):
+        Release(version="2026.11.3", components=())
+    ok = Release(
+        version="2026.11.3", components=(Component(name="server", image="r/s", digest=DIGEST),)
+    )
+    assert ok.reversible and not ok.components[0].requires_maintenance
+
+
+def test_timestamps_must_carry_a_zone() -> None:
+    with pytest.raises(ValidationError, match="sent_at"):
+        CellHeartbeat(cell_id="acme-prod", seq=1, sent_at=datetime(2026, 1, 1), agent_version="1")
+
+
+def test_json_schema_documents_every_message() -> None:
+    schema = json_schema()
+    assert set(schema["messages"]) == set(MESSAGES)
+    for name, entry in schema["messages"].items():
+        model = entry["$ref"].rsplit("/", 1)[1]
+        assert model in schema["$defs"], name
+    heartbeat = schema["$defs"]["CellHeartbeat"]
+    assert {"cell_id", "seq", "sent_at", "agent_version"} <= set(heartbeat["required"])
