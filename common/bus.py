@@ -1,0 +1,648 @@
+"""RabbitBus: the only module that touches aio-pika.
+
+Every reliability setting lives here, once: durable objects, persistent delivery, publisher
+confirms with ``mandatory`` (an unroutable message is an error, never silence), ``user_id`` on
+every publish, a timeout on every publish (a blocked broker gives an error, not a hang),
+validation before a handler runs, ack only after the handler returns, and dead-lettering with a
+reason instead of requeueing forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from pydantic import BaseModel, ValidationError
+
+from common.messages import (
+    DLX_EXCHANGE,
+    Delivery,
+    Message,
+    RpcErrorBody,
+    RpcReply,
+    RpcRequest,
+    rpc_queue,
+)
+from common.metrics import bus_metrics
+from common.settings import broker_user
+from common.topology import DELIVERY_LIMIT, Topology, dead_letter_name
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+RpcMethod = Callable[[dict[str, Any], Delivery], Awaitable[Any]]
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+DEAD_REASON_HEADER = "x-substrate-dead-reason"
+# 256 KiB: the largest legitimate message (a desired state with a release manifest, a flags
+# snapshot) is a few tens of KiB; anything larger from a cell is abuse or a bug.
+MAX_BODY_BYTES = 256 * 1024
+_MAX_REASON = 1000
+
+
+class BusError(Exception):
+    """A bus operation failed in a way the caller must see."""
+
+
+class NotConnected(BusError):
+    """The broker connection is down; the caller decides to retry or fail."""
+
+
+class Unroutable(BusError):
+    """A mandatory publish matched no queue."""
+
+
+class PublishRefused(BusError):
+    """The broker refused a publish (nack, forged user_id, missing permission)."""
+
+
+class PublishTimeout(BusError):
+    """The broker did not confirm in time (blocked by a memory or disk alarm, or overloaded)."""
+
+
+class ServiceUnavailable(BusError):
+    """A request found no service to answer it."""
+
+
+class RequestTimeout(ServiceUnavailable):
+    """A request was not answered in time."""
+
+
+class RemoteError(BusError):
+    """The service answered a request with an error."""
+
+    def __init__(self, service: str, code: str, message: str) -> None:
+        super().__init__(f"{service}: {message}")
+        self.service = service
+        self.code = code
+        self.message = message
+
+
+class Refused(Exception):
+    """Raised by a handler for a message that must never be retried (e.g. a forged sender):
+    the bus dead-letters it at once with this reason."""
+
+
+class RpcFailure(Exception):
+    """Raised by an RPC method: the caller gets it as a RemoteError with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    messages: int
+    consumers: int
+
+
+@dataclass(slots=True)
+class _Consumer:
+    channel: AbstractRobustChannel
+    queue: AbstractQueue
+    tag: str
+
+
+def redact(url: str) -> str:
+    """A broker URL fit for a log line: the password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """One line naming each field and its problem."""
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        problems.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - len(problems)
+    return "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")
+
+
+class RabbitBus:
+    """A connection to the broker with one confirming publish channel and a channel per
+    consumer. Build it with ``await RabbitBus.connect(url, name=...)``."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publish_channel: AbstractRobustChannel,
+        *,
+        user: str,
+        name: str,
+        publish_timeout: float,
+        namespace: str,
+    ) -> None:
+        self._conn = connection
+        self._pub = publish_channel
+        self.user = user
+        self.name = name
+        self.publish_timeout = publish_timeout
+        self._metrics = bus_metrics(namespace)
+        self._exchanges: dict[str, aio_pika.Exchange] = {}
+        self._consumers: list[_Consumer] = []
+        self._pending: dict[str, asyncio.Future[RpcReply]] = {}
+        self._reply_queue: AbstractQueue | None = None
+        self._reply_lock = asyncio.Lock()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
+        connection.reconnect_callbacks.add(self._on_reconnect)
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        publish_timeout: float = 10.0,
+        namespace: str = "substrate",
+        give_up_after: float | None = None,
+        max_backoff: float = 10.0,
+    ) -> RabbitBus:
+        """Connect, retrying the first connection with backoff.
+
+        ``connect_robust`` only recovers a connection that once succeeded; a broker that is not
+        up yet at start would otherwise be a crash. ``give_up_after`` (seconds) bounds the wait.
+        """
+        started = time.monotonic()
+        delay = 0.25
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                connection = await aio_pika.connect_robust(
+                    url,
+                    timeout=10,
+                    client_properties={"connection_name": name},
+                )
+                break
+            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                waited = time.monotonic() - started
+                if give_up_after is not None and waited + delay > give_up_after:
+                    raise NotConnected(
+                        f"broker at {redact(url)} not reachable after {waited:.1f}s: {exc!r}"
+                    ) from exc
+                log.warning(
+                    "waiting for the broker at %s (attempt %d, %r); retrying in %.1fs",
+                    redact(url),
+                    attempt,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        assert isinstance(channel, aio_pika.RobustChannel)
+        log.info("connected to %s as %s", redact(url), broker_user(url))
+        return cls(
+            connection,
+            channel,
+            user=broker_user(url),
+            name=name,
+            publish_timeout=publish_timeout,
+            namespace=namespace,
+        )
+
+    @property
+    def is_connected(self) -> bool:
+        return not self._conn.is_closed and self._conn.connected.is_set()
+
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after every reconnect, once the channels are restored."""
+        self._reconnect_hooks.append(hook)
+
+    async def _on_reconnect(self, *_: Any) -> None:
+        log.info("reconnected to the broker; consumers are being restored")
+        for hook in self._reconnect_hooks:
+            asyncio.get_running_loop().create_task(self._run_hook(hook))
+
+    async def _run_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await self._pub.ready()
+            await hook()
+        except Exception:
+            log.exception("reconnect hook failed")
+
+    # -- topology -----------------------------------------------------------------------------
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare exchanges, queues and bindings. Idempotent for the same arguments."""
+        channel = await self._conn.channel()
+        try:
+            for ex in topology.exchanges:
+                await channel.declare_exchange(ex.name, ex.type, durable=True, robust=False)
+            for spec in topology.queues:
+                queue = await channel.declare_queue(
+                    spec.name, durable=True, arguments=spec.arguments(), robust=False
+                )
+                for binding in spec.bindings:
+                    await queue.bind(binding.exchange, binding.routing_key, robust=False)
+        finally:
+            await channel.close()
+
+    async def delete_queue(self, name: str) -> None:
+        channel = await self._conn.channel()
+        try:
+            await channel.queue_delete(name)
+        finally:
+            await channel.close()
+
+    async def queue_state(self, name: str) -> QueueState:
+        """Messages ready and consumers attached, straight from the broker (not the
+        management API's sampled statistics)."""
+        channel = await self._conn.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True, robust=False)
+            result = queue.declaration_result
+            return QueueState(result.message_count or 0, result.consumer_count or 0)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _exchange(self, name: str) -> aio_pika.Exchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            # Not declared here: the control plane declares exchanges, and a cell may not.
+            exchange = aio_pika.Exchange(self._pub, name)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish(
+        self,
+        message: Message,
+        *,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        expiration: float | None = None,
+        headers: dict[str, Any] | None = None,
+        user_id: str | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        The exchange and routing key default to the message's own. Raises Unroutable,
+        PublishRefused, PublishTimeout or NotConnected; on return the message is on disk.
+        """
+        amqp_message = aio_pika.Message(
+            message.model_dump_json().encode(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            type=message.wire_name,
+            message_id=message_id or uuid.uuid4().hex,
+            timestamp=datetime.now(UTC),
+            user_id=user_id or self.user,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            expiration=expiration,
+            headers=headers,
+        )
+        await self._publish_raw(
+            amqp_message,
+            message.exchange if exchange is None else exchange,
+            message.routing_key() if routing_key is None else routing_key,
+            mandatory=mandatory,
+        )
+
+    async def _publish_raw(
+        self, message: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
+    ) -> None:
+        what = f"{message.type} to {exchange or '(default)'}/{routing_key}"
+        outcome = "error"
+        try:
+            if self._pub.is_closed or not self.is_connected:
+                raise NotConnected(f"cannot publish {what}: not connected to the broker")
+            try:
+                async with asyncio.timeout(self.publish_timeout):
+                    await self._exchange(exchange).publish(
+                        message, routing_key, mandatory=mandatory
+                    )
+            except TimeoutError:
+                outcome = "timeout"
+                raise PublishTimeout(
+                    f"broker did not confirm {what} within {self.publish_timeout}s "
+                    "(is it blocked by a memory or disk alarm?)"
+                ) from None
+            except aio_pika.exceptions.PublishError:
+                outcome = "unroutable"
+                raise Unroutable(f"{what} is unroutable: no queue is bound for it") from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                outcome = "refused"
+                raise PublishRefused(f"broker refused {what}: {exc}") from None
+            except aiormq.exceptions.ChannelInvalidStateError as exc:
+                raise NotConnected(f"cannot publish {what}: {exc}") from exc
+            except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+                # The broker closes the channel for a forged user_id or a missing permission.
+                outcome = "refused"
+                raise PublishRefused(f"broker refused {what}: {exc}") from None
+            outcome = "confirmed"
+        finally:
+            self._metrics.count_published(message.type or "", outcome)
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queue: str,
+        routes: Mapping[type[Message], Handler],
+        *,
+        prefetch: int = 32,
+        delivery_limit: int = DELIVERY_LIMIT,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        """Consume ``queue``: each delivery is validated into the model its ``type`` names and
+        handed to that model's handler; acked when the handler returns.
+
+        The queue must exist (the control plane declares it). It is obtained with a passive
+        declare on a robust channel so the consumer is restored after a reconnect.
+        """
+        by_type = {cls.wire_name: (cls, handler) for cls, handler in routes.items()}
+        channel = await self._conn.channel()
+        assert isinstance(channel, aio_pika.RobustChannel)
+        await channel.set_qos(prefetch_count=prefetch)
+        amqp_queue = await channel.declare_queue(queue, passive=True)
+        callback = partial(self._on_delivery, queue, by_type, delivery_limit, max_body_bytes)
+        tag = await amqp_queue.consume(callback)
+        self._consumers.append(_Consumer(channel, amqp_queue, tag))
+        log.info("consuming %s (%s)", queue, ", ".join(sorted(by_type)))
+
+    async def _on_delivery(
+        self,
+        queue: str,
+        by_type: Mapping[str, tuple[type[Message], Handler]],
+        delivery_limit: int,
+        max_body_bytes: int,
+        message: AbstractIncomingMessage,
+    ) -> None:
+        started = time.perf_counter()
+        self._inflight += 1
+        self._idle.clear()
+        outcome = "acked"
+        try:
+            outcome = await self._handle(queue, by_type, delivery_limit, max_body_bytes, message)
+        except Exception:
+            # Acking, nacking or dead-lettering failed (the channel went away): the broker
+            # redelivers whatever was not acked, which is the behaviour we want.
+            log.exception("could not settle a delivery from %s", queue)
+            outcome = "unsettled"
+        finally:
+            self._metrics.count_consumed(queue, outcome, time.perf_counter() - started)
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _handle(
+        self,
+        queue: str,
+        by_type: Mapping[str, tuple[type[Message], Handler]],
+        delivery_limit: int,
+        max_body_bytes: int,
+        message: AbstractIncomingMessage,
+    ) -> str:
+        if self._stopping:
+            # Shutting down: hand it back to the queue for another replica or our next start.
+            await message.nack(requeue=True)
+            return "requeued"
+        if len(message.body) > max_body_bytes:
+            return await self._dead(
+                queue, message, f"body of {len(message.body)} bytes exceeds {max_body_bytes}"
+            )
+        entry = by_type.get(message.type or "")
+        if entry is None:
+            return await self._dead(queue, message, f"unknown type {message.type!r} on {queue}")
+        model_cls, handler = entry
+        try:
+            model = model_cls.model_validate_json(message.body)
+        except ValidationError as exc:
+            return await self._dead(
+                queue, message, f"invalid {message.type}: {validation_summary(exc)}"
+            )
+        headers = message.headers or {}
+        raw_count = headers.get("x-delivery-count")
+        # Quorum queues count deliveries; a classic queue only says whether this is a redelivery.
+        failures = raw_count if isinstance(raw_count, int) else int(bool(message.redelivered))
+        delivery = Delivery(
+            message_id=message.message_id,
+            user_id=message.user_id,
+            routing_key=message.routing_key or "",
+            redelivered=bool(message.redelivered),
+            delivery_count=failures,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+        )
+        try:
+            await handler(model, delivery)
+        except Refused as exc:
+            return await self._dead(queue, message, f"refused: {exc}")
+        except Exception as exc:
+            attempts = failures + 1
+            if attempts >= delivery_limit:
+                log.exception("handler for %s failed %d times; dead-lettering", queue, attempts)
+                return await self._dead(
+                    queue, message, f"handler failed {attempts} times, last: {exc!r}"
+                )
+            log.warning("handler for %s failed (attempt %d): %r", queue, attempts, exc)
+            await message.nack(requeue=True)
+            return "retried"
+        await message.ack()
+        return "acked"
+
+    async def _dead(self, queue: str, message: AbstractIncomingMessage, reason: str) -> str:
+        """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it.
+
+        The broker's own dead-lettering (reject) cannot carry a reason, so we republish. The
+        original sender goes in a header: ``user_id`` must be our own user on republish.
+        """
+        reason = reason[:_MAX_REASON]
+        log.warning("dead-lettering a message from %s: %s", queue, reason)
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                DEAD_REASON_HEADER: reason,
+                "x-substrate-original-queue": queue,
+                "x-substrate-original-routing-key": message.routing_key or "",
+                "x-substrate-original-user-id": message.user_id or "",
+            }
+        )
+        dead = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            type=message.type,
+            message_id=message.message_id,
+            timestamp=datetime.now(UTC),
+            user_id=self.user,
+            headers=headers,
+        )
+        await self._publish_raw(dead, DLX_EXCHANGE, dead_letter_name(queue), mandatory=True)
+        await message.ack()
+        return "dead_lettered"
+
+    # -- request/reply ------------------------------------------------------------------------
+
+    async def serve(self, service: str, methods: Mapping[str, RpcMethod]) -> None:
+        """Answer requests to ``service``. A method returns a JSON-able value or a pydantic
+        model; RpcFailure and ValidationError become error replies the caller raises."""
+
+        async def on_request(request: RpcRequest, delivery: Delivery) -> None:
+            if not delivery.reply_to:
+                raise Refused("request without reply_to")
+            method = methods.get(request.method)
+            try:
+                if method is None:
+                    raise RpcFailure(
+                        "unknown_method",
+                        f"{service} has no method {request.method!r} "
+                        f"(it has: {', '.join(sorted(methods))})",
+                    )
+                reply = RpcReply(ok=True, result=await method(request.params, delivery))
+            except RpcFailure as exc:
+                reply = RpcReply(ok=False, error=RpcErrorBody(code=exc.code, message=exc.message))
+            except ValidationError as exc:
+                reply = RpcReply(
+                    ok=False,
+                    error=RpcErrorBody(code="invalid", message=validation_summary(exc)),
+                )
+            except Exception as exc:
+                log.exception("%s.%s failed", service, request.method)
+                reply = RpcReply(
+                    ok=False,
+                    error=RpcErrorBody(code="internal", message=f"{type(exc).__name__}: {exc}"),
+                )
+            # Not mandatory: a caller that gave up has no reply queue any more, and that is
+            # not an error of this service.
+            await self.publish(
+                reply,
+                routing_key=delivery.reply_to,
+                correlation_id=delivery.correlation_id,
+                mandatory=False,
+            )
+
+        await self.consume(rpc_queue(service), {RpcRequest: on_request})
+
+    async def _ensure_reply_consumer(self) -> None:
+        async with self._reply_lock:
+            if self._reply_queue is not None:
+                return
+            # Direct reply-to must be consumed (no-ack) on the channel that publishes the
+            # requests. A passive declare keeps it in the robust channel's restore list.
+            queue = await self._pub.declare_queue(DIRECT_REPLY_TO, passive=True)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._reply_queue = queue
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            return  # a reply that arrived after its request timed out
+        try:
+            future.set_result(RpcReply.model_validate_json(message.body))
+        except ValidationError as exc:
+            future.set_exception(BusError(f"malformed reply: {validation_summary(exc)}"))
+
+    async def request(
+        self,
+        service: str,
+        method: str,
+        params: BaseModel | Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> Any:
+        """Call ``method`` on ``service`` and return its result.
+
+        Raises RequestTimeout (naming the service) when nobody answers in time, and
+        RemoteError when the service answers with an error.
+        """
+        await self._ensure_reply_consumer()
+        if isinstance(params, BaseModel):
+            params = params.model_dump(mode="json")
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[RpcReply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            request = RpcRequest(service=service, method=method, params=dict(params or {}))
+            try:
+                await self.publish(
+                    request,
+                    correlation_id=correlation_id,
+                    reply_to=DIRECT_REPLY_TO,
+                    # A request nobody answered in time must not be acted on later.
+                    expiration=timeout,
+                )
+            except Unroutable:
+                raise ServiceUnavailable(
+                    f"service {service!r} is unavailable: no queue receives its requests"
+                ) from None
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await future
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"service {service!r} did not answer {method!r} within {timeout:g}s "
+                    "(is it running?)"
+                ) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        if not reply.ok:
+            error = reply.error or RpcErrorBody(code="internal", message="error without detail")
+            raise RemoteError(service, error.code, error.message)
+        return reply.result
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    async def stop_consuming(self, drain_timeout: float = 30.0) -> bool:
+        """Cancel every consumer and wait for in-flight handlers to finish and ack.
+
+        Returns False if handlers were still running after ``drain_timeout``.
+        """
+        self._stopping = True
+        for consumer in self._consumers:
+            try:
+                await consumer.queue.cancel(consumer.tag)
+            except Exception as exc:
+                log.warning("could not cancel consumer on %s: %r", consumer.queue.name, exc)
+        try:
+            async with asyncio.timeout(drain_timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            log.error("%d handlers still running after %.0fs", self._inflight, drain_timeout)
+            return False
+        return True
+
+    async def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop consuming, let in-flight handlers finish, then close the connection."""
+        await self.stop_consuming(drain_timeout)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotConnected("bus closed"))
+        await self._conn.close()

@@ -1,0 +1,99 @@
+"""Running a process until SIGTERM: parse --help, read settings once, start, drain, close.
+
+On SIGTERM or SIGINT a service stops consuming, lets in-flight handlers finish and ack, then
+closes its connections; whatever was prefetched but not started goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+from common import topology
+from common.bus import RabbitBus
+from common.metrics import MetricsServer
+from common.settings import ServiceSettings, load
+
+log = logging.getLogger(__name__)
+
+Setup = Callable[[RabbitBus, ServiceSettings], Awaitable[Callable[[], Awaitable[None]] | None]]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aio-pika logs every reconnect attempt at INFO with a traceback; ours says it once.
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+
+async def wait_for_signal(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def instance_name(service: str) -> str:
+    """The broker connection name: which service, on which host, which process."""
+    return f"{service}@{socket.gethostname()}:{os.getpid()}"
+
+
+async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asyncio.Event) -> None:
+    """Connect, declare the control-plane topology, let ``setup`` add consumers, serve metrics,
+    and run until ``stop`` is set. ``setup`` may return a cleanup coroutine function."""
+    bus = await RabbitBus.connect(
+        settings.amqp_url,
+        name=instance_name(service),
+        publish_timeout=settings.publish_timeout_seconds,
+    )
+    await bus.declare(topology.control_plane())
+    server = MetricsServer(
+        lambda: {"ok": bus.is_connected, "service": service, "broker_connected": bus.is_connected},
+        settings.metrics_host,
+        settings.metrics_port,
+    )
+    await server.start()
+    cleanup = await setup(bus, settings)
+    log.info("%s ready", service)
+    await stop.wait()
+    log.info("%s stopping: no new messages, finishing the ones in flight", service)
+    drained = await bus.stop_consuming(settings.drain_timeout_seconds)
+    if cleanup is not None:
+        await cleanup()
+    await bus.close(0 if not drained else settings.drain_timeout_seconds)
+    await server.stop()
+    log.info("%s stopped", service)
+
+
+def service_main(service: str, description: str, setup: Setup) -> None:
+    """The console-script entry point of a control-plane service."""
+    parser = argparse.ArgumentParser(
+        prog=f"substrate-{service.replace('_', '-')}",
+        description=description,
+        epilog="Configured by environment variables: SUBSTRATE_AMQP_URL, SUBSTRATE_REDIS_URL, "
+        "SUBSTRATE_RABBITMQ_API_URL, SUBSTRATE_METRICS_PORT (see README).",
+    )
+    parser.parse_args()
+    settings = load(ServiceSettings)
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        waiter = asyncio.create_task(wait_for_signal(stop))
+        try:
+            await serve(service, settings, setup, stop)
+        finally:
+            waiter.cancel()
+            with suppress(asyncio.CancelledError):
+                await waiter
+
+    asyncio.run(main())

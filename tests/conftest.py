@@ -1,0 +1,128 @@
+"""Fixtures for the real broker and Redis.
+
+URLs come from SUBSTRATE_AMQP_URL / SUBSTRATE_REDIS_URL / SUBSTRATE_RABBITMQ_API_URL (make test
+sets them for the local services). Where they are unset and Docker is present, testcontainers
+starts RabbitMQ and Redis; where neither, the run fails saying so. Each test session gets its
+own vhost (created and deleted through the management API) and its own empty Redis database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import topology
+from common.bus import RabbitBus
+from common.rabbitmq_api import RabbitApi
+
+
+@dataclass(frozen=True)
+class Services:
+    amqp_url: str  # points at this session's vhost
+    api_url: str
+    redis_url: str  # points at this session's database
+    vhost: str
+    api: RabbitApi
+
+
+def _with_vhost(amqp_url: str, vhost: str) -> str:
+    parts = urlsplit(amqp_url)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+def _with_db(redis_url: str, db: int) -> str:
+    return urlunsplit(urlsplit(redis_url)._replace(path=f"/{db}"))
+
+
+def _from_containers() -> Iterator[tuple[str, str, str]]:
+    from testcontainers.rabbitmq import RabbitMqContainer
+    from testcontainers.redis import RedisContainer
+
+    with (
+        RabbitMqContainer("rabbitmq:3.10-management") as rabbit,
+        RedisContainer("redis:7") as cache,
+    ):
+        rabbit.with_exposed_ports(5672, 15672)
+        host = rabbit.get_container_host_ip()
+        amqp = f"amqp://guest:guest@{host}:{rabbit.get_exposed_port(5672)}/"
+        api = f"http://guest:guest@{host}:{rabbit.get_exposed_port(15672)}"
+        redis_url = f"redis://{host}:{cache.get_exposed_port(6379)}/0"
+        yield amqp, api, redis_url
+
+
+@pytest.fixture(scope="session")
+def service_urls() -> Iterator[tuple[str, str, str]]:
+    amqp = os.environ.get("SUBSTRATE_AMQP_URL")
+    api = os.environ.get("SUBSTRATE_RABBITMQ_API_URL")
+    redis_url = os.environ.get("SUBSTRATE_REDIS_URL")
+    if amqp and api and redis_url:
+        yield amqp, api, redis_url
+    elif shutil.which("docker") and os.path.exists("/var/run/docker.sock"):
+        yield from _from_containers()
+    else:
+        raise RuntimeError(
+            "no RabbitMQ/Redis for the tests: set SUBSTRATE_AMQP_URL, SUBSTRATE_REDIS_URL and "
+            "SUBSTRATE_RABBITMQ_API_URL (make test does), or run where Docker is available"
+        )
+
+
+@pytest.fixture(scope="session")
+async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
+    amqp, api_url, redis_url = service_urls
+    api = RabbitApi(api_url)
+    vhost = f"substrate-test-{uuid.uuid4().hex[:8]}"
+    user = urlsplit(amqp).username or "guest"
+    await api.create_vhost(vhost)
+    await api.set_permissions(vhost, user, configure=".*", write=".*", read=".*")
+    db = await _free_redis_db(redis_url)
+    try:
+        yield Services(_with_vhost(amqp, vhost), api_url, _with_db(redis_url, db), vhost, api)
+    finally:
+        await api.delete_vhost(vhost)
+        client = aioredis.from_url(_with_db(redis_url, db))
+        await client.flushdb()
+        await client.aclose()
+
+
+async def _free_redis_db(redis_url: str) -> int:
+    """An empty database other than 0 (which make dev uses)."""
+    for db in range(1, 16):
+        client = aioredis.from_url(_with_db(redis_url, db))
+        try:
+            # Claim an empty one so a concurrent run picks another.
+            if await client.dbsize() == 0 and await client.set(
+                "substrate-test:claimed", "1", nx=True
+            ):
+                return db
+        finally:
+            await client.aclose()
+    raise RuntimeError("no empty Redis database among 1..15 for this test session")
+
+
+@pytest.fixture(scope="session")
+async def control_plane(services: Services) -> None:
+    """The control-plane topology declared once in this session's vhost."""
+    bus = await RabbitBus.connect(services.amqp_url, name="test-topology")
+    await bus.declare(topology.control_plane())
+    await bus.close()
+
+
+@pytest.fixture
+async def bus(services: Services, control_plane: None) -> AsyncIterator[RabbitBus]:
+    b = await RabbitBus.connect(services.amqp_url, name=f"test-{uuid.uuid4().hex[:6]}")
+    yield b
+    await b.close(drain_timeout=5)
+
+
+@pytest.fixture
+async def other_bus(services: Services, control_plane: None) -> AsyncIterator[RabbitBus]:
+    b = await RabbitBus.connect(services.amqp_url, name=f"test-other-{uuid.uuid4().hex[:6]}")
+    yield b
+    await b.close(drain_timeout=5)

@@ -1,0 +1,251 @@
+"""The bus against a real RabbitMQ: delivery, unroutable publishes, dead letters with reasons,
+the delivery limit, forged user_id, reconnects, and request/reply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from common.bus import (
+    DEAD_REASON_HEADER,
+    PublishRefused,
+    RabbitBus,
+    RemoteError,
+    RequestTimeout,
+    RpcFailure,
+    Unroutable,
+)
+from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellOnline, CellSync, Delivery
+from common.topology import DELIVERY_LIMIT, control_plane, dead_letter_name
+from tests.conftest import Services
+from tests.helpers import (
+    cell_queue,
+    eventually,
+    heartbeat,
+    new_cell_id,
+    raw_publish,
+    read_all,
+)
+
+
+async def test_message_published_by_one_bus_is_handled_by_another(
+    bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    received: list[tuple[CellHeartbeat, Delivery]] = []
+    done = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        received.append((msg, delivery))
+        done.set()
+
+    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await bus.publish(heartbeat(cell, seq=7), message_id="hb-7")
+    await asyncio.wait_for(done.wait(), 5)
+
+    msg, delivery = received[0]
+    assert (msg.cell_id, msg.seq) == (cell, 7)
+    assert delivery.user_id == bus.user
+    assert delivery.routing_key == f"{cell}.heartbeat"
+    assert delivery.message_id == "hb-7"
+    assert (await bus.queue_state(queue)).messages == 0
+
+
+async def test_unroutable_publish_raises(bus: RabbitBus) -> None:
+    # Every cell report is bound by some service queue; this routing key is bound by none.
+    event = CellOnline(cell_id="abc", at=datetime.now(UTC))
+    with pytest.raises(Unroutable, match=r"substrate\.events/nobody\.listens"):
+        await bus.publish(event, routing_key="nobody.listens")
+
+
+async def test_bad_messages_are_dead_lettered_with_a_reason_and_the_stream_flows(
+    services: Services, bus: RabbitBus
+) -> None:
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    handled: list[int] = []
+    last = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        handled.append(msg.seq)
+        if msg.seq == 2:
+            last.set()
+
+    await bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    key = f"{cell}.heartbeat"
+    await bus.publish(heartbeat(cell, seq=1))
+    await raw_publish(
+        services.amqp_url, CELLS_EXCHANGE, key, b"{not json", type="cell.heartbeat.v1"
+    )
+    wrong_schema = json.dumps({"cell_id": cell, "seq": "many"}).encode()
+    await raw_publish(
+        services.amqp_url, CELLS_EXCHANGE, key, wrong_schema, type="cell.heartbeat.v1"
+    )
+    valid_body = heartbeat(cell).model_dump_json().encode()
+    await raw_publish(services.amqp_url, CELLS_EXCHANGE, key, valid_body, type="cell.nonsense.v9")
+    await raw_publish(
+        services.amqp_url, CELLS_EXCHANGE, key, b"\xff\xfe{", type="cell.heartbeat.v1"
+    )
+    nested = b"[" * 5000 + b"]" * 5000
+    await raw_publish(services.amqp_url, CELLS_EXCHANGE, key, nested, type="cell.heartbeat.v1")
+    await raw_publish(
+        services.amqp_url, CELLS_EXCHANGE, key, b" " * 300_000, type="cell.heartbeat.v1"
+    )
+    await bus.publish(heartbeat(cell, seq=2))
+
+    await asyncio.wait_for(last.wait(), 10)
+    assert handled == [1, 2]
+    dead_queue = dead_letter_name(queue)
+    await eventually(lambda: _count_is(bus, dead_queue, 6), what="six dead letters", timeout=10)
+    reasons = [m.headers[DEAD_REASON_HEADER] for m in await read_all(services.amqp_url, dead_queue)]
+    assert len(reasons) == 6
+    assert "Invalid JSON" in str(reasons[0])
+    assert "seq" in str(reasons[1]) and "sent_at" in str(reasons[1])
+    assert "unknown type 'cell.nonsense.v9'" in str(reasons[2])
+    assert str(reasons[3]).startswith("invalid cell.heartbeat.v1")
+    assert str(reasons[4]).startswith("invalid cell.heartbeat.v1")
+    assert "exceeds" in str(reasons[5])
+
+
+async def _count_is(bus: RabbitBus, queue: str, n: int) -> bool:
+    return (await bus.queue_state(queue)).messages == n
+
+
+async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_limit(
+    services: Services, bus: RabbitBus
+) -> None:
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell, "heartbeat", "sync")
+    attempts: list[int] = []
+    synced = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        attempts.append(delivery.delivery_count)
+        raise RuntimeError("store is on fire")
+
+    async def on_sync(msg: CellSync, delivery: Delivery) -> None:
+        synced.set()
+
+    await bus.consume(queue, {CellHeartbeat: on_heartbeat, CellSync: on_sync})
+    await bus.publish(heartbeat(cell))
+    dead_queue = dead_letter_name(queue)
+    await eventually(lambda: _count_is(bus, dead_queue, 1), what="dead letter", timeout=15)
+
+    assert len(attempts) == DELIVERY_LIMIT
+    assert attempts == sorted(attempts)
+    (dead,) = await read_all(services.amqp_url, dead_queue)
+    reason = str(dead.headers[DEAD_REASON_HEADER])
+    assert f"failed {DELIVERY_LIMIT} times" in reason and "store is on fire" in reason
+    assert (await bus.queue_state(queue)).messages == 0
+
+    # The stream keeps flowing after the poison message.
+    await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
+    await asyncio.wait_for(synced.wait(), 5)
+    assert len(attempts) == DELIVERY_LIMIT
+
+
+async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
+    bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    seen: list[str | None] = []
+    got = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        seen.append(delivery.user_id)
+        got.set()
+
+    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    with pytest.raises(PublishRefused, match=r"PRECONDITION_FAILED|user_id"):
+        await bus.publish(heartbeat(cell), user_id="someone-else")
+
+    # The robust channel reopens; the next honest publish goes through.
+    async def publish_again() -> bool:
+        try:
+            await bus.publish(heartbeat(cell, seq=2))
+        except Exception:
+            return False
+        return True
+
+    await eventually(publish_again, what="publishing after a refused publish", timeout=10)
+    await asyncio.wait_for(got.wait(), 5)
+    assert seen == [bus.user]
+
+
+async def test_consumer_comes_back_after_the_broker_closes_its_connection(
+    services: Services, bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    seqs: list[int] = []
+    second = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        seqs.append(msg.seq)
+        if msg.seq == 2:
+            second.set()
+
+    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    assert (await bus.queue_state(queue)).consumers == 1
+
+    async def consumer_connection() -> str | None:
+        for conn in await services.api.connections():
+            props = conn.get("client_properties", {})
+            if props.get("connection_name") == other_bus.name and conn["vhost"] == services.vhost:
+                return str(conn["name"])
+        return None
+
+    conn_name = await eventually(consumer_connection, what="connection listed", timeout=15)
+    await services.api.close_connection(conn_name, "test: force close")
+    await eventually(lambda: not other_bus.is_connected, what="disconnect seen", timeout=10)
+
+    # The proof is the consumer, not only the connection: count it at the broker.
+    await eventually(lambda: _consumers_are(bus, queue, 1), what="consumer restored", timeout=20)
+    await bus.publish(heartbeat(cell, seq=2))
+    await asyncio.wait_for(second.wait(), 10)
+    assert seqs == [2]
+
+
+async def _consumers_are(bus: RabbitBus, queue: str, n: int) -> bool:
+    return (await bus.queue_state(queue)).consumers == n
+
+
+async def test_request_reply_many_in_flight(bus: RabbitBus, other_bus: RabbitBus) -> None:
+    async def double(params: dict[str, int], delivery: Delivery) -> dict[str, int]:
+        await asyncio.sleep(0.01)
+        return {"n": params["n"] * 2}
+
+    async def broken(params: dict[str, int], delivery: Delivery) -> None:
+        raise RpcFailure("not_found", "cell 'zz' does not exist")
+
+    await other_bus.serve("flags", {"double": double, "broken": broken})
+    results = await asyncio.gather(
+        *(bus.request("flags", "double", {"n": i}, timeout=10) for i in range(50))
+    )
+    assert [r["n"] for r in results] == [i * 2 for i in range(50)]
+
+    with pytest.raises(RemoteError) as caught:
+        await bus.request("flags", "broken")
+    assert caught.value.code == "not_found" and "zz" in caught.value.message
+
+    with pytest.raises(RemoteError, match="no method 'nope'"):
+        await bus.request("flags", "nope")
+
+
+async def test_request_to_a_service_that_is_not_running_times_out_naming_it(
+    bus: RabbitBus,
+) -> None:
+    with pytest.raises(RequestTimeout, match="'infra_compliance'"):
+        await bus.request("infra_compliance", "status", timeout=0.5)
+
+
+async def test_declaring_the_topology_twice_changes_nothing(bus: RabbitBus) -> None:
+    before = await bus.queue_state("registry.cells")
+    await bus.declare(control_plane())
+    await bus.declare(control_plane())
+    assert await bus.queue_state("registry.cells") == before
