@@ -1,0 +1,14 @@
+"""`python -m services.flags`: Feature flag definitions, their audit log and evaluation."""
+
+from __future__ import annotations
+
+from common.runner import service_main
+from services.flags.bootstrap import setup
+
+
+def main() -> None:
+    service_main("flags", "Feature flag definitions, their audit log and evaluation.", setup)
+
+
+if __name__ == "__main__":
+    main()

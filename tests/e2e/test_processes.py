@@ -1,0 +1,66 @@
+"""Every entry point exists, and the services run as processes that operators can reach."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from tests.e2e.conftest import BIN, Processes
+from tests.helpers import eventually
+
+SCRIPTS = [
+    "substrate-registry", "substrate-rollout", "substrate-flags", "substrate-infra-compliance",
+    "cell-agent", "substratectl",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_console_script_answers_help(script: str) -> None:
+    done = subprocess.run(
+        [str(BIN / script), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+async def test_services_start_answer_status_and_stop_cleanly(
+    procs: Processes, control_plane: None
+) -> None:
+    started = [
+        await procs.start(name, f"substrate-{name.replace('_', '-')}")
+        for name in ("registry", "rollout", "flags", "infra_compliance")
+    ]
+
+    async def all_up() -> list[dict[str, object]] | None:
+        code, rows, _ = await procs.ctl("status", SUBSTRATE_RPC_TIMEOUT_SECONDS="2")
+        return rows if code == 0 else None
+
+    rows = await eventually(all_up, timeout=40, interval=0.5, what="every service up")
+    assert {r["service"] for r in rows} == {"registry", "rollout", "flags", "infra_compliance"}
+    assert all(r["up"] for r in rows)
+
+    codes = await asyncio.gather(*(procs.stop(p) for p in started))
+    assert codes == [0, 0, 0, 0], [p.output() for p in started]
+    assert all("stopped" in p.output() for p in started)
+
+
+async def test_cli_reports_a_service_that_does_not_answer(
+    procs: Processes, control_plane: None
+) -> None:
+    code, rows, _ = await procs.ctl("status", SUBSTRATE_RPC_TIMEOUT_SECONDS="0.5")
+    assert code == 1
+    down = [r for r in rows if not r["up"]]
+    assert down and all("did not answer" in r["detail"] for r in down)
+
+
+async def test_cli_without_broker_url_fails_with_one_line(procs: Processes) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "substratectl"), "status",
+        env={k: v for k, v in procs.env().items() if k != "SUBSTRATE_AMQP_URL"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await process.communicate()
+    assert process.returncode == 2
+    assert err.decode().strip() == "error: setting SUBSTRATE_AMQP_URL is not set"

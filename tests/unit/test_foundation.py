@@ -1,0 +1,111 @@
+"""Settings, clock, topology arguments, the metrics server and CLI output."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from common.clock import FakeClock
+from common.metrics import MetricsServer, Response
+from common.settings import ServiceSettings, broker_user, load
+from common.topology import (
+    DELIVERY_LIMIT,
+    SERVICE_QUEUES,
+    cell_commands,
+    control_plane,
+    dead_letter_name,
+)
+from substratectl.output import table
+
+
+def test_missing_setting_exits_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SUBSTRATE_AMQP_URL", raising=False)
+    monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://x/0")
+    monkeypatch.setenv("SUBSTRATE_METRICS_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as exited:
+        load(ServiceSettings)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "SUBSTRATE_AMQP_URL is not set" in err
+    assert "SUBSTRATE_METRICS_PORT is invalid" in err
+
+
+def test_broker_user_is_read_from_the_url() -> None:
+    assert broker_user("amqp://svc-registry:pw@host/") == "svc-registry"
+    assert broker_user("amqp://acme%2Dprod:p%40ss@host/vh") == "acme-prod"
+
+
+def test_fake_clock_moves_only_when_told() -> None:
+    clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC))
+    before = clock.now()
+    assert clock.now() == before
+    clock.advance(90)
+    assert (clock.now() - before).total_seconds() == 90
+    assert clock.monotonic() == 90
+    with pytest.raises(ValueError, match="aware"):
+        clock.set(datetime(2026, 1, 2))
+
+
+def test_every_consuming_queue_is_quorum_with_a_delivery_limit_and_a_dead_letter_queue() -> None:
+    plane = control_plane()
+    names = {q.name for q in plane.queues}
+    consuming = [q for q in plane.queues if not q.name.endswith(".dead")]
+    assert consuming
+    for queue in consuming:
+        args = queue.arguments()
+        assert args["x-queue-type"] == "quorum"
+        assert args["x-delivery-limit"] == DELIVERY_LIMIT
+        assert args["x-dead-letter-routing-key"] == dead_letter_name(queue.name)
+        assert dead_letter_name(queue.name) in names
+    assert {"registry.rpc", "rollout.rpc", "flags.rpc", "infra_compliance.rpc"} <= names
+    assert set(SERVICE_QUEUES) == {"registry", "rollout", "flags", "infra_compliance"}
+
+
+def test_a_cell_command_queue_is_bound_to_its_own_id_only() -> None:
+    topo = cell_commands("acme-prod")
+    queue = next(q for q in topo.queues if q.name == "cell.acme-prod.commands")
+    assert [(b.exchange, b.routing_key) for b in queue.bindings] == [
+        ("substrate.commands", "acme-prod")
+    ]
+    assert queue.arguments()["x-dead-letter-routing-key"] == "cell.commands.dead"
+
+
+async def _get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_metrics_server_serves_metrics_health_and_routes() -> None:
+    healthy = {"ok": True}
+    server = MetricsServer(lambda: dict(healthy))
+
+    async def gate(path: str) -> Response:
+        return Response.json(503, {"path": path})
+
+    server.route("/gate", gate)
+    await server.start()
+    try:
+        status, body = await _get(server.port, "/metrics")
+        assert status == 200 and b"# HELP" in body
+        assert (await _get(server.port, "/healthz"))[0] == 200
+        healthy["ok"] = False
+        assert (await _get(server.port, "/healthz"))[0] == 503
+        status, body = await _get(server.port, "/gate/start")
+        assert status == 503 and b"/gate/start" in body
+        assert (await _get(server.port, "/nowhere"))[0] == 404
+    finally:
+        await server.stop()
+
+
+def test_table_aligns_columns_and_shows_missing_values() -> None:
+    out = table([{"id": "a", "n": None}, {"id": "bbb", "n": True}], ["id", "n"])
+    assert out.splitlines() == ["ID   N", "a    -", "bbb  yes"]
