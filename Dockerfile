@@ -1,0 +1,10 @@
+# One image for every Substrate process; compose picks the console script per service.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY services ./services
+COPY cell_agent ./cell_agent
+COPY substratectl ./substratectl
+RUN pip install --no-cache-dir .
+USER nobody

@@ -1,0 +1,48 @@
+# One command runs the system (make dev), one runs the tests (make test).
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+# The local broker and Redis; override to point elsewhere.
+export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
+export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
+
+.PHONY: install services lint format test test-only dev bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Makes sure RabbitMQ (with the management plugin) and Redis answer on localhost, installing
+# them from Debian's packages where they are missing.
+services:
+	bash scripts/ensure-services.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install services lint test-only
+
+test-only: install
+	$(BIN)/pytest
+
+dev: install services
+	bash scripts/dev.sh
+
+bench: install services
+	$(BIN)/python -m bench.bus --rounds 7
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .dev
