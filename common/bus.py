@@ -250,6 +250,15 @@ class RabbitBus:
         except Exception:
             log.exception("reconnect hook failed")
 
+    async def update_secret(self, password: str) -> None:
+        """Re-authenticate the open connection with a new password (AMQP update-secret) and
+        use it for every later reconnect. The broker refuses a secret that does not
+        authenticate this user."""
+        try:
+            await self._conn.update_secret(password, reason="credential rotation")
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            raise BusError(f"broker refused the new secret: {exc!r}") from exc
+
     # -- topology -----------------------------------------------------------------------------
 
     async def declare(self, topology: Topology) -> None:

@@ -167,6 +167,9 @@ class CellRegister(CellReport):
     stack_name: str | None = None
     template_version: str | None = None
     installed_release: str | None = None
+    # Made once with the agent's state directory. A registration from a new incarnation (a
+    # re-bootstrapped cell) starts a new sequence; within one, ``seq`` only grows.
+    incarnation: str | None = None
 
 
 @wire("cell.heartbeat.v1")

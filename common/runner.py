@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
 
 from common import topology
 from common.bus import RabbitBus
@@ -22,7 +23,8 @@ from common.settings import ServiceSettings, load
 
 log = logging.getLogger(__name__)
 
-Setup = Callable[[RabbitBus, ServiceSettings], Awaitable[Callable[[], Awaitable[None]] | None]]
+# A service's own settings class extends ServiceSettings; setup gets an instance of it.
+Setup = Callable[[RabbitBus, Any], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
 def configure_logging(level: str) -> None:
@@ -74,7 +76,12 @@ async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asy
     log.info("%s stopped", service)
 
 
-def service_main(service: str, description: str, setup: Setup) -> None:
+def service_main(
+    service: str,
+    description: str,
+    setup: Setup,
+    settings_cls: type[ServiceSettings] = ServiceSettings,
+) -> None:
     """The console-script entry point of a control-plane service."""
     parser = argparse.ArgumentParser(
         prog=f"substrate-{service.replace('_', '-')}",
@@ -83,7 +90,7 @@ def service_main(service: str, description: str, setup: Setup) -> None:
         "SUBSTRATE_RABBITMQ_API_URL, SUBSTRATE_METRICS_PORT (see README).",
     )
     parser.parse_args()
-    settings = load(ServiceSettings)
+    settings = load(settings_cls)
     configure_logging(settings.log_level)
 
     async def main() -> None:

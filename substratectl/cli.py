@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import topology
-from common.bus import BusError, RabbitBus
+from common.bus import BusError, RabbitBus, RemoteError
 from common.messages import MESSAGES, json_schema
 from common.settings import ControlPlaneSettings, load
+from substratectl import cells
 from substratectl.output import emit_json, fail, table
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask every service whether it is up")
     status.set_defaults(run=cmd_status)
 
+    cells.add_commands(sub)
+
     topo = sub.add_parser("topology", help="the broker objects of the control plane")
     topo_sub = topo.add_subparsers(dest="topology_command", required=True, metavar="ACTION")
     apply = topo_sub.add_parser("apply", help="declare exchanges and service queues (idempotent)")
@@ -125,6 +128,8 @@ async def run(args: argparse.Namespace, settings: ControlPlaneSettings | None) -
     try:
         code: int = await args.run(ctl)
         return code
+    except RemoteError as exc:
+        return fail(f"{exc.service}: {exc.message}", as_json=ctl.as_json)
     except BusError as exc:
         return fail(str(exc), as_json=ctl.as_json)
     finally:

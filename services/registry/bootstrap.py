@@ -1,19 +1,72 @@
-"""Wires the registry service. It answers `status` so operators can see it is up; its own
-handlers arrive with the issue that builds it."""
+"""Wires the registry: the only place that builds its connections and clients."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from contextlib import suppress
+from functools import partial
+
+import redis.asyncio as aioredis
 
 from common.bus import RabbitBus
-from common.messages import Delivery
-from common.settings import ServiceSettings
+from common.clock import Clock, SystemClock
+from common.rabbitmq_api import RabbitApi
+from services.registry import handlers
+from services.registry.broker import CellBroker, vhost_of
+from services.registry.settings import RegistrySettings
+from services.registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
 
 
-async def setup(bus: RabbitBus, settings: ServiceSettings) -> Callable[[], Awaitable[None]] | None:
-    async def status(params: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
-        return {"service": "registry", "ready": True}
+def build_deps(
+    bus: RabbitBus, settings: RegistrySettings, redis: aioredis.Redis, clock: Clock
+) -> handlers.Deps:
+    return handlers.Deps(
+        store=RegistryStore(redis),
+        clock=clock,
+        accounts=CellBroker(RabbitApi(settings.rabbitmq_api_url), bus, vhost_of(settings.amqp_url)),
+        publisher=bus,
+        cell_broker_url=settings.cell_amqp_url or settings.amqp_url,
+        offline_after=settings.offline_after_seconds,
+        credential_grace=settings.credential_grace_seconds,
+    )
 
-    await bus.serve("registry", {"status": status})
-    return None
+
+async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await handlers.sweep(deps)
+        except Exception:
+            log.exception("liveness sweep failed; retrying next interval")
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def setup(
+    bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None
+) -> Callable[[], Awaitable[None]]:
+    redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+    deps = build_deps(bus, settings, redis, clock or SystemClock())
+    await bus.consume(
+        "registry.cells",
+        {cls: partial(handler, deps=deps) for cls, handler in handlers.CELL_REPORTS.items()},
+        prefetch=64,
+    )
+    await bus.serve("registry", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
+    stop = asyncio.Event()
+    loops = [
+        asyncio.create_task(deps.store.outbox.relay(bus, stop), name="registry-outbox"),
+        asyncio.create_task(
+            sweep_forever(deps, settings.sweep_interval, stop), name="registry-sweep"
+        ),
+    ]
+
+    async def cleanup() -> None:
+        stop.set()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await redis.aclose()
+
+    return cleanup

@@ -1,0 +1,254 @@
+"""The agent's main loop: connect out, register, heartbeat, sync, and handle commands.
+
+The agent only ever opens connections; its one listening socket is the metrics/health port on
+loopback. Reconnects are the bus's job (robust connection); after each one the agent registers
+again and asks for its desired state, so whatever it missed while away is re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from importlib.metadata import version
+from typing import Literal, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from prometheus_client import Counter, Gauge
+
+from cell_agent.aws import CellAws
+from cell_agent.settings import AgentSettings
+from cell_agent.state import StateStore
+from common.bus import BusError, RabbitBus
+from common.clock import Clock, SystemClock
+from common.messages import (
+    CellHeartbeat,
+    CellRegister,
+    CellReport,
+    CellSync,
+    Delivery,
+    RotateCredentials,
+    command_queue,
+)
+from common.metrics import MetricsServer
+from common.settings import broker_user
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = version("substrate")
+
+CONNECTED = Gauge("cell_agent_connected", "1 while the agent is connected to the control plane")
+LAST_HEARTBEAT = Gauge(
+    "cell_agent_last_heartbeat_timestamp_seconds", "When the last heartbeat was confirmed"
+)
+T = TypeVar("T")
+REPORTS = Counter(
+    "cell_agent_reports", "Reports published, by kind and outcome", ["kind", "outcome"]
+)
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        state: StateStore,
+        aws: CellAws,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.aws = aws
+        self.clock = clock or SystemClock()
+        self.bus: RabbitBus | None = None
+        self.account_id: str | None = None
+        self.template_version: str | None = None
+        self._registered = asyncio.Event()
+        self._failing = False
+        CONNECTED.set_function(
+            lambda: 1.0 if self.bus is not None and self.bus.is_connected else 0.0
+        )
+
+    # -- reports --------------------------------------------------------------------------------
+
+    async def _send(self, report: CellReport) -> bool:
+        """Publish a report; a failure is logged and counted, and the next tick tries again."""
+        if self.bus is None:
+            return False
+        try:
+            await self.bus.publish(report)
+        except BusError as exc:
+            REPORTS.labels(report.kind, "failed").inc()
+            # Once per outage at WARNING; the robust connection logs its own retries.
+            level = logging.DEBUG if self._failing else logging.WARNING
+            log.log(level, "could not send %s: %s", report.kind, exc)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("sending reports again")
+            self._failing = False
+        REPORTS.labels(report.kind, "sent").inc()
+        return True
+
+    async def register(self) -> bool:
+        assert self.account_id is not None
+        state = self.state.state
+        sent = await self._send(
+            CellRegister(
+                cell_id=self.settings.id,
+                seq=self.state.next_seq(),
+                sent_at=self.clock.now(),
+                agent_version=AGENT_VERSION,
+                aws_account_id=self.account_id,
+                region=self.settings.aws_region,
+                stack_name=self.settings.stack_name,
+                template_version=self.template_version,
+                installed_release=state.installed_release,
+                incarnation=state.incarnation,
+            )
+        )
+        if sent:
+            self._registered.set()
+        return sent
+
+    async def heartbeat(self) -> bool:
+        state = self.state.state
+        sent = await self._send(
+            CellHeartbeat(
+                cell_id=self.settings.id,
+                seq=self.state.next_seq(),
+                sent_at=self.clock.now(),
+                agent_version=AGENT_VERSION,
+                installed_release=state.installed_release,
+                applied_generation=state.applied_generation,
+                template_version=self.template_version,
+                flags_snapshot_version=state.flags_snapshot_version,
+                credential_id=self.state.credential_id(self.settings.amqp_url),
+            )
+        )
+        if sent:
+            LAST_HEARTBEAT.set(self.clock.now().timestamp())
+        return sent
+
+    async def sync(self, reason: Literal["start", "reconnect", "periodic"]) -> bool:
+        state = self.state.state
+        return await self._send(
+            CellSync(
+                cell_id=self.settings.id,
+                seq=self.state.next_seq(),
+                sent_at=self.clock.now(),
+                reason=reason,
+                applied_generation=state.applied_generation,
+                flags_snapshot_version=state.flags_snapshot_version,
+            )
+        )
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def on_rotate_credentials(self, msg: RotateCredentials, delivery: Delivery) -> None:
+        """Take the new password on the open connection, keep it on disk, then confirm it in a
+        heartbeat. Idempotent: a redelivered rotation that is already in force is a no-op."""
+        env_url = self.settings.amqp_url
+        if self.state.credential_id(env_url) == msg.credential_id:
+            return
+        assert self.bus is not None
+        await self.bus.update_secret(msg.password)
+        current = self.state.broker_url(env_url)
+        new_url = _with_password(current, msg.password)
+        self.state.rotate(env_url, new_url, msg.credential_id)
+        log.info("credentials rotated to %s", msg.credential_id)
+        # Confirm after this handler returns (and the command is acked).
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.heartbeat()))
+
+    # -- loops ----------------------------------------------------------------------------------
+
+    async def _every(self, seconds: float, tick: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            if stop.is_set():
+                return
+            if tick == "heartbeat":
+                if not self._registered.is_set():
+                    await self.register()
+                await self.heartbeat()
+            else:
+                await self.sync("periodic")
+
+    async def _after_reconnect(self) -> None:
+        await self.register()
+        await self.sync("reconnect")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.account_id = await _retry("reading the AWS account (STS)", self.aws.account_id, stop)
+        if self.settings.stack_name:
+            stack = self.settings.stack_name
+            self.template_version = await _retry(
+                f"reading stack {stack}", lambda: self.aws.template_version(stack), stop
+            )
+        server = MetricsServer(self._health, "127.0.0.1", self.settings.metrics_port)
+        await server.start()
+        url = self.state.broker_url(self.settings.amqp_url)
+        connecting = asyncio.create_task(
+            RabbitBus.connect(
+                url,
+                name=f"cell-agent:{self.settings.id}",
+                publish_timeout=self.settings.publish_timeout_seconds,
+                namespace="cell_agent",
+                max_backoff=30,
+            )
+        )
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            connecting.cancel()
+            await server.stop()
+            return
+        stopping.cancel()
+        self.bus = bus = connecting.result()
+        if broker_user(url) != self.settings.id:
+            log.warning("broker user %s is not the cell id %s", broker_user(url), self.settings.id)
+        bus.on_reconnect(self._after_reconnect)
+        await bus.consume(
+            command_queue(self.settings.id), {RotateCredentials: self.on_rotate_credentials}
+        )
+        await self.register()
+        await self.sync("start")
+        await self.heartbeat()
+        loops = [
+            asyncio.create_task(self._every(self.settings.heartbeat_seconds, "heartbeat", stop)),
+            asyncio.create_task(self._every(self.settings.sync_seconds, "sync", stop)),
+        ]
+        log.info("cell agent %s running", self.settings.id)
+        await stop.wait()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await bus.close(drain_timeout=30)
+        await server.stop()
+        log.info("cell agent %s stopped", self.settings.id)
+
+    def _health(self) -> dict[str, object]:
+        connected = self.bus is not None and self.bus.is_connected
+        return {"ok": connected, "cell_id": self.settings.id, "connected": connected}
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _retry(what: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+    delay = 1.0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if stop.is_set():
+                raise
+            log.warning("%s failed (%r); retrying in %.0fs", what, exc, delay)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30)

@@ -1,0 +1,31 @@
+"""The agent's settings: CELL_* plus the standard AWS_* variables, read once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.messages import CellId
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CELL_", extra="ignore", frozen=True)
+
+    id: CellId
+    amqp_url: str = Field(description="the URL `substratectl cells create` printed")
+    state_dir: Path
+    heartbeat_seconds: float = Field(default=30.0, gt=0)
+    sync_seconds: float = Field(default=60.0, gt=0)
+    stack_name: str | None = Field(
+        default=None, description="the cell's CloudFormation stack, for its template version"
+    )
+    # The agent serves metrics, health and (later) its maintenance gate on loopback only: a
+    # cell never listens on its network.
+    metrics_port: int = Field(default=9180, ge=0, le=65535)
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    log_level: str = "INFO"
+    aws_region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )

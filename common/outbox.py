@@ -1,0 +1,89 @@
+"""A transactional outbox in Redis.
+
+A service writes an event to its outbox list in the same atomic step (a Lua script or a
+MULTI) as the state change the event describes; the relay publishes it with confirms and only
+then removes it. A crash between the state write and the publish therefore delays the event
+instead of losing it (RELIABILITY 4); the price is a possible duplicate, which consumers
+tolerate by ``message_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import redis.asyncio as aioredis
+
+from common.bus import BusError, RabbitBus
+from common.messages import MESSAGES, Event
+
+log = logging.getLogger(__name__)
+
+
+def outbox_entry(event: Event) -> str:
+    """The serialized form a Lua script or a pipeline pushes onto the outbox list."""
+    return json.dumps(
+        {"id": uuid.uuid4().hex, "type": event.wire_name, "body": event.model_dump_json()}
+    )
+
+
+class Outbox:
+    def __init__(self, redis: aioredis.Redis, key: str) -> None:
+        self._redis = redis
+        self.key = key
+        # Shared by replicas: one that starts moves everything here back to the list, so an
+        # entry a crashed replica held is published again (perhaps twice, never not at all).
+        self.inflight_key = f"{key}:inflight"
+
+    async def put(self, event: Event) -> None:
+        await self._redis.rpush(self.key, outbox_entry(event))
+
+    async def pending(self) -> int:
+        return int(await self._redis.llen(self.key)) + int(
+            await self._redis.llen(self.inflight_key)
+        )
+
+    async def recover(self) -> int:
+        moved = 0
+        while await self._redis.lmove(self.inflight_key, self.key, "RIGHT", "LEFT") is not None:
+            moved += 1
+        if moved:
+            log.info("re-queued %d outbox entries left in flight by a previous run", moved)
+        return moved
+
+    async def publish_one(self, bus: RabbitBus, timeout: int = 1) -> bool:
+        """Publish the oldest entry, if one arrives within ``timeout``. True if one was sent."""
+        raw = await self._redis.blmove(self.key, self.inflight_key, timeout, "LEFT", "RIGHT")
+        if raw is None:
+            return False
+        raw = str(raw)
+        entry = json.loads(raw)
+        event = MESSAGES[entry["type"]].model_validate_json(entry["body"])
+        try:
+            await bus.publish(event, message_id=entry["id"])
+        except BusError:
+            # Back to the head of the list so order is kept; the caller backs off.
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.lrem(self.inflight_key, 1, raw)
+            pipe.lpush(self.key, raw)
+            await pipe.execute()
+            raise
+        await self._redis.lrem(self.inflight_key, 1, raw)
+        return True
+
+    async def relay(self, bus: RabbitBus, stop: asyncio.Event) -> None:
+        """Publish entries until ``stop`` is set."""
+        await self.recover()
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await self.publish_one(bus)
+                delay = 0.1
+            except BusError as exc:
+                log.warning(
+                    "outbox %s: publish failed (%s); retrying in %.1fs", self.key, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,61 @@
+"""Each cell's broker user, permissions, limits and command queue, made and removed through
+the management API and the bus. Kept out of the broker's boot-time definitions on purpose:
+the broker re-applies those on every boot and would overwrite runtime changes."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import unquote, urlsplit
+
+from common.bus import RabbitBus
+from common.messages import command_queue
+from common.rabbitmq_api import RabbitApi
+from common.topology import cell_commands
+from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, broker_grant
+
+log = logging.getLogger(__name__)
+
+
+def vhost_of(amqp_url: str) -> str:
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+class CellBroker:
+    def __init__(self, api: RabbitApi, bus: RabbitBus, vhost: str) -> None:
+        self.api = api
+        self.bus = bus
+        self.vhost = vhost
+
+    async def provision(self, cell_id: str, password: str) -> None:
+        """User, permissions, topic permissions, limits, command queue. The caller undoes a
+        partial provision with ``deprovision``."""
+        grant = broker_grant(cell_id)
+        await self.api.put_user(cell_id, password)
+        await self.api.set_permissions(
+            self.vhost, cell_id, configure=grant.configure, write=grant.write, read=grant.read
+        )
+        await self.api.set_topic_permissions(
+            self.vhost,
+            cell_id,
+            exchange=grant.topic_exchange,
+            write=grant.topic_write,
+            read=grant.topic_read,
+        )
+        await self.api.set_user_limit(cell_id, "max-connections", CELL_MAX_CONNECTIONS)
+        await self.api.set_user_limit(cell_id, "max-channels", CELL_MAX_CHANNELS)
+        await self.bus.declare(cell_commands(cell_id))
+
+    async def deprovision(self, cell_id: str) -> None:
+        """Delete the user (the broker closes its connections) and the command queue."""
+        await self.api.delete_user(cell_id)
+        await self.bus.delete_queue(command_queue(cell_id))
+
+    async def set_password(self, cell_id: str, password: str) -> None:
+        await self.api.put_user(cell_id, password)
+
+    async def close_connections(self, cell_id: str, reason: str) -> int:
+        connections = await self.api.connections(user=cell_id)
+        for conn in connections:
+            await self.api.close_connection(str(conn["name"]), reason)
+        return len(connections)

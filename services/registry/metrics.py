@@ -1,0 +1,26 @@
+"""The registry's metrics (the bus's own are in common.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+CELLS = Gauge("substrate_cells", "Cells by stage and status", ["stage", "status"])
+HEARTBEAT_AGE_MAX = Gauge(
+    "substrate_cell_heartbeat_age_max_seconds",
+    "Age of the oldest last heartbeat among online cells, by the registry's clock",
+)
+HEARTBEATS = Counter(
+    "substrate_heartbeats", "Heartbeats by outcome (applied, back_online, stale, ...)", ["outcome"]
+)
+REGISTRATIONS = Counter("substrate_registrations", "Registrations by outcome", ["outcome"])
+REFUSED = Counter(
+    "substrate_cell_messages_refused",
+    "Cell messages dead-lettered by the registry, by reason",
+    ["reason"],
+)
+TRANSITIONS = Counter(
+    "substrate_cell_liveness_transitions", "Cells marked offline or online", ["to"]
+)
+ROTATIONS = Counter(
+    "substrate_credential_rotations", "Credential rotations by outcome", ["outcome"]
+)

@@ -1,0 +1,28 @@
+"""The registry's own settings, beside the common ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.settings import ServiceSettings
+
+
+class RegistrySettings(ServiceSettings):
+    offline_after_seconds: float = Field(
+        default=90.0, gt=0, description="no heartbeat for this long: offline (3 x 30 s)"
+    )
+    sweep_interval_seconds: float | None = Field(
+        default=None, gt=0, description="how often liveness is checked; default offline_after/6"
+    )
+    credential_grace_seconds: float = Field(
+        default=600.0, gt=0, description="how long a rotated credential may go unconfirmed"
+    )
+    cell_amqp_url: str | None = Field(
+        default=None,
+        description="the broker address cells connect to (scheme, host, port, vhost); "
+        "default: the control plane's own broker URL",
+    )
+
+    @property
+    def sweep_interval(self) -> float:
+        return self.sweep_interval_seconds or max(self.offline_after_seconds / 6, 0.1)

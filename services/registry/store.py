@@ -1,0 +1,359 @@
+"""The registry's Redis keys, behind one class.
+
+    registry:cell:<id>            hash: the cell record (see CellView)
+    registry:cells                set: every cell id ever created (records are kept as history)
+    registry:status:<status>      set: cell ids by status, kept in step with the records
+    registry:stage:<stage>        set: cell ids by stage
+    registry:liveness             sorted set: online cell id -> last heartbeat (registry clock)
+    registry:rotations            sorted set: cell id -> when an unconfirmed rotation started
+    registry:refusals:<id>        list: the latest refused registrations of a cell
+    registry:creating:<id>        string: a create in progress (expires)
+    registry:outbox               list: events not yet published (common.outbox)
+
+Every transition that implies an event writes the event to the outbox in the same Lua script,
+so state and event never disagree. The scripts touch keys derived from the cell id, which is
+fine on one Redis (with replicas) but would need hash tags on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.messages import STAGES, CellOffline, Event
+from common.outbox import Outbox, outbox_entry
+from services.registry.model import STATUSES, CellStatus, CellView, CreateCell
+
+PREFIX = "registry:"
+CELL = PREFIX + "cell:"
+OUTBOX = PREFIX + "outbox"
+LIVENESS = PREFIX + "liveness"
+ROTATIONS = PREFIX + "rotations"
+REFUSALS_KEPT = 20
+
+_LUA_COMMON = """
+local prefix = 'registry:'
+local function move(id, from, to)
+  if from == to then return end
+  if from then redis.call('SREM', prefix .. 'status:' .. from, id) end
+  redis.call('SADD', prefix .. 'status:' .. to, id)
+end
+"""
+
+# KEYS: cell, liveness, outbox
+# ARGV: id, account, seq, incarnation, now_iso, now_epoch, agent_version, stack_name,
+#       template_version, installed_release, event_entry
+_REGISTER = (
+    _LUA_COMMON
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'aws_account_id', 'last_seq', 'incarnation',
+                       'registered_at')
+local status = rec[1]
+if not status then return {'refused', 'unknown_cell', ''} end
+if status == 'decommissioned' then return {'refused', 'decommissioned', ''} end
+local bound = rec[2]
+if bound and bound ~= '' and bound ~= ARGV[2] then return {'refused', 'account', bound} end
+local seq = tonumber(ARGV[3])
+if rec[4] == ARGV[4] and seq <= (tonumber(rec[3]) or -1) then return {'stale', status, ''} end
+redis.call('HSET', KEYS[1], 'status', 'online', 'aws_account_id', ARGV[2], 'last_seq', ARGV[3],
+           'incarnation', ARGV[4], 'last_heartbeat_at', ARGV[5], 'agent_version', ARGV[7],
+           'stack_name', ARGV[8], 'infra_template_version', ARGV[9],
+           'installed_release', ARGV[10])
+if not rec[5] or rec[5] == '' then redis.call('HSET', KEYS[1], 'registered_at', ARGV[5]) end
+move(ARGV[1], status, 'online')
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[11])
+return {'registered', status, ''}
+"""
+)
+
+# KEYS: cell, liveness, outbox, rotations
+# ARGV: id, seq, now_iso, now_epoch, agent_version, installed_release, applied_generation,
+#       maintenance, template_version, flags_snapshot_version, credential_id, online_entry
+_HEARTBEAT = (
+    _LUA_COMMON
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'last_seq', 'pending_credential_id')
+local status = rec[1]
+if not status then return {'unknown_cell', 0} end
+if status ~= 'online' and status ~= 'offline' then return {'not_registered', 0} end
+if tonumber(ARGV[2]) <= (tonumber(rec[2]) or -1) then return {'stale', 0} end
+redis.call('HSET', KEYS[1], 'status', 'online', 'last_seq', ARGV[2], 'last_heartbeat_at', ARGV[3],
+           'agent_version', ARGV[5], 'installed_release', ARGV[6],
+           'applied_generation', ARGV[7], 'maintenance', ARGV[8],
+           'infra_template_version', ARGV[9], 'flags_snapshot_version', ARGV[10])
+local confirmed = 0
+if ARGV[11] ~= '' and rec[3] and rec[3] ~= '' and rec[3] == ARGV[11] then
+  redis.call('HSET', KEYS[1], 'credential_id', ARGV[11], 'pending_credential_id', '',
+             'rotation_started_at', '')
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  confirmed = 1
+end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+if status == 'offline' then
+  move(ARGV[1], 'offline', 'online')
+  redis.call('RPUSH', KEYS[3], ARGV[12])
+  return {'back_online', confirmed}
+end
+return {'applied', confirmed}
+"""
+)
+
+# KEYS: liveness, outbox
+# ARGV: cutoff_epoch, now_iso, limit
+_SWEEP = (
+    _LUA_COMMON
+    + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local key = prefix .. 'cell:' .. id
+  local rec = redis.call('HMGET', key, 'status', 'last_heartbeat_at')
+  redis.call('ZREM', KEYS[1], id)
+  if rec[1] == 'online' then
+    redis.call('HSET', key, 'status', 'offline')
+    move(id, 'online', 'offline')
+    local n = redis.call('INCR', KEYS[2] .. ':seq')
+    local last = cjson.null
+    if rec[2] and rec[2] ~= '' then last = rec[2] end
+    local body = cjson.encode({cell_id = id, last_heartbeat_at = last, at = ARGV[2]})
+    redis.call('RPUSH', KEYS[2], cjson.encode({id = 'registry-offline-' .. n,
+                                               type = '%s', body = body}))
+    table.insert(out, id)
+  end
+end
+return out
+""".replace("%s", CellOffline.wire_name)
+)
+
+# KEYS: cell, liveness, outbox, rotations
+# ARGV: id, now_iso, event_entry
+_DECOMMISSION = (
+    _LUA_COMMON
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'unknown_cell' end
+if status == 'decommissioned' then return 'already' end
+redis.call('HSET', KEYS[1], 'status', 'decommissioned', 'decommissioned_at', ARGV[2],
+           'pending_credential_id', '', 'rotation_started_at', '')
+move(ARGV[1], status, 'decommissioned')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 'decommissioned'
+"""
+)
+
+
+def _s(value: object) -> str:
+    """Redis hashes hold strings; None is stored as ''."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _view(raw: dict[str, str], refusals: list[str]) -> CellView:
+    fields: dict[str, Any] = {k: (v if v != "" else None) for k, v in raw.items()}
+    fields["maintenance"] = raw.get("maintenance") == "1"
+    fields["credentials_pending"] = bool(raw.get("pending_credential_id"))
+    fields["refused_registrations"] = [json.loads(r) for r in refusals]
+    return CellView.model_validate(fields)
+
+
+class RegistryStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.outbox = Outbox(redis, OUTBOX)
+        self._register = redis.register_script(_REGISTER)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._sweep = redis.register_script(_SWEEP)
+        self._decommission = redis.register_script(_DECOMMISSION)
+
+    # -- creating -----------------------------------------------------------------------------
+
+    async def reserve(self, cell_id: str, ttl: int = 120) -> str | None:
+        """Claim ``cell_id`` for creation. Returns why it cannot be claimed, or None."""
+        if await self.redis.exists(CELL + cell_id):
+            return f"cell {cell_id!r} already exists"
+        if not await self.redis.set(f"{PREFIX}creating:{cell_id}", "1", nx=True, ex=ttl):
+            return f"cell {cell_id!r} is being created by another request"
+        return None
+
+    async def release(self, cell_id: str) -> None:
+        await self.redis.delete(f"{PREFIX}creating:{cell_id}")
+
+    async def create(
+        self, cell: CreateCell, now: datetime, credential_id: str, event: Event
+    ) -> None:
+        record: dict[Any, Any] = {
+            "id": cell.id,
+            "stage": cell.stage,
+            "region": cell.region,
+            "org": cell.org,
+            "status": "created",
+            "created_at": now.isoformat(),
+            "aws_account_id": cell.aws_account or "",
+            "credential_id": credential_id,
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(CELL + cell.id, mapping=record)
+        pipe.sadd(PREFIX + "cells", cell.id)
+        pipe.sadd(f"{PREFIX}status:created", cell.id)
+        pipe.sadd(f"{PREFIX}stage:{cell.stage}", cell.id)
+        pipe.rpush(OUTBOX, outbox_entry(event))
+        pipe.delete(f"{PREFIX}creating:{cell.id}")
+        await pipe.execute()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def get(self, cell_id: str) -> CellView | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(CELL + cell_id)
+        pipe.lrange(f"{PREFIX}refusals:{cell_id}", 0, -1)
+        raw, refusals = await pipe.execute()
+        return _view(raw, refusals) if raw else None
+
+    async def find(
+        self, stage: str | None = None, status: CellStatus | None = None
+    ) -> list[CellView]:
+        sets = [PREFIX + "cells"]
+        if stage:
+            sets.append(f"{PREFIX}stage:{stage}")
+        if status:
+            sets.append(f"{PREFIX}status:{status}")
+        ids = sorted(str(i) for i in await self.redis.sinter(sets))
+        pipe = self.redis.pipeline(transaction=False)
+        for cell_id in ids:
+            pipe.hgetall(CELL + cell_id)
+        records = await pipe.execute()
+        return [_view(raw, []) for raw in records if raw]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """Cells by (stage, status)."""
+        pipe = self.redis.pipeline(transaction=False)
+        keys = [(stage, status) for stage in STAGES for status in STATUSES]
+        for stage, status in keys:
+            pipe.sintercard(2, [f"{PREFIX}stage:{stage}", f"{PREFIX}status:{status}"])
+        return dict(zip(keys, await pipe.execute(), strict=True))
+
+    async def oldest_heartbeat_epoch(self) -> float | None:
+        oldest = await self.redis.zrange(LIVENESS, 0, 0, withscores=True)
+        return float(oldest[0][1]) if oldest else None
+
+    # -- reports ------------------------------------------------------------------------------
+
+    async def register(
+        self,
+        cell_id: str,
+        *,
+        account: str,
+        seq: int,
+        incarnation: str,
+        now: datetime,
+        agent_version: str,
+        stack_name: str | None,
+        template_version: str | None,
+        installed_release: str | None,
+        event: Event,
+    ) -> tuple[str, str, str]:
+        """Returns (outcome, previous status or refusal reason, bound account)."""
+        result = await self._register(
+            keys=[CELL + cell_id, LIVENESS, OUTBOX],
+            args=[
+                cell_id, account, seq, incarnation, now.isoformat(), now.timestamp(),
+                agent_version, _s(stack_name), _s(template_version), _s(installed_release),
+                outbox_entry(event),
+            ],
+        )  # fmt: skip
+        outcome, detail, bound = result
+        return str(outcome), str(detail), str(bound)
+
+    async def record_refusal(self, cell_id: str, refusal: dict[str, Any], event: Event) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        key = f"{PREFIX}refusals:{cell_id}"
+        pipe.lpush(key, json.dumps(refusal))
+        pipe.ltrim(key, 0, REFUSALS_KEPT - 1)
+        pipe.rpush(OUTBOX, outbox_entry(event))
+        await pipe.execute()
+
+    async def heartbeat(
+        self,
+        cell_id: str,
+        *,
+        seq: int,
+        now: datetime,
+        agent_version: str,
+        installed_release: str | None,
+        applied_generation: int | None,
+        maintenance: bool,
+        template_version: str | None,
+        flags_snapshot_version: int | None,
+        credential_id: str | None,
+        online_event: Event,
+    ) -> tuple[str, bool]:
+        """Returns (outcome, whether this heartbeat confirmed a credential rotation)."""
+        outcome, confirmed = await self._heartbeat(
+            keys=[CELL + cell_id, LIVENESS, OUTBOX, ROTATIONS],
+            args=[
+                cell_id, seq, now.isoformat(), now.timestamp(), agent_version,
+                _s(installed_release), _s(applied_generation), _s(maintenance),
+                _s(template_version), _s(flags_snapshot_version), _s(credential_id),
+                outbox_entry(online_event),
+            ],
+        )  # fmt: skip
+        return str(outcome), bool(int(confirmed))
+
+    async def sweep_offline(self, cutoff: datetime, now: datetime, limit: int = 1000) -> list[str]:
+        """Mark online cells whose last heartbeat is at or before ``cutoff`` offline."""
+        ids = await self._sweep(
+            keys=[LIVENESS, OUTBOX], args=[cutoff.timestamp(), now.isoformat(), limit]
+        )
+        return [str(i) for i in ids]
+
+    # -- credentials and decommissioning ------------------------------------------------------
+
+    async def start_rotation(self, cell_id: str, credential_id: str, now: datetime) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            CELL + cell_id,
+            mapping={
+                "pending_credential_id": credential_id,
+                "rotation_started_at": now.isoformat(),
+            },
+        )
+        pipe.zadd(ROTATIONS, {cell_id: now.timestamp()})
+        await pipe.execute()
+
+    async def overdue_rotations(self, started_before: datetime) -> list[str]:
+        ids = await self.redis.zrangebyscore(ROTATIONS, "-inf", started_before.timestamp())
+        return [str(i) for i in ids]
+
+    async def end_rotation(self, cell_id: str) -> None:
+        """Give up waiting for a confirmation: the credential in force is the new one."""
+        pending = str(await self.redis.hget(CELL + cell_id, "pending_credential_id") or "")
+        pipe = self.redis.pipeline(transaction=True)
+        if pending:
+            pipe.hset(
+                CELL + cell_id,
+                mapping={
+                    "credential_id": pending,
+                    "pending_credential_id": "",
+                    "rotation_started_at": "",
+                },
+            )
+        pipe.zrem(ROTATIONS, cell_id)
+        await pipe.execute()
+
+    async def decommission(self, cell_id: str, now: datetime, event: Event) -> str:
+        result = await self._decommission(
+            keys=[CELL + cell_id, LIVENESS, OUTBOX, ROTATIONS],
+            args=[cell_id, now.isoformat(), outbox_entry(event)],
+        )
+        return str(result)

@@ -1,0 +1,114 @@
+"""`substratectl cells ...`: create, list, show, rotate credentials, decommission."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from common.messages import STAGES
+from substratectl.output import emit_json, fields, table
+
+if TYPE_CHECKING:
+    from substratectl.cli import Ctl
+
+LIST_COLUMNS = [
+    "id", "stage", "region", "org", "status", "last_heartbeat_at", "agent_version",
+    "installed_release",
+]  # fmt: skip
+STATUSES = ("created", "online", "offline", "decommissioned")
+
+
+def _show(ctl: Ctl, record: dict[str, Any]) -> None:
+    if ctl.as_json:
+        emit_json(record)
+        return
+    shown = {k: v for k, v in record.items() if k not in ("refused_registrations",)}
+    print(fields(shown))
+    for refusal in record.get("refused_registrations") or []:
+        print(f"refused registration at {refusal['at']}: {refusal['reason']}")
+
+
+async def create(ctl: Ctl) -> int:
+    a = ctl.args
+    params = {"id": a.id, "stage": a.stage, "region": a.region, "org": a.org}
+    if a.aws_account:
+        params["aws_account"] = a.aws_account
+    record = await ctl.call("registry", "cells.create", params)
+    if ctl.as_json:
+        emit_json(record)
+        return 0
+    print(fields({k: record[k] for k in ("id", "stage", "region", "org", "status")}))
+    print("\nAgent URL (shown once; give it to the customer as CELL_AMQP_URL):")
+    print(f"  {record['amqp_url']}")
+    print("\nCloudFormation parameters for cell_agent/bootstrap/cell.yaml:")
+    for key, value in record["stack_parameters"].items():
+        print(f"  {key}={value}")
+    return 0
+
+
+async def list_cells(ctl: Ctl) -> int:
+    params = {k: v for k, v in (("stage", ctl.args.stage), ("status", ctl.args.status)) if v}
+    cells = await ctl.call("registry", "cells.list", params)
+    if ctl.as_json:
+        emit_json(cells)
+    else:
+        print(table(cells, LIST_COLUMNS))
+    return 0
+
+
+async def show(ctl: Ctl) -> int:
+    _show(ctl, await ctl.call("registry", "cells.show", {"id": ctl.args.id}))
+    return 0
+
+
+async def rotate(ctl: Ctl) -> int:
+    result = await ctl.call("registry", "cells.rotate_credentials", {"id": ctl.args.id})
+    if ctl.as_json:
+        emit_json(result)
+        return 0
+    print(
+        f"new credentials {result['credential_id']} sent to {result['id']}'s agent; the old "
+        "password no longer opens new connections."
+    )
+    print(
+        "If the agent is offline, give the customer this URL (shown once) as CELL_AMQP_URL:\n"
+        f"  {result['amqp_url']}"
+    )
+    return 0
+
+
+async def decommission(ctl: Ctl) -> int:
+    _show(ctl, await ctl.call("registry", "cells.decommission", {"id": ctl.args.id}))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cells = sub.add_parser("cells", help="create, list and manage cells")
+    cmds = cells.add_subparsers(dest="cells_command", required=True, metavar="ACTION")
+
+    p = cmds.add_parser("create", help="create a cell and its broker credentials")
+    p.add_argument("id", help="cell id: a DNS label, not starting with svc- or op-")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--region", required=True, help="AWS region, e.g. eu-west-1")
+    p.add_argument("--org", required=True, help="the customer organisation")
+    p.add_argument("--aws-account", help="bind the cell to this 12-digit AWS account now")
+    p.set_defaults(run=create)
+
+    p = cmds.add_parser("list", help="list cells")
+    p.add_argument("--stage", choices=STAGES)
+    p.add_argument("--status", choices=STATUSES)
+    p.set_defaults(run=list_cells)
+
+    p = cmds.add_parser("show", help="show one cell")
+    p.add_argument("id")
+    p.set_defaults(run=show)
+
+    p = cmds.add_parser("rotate-credentials", help="give the cell's agent a new password")
+    p.add_argument("id")
+    p.set_defaults(run=rotate)
+
+    p = cmds.add_parser(
+        "decommission", help="delete the cell's credentials and queue; keep its record"
+    )
+    p.add_argument("id")
+    p.set_defaults(run=decommission)

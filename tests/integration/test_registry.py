@@ -1,0 +1,320 @@
+"""The registry's handlers and store against real Redis (the broker side faked): ordering,
+account binding, liveness on the registry's clock, and events written with their state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.bus import Refused, RpcFailure
+from common.clock import FakeClock
+from common.messages import CellHeartbeat, CellRegister, Delivery, Message
+from services.registry import handlers
+from services.registry.store import OUTBOX, RegistryStore
+from tests.conftest import Services
+from tests.helpers import new_cell_id
+
+ACCOUNT = "123456789012"
+OTHER_ACCOUNT = "210987654321"
+
+
+class FakeAccounts:
+    def __init__(self) -> None:
+        self.users: dict[str, str] = {}
+        self.fail_provision = False
+
+    async def provision(self, cell_id: str, password: str) -> None:
+        self.users[cell_id] = password
+        if self.fail_provision:
+            raise RuntimeError("management API down")
+
+    async def deprovision(self, cell_id: str) -> None:
+        self.users.pop(cell_id, None)
+
+    async def set_password(self, cell_id: str, password: str) -> None:
+        self.users[cell_id] = password
+
+    async def close_connections(self, cell_id: str, reason: str) -> int:
+        return 0
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    async def publish(self, message: Message) -> None:
+        self.sent.append(message)
+
+
+@pytest.fixture
+async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(services.redis_url, decode_responses=True)
+    for key in await client.keys("registry:*"):
+        await client.delete(key)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime(2026, 3, 1, tzinfo=UTC))
+
+
+@pytest.fixture
+def deps(redis: aioredis.Redis, clock: FakeClock) -> handlers.Deps:
+    return handlers.Deps(
+        store=RegistryStore(redis),
+        clock=clock,
+        accounts=FakeAccounts(),
+        publisher=FakePublisher(),
+        cell_broker_url="amqp://x:y@broker:5672/",
+        offline_after=90,
+        credential_grace=600,
+    )
+
+
+def delivery(cell_id: str, kind: str, user_id: str | None = None) -> Delivery:
+    return Delivery(
+        message_id=None,
+        user_id=cell_id if user_id is None else user_id,
+        routing_key=f"{cell_id}.{kind}",
+        redelivered=False,
+        delivery_count=0,
+    )
+
+
+async def create(deps: handlers.Deps, cell_id: str, **extra: str) -> dict[str, object]:
+    params = {"id": cell_id, "stage": "dedicated", "region": "eu-west-1", "org": "acme", **extra}
+    return await handlers.cells_create(params, delivery(cell_id, "rpc"), deps=deps)
+
+
+def register_msg(cell_id: str, seq: int, account: str = ACCOUNT, **kw: str) -> CellRegister:
+    fields = {"agent_version": "1.0", "region": "eu-west-1", "incarnation": "i1", **kw}
+    return CellRegister(
+        cell_id=cell_id, seq=seq, sent_at=datetime.now(UTC), aws_account_id=account, **fields
+    )
+
+
+def heartbeat_msg(
+    cell_id: str, seq: int, sent_at: datetime | None = None, **kw: object
+) -> CellHeartbeat:
+    return CellHeartbeat(
+        cell_id=cell_id,
+        seq=seq,
+        sent_at=sent_at or datetime.now(UTC),
+        agent_version="1.0",
+        **kw,
+    )
+
+
+async def outbox_types(redis: aioredis.Redis) -> list[str]:
+    return [json.loads(e)["type"] for e in await redis.lrange(OUTBOX, 0, -1)]
+
+
+async def test_create_refuses_duplicates_and_undoes_a_failed_provision(
+    deps: handlers.Deps, redis: aioredis.Redis
+) -> None:
+    cell = new_cell_id()
+    created = await create(deps, cell)
+    assert created["status"] == "created"
+    assert str(created["amqp_url"]).startswith(f"amqp://{cell}:")
+    with pytest.raises(RpcFailure, match="already exists"):
+        await create(deps, cell)
+
+    broken = new_cell_id()
+    accounts = deps.accounts
+    assert isinstance(accounts, FakeAccounts)
+    accounts.fail_provision = True
+    with pytest.raises(RuntimeError, match="management API down"):
+        await create(deps, broken)
+    assert broken not in accounts.users
+    assert await deps.store.get(broken) is None
+    accounts.fail_provision = False
+    assert (await create(deps, broken))["id"] == broken  # the id is free again
+    assert await outbox_types(redis) == ["cell.created.v1", "cell.created.v1"]
+
+
+async def test_registration_binds_the_account_and_refuses_another(
+    deps: handlers.Deps, redis: aioredis.Redis
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and view.status == "online" and view.aws_account_id == ACCOUNT
+
+    with pytest.raises(Refused, match=f"bound to AWS account {ACCOUNT}"):
+        await handlers.on_cell_register(
+            register_msg(cell, 2, OTHER_ACCOUNT), delivery(cell, "register"), deps=deps
+        )
+    view = await deps.store.get(cell)
+    assert view is not None and view.aws_account_id == ACCOUNT
+    assert [r["aws_account_id"] for r in view.refused_registrations] == [OTHER_ACCOUNT]
+    assert (await outbox_types(redis))[-2:] == [
+        "cell.registered.v1",
+        "cell.registration-refused.v1",
+    ]
+
+
+async def test_concurrent_registrations_from_two_accounts_one_wins(deps: handlers.Deps) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    results = await asyncio.gather(
+        handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps),
+        handlers.on_cell_register(
+            register_msg(cell, 1, OTHER_ACCOUNT), delivery(cell, "register"), deps=deps
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, Refused)]
+    assert len(refused) == 1
+    view = await deps.store.get(cell)
+    assert view is not None and view.aws_account_id in (ACCOUNT, OTHER_ACCOUNT)
+    assert len(view.refused_registrations) == 1
+    assert view.refused_registrations[0]["aws_account_id"] != view.aws_account_id
+
+
+async def test_an_account_given_at_creation_is_enforced_from_the_first_registration(
+    deps: handlers.Deps,
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell, aws_account=OTHER_ACCOUNT)
+    with pytest.raises(Refused, match=OTHER_ACCOUNT):
+        await handlers.on_cell_register(
+            register_msg(cell, 1), delivery(cell, "register"), deps=deps
+        )
+    view = await deps.store.get(cell)
+    assert view is not None and view.status == "created"
+
+
+async def test_heartbeats_only_move_forward(deps: handlers.Deps) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    seen = []
+    for seq, release in ((5, "2026.11.5"), (3, "2026.11.3"), (5, "2026.11.4"), (6, "2026.11.6")):
+        await handlers.on_cell_heartbeat(
+            heartbeat_msg(cell, seq, installed_release=release),
+            delivery(cell, "heartbeat"),
+            deps=deps,
+        )
+        view = await deps.store.get(cell)
+        assert view is not None
+        seen.append(view.installed_release)
+    # An older (3) or repeated (5) sequence number never overwrites a newer state.
+    assert seen == ["2026.11.5", "2026.11.5", "2026.11.5", "2026.11.6"]
+
+
+async def test_a_reinstalled_agent_starts_a_new_sequence(deps: handlers.Deps) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 500), delivery(cell, "register"), deps=deps)
+    # A fresh state directory: new incarnation, sequence from zero.
+    await handlers.on_cell_register(
+        register_msg(cell, 0, incarnation="i2"), delivery(cell, "register"), deps=deps
+    )
+    await handlers.on_cell_heartbeat(
+        heartbeat_msg(cell, 1, installed_release="2026.12.1"),
+        delivery(cell, "heartbeat"),
+        deps=deps,
+    )
+    view = await deps.store.get(cell)
+    assert view is not None and view.installed_release == "2026.12.1"
+
+
+async def test_heartbeat_from_an_unregistered_cell_changes_nothing(deps: handlers.Deps) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_heartbeat(heartbeat_msg(cell, 1), delivery(cell, "heartbeat"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and view.status == "created" and view.last_heartbeat_at is None
+
+
+async def test_offline_and_back_on_the_registrys_clock_not_the_cells(
+    deps: handlers.Deps, clock: FakeClock, redis: aioredis.Redis
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    # The cell's clock is a day ahead: it must not keep the cell alive.
+    future = clock.now() + timedelta(days=1)
+    await handlers.on_cell_heartbeat(
+        heartbeat_msg(cell, 2, sent_at=future), delivery(cell, "heartbeat"), deps=deps
+    )
+    clock.advance(89)
+    assert await handlers.sweep(deps) == []
+    clock.advance(2)
+    assert await handlers.sweep(deps) == [cell]
+    assert await handlers.sweep(deps) == [], "offline is announced once"
+    view = await deps.store.get(cell)
+    assert view is not None and view.status == "offline"
+
+    # Days later (compressed): still there, not deleted; its next heartbeat brings it back.
+    clock.advance(3 * 86400)
+    await handlers.sweep(deps)
+    # The cell's clock is now a day behind: still online by the registry's clock.
+    past = clock.now() - timedelta(days=1)
+    await handlers.on_cell_heartbeat(
+        heartbeat_msg(cell, 3, sent_at=past), delivery(cell, "heartbeat"), deps=deps
+    )
+    view = await deps.store.get(cell)
+    assert view is not None and view.status == "online"
+    assert view.last_heartbeat_at == clock.now()
+    types = await outbox_types(redis)
+    assert types[-3:] == ["cell.registered.v1", "cell.offline.v1", "cell.online.v1"]
+
+
+async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
+    deps: handlers.Deps, clock: FakeClock
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
+    publisher = deps.publisher
+    assert isinstance(publisher, FakePublisher)
+    (command,) = publisher.sent
+    assert command.routing_key() == cell
+    view = await deps.store.get(cell)
+    assert view is not None and view.credentials_pending
+
+    await handlers.on_cell_heartbeat(
+        heartbeat_msg(cell, 2, credential_id=result["credential_id"]),
+        delivery(cell, "heartbeat"),
+        deps=deps,
+    )
+    view = await deps.store.get(cell)
+    assert view is not None and not view.credentials_pending
+    assert view.credential_id == result["credential_id"]
+    clock.advance(10_000)
+    assert await deps.store.overdue_rotations(clock.now()) == []
+
+
+async def test_decommissioned_cells_are_kept_and_refused(
+    deps: handlers.Deps, redis: aioredis.Redis
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    view = await handlers.cells_decommission({"id": cell}, delivery(cell, "rpc"), deps=deps)
+    assert view["status"] == "decommissioned"
+    accounts = deps.accounts
+    assert isinstance(accounts, FakeAccounts) and cell not in accounts.users
+    with pytest.raises(Refused, match="decommissioned"):
+        await handlers.on_cell_register(
+            register_msg(cell, 2), delivery(cell, "register"), deps=deps
+        )
+    await handlers.on_cell_heartbeat(heartbeat_msg(cell, 3), delivery(cell, "heartbeat"), deps=deps)
+    after = await deps.store.get(cell)
+    assert after is not None and after.status == "decommissioned"
+    with pytest.raises(RpcFailure, match="already exists"):
+        await create(deps, cell)
+    listed = await handlers.cells_list(
+        {"status": "decommissioned"}, delivery(cell, "rpc"), deps=deps
+    )
+    assert [c["id"] for c in listed] == [cell]

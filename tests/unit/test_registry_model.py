@@ -1,0 +1,108 @@
+"""The registry's pure decisions: input validation, broker grants, URLs, sender checks."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from common.bus import Refused
+from common.messages import CellHeartbeat, Delivery
+from services.registry.handlers import check_sender
+from services.registry.model import (
+    CreateCell,
+    broker_grant,
+    cell_amqp_url,
+    offline_cutoff,
+    stack_parameters,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"id": "Bad_Id", "stage": "saas", "region": "eu-west-1", "org": "a"}, "id"),
+        ({"id": "op-admin", "stage": "saas", "region": "eu-west-1", "org": "a"}, "id"),
+        ({"id": "acme", "stage": "prod", "region": "eu-west-1", "org": "a"}, "stage"),
+        ({"id": "acme", "stage": "saas", "region": "mars", "org": "a"}, "region"),
+        ({"id": "acme", "stage": "saas", "region": "eu-west-1", "org": ""}, "org"),
+        (
+            {"id": "acme", "stage": "saas", "region": "eu-west-1", "org": "a", "aws_account": "1"},
+            "aws_account",
+        ),
+        ({"id": "acme", "stage": "saas", "region": "eu-west-1", "org": "a", "x": 1}, "x"),
+    ],
+)
+def test_create_cell_errors_name_the_field(params: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        CreateCell.model_validate(params)
+    assert [e["loc"][0] for e in caught.value.errors()] == [field]
+
+
+def test_broker_grant_lets_a_cell_write_only_its_own_reports_and_read_only_its_queue() -> None:
+    grant = broker_grant("acme-prod")
+    assert grant.configure == "^$"
+    assert re.fullmatch(grant.write, "substrate.cells")
+    assert not re.fullmatch(grant.write, "substrate.events")
+    assert not re.fullmatch(grant.write, "substratexcells")
+    assert re.fullmatch(grant.read, "cell.acme-prod.commands")
+    assert not re.fullmatch(grant.read, "cell.acme-prodx.commands")
+    assert not re.fullmatch(grant.read, "cell.acme-pro.commands")
+    topic = grant.topic_write.replace("{username}", "acme-prod")
+    for kind in ("register", "heartbeat", "upgrade", "maintenance", "debug-access", "sync"):
+        assert re.fullmatch(topic, f"acme-prod.{kind}")
+    assert not re.fullmatch(topic, "other.heartbeat")
+    assert not re.fullmatch(topic, "acme-prod.heartbeat.extra")
+    assert not re.fullmatch(topic, "acme-prod.decommission")
+
+
+def test_cell_url_and_stack_parameters() -> None:
+    url = cell_amqp_url("amqps://svc:x@broker.example.com:5671/substrate", "acme", "p/w@")
+    assert url == "amqps://acme:p%2Fw%40@broker.example.com:5671/substrate"
+    cell = CreateCell(id="acme", stage="dedicated", region="eu-west-1", org="acme")
+    params = stack_parameters(cell, url)
+    assert params == {
+        "CellId": "acme",
+        "Stage": "dedicated",
+        "ControlPlaneEndpoint": "broker.example.com:5671",
+        "ControlPlaneVhost": "substrate",
+        "AgentPassword": "p%2Fw%40",
+    }
+
+
+def test_offline_cutoff_uses_the_receivers_clock() -> None:
+    assert (NOW - offline_cutoff(NOW, 90)).total_seconds() == 90
+
+
+def _delivery(user_id: str | None, routing_key: str) -> Delivery:
+    return Delivery(
+        message_id="m",
+        user_id=user_id,
+        routing_key=routing_key,
+        redelivered=False,
+        delivery_count=0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("user_id", "routing_key", "problem"),
+    [
+        ("acme", "acme.heartbeat", None),
+        (None, "acme.heartbeat", "no user_id"),
+        ("other", "acme.heartbeat", "user 'other'"),
+        ("acme", "acme.sync", "routing key"),
+    ],
+)
+def test_a_cell_may_speak_only_for_itself(
+    user_id: str | None, routing_key: str, problem: str | None
+) -> None:
+    msg = CellHeartbeat(cell_id="acme", seq=1, sent_at=NOW, agent_version="1")
+    if problem is None:
+        check_sender(msg, _delivery(user_id, routing_key))
+    else:
+        with pytest.raises(Refused, match=problem):
+            check_sender(msg, _delivery(user_id, routing_key))
