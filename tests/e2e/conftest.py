@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Services
+from tests.helpers import eventually
 
 BIN = Path(sys.executable).parent
 
@@ -87,3 +88,100 @@ async def procs(services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
         if proc.process.returncode is None:
             proc.process.kill()
             await proc.process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"nothing listening on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+async def moto(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """moto's server: the AWS API (STS, CloudFormation, ECR, S3, IAM) on loopback."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port),
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+    try:
+        await wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        await process.wait()
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "eu-west-1",
+    }
+
+
+@dataclass
+class Registry:
+    proc: Proc
+    metrics_port: int
+
+    async def metrics(self) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = await reader.read()
+        writer.close()
+        return body.decode()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample, 0 if absent."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in (await self.metrics()).splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            metric, _, label_text = sample.partition("{")
+            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if metric == name and got == want:
+                return float(value)
+        return 0.0
+
+
+async def start_registry(procs: Processes, **env: str) -> Registry:
+    port = free_port()
+    settings = {
+        "SUBSTRATE_METRICS_PORT": str(port),
+        "SUBSTRATE_OFFLINE_AFTER_SECONDS": "2",
+        "SUBSTRATE_SWEEP_INTERVAL_SECONDS": "0.2",
+        **env,
+    }
+    proc = await procs.start(f"registry-{port}", "substrate-registry", **settings)
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("cells", "list", "--stage", "saas")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="registry answering")
+    return Registry(proc, port)
+
+
+@pytest.fixture
+async def registry(procs: Processes, control_plane: None) -> Registry:
+    return await start_registry(procs)

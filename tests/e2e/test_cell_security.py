@@ -1,0 +1,295 @@
+"""What a cell's credentials can and cannot do, against the real broker and a running
+registry (RELIABILITY 14, 7 and 16), and agents across a broker restart (RELIABILITY 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel
+
+from common.messages import CellHeartbeat, CellRegister
+from common.topology import dead_letter_name
+from tests.conftest import Services
+from tests.e2e.conftest import Processes, Registry
+from tests.e2e.test_cells import create_cell, show, start_agent, status_is
+from tests.helpers import eventually, new_cell_id, raw_publish, read_all
+
+NOW = datetime.now(UTC)
+
+
+def _body(msg: CellHeartbeat | CellRegister) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+async def _register(url: str, cell: str) -> None:
+    msg = CellRegister(
+        cell_id=cell, seq=1, sent_at=NOW, agent_version="1", aws_account_id="123456789012",
+        region="eu-west-1", incarnation="i",
+    )  # fmt: skip
+    await raw_publish(url, "substrate.cells", f"{cell}.register", _body(msg), type=msg.wire_name,
+                      user_id=cell)  # fmt: skip
+
+
+async def _refused(
+    connection: aio_pika.abc.AbstractConnection,
+    attempt: Callable[[AbstractChannel], Awaitable[Any]],
+) -> str:
+    """Run ``attempt`` on a fresh channel; return the broker's refusal (it must refuse)."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        await attempt(channel)
+    except Exception as exc:
+        return str(exc)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    raise AssertionError("the broker allowed it")
+
+
+def _hb(cell: str, seq: int) -> aio_pika.Message:
+    msg = CellHeartbeat(cell_id=cell, seq=seq, sent_at=NOW, agent_version="evil",
+                        installed_release="pwned")  # fmt: skip
+    return aio_pika.Message(_body(msg), type=msg.wire_name)
+
+
+@pytest.mark.e2e
+async def test_a_cell_cannot_act_as_another_cell_or_the_control_plane(
+    procs: Processes, registry: Registry, services: Services
+) -> None:
+    attacker, victim = new_cell_id(), new_cell_id()
+    a = await create_cell(procs, attacker)
+    v = await create_cell(procs, victim)
+    await _register(a["amqp_url"], attacker)
+    await _register(v["amqp_url"], victim)
+    await eventually(lambda: status_is(procs, victim, "online"), timeout=15, interval=0.3)
+    await eventually(lambda: status_is(procs, attacker, "online"), timeout=15, interval=0.3)
+    before = await show(procs, victim)
+
+    conn = await aio_pika.connect(a["amqp_url"])
+    try:
+
+        async def publish(
+            exchange: str, key: str, msg: aio_pika.Message
+        ) -> Callable[[AbstractChannel], Awaitable[Any]]:
+            async def run(ch: AbstractChannel) -> None:
+                ex = (
+                    await ch.get_exchange(exchange, ensure=False)
+                    if exchange
+                    else ch.default_exchange
+                )
+                await ex.publish(msg, key)
+
+            return run
+
+        def with_user(msg: aio_pika.Message, user: str) -> aio_pika.Message:
+            msg.user_id = user
+            return msg
+
+        # Another cell's routing key (topic permission).
+        err = await _refused(
+            conn,
+            await publish(
+                "substrate.cells", f"{victim}.heartbeat", with_user(_hb(victim, 99), attacker)
+            ),
+        )
+        assert "ACCESS_REFUSED" in err
+        # A forged user_id.
+        err = await _refused(
+            conn,
+            await publish(
+                "substrate.cells", f"{attacker}.heartbeat", with_user(_hb(victim, 99), victim)
+            ),
+        )
+        assert "PRECONDITION_FAILED" in err
+        # Control-plane exchanges and the default exchange.
+        for exchange, key in (
+            ("substrate.events", "cell.online"),
+            ("substrate.commands", victim),
+            ("substrate.rpc", "registry"),
+            ("", f"cell.{victim}.commands"),
+        ):
+            err = await _refused(
+                conn, await publish(exchange, key, with_user(_hb(victim, 99), attacker))
+            )
+            assert "ACCESS_REFUSED" in err, (exchange, err)
+
+        # Consuming another cell's queue.
+        async def consume_victim(ch: AbstractChannel) -> None:
+            queue = await ch.get_queue(f"cell.{victim}.commands", ensure=False)
+            await queue.consume(_ignore)
+
+        assert "ACCESS_REFUSED" in await _refused(conn, consume_victim)
+
+        # Declaring and binding.
+        async def declare_queue(ch: AbstractChannel) -> None:
+            await ch.declare_queue(f"cell.{attacker}.tap", durable=True)
+
+        async def declare_exchange(ch: AbstractChannel) -> None:
+            await ch.declare_exchange(f"{attacker}.x", "fanout")
+
+        async def bind_own_queue(ch: AbstractChannel) -> None:
+            queue = await ch.get_queue(f"cell.{attacker}.commands", ensure=False)
+            await queue.bind("substrate.events", "#")
+
+        for attempt in (declare_queue, declare_exchange, bind_own_queue):
+            assert "ACCESS_REFUSED" in await _refused(conn, attempt), attempt.__name__
+    finally:
+        await conn.close()
+
+    # What the broker lets through, the registry refuses: no user_id, or a body for another
+    # cell under the attacker's own routing key.
+    await raw_publish(a["amqp_url"], "substrate.cells", f"{attacker}.heartbeat",
+                      _body(CellHeartbeat(cell_id=attacker, seq=50, sent_at=NOW,
+                                          agent_version="x")),
+                      type="cell.heartbeat.v1")  # fmt: skip
+    await raw_publish(a["amqp_url"], "substrate.cells", f"{attacker}.heartbeat",
+                      _body(CellHeartbeat(cell_id=victim, seq=99, sent_at=NOW, agent_version="x")),
+                      type="cell.heartbeat.v1", user_id=attacker)  # fmt: skip
+
+    await eventually(
+        lambda: _metric_at_least(registry, "substrate_cell_messages_refused_total", 1,
+                                 reason="missing_user_id"), timeout=10)  # fmt: skip
+    await eventually(
+        lambda: _metric_at_least(registry, "substrate_cell_messages_refused_total", 1,
+                                 reason="user_mismatch"), timeout=10)  # fmt: skip
+    after = await show(procs, victim)
+    assert after == before, "the victim's state changed"
+    dead = await read_all(services.amqp_url, dead_letter_name("registry.cells"))
+    reasons = [str(m.headers["x-substrate-dead-reason"]) for m in dead]
+    assert any("no user_id" in r for r in reasons)
+    assert any(f"user {attacker!r} sent a message for {victim!r}" in r for r in reasons)
+
+
+async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    return None
+
+
+async def _metric_at_least(registry: Registry, name: str, n: float, **labels: str) -> bool:
+    return await registry.metric(name, **labels) >= n
+
+
+@pytest.mark.e2e
+async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_counted(
+    procs: Processes, registry: Registry, services: Services
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    url = created["amqp_url"]
+    await _register(url, cell)
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=15, interval=0.3)
+    before = await registry.metric(
+        "substrate_bus_consumed_messages_total", queue="registry.cells", outcome="dead_lettered"
+    )
+    key = f"{cell}.heartbeat"
+    bad = [
+        b"{not json",
+        json.dumps({"cell_id": cell, "seq": "x"}).encode(),
+        b"\xff\xfe\xfd",
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"cell_id": "' + b"a" * 400_000 + b'"}',
+    ]
+    for body in bad:
+        await raw_publish(url, "substrate.cells", key, body, type="cell.heartbeat.v1", user_id=cell)
+    await raw_publish(url, "substrate.cells", key, b"{}", type="cell.unknown.v7", user_id=cell)
+    good = CellHeartbeat(cell_id=cell, seq=10, sent_at=NOW, agent_version="1",
+                         installed_release="2026.11.1")  # fmt: skip
+    await raw_publish(url, "substrate.cells", key, _body(good), type=good.wire_name, user_id=cell)
+
+    record = await eventually(
+        lambda: _installed(procs, cell, "2026.11.1"), timeout=10, interval=0.2,
+        what="the valid heartbeat after the bad ones",
+    )  # fmt: skip
+    assert record["status"] == "online"
+    after = await registry.metric(
+        "substrate_bus_consumed_messages_total", queue="registry.cells", outcome="dead_lettered"
+    )
+    assert after - before == len(bad) + 1
+    dead = await read_all(services.amqp_url, dead_letter_name("registry.cells"))
+    mine = [str(m.headers["x-substrate-dead-reason"]) for m in dead
+            if m.headers.get("x-substrate-original-routing-key") == key]  # fmt: skip
+    assert len(mine) == len(bad) + 1
+    assert any("exceeds" in r for r in mine)
+    assert any("unknown type 'cell.unknown.v7'" in r for r in mine)
+
+
+async def _installed(procs: Processes, cell: str, release: str) -> dict[str, Any] | None:
+    record = await show(procs, cell)
+    return record if record["installed_release"] == release else None
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
+@pytest.mark.e2e
+async def test_agents_and_registry_come_back_after_a_broker_restart(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    cells = [new_cell_id() for _ in range(3)]
+    for cell in cells:
+        created = await create_cell(procs, cell)
+        await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / cell)
+    for cell in cells:
+        await eventually(partial(status_is, procs, cell, "online"), timeout=20, interval=0.3)
+    await _rabbitmqctl("stop_app")
+    try:
+        await eventually(
+            lambda: _all_offline(services.redis_url, cells), timeout=30, interval=0.5,
+            what="the registry (on its own clock) sees every cell go silent",
+        )  # fmt: skip
+    finally:
+        await _rabbitmqctl("start_app")
+    await _rabbitmqctl("await_startup")
+    restarted = datetime.now(UTC)
+    await eventually(
+        lambda: _api_answers(services), timeout=30, interval=0.5, what="management API back"
+    )
+
+    # No process is restarted: each agent reconnects, re-registers and heartbeats again.
+    for cell in cells:
+        await eventually(
+            partial(_heartbeat_after, procs, cell, restarted), timeout=45, interval=0.5,
+            what=f"{cell} heartbeating after the restart",
+        )  # fmt: skip
+        record = await show(procs, cell)
+        assert record["status"] == "online", record
+    assert all(p.process.returncode is None for p in procs.running)
+
+
+async def _heartbeat_after(procs: Processes, cell: str, when: datetime) -> bool:
+    code, record, _ = await procs.ctl("cells", "show", cell)
+    if code != 0:
+        return False  # the registry may still be reconnecting
+    last = record["last_heartbeat_at"]
+    return last is not None and datetime.fromisoformat(last) > when
+
+
+async def _api_answers(services: Services) -> bool:
+    try:
+        await services.api.connections()
+    except OSError:
+        return False
+    return True
+
+
+async def _all_offline(redis_url: str, cells: list[str]) -> bool:
+    """While the broker is down the CLI cannot ask the registry; read its records directly."""
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        statuses = [await client.hget(f"registry:cell:{c}", "status") for c in cells]
+    finally:
+        await client.aclose()
+    return all(s == "offline" for s in statuses)

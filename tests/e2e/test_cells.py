@@ -1,0 +1,250 @@
+"""Cells end to end, with real processes: substratectl, the registry, cell agents, moto."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aiormq.exceptions import ProbableAuthenticationError
+
+from common.messages import CellRegister
+from tests.conftest import Services
+from tests.e2e.conftest import Proc, Processes, Registry, aws_env, start_registry
+from tests.helpers import eventually, new_cell_id, raw_publish
+
+
+async def create_cell(procs: Processes, cell_id: str, stage: str = "dedicated") -> dict[str, Any]:
+    code, record, err = await procs.ctl(
+        "cells", "create", cell_id, "--stage", stage, "--region", "eu-west-1", "--org", "acme"
+    )
+    assert code == 0, err
+    return dict(record)
+
+
+async def show(procs: Processes, cell_id: str) -> dict[str, Any]:
+    code, record, err = await procs.ctl("cells", "show", cell_id)
+    assert code == 0, err
+    return dict(record)
+
+
+async def start_agent(
+    procs: Processes, moto: str, cell_id: str, url: str, state: Path, *, heartbeat: str = "0.5"
+) -> Proc:
+    return await procs.start(
+        f"agent-{cell_id}-{len(procs.running)}",
+        "cell-agent", "run",
+        CELL_ID=cell_id,
+        CELL_AMQP_URL=url,
+        CELL_STATE_DIR=str(state),
+        CELL_HEARTBEAT_SECONDS=heartbeat,
+        CELL_SYNC_SECONDS="5",
+        CELL_METRICS_PORT="0",
+        **aws_env(moto),
+    )  # fmt: skip
+
+
+async def status_is(procs: Processes, cell_id: str, status: str) -> dict[str, Any] | None:
+    record = await show(procs, cell_id)
+    return record if record["status"] == status else None
+
+
+async def cell_connections(services: Services, cell_id: str) -> list[dict[str, Any]]:
+    return await services.api.connections(user=cell_id)
+
+
+@pytest.mark.e2e
+async def test_create_start_agent_and_see_it_online(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    assert created["status"] == "created"
+    assert set(created["stack_parameters"]) >= {"CellId", "Stage", "ControlPlaneEndpoint"}
+
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    online = await eventually(
+        lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3, what="cell online"
+    )
+    assert online["aws_account_id"] == "123456789012"
+    assert online["agent_version"]
+    assert online["installed_release"] is None  # nothing installed before the first release
+    assert online["registered_at"] and online["last_heartbeat_at"]
+
+    code, cells, _ = await procs.ctl("cells", "list", "--status", "online")
+    assert code == 0 and cell in [c["id"] for c in cells]
+    assert await procs.stop(agent) == 0
+
+
+@pytest.mark.e2e
+async def test_offline_after_silence_and_online_again(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+
+    # Freeze the agent: its connection stays open but it goes silent, as a cut-off cell does.
+    agent.process.send_signal(19)  # SIGSTOP
+    try:
+        offline = await eventually(
+            lambda: status_is(procs, cell, "offline"), timeout=15, interval=0.3, what="offline"
+        )
+        assert offline["last_heartbeat_at"]
+    finally:
+        agent.process.send_signal(18)  # SIGCONT
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=15, interval=0.3)
+    assert await registry.metric("substrate_cell_liveness_transitions_total", to="offline") >= 1
+    assert await registry.metric("substrate_cell_liveness_transitions_total", to="online") >= 1
+
+
+@pytest.mark.e2e
+async def test_second_account_is_refused_and_reported(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "a")
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    await procs.stop(agent)
+
+    # The same credentials used from another AWS account (a copied stack, a leaked secret).
+    forged = CellRegister(
+        cell_id=cell, seq=10_000, sent_at=datetime.now(UTC), agent_version="x",
+        aws_account_id="210987654321", region="eu-west-1", incarnation="elsewhere",
+    )  # fmt: skip
+    await raw_publish(
+        created["amqp_url"], "substrate.cells", f"{cell}.register",
+        forged.model_dump_json().encode(), type=forged.wire_name, user_id=cell,
+    )  # fmt: skip
+    record = await eventually(
+        lambda: _refused(procs, cell), timeout=15, interval=0.3, what="refusal recorded"
+    )
+    assert record["aws_account_id"] == "123456789012"
+    assert record["refused_registrations"][0]["aws_account_id"] == "210987654321"
+    assert await registry.metric("substrate_registrations_total", outcome="refused_account") >= 1
+
+
+async def _refused(procs: Processes, cell: str) -> dict[str, Any] | None:
+    record = await show(procs, cell)
+    return record if record["refused_registrations"] else None
+
+
+@pytest.mark.e2e
+async def test_decommission_closes_the_agent_and_it_cannot_come_back(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    await eventually(lambda: cell_connections(services, cell), timeout=15, what="agent listed")
+
+    code, record, err = await procs.ctl("cells", "decommission", cell)
+    assert code == 0, err
+    assert record["status"] == "decommissioned" and record["decommissioned_at"]
+    await eventually(lambda: _no_connections(services, cell), timeout=10, what="agent disconnected")
+    with pytest.raises(ProbableAuthenticationError):
+        await aio_pika.connect(created["amqp_url"])
+    # The agent keeps retrying on its own (every 5 s); over two of its attempts it stays out.
+    for _ in range(3):
+        assert await _no_connections(services, cell)
+        await asyncio.sleep(2)
+    record = await show(procs, cell)
+    assert record["status"] == "decommissioned"
+    code, _, err = await procs.ctl("cells", "create", cell, "--stage", "saas", "--region",
+                                   "eu-west-1", "--org", "acme")  # fmt: skip
+    assert code == 1 and "already exists" in err
+
+
+async def _no_connections(services: Services, cell: str) -> bool:
+    return not await cell_connections(services, cell)
+
+
+@pytest.mark.e2e
+async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_working(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    (before,) = await eventually(lambda: cell_connections(services, cell), timeout=15)
+
+    code, rotated, err = await procs.ctl("cells", "rotate-credentials", cell)
+    assert code == 0, err
+    confirmed = await eventually(
+        lambda: _confirmed(procs, cell, rotated["credential_id"]), timeout=15, interval=0.3
+    )
+    assert confirmed["status"] == "online"
+    (after,) = await cell_connections(services, cell)
+    assert after["name"] == before["name"], "the agent stayed on its connection"
+
+    with pytest.raises(ProbableAuthenticationError):
+        await aio_pika.connect(created["amqp_url"])
+    fresh = await aio_pika.connect(rotated["amqp_url"])
+    await fresh.close()
+
+    # Heartbeats keep flowing on the rotated connection.
+    first = (await show(procs, cell))["last_heartbeat_at"]
+    await eventually(
+        lambda: _heartbeat_after(procs, cell, first), timeout=10, interval=0.3, what="heartbeat"
+    )
+
+
+async def _confirmed(procs: Processes, cell: str, credential_id: str) -> dict[str, Any] | None:
+    record = await show(procs, cell)
+    ok = record["credential_id"] == credential_id and not record["credentials_pending"]
+    return record if ok else None
+
+
+async def _heartbeat_after(procs: Processes, cell: str, first: str) -> bool:
+    return bool((await show(procs, cell))["last_heartbeat_at"] > first)
+
+
+@pytest.mark.e2e
+async def test_cli_refuses_bad_input_and_creates_nothing(
+    procs: Processes, registry: Registry, services: Services
+) -> None:
+    for args, needle in (
+        (["Not_A_Label", "--stage", "saas"], "id: "),
+        (["svc-registry", "--stage", "saas"], "reserved prefix 'svc-'"),
+        (["op-alice", "--stage", "saas"], "reserved prefix 'op-'"),
+    ):
+        code, out, err = await procs.ctl(
+            "cells", "create", *args, "--region", "eu-west-1", "--org", "acme"
+        )
+        assert code == 1 and needle in err, err
+        assert out == {"error": err.strip().removeprefix("error: ")}
+    code, _, err = await procs.ctl(
+        "cells", "create", "good-id", "--stage", "production", "--region", "eu-west-1",
+        "--org", "acme",
+    )  # fmt: skip
+    assert code == 2 and "invalid choice: 'production'" in err
+    for user in ("svc-registry", "op-alice", "good-id"):
+        assert not await services.api.user_exists(user)
+    code, _, err = await procs.ctl("cells", "show", "no-such-cell")
+    assert code == 1 and "does not exist" in err
+
+
+@pytest.mark.e2e
+async def test_a_restarted_registry_loses_no_cell(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path
+) -> None:
+    cells = [new_cell_id() for _ in range(3)]
+    for cell in cells:
+        created = await create_cell(procs, cell)
+        await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / cell)
+    for cell in cells:
+        await eventually(partial(status_is, procs, cell, "online"), timeout=20, interval=0.3)
+
+    assert await procs.stop(registry.proc) == 0
+    await start_registry(procs)
+    for cell in cells:
+        record = await eventually(partial(status_is, procs, cell, "online"), timeout=20)
+        assert record["aws_account_id"] == "123456789012"
