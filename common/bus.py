@@ -637,7 +637,10 @@ class RabbitBus:
         self._stopping = True
         for consumer in self._consumers:
             try:
-                await consumer.queue.cancel(consumer.tag)
+                # Bounded: with the broker unreachable a robust channel waits for a restore
+                # that may never come, and shutdown must not wait with it.
+                async with asyncio.timeout(5):
+                    await consumer.queue.cancel(consumer.tag)
             except Exception as exc:
                 log.warning("could not cancel consumer on %s: %r", consumer.queue.name, exc)
         try:
@@ -654,4 +657,8 @@ class RabbitBus:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(NotConnected("bus closed"))
-        await self._conn.close()
+        try:
+            async with asyncio.timeout(10):
+                await self._conn.close()
+        except TimeoutError:
+            log.warning("the broker connection did not close within 10s; leaving it")

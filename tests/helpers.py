@@ -92,3 +92,37 @@ async def read_all(url: str, queue: str) -> list[AbstractIncomingMessage]:
     finally:
         await connection.close()
     return found
+
+
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """The (address, port) pairs a process listens on, read from /proc (TCP, IPv4 and 6)."""
+    import os
+    import socket
+    import struct
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                addr_hex, port_hex = local.split(":")
+                raw = bytes.fromhex(addr_hex)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                words = [
+                    struct.pack("<I", struct.unpack(">I", raw[i : i + 4])[0])
+                    for i in range(0, len(raw), 4)
+                ]
+                found.append((socket.inet_ntop(family, b"".join(words)), int(port_hex, 16)))
+    return found

@@ -30,6 +30,7 @@ def build_deps(
         accounts=CellBroker(RabbitApi(settings.rabbitmq_api_url), bus, vhost_of(settings.amqp_url)),
         publisher=bus,
         cell_broker_url=settings.cell_amqp_url or settings.amqp_url,
+        privatelink_service=settings.privatelink_service_name,
         offline_after=settings.offline_after_seconds,
         credential_grace=settings.credential_grace_seconds,
     )

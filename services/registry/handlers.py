@@ -69,6 +69,7 @@ class Deps:
     accounts: CellAccounts
     publisher: Publisher
     cell_broker_url: str
+    privatelink_service: str
     offline_after: float
     credential_grace: float
 
@@ -216,7 +217,7 @@ async def cells_create(params: dict[str, Any], delivery: Delivery, *, deps: Deps
     return {
         **view.model_dump(mode="json"),
         "amqp_url": amqp_url,
-        "stack_parameters": stack_parameters(cell, amqp_url),
+        "stack_parameters": stack_parameters(cell, amqp_url, deps.privatelink_service),
     }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,15 +112,16 @@ def cell_amqp_url(base_url: str, cell_id: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
-def stack_parameters(cell: CreateCell, amqp_url: str) -> dict[str, str]:
+def stack_parameters(cell: CreateCell, amqp_url: str, privatelink_service: str) -> dict[str, str]:
     """The CloudFormation parameters of ``cell_agent/bootstrap/cell.yaml`` for this cell."""
     parts = urlsplit(amqp_url)
     return {
         "CellId": cell.id,
         "Stage": cell.stage,
         "ControlPlaneEndpoint": f"{parts.hostname}:{parts.port or 5672}",
-        "ControlPlaneVhost": (parts.path or "/").lstrip("/") or "/",
-        "AgentPassword": parts.password or "",
+        "ControlPlaneVhost": unquote(parts.path[1:]) if len(parts.path) > 1 else "/",
+        "ControlPlaneServiceName": privatelink_service,
+        "AgentPassword": unquote(parts.password or ""),
     }
 
 

@@ -23,6 +23,11 @@ class RegistrySettings(ServiceSettings):
         "default: the control plane's own broker URL",
     )
 
+    privatelink_service_name: str = Field(
+        default="com.amazonaws.vpce.eu-west-1.vpce-svc-0substrate0dev00",
+        description="the control plane's PrivateLink endpoint service, for cells' stacks",
+    )
+
     @property
     def sweep_interval(self) -> float:
         return self.sweep_interval_seconds or max(self.offline_after_seconds / 6, 0.1)

@@ -138,17 +138,22 @@ def aws_env(endpoint: str) -> dict[str, str]:
     }
 
 
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 @dataclass
 class Registry:
     proc: Proc
     metrics_port: int
 
     async def metrics(self) -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        body = await reader.read()
-        writer.close()
-        return body.decode()
+        return (await http_get(self.metrics_port, "/metrics"))[1]
 
     async def metric(self, name: str, **labels: str) -> float:
         """The value of one sample, 0 if absent."""

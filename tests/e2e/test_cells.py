@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import boto3
 import pytest
 from aiormq.exceptions import ProbableAuthenticationError
 
 from common.messages import CellRegister
 from tests.conftest import Services
-from tests.e2e.conftest import Proc, Processes, Registry, aws_env, start_registry
-from tests.helpers import eventually, new_cell_id, raw_publish
+from tests.e2e.conftest import (
+    Proc,
+    Processes,
+    Registry,
+    aws_env,
+    free_port,
+    http_get,
+    start_registry,
+)
+from tests.helpers import eventually, listening_addresses, new_cell_id, raw_publish
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "cell_agent" / "bootstrap" / "cell.yaml"
 
 
 async def create_cell(procs: Processes, cell_id: str, stage: str = "dedicated") -> dict[str, Any]:
@@ -32,9 +44,35 @@ async def show(procs: Processes, cell_id: str) -> dict[str, Any]:
     return dict(record)
 
 
+def _create_stack(moto: str, name: str, parameters: dict[str, str]) -> None:
+    cfn = boto3.client(
+        "cloudformation",
+        endpoint_url=moto,
+        region_name="eu-west-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    cfn.create_stack(
+        StackName=name,
+        TemplateBody=TEMPLATE.read_text(),
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+        Capabilities=["CAPABILITY_IAM"],
+    )
+    cfn.get_waiter("stack_create_complete").wait(StackName=name, WaiterConfig={"Delay": 1})
+
+
 async def start_agent(
-    procs: Processes, moto: str, cell_id: str, url: str, state: Path, *, heartbeat: str = "0.5"
+    procs: Processes,
+    moto: str,
+    cell_id: str,
+    url: str,
+    state: Path,
+    *,
+    heartbeat: str = "0.5",
+    stack: str | None = None,
+    metrics_port: int = 0,
 ) -> Proc:
+    extra = {"CELL_STACK_NAME": stack} if stack else {}
     return await procs.start(
         f"agent-{cell_id}-{len(procs.running)}",
         "cell-agent", "run",
@@ -43,8 +81,9 @@ async def start_agent(
         CELL_STATE_DIR=str(state),
         CELL_HEARTBEAT_SECONDS=heartbeat,
         CELL_SYNC_SECONDS="5",
-        CELL_METRICS_PORT="0",
+        CELL_METRICS_PORT=str(metrics_port),
         **aws_env(moto),
+        **extra,
     )  # fmt: skip
 
 
@@ -66,17 +105,34 @@ async def test_create_start_agent_and_see_it_online(
     assert created["status"] == "created"
     assert set(created["stack_parameters"]) >= {"CellId", "Stage", "ControlPlaneEndpoint"}
 
-    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    # The customer creates the bootstrap stack with the parameters they were given.
+    stack = f"substrate-{cell}"
+    await asyncio.to_thread(_create_stack, moto, stack, created["stack_parameters"])
+
+    port = free_port()
+    agent = await start_agent(
+        procs, moto, cell, created["amqp_url"], tmp_path / "state", stack=stack, metrics_port=port
+    )
     online = await eventually(
         lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3, what="cell online"
     )
     assert online["aws_account_id"] == "123456789012"
+    assert online["stack_name"] == stack
+    assert online["infra_template_version"] == "1"
     assert online["agent_version"]
     assert online["installed_release"] is None  # nothing installed before the first release
     assert online["registered_at"] and online["last_heartbeat_at"]
 
     code, cells, _ = await procs.ctl("cells", "list", "--status", "online")
     assert code == 0 and cell in [c["id"] for c in cells]
+
+    # The agent's own view: healthy, connected, heartbeating, and listening on loopback only.
+    status, health = await http_get(port, "/healthz")
+    assert status == 200 and json.loads(health)["connected"] is True
+    _, metrics = await http_get(port, "/metrics")
+    assert "cell_agent_connected 1.0" in metrics
+    assert "cell_agent_last_heartbeat_timestamp_seconds" in metrics
+    assert listening_addresses(agent.process.pid) == [("127.0.0.1", port)]
     assert await procs.stop(agent) == 0
 
 
@@ -141,7 +197,7 @@ async def test_decommission_closes_the_agent_and_it_cannot_come_back(
 ) -> None:
     cell = new_cell_id()
     created = await create_cell(procs, cell)
-    await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
     await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
     await eventually(lambda: cell_connections(services, cell), timeout=15, what="agent listed")
 
@@ -160,6 +216,8 @@ async def test_decommission_closes_the_agent_and_it_cannot_come_back(
     code, _, err = await procs.ctl("cells", "create", cell, "--stage", "saas", "--region",
                                    "eu-west-1", "--org", "acme")  # fmt: skip
     assert code == 1 and "already exists" in err
+    # Cut off for good, the agent still shuts down cleanly when told to.
+    assert await procs.stop(agent, timeout=25) == 0
 
 
 async def _no_connections(services: Services, cell: str) -> bool:

@@ -27,6 +27,7 @@ class FakeAccounts:
     def __init__(self) -> None:
         self.users: dict[str, str] = {}
         self.fail_provision = False
+        self.closed: list[str] = []
 
     async def provision(self, cell_id: str, password: str) -> None:
         self.users[cell_id] = password
@@ -40,7 +41,8 @@ class FakeAccounts:
         self.users[cell_id] = password
 
     async def close_connections(self, cell_id: str, reason: str) -> int:
-        return 0
+        self.closed.append(cell_id)
+        return 1
 
 
 class FakePublisher:
@@ -73,6 +75,7 @@ def deps(redis: aioredis.Redis, clock: FakeClock) -> handlers.Deps:
         accounts=FakeAccounts(),
         publisher=FakePublisher(),
         cell_broker_url="amqp://x:y@broker:5672/",
+        privatelink_service="com.amazonaws.vpce.eu-west-1.vpce-svc-test",
         offline_after=90,
         credential_grace=600,
     )
@@ -318,3 +321,27 @@ async def test_decommissioned_cells_are_kept_and_refused(
         {"status": "decommissioned"}, delivery(cell, "rpc"), deps=deps
     )
     assert [c["id"] for c in listed] == [cell]
+
+
+async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_period(
+    deps: handlers.Deps, clock: FakeClock
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
+    accounts = deps.accounts
+    assert isinstance(accounts, FakeAccounts)
+    clock.advance(deps.credential_grace - 1)
+    # Keep it online meanwhile; it just never confirms.
+    await handlers.on_cell_heartbeat(heartbeat_msg(cell, 2), delivery(cell, "heartbeat"), deps=deps)
+    await handlers.sweep(deps)
+    assert accounts.closed == []
+    clock.advance(2)
+    await handlers.sweep(deps)
+    assert accounts.closed == [cell]
+    view = await deps.store.get(cell)
+    assert view is not None and not view.credentials_pending
+    assert view.credential_id == result["credential_id"]
+    await handlers.sweep(deps)
+    assert accounts.closed == [cell], "closed once"

@@ -64,13 +64,14 @@ def test_cell_url_and_stack_parameters() -> None:
     url = cell_amqp_url("amqps://svc:x@broker.example.com:5671/substrate", "acme", "p/w@")
     assert url == "amqps://acme:p%2Fw%40@broker.example.com:5671/substrate"
     cell = CreateCell(id="acme", stage="dedicated", region="eu-west-1", org="acme")
-    params = stack_parameters(cell, url)
+    params = stack_parameters(cell, url, "com.amazonaws.vpce.eu-west-1.vpce-svc-1")
     assert params == {
         "CellId": "acme",
         "Stage": "dedicated",
         "ControlPlaneEndpoint": "broker.example.com:5671",
         "ControlPlaneVhost": "substrate",
-        "AgentPassword": "p%2Fw%40",
+        "ControlPlaneServiceName": "com.amazonaws.vpce.eu-west-1.vpce-svc-1",
+        "AgentPassword": "p/w@",
     }
 
 
