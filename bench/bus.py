@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, Delivery
+from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
 
 AMQP_URL = os.environ.get("SUBSTRATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -174,4 +175,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The services' event loop (uvloop where installed), for the bus and the baseline alike.
+    run(main())

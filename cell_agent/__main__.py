@@ -11,7 +11,7 @@ from cell_agent.agent import Agent
 from cell_agent.aws import CellAws
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore, dump
-from common.runner import configure_logging, wait_for_signal
+from common.runner import configure_logging, run, wait_for_signal
 from common.settings import load
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     configure_logging(settings.log_level)
     try:
-        asyncio.run(_run(settings))
+        run(_run(settings))
     except KeyboardInterrupt:
         sys.exit(130)
 

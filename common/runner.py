@@ -12,9 +12,9 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from common import topology
 from common.bus import RabbitBus
@@ -22,9 +22,21 @@ from common.metrics import MetricsServer
 from common.settings import ServiceSettings, load
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A service's own settings class extends ServiceSettings; setup gets an instance of it.
 Setup = Callable[[RabbitBus, Any], Awaitable[Callable[[], Awaitable[None]] | None]]
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run the process's event loop: uvloop where it is installed (it is a dependency on
+    Linux), else asyncio's own. The loop's per-message overhead is a large part of a
+    consumer's CPU time; uvloop roughly halves it."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - other platforms
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def configure_logging(level: str) -> None:
@@ -103,4 +115,4 @@ def service_main(
             with suppress(asyncio.CancelledError):
                 await waiter
 
-    asyncio.run(main())
+    run(main())

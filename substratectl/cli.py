@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def run(args: argparse.Namespace, settings: ControlPlaneSettings | None) -> int:
+async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings | None) -> int:
     ctl = Ctl(args, settings)
     try:
         code: int = await args.run(ctl)
@@ -143,6 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     # Settings are read before the event loop starts so a missing variable is one clean line.
     settings = None if args.offline else load(ControlPlaneSettings)
     try:
-        return asyncio.run(run(args, settings))
+        return asyncio.run(run_command(args, settings))
     except KeyboardInterrupt:
         return 130

@@ -54,7 +54,7 @@ async def setup(
     await bus.consume(
         "registry.cells",
         {cls: partial(handler, deps=deps) for cls, handler in handlers.CELL_REPORTS.items()},
-        prefetch=64,
+        prefetch=256,
     )
     await bus.serve("registry", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
     stop = asyncio.Event()

@@ -21,7 +21,6 @@ from common.messages import (
     CellDecommissioned,
     CellHeartbeat,
     CellMaintenance,
-    CellOnline,
     CellRegister,
     CellRegistered,
     CellRegistrationRefused,
@@ -168,9 +167,8 @@ async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, *, deps: Dep
         template_version=msg.template_version,
         flags_snapshot_version=msg.flags_snapshot_version,
         credential_id=msg.credential_id,
-        online_event=CellOnline(at=now, cell_id=msg.cell_id),
     )
-    metrics.HEARTBEATS.labels(outcome).inc()
+    metrics.heartbeat_outcome(outcome)
     if outcome == "back_online":
         metrics.TRANSITIONS.labels("online").inc()
         log.info("cell %s is back online", msg.cell_id)

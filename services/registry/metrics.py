@@ -12,6 +12,17 @@ HEARTBEAT_AGE_MAX = Gauge(
 HEARTBEATS = Counter(
     "substrate_heartbeats", "Heartbeats by outcome (applied, back_online, stale, ...)", ["outcome"]
 )
+_HEARTBEAT_OUTCOMES: dict[str, Counter] = {}
+
+
+def heartbeat_outcome(outcome: str) -> None:
+    """Count a heartbeat; the labelled child is looked up once (this runs per heartbeat)."""
+    child = _HEARTBEAT_OUTCOMES.get(outcome)
+    if child is None:
+        child = _HEARTBEAT_OUTCOMES[outcome] = HEARTBEATS.labels(outcome)
+    child.inc()
+
+
 REGISTRATIONS = Counter("substrate_registrations", "Registrations by outcome", ["outcome"])
 REFUSED = Counter(
     "substrate_cell_messages_refused",

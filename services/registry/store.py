@@ -23,8 +23,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from common.messages import STAGES, CellOffline, Event
+from common.messages import STAGES, CellOffline, CellOnline, Event
 from common.outbox import Outbox, outbox_entry
+from common.redis_pipeline import AutoPipeline
 from services.registry.model import STATUSES, CellStatus, CellView, CreateCell
 
 PREFIX = "registry:"
@@ -71,8 +72,10 @@ return {'registered', status, ''}
 )
 
 # KEYS: cell, liveness, outbox, rotations
-# ARGV: id, seq, now_iso, now_epoch, agent_version, installed_release, applied_generation,
-#       maintenance, template_version, flags_snapshot_version, credential_id, online_entry
+# ARGV: id, seq, now_iso, now_epoch, fields (JSON: [name, value, name, value, ...]),
+#       credential_id
+# Few arguments on purpose: this runs for every heartbeat, and encoding each argument costs
+# the client more than decoding one JSON array costs Redis.
 _HEARTBEAT = (
     _LUA_COMMON
     + """
@@ -82,12 +85,10 @@ if not status then return {'unknown_cell', 0} end
 if status ~= 'online' and status ~= 'offline' then return {'not_registered', 0} end
 if tonumber(ARGV[2]) <= (tonumber(rec[2]) or -1) then return {'stale', 0} end
 redis.call('HSET', KEYS[1], 'status', 'online', 'last_seq', ARGV[2], 'last_heartbeat_at', ARGV[3],
-           'agent_version', ARGV[5], 'installed_release', ARGV[6],
-           'applied_generation', ARGV[7], 'maintenance', ARGV[8],
-           'infra_template_version', ARGV[9], 'flags_snapshot_version', ARGV[10])
+           unpack(cjson.decode(ARGV[5])))
 local confirmed = 0
-if ARGV[11] ~= '' and rec[3] and rec[3] ~= '' and rec[3] == ARGV[11] then
-  redis.call('HSET', KEYS[1], 'credential_id', ARGV[11], 'pending_credential_id', '',
+if ARGV[6] ~= '' and rec[3] and rec[3] ~= '' and rec[3] == ARGV[6] then
+  redis.call('HSET', KEYS[1], 'credential_id', ARGV[6], 'pending_credential_id', '',
              'rotation_started_at', '')
   redis.call('ZREM', KEYS[4], ARGV[1])
   confirmed = 1
@@ -95,11 +96,14 @@ end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 if status == 'offline' then
   move(ARGV[1], 'offline', 'online')
-  redis.call('RPUSH', KEYS[3], ARGV[12])
+  local n = redis.call('INCR', KEYS[3] .. ':seq')
+  local body = cjson.encode({cell_id = ARGV[1], at = ARGV[3]})
+  redis.call('RPUSH', KEYS[3], cjson.encode({id = 'registry-online-' .. n,
+                                             type = '%s', body = body}))
   return {'back_online', confirmed}
 end
 return {'applied', confirmed}
-"""
+""".replace("%s", CellOnline.wire_name)
 )
 
 # KEYS: liveness, outbox
@@ -175,6 +179,7 @@ class RegistryStore:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._sweep = redis.register_script(_SWEEP)
         self._decommission = redis.register_script(_DECOMMISSION)
+        self._pipeline = AutoPipeline(redis)
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -296,18 +301,23 @@ class RegistryStore:
         template_version: str | None,
         flags_snapshot_version: int | None,
         credential_id: str | None,
-        online_event: Event,
     ) -> tuple[str, bool]:
         """Returns (outcome, whether this heartbeat confirmed a credential rotation)."""
-        outcome, confirmed = await self._heartbeat(
-            keys=[CELL + cell_id, LIVENESS, OUTBOX, ROTATIONS],
-            args=[
-                cell_id, seq, now.isoformat(), now.timestamp(), agent_version,
-                _s(installed_release), _s(applied_generation), _s(maintenance),
-                _s(template_version), _s(flags_snapshot_version), _s(credential_id),
-                outbox_entry(online_event),
-            ],
+        fields = json.dumps(
+            [
+                "agent_version", agent_version,
+                "installed_release", _s(installed_release),
+                "applied_generation", _s(applied_generation),
+                "maintenance", _s(maintenance),
+                "infra_template_version", _s(template_version),
+                "flags_snapshot_version", _s(flags_snapshot_version),
+            ]
         )  # fmt: skip
+        outcome, confirmed = await self._pipeline.run(
+            self._heartbeat,
+            [CELL + cell_id, LIVENESS, OUTBOX, ROTATIONS],
+            [cell_id, seq, now.isoformat(), now.timestamp(), fields, _s(credential_id)],
+        )
         return str(outcome), bool(int(confirmed))
 
     async def sweep_offline(self, cutoff: datetime, now: datetime, limit: int = 1000) -> list[str]:

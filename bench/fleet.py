@@ -1,0 +1,400 @@
+"""A fleet simulator: N cells in one process, each with its own broker user and connection
+(created through the registry, so every message takes the real security path).
+
+    python -m bench.fleet ingest [--cells 1000] [--heartbeats 100000]
+    python -m bench.fleet storm [--cells 2000]
+
+`ingest` measures the registry's sustained rate of heartbeats applied to Redis next to raw
+aio-pika consume+ack of the same stream, in the same run. `storm` measures how long N cells
+connecting and registering at once take to all be `online`.
+
+It runs its own registry process against a vhost and Redis database of its own, and removes
+them (and every cell user it created) when it ends. The broker needs a socket limit above the
+number of cells (RabbitMQ's default is about 830): see bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
+
+from common.bus import BusError, QueueMissing, RabbitBus
+from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellRegister
+from common.rabbitmq_api import RabbitApi
+from common.runner import run
+from common.topology import Binding, Topology, consuming_queue
+
+AMQP_URL = os.environ.get("SUBSTRATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+API_URL = os.environ.get("SUBSTRATE_RABBITMQ_API_URL", "http://guest:guest@127.0.0.1:15672")
+REDIS_URL = os.environ.get("SUBSTRATE_REDIS_URL", "redis://127.0.0.1:6379/0")
+BIN = Path(sys.executable).parent
+REGISTRY_CMD = os.environ.get("BENCH_REGISTRY_CMD", str(BIN / "substrate-registry")).split()
+
+
+def _with_path(url: str, path: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=path))
+
+
+async def gather_limited(n: int, limit: int, one: Callable[[int], Awaitable[Any]]) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def run(i: int) -> Any:
+        async with gate:
+            return await one(i)
+
+    return list(await asyncio.gather(*(run(i) for i in range(n))))
+
+
+@dataclass
+class SimCell:
+    cell_id: str
+    url: str
+    bus: RabbitBus | None = None
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    async def connect(self) -> None:
+        self.bus = await RabbitBus.connect(
+            self.url, name=f"sim:{self.cell_id}", namespace="cell_agent", give_up_after=60
+        )
+
+    async def register(self) -> None:
+        assert self.bus is not None
+        await self.bus.publish(
+            CellRegister(
+                cell_id=self.cell_id,
+                seq=self.next_seq(),
+                sent_at=datetime.now(UTC),
+                agent_version="sim",
+                aws_account_id="123456789012",
+                region="eu-west-1",
+                incarnation="sim",
+            )
+        )
+
+    async def heartbeat(self) -> None:
+        assert self.bus is not None
+        await self.bus.publish(
+            CellHeartbeat(
+                cell_id=self.cell_id,
+                seq=self.next_seq(),
+                sent_at=datetime.now(UTC),
+                agent_version="sim",
+                installed_release="2026.11.1",
+                applied_generation=3,
+            )
+        )
+
+
+@dataclass
+class Bench:
+    """A vhost, a Redis database and a registry process of the benchmark's own."""
+
+    vhost: str
+    amqp_url: str
+    redis_url: str
+    api: RabbitApi
+    control: RabbitBus
+    workdir: Path
+    registry: asyncio.subprocess.Process | None = None
+    cells: list[SimCell] = field(default_factory=list)
+
+    async def start_registry(self) -> None:
+        env = {
+            **os.environ,
+            "SUBSTRATE_AMQP_URL": self.amqp_url,
+            "SUBSTRATE_REDIS_URL": self.redis_url,
+            "SUBSTRATE_RABBITMQ_API_URL": API_URL,
+            # The benchmark measures ingest; nobody should go offline during it.
+            "SUBSTRATE_OFFLINE_AFTER_SECONDS": "3600",
+            "SUBSTRATE_LOG_LEVEL": "WARNING",
+        }
+        log = (self.workdir / "registry.log").open("ab")
+        self.registry = await asyncio.create_subprocess_exec(
+            *REGISTRY_CMD, env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 30
+        while not await self._registry_consuming():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"registry did not start; see {self.workdir}/registry.log")
+            await asyncio.sleep(0.05)
+
+    async def _registry_consuming(self) -> bool:
+        try:
+            return (await self.control.queue_state("registry.cells")).consumers > 0
+        except QueueMissing:
+            return False  # the registry declares it at start
+
+    async def stop_registry(self) -> None:
+        if self.registry is not None and self.registry.returncode is None:
+            self.registry.send_signal(signal.SIGTERM)
+            await self.registry.wait()
+        self.registry = None
+
+    async def create_cells(self, n: int, prefix: str) -> None:
+        print(f"creating {n} cells through the registry ...", flush=True)
+        started = time.perf_counter()
+
+        async def create(i: int) -> SimCell:
+            cell_id = f"{prefix}-{i:06d}"
+            record = await self.control.request(
+                "registry",
+                "cells.create",
+                {"id": cell_id, "stage": "dedicated", "region": "eu-west-1", "org": "bench"},
+                timeout=60,
+            )
+            return SimCell(cell_id, str(record["amqp_url"]))
+
+        self.cells = await gather_limited(n, 24, create)
+        print(f"  {n} cells created in {time.perf_counter() - started:.1f}s", flush=True)
+
+    async def connect_cells(self, limit: int = 100) -> float:
+        started = time.perf_counter()
+
+        async def connect(i: int) -> None:
+            await self.cells[i].connect()
+
+        await gather_limited(len(self.cells), limit, connect)
+        return time.perf_counter() - started
+
+    async def online_count(self) -> int:
+        status = await self.control.request("registry", "status", timeout=30)
+        return int(status["cells"].get("online", 0))
+
+    async def cleanup(self) -> None:
+        await self.stop_registry()
+        for cell in self.cells:
+            if cell.bus is not None:
+                await cell.bus.close(drain_timeout=1)
+
+        async def delete(i: int) -> None:
+            await self.api.delete_user(self.cells[i].cell_id)
+
+        await gather_limited(len(self.cells), 16, delete)
+        await self.control.close(drain_timeout=1)
+        await self.api.delete_vhost(self.vhost)
+        redis = aioredis.from_url(self.redis_url)
+        await redis.flushdb()
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def bench_environment(redis_db: int) -> AsyncIterator[Bench]:
+    api = RabbitApi(API_URL)
+    nodes = await api.call("GET", "/nodes")
+    sockets = min(int(n.get("sockets_total", 0)) for n in nodes)
+    vhost = f"substrate-bench-{uuid.uuid4().hex[:6]}"
+    await api.create_vhost(vhost)
+    user = urlsplit(AMQP_URL).username or "guest"
+    await api.set_permissions(vhost, user, configure=".*", write=".*", read=".*")
+    amqp_url = _with_path(AMQP_URL, "/" + quote(vhost, safe=""))
+    redis_url = _with_path(REDIS_URL, f"/{redis_db}")
+    redis = aioredis.from_url(redis_url)
+    if await redis.dbsize():
+        await redis.aclose()
+        await api.delete_vhost(vhost)
+        raise SystemExit(f"Redis database {redis_db} is not empty; pick another with --redis-db")
+    await redis.aclose()
+    control = await RabbitBus.connect(amqp_url, name="bench-control")
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / vhost
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(vhost, amqp_url, redis_url, api, control, workdir)
+    print(f"broker socket limit {sockets}; vhost {vhost}; Redis db {redis_db}", flush=True)
+    try:
+        await bench.start_registry()
+        yield bench
+    finally:
+        await bench.cleanup()
+
+
+async def raw_drain(amqp_url: str, queue: str, n: int, prefetch: int) -> float:
+    """Raw aio-pika consume + ack of ``n`` messages: the baseline."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        q = await channel.declare_queue(queue, passive=True)
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal seen
+            await message.ack()
+            seen += 1
+            if seen == n:
+                done.set()
+
+        started = time.perf_counter()
+        await q.consume(on_message)
+        await done.wait()
+        return n / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def until(check: Callable[[], Awaitable[bool]], interval: float) -> None:
+    """Poll state outside this process (the broker, Redis) until ``check`` holds."""
+    while not await check():  # noqa: ASYNC110 - the state is in another process
+        await asyncio.sleep(interval)
+
+
+async def _online_at_least(bench: Bench, n: int) -> bool:
+    return await bench.online_count() >= n
+
+
+async def _queue_empty(bus: RabbitBus, queue: str) -> bool:
+    return (await bus.queue_state(queue)).messages == 0
+
+
+async def all_applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
+    pipe = redis.pipeline(transaction=False)
+    for cell in cells:
+        pipe.hget(f"registry:cell:{cell.cell_id}", "last_seq")
+    seqs = await pipe.execute()
+    return all(seq == str(cell.seq) for seq, cell in zip(seqs, cells, strict=True))
+
+
+async def ingest_round(
+    bench: Bench, raw_queue: str, per_cell: int, args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """Both queues receive the same heartbeats while nobody consumes them; then raw aio-pika
+    drains its copy, and the registry (started afresh) drains its own."""
+    await bench.stop_registry()
+    total = per_cell * len(bench.cells)
+    started = time.perf_counter()
+
+    async def beat(i: int) -> None:
+        for _ in range(per_cell):
+            await bench.cells[i].heartbeat()
+
+    await gather_limited(len(bench.cells), len(bench.cells), beat)
+    publish_rate = total / (time.perf_counter() - started)
+    print(f"  published {total:,} at {publish_rate:,.0f}/s from {len(bench.cells)} connections")
+
+    raw_rate = await raw_drain(bench.amqp_url, raw_queue, total, args.prefetch)
+
+    await bench.start_registry()
+    assert bench.registry is not None
+    cpu_before = cpu_seconds(bench.registry.pid)
+    started = time.perf_counter()
+    await until(lambda: _queue_empty(bench.control, "registry.cells"), 0.1)
+    # The last deliveries (up to the prefetch) are still in flight: done when every cell's
+    # newest heartbeat is in Redis.
+    redis = aioredis.from_url(bench.redis_url, decode_responses=True)
+    try:
+        await until(lambda: all_applied(redis, bench.cells), 0.01)
+    finally:
+        await redis.aclose()
+    elapsed = time.perf_counter() - started
+    cpu = (cpu_seconds(bench.registry.pid) - cpu_before) / elapsed
+    return raw_rate, total / elapsed, cpu
+
+
+async def ingest(args: argparse.Namespace) -> None:
+    async with bench_environment(args.redis_db) as bench:
+        await bench.create_cells(args.cells, "hb")
+        took = await bench.connect_cells()
+        print(f"  {args.cells} cells connected in {took:.1f}s", flush=True)
+        await gather_limited(args.cells, 200, lambda i: bench.cells[i].register())
+        await until(lambda: _online_at_least(bench, args.cells), 0.2)
+        print(f"  {args.cells} cells online", flush=True)
+
+        raw_queue = "bench.raw-heartbeats"
+        await bench.control.declare(
+            Topology((), consuming_queue(raw_queue, Binding(CELLS_EXCHANGE, "*.heartbeat")))
+        )
+        per_cell = max(1, args.heartbeats // args.cells)
+        total = per_cell * args.cells
+        raws, registries, cpus = [], [], []
+        for r in range(args.rounds):
+            raw_rate, registry_rate, cpu = await ingest_round(bench, raw_queue, per_cell, args)
+            raws.append(raw_rate)
+            registries.append(registry_rate)
+            cpus.append(cpu)
+            print(
+                f"round {r + 1}: raw {raw_rate:,.0f}/s, registry {registry_rate:,.0f}/s "
+                f"({registry_rate / raw_rate:.0%}; registry CPU {cpu:.0%} of a core)",
+                flush=True,
+            )
+    raw_rate, registry_rate = statistics.median(raws), statistics.median(registries)
+    ratio = registry_rate / raw_rate
+    print(
+        f"\n{total:,} heartbeats per round from {args.cells} cells, raw prefetch "
+        f"{args.prefetch} (the registry's), median of {args.rounds} rounds"
+    )
+    print(f"{'raw aio-pika consume+ack':32}{raw_rate:>10,.0f}/s")
+    label = "registry (validate, check, Redis)"
+    print(f"{label:32}{registry_rate:>10,.0f}/s{ratio:>8.0%}  target 60%")
+    print(f"fleet size at one heartbeat per 30 s: {registry_rate * 30:,.0f} cells (goal 100,000)")
+
+
+async def storm(args: argparse.Namespace) -> None:
+    async with bench_environment(args.redis_db) as bench:
+        await bench.create_cells(args.cells, "st")
+        print(f"{args.cells} cells connecting and registering at once ...", flush=True)
+        started = time.perf_counter()
+
+        async def arrive(i: int) -> None:
+            cell = bench.cells[i]
+            await cell.connect()
+            while True:
+                try:
+                    await cell.register()
+                    return
+                except BusError:
+                    await asyncio.sleep(0.5)
+
+        arrivals = asyncio.create_task(gather_limited(args.cells, args.cells, arrive))
+        await until(lambda: _online_at_least(bench, args.cells), 0.2)
+        all_online = time.perf_counter() - started
+        await arrivals
+        print(f"\n{args.cells} cells registering at once: all online after {all_online:.1f}s")
+        print(f"(registrations per second: {args.cells / all_online:,.0f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--redis-db", type=int, default=14, help="an empty Redis database")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ingest", help="heartbeat ingest vs raw aio-pika")
+    p.add_argument("--cells", type=int, default=1000)
+    p.add_argument("--heartbeats", type=int, default=100_000)
+    p.add_argument("--prefetch", type=int, default=256, help="as the registry uses")
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(run=ingest)
+    p = sub.add_parser("storm", help="N cells registering at once")
+    p.add_argument("--cells", type=int, default=2000)
+    p.set_defaults(run=storm)
+    args = parser.parse_args()
+    # The same event loop as the services, so the raw baseline and the registry compare fairly.
+    run(args.run(args))
+
+
+if __name__ == "__main__":
+    main()
