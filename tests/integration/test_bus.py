@@ -193,14 +193,9 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(
     await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
     assert (await bus.queue_state(queue)).consumers == 1
 
-    async def consumer_connection() -> str | None:
-        for conn in await services.api.connections():
-            props = conn.get("client_properties", {})
-            if props.get("connection_name") == other_bus.name and conn["vhost"] == services.vhost:
-                return str(conn["name"])
-        return None
-
-    conn_name = await eventually(consumer_connection, what="connection listed", timeout=15)
+    conn_name = await eventually(
+        lambda: _connection_of(services, other_bus), what="connection listed", timeout=15
+    )
     await services.api.close_connection(conn_name, "test: force close")
     await eventually(lambda: not other_bus.is_connected, what="disconnect seen", timeout=10)
 
@@ -209,6 +204,15 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(
     await bus.publish(heartbeat(cell, seq=2))
     await asyncio.wait_for(second.wait(), 10)
     assert seqs == [2]
+
+
+async def _connection_of(services: Services, bus: RabbitBus) -> str | None:
+    """The broker's name for ``bus``'s connection (the management API lists it with a lag)."""
+    for conn in await services.api.connections():
+        props = conn.get("client_properties", {})
+        if props.get("connection_name") == bus.name and conn["vhost"] == services.vhost:
+            return str(conn["name"])
+    return None
 
 
 async def _consumers_are(bus: RabbitBus, queue: str, n: int) -> bool:
@@ -249,3 +253,34 @@ async def test_declaring_the_topology_twice_changes_nothing(bus: RabbitBus) -> N
     await bus.declare(control_plane())
     await bus.declare(control_plane())
     assert await bus.queue_state("registry.cells") == before
+
+
+async def test_acks_never_cover_a_handler_that_is_still_running(
+    services: Services, bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    """Finished deliveries are acked together, but never past one still in progress: if the
+    connection dies while an early message is being handled, that message comes back."""
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    release = asyncio.Event()
+    handled: list[tuple[int, bool]] = []
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        if msg.seq == 1 and not delivery.redelivered:
+            await release.wait()  # stuck until the connection dies
+        handled.append((msg.seq, delivery.redelivered))
+
+    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    for seq in range(1, 6):
+        await bus.publish(heartbeat(cell, seq=seq))
+    await eventually(lambda: len(handled) == 4, what="the four quick messages handled")
+
+    name = await eventually(lambda: _connection_of(services, other_bus), timeout=15)
+    await services.api.close_connection(name, "test: crash")
+    try:
+        await eventually(
+            lambda: (1, True) in handled, timeout=20, what="the unfinished message redelivered"
+        )
+    finally:
+        release.set()
+    assert {seq for seq, _ in handled} == {1, 2, 3, 4, 5}
