@@ -202,7 +202,8 @@ class Bench:
 async def bench_environment(redis_db: int) -> AsyncIterator[Bench]:
     api = RabbitApi(API_URL)
     nodes = await api.call("GET", "/nodes")
-    sockets = min(int(n.get("sockets_total", 0)) for n in nodes)
+    # Absent for a few seconds after the broker starts.
+    sockets = min((int(n.get("sockets_total") or 0) for n in nodes), default=0) or "unknown"
     vhost = f"substrate-bench-{uuid.uuid4().hex[:6]}"
     await api.create_vhost(vhost)
     user = urlsplit(AMQP_URL).username or "guest"

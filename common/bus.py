@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -171,6 +172,62 @@ class _Consumer:
     tag: str
 
 
+def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
+    return f"{message.type} to {exchange or '(default)'}/{routing_key}"
+
+
+class Deadlines:
+    """Timeouts for many short awaits at the cost of a dict entry each.
+
+    ``asyncio.timeout`` schedules and cancels a timer per call, which measured at about a
+    quarter of a confirmed publish's CPU time. Here one watchdog task wakes a few times per
+    timeout period and cancels the awaits past their deadline; ``guard`` turns that
+    cancellation into TimeoutError. A timeout fires between ``seconds`` and 1.25 x ``seconds``.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._running: dict[int, tuple[float, asyncio.Task[Any]]] = {}
+        self._expired: set[int] = set()
+        self._next = 0
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._next += 1
+        token = self._next
+        self._running[token] = (loop.time() + self.seconds, task)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = loop.create_task(self._watch())
+        try:
+            yield
+        except asyncio.CancelledError:
+            if token in self._expired:
+                task.uncancel()
+                raise TimeoutError from None
+            raise
+        finally:
+            self._running.pop(token, None)
+            self._expired.discard(token)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._running:
+            await asyncio.sleep(max(self.seconds / 4, 0.01))
+            now = loop.time()
+            for token, (deadline, task) in list(self._running.items()):
+                if deadline <= now and token not in self._expired:
+                    self._expired.add(token)
+                    task.cancel()
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+
 def redact(url: str) -> str:
     """A broker URL fit for a log line: the password replaced."""
     parts = urlsplit(url)
@@ -208,7 +265,7 @@ class RabbitBus:
         self._pub = publish_channel
         self.user = user
         self.name = name
-        self.publish_timeout = publish_timeout
+        self._deadlines = Deadlines(publish_timeout)
         self._metrics = bus_metrics(namespace)
         self._exchanges: dict[str, aio_pika.Exchange] = {}
         self._consumers: list[_Consumer] = []
@@ -280,6 +337,14 @@ class RabbitBus:
             publish_timeout=publish_timeout,
             namespace=namespace,
         )
+
+    @property
+    def publish_timeout(self) -> float:
+        return self._deadlines.seconds
+
+    @publish_timeout.setter
+    def publish_timeout(self, seconds: float) -> None:
+        self._deadlines.seconds = seconds
 
     @property
     def is_connected(self) -> bool:
@@ -400,33 +465,39 @@ class RabbitBus:
     async def _publish_raw(
         self, message: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
     ) -> None:
-        what = f"{message.type} to {exchange or '(default)'}/{routing_key}"
         outcome = "error"
         try:
             if self._pub.is_closed or not self.is_connected:
-                raise NotConnected(f"cannot publish {what}: not connected to the broker")
+                raise NotConnected(
+                    f"cannot publish {_what(message, exchange, routing_key)}: "
+                    "not connected to the broker"
+                )
             try:
-                async with asyncio.timeout(self.publish_timeout):
+                async with self._deadlines.guard():
                     await self._exchange(exchange).publish(
                         message, routing_key, mandatory=mandatory
                     )
             except TimeoutError:
                 outcome = "timeout"
                 raise PublishTimeout(
-                    f"broker did not confirm {what} within {self.publish_timeout}s "
-                    "(is it blocked by a memory or disk alarm?)"
+                    f"broker did not confirm {_what(message, exchange, routing_key)} within "
+                    f"{self.publish_timeout}s (is it blocked by a memory or disk alarm?)"
                 ) from None
             except aio_pika.exceptions.PublishError:
                 outcome = "unroutable"
+                what = _what(message, exchange, routing_key)
                 raise Unroutable(f"{what} is unroutable: no queue is bound for it") from None
             except aio_pika.exceptions.DeliveryError as exc:
                 outcome = "refused"
+                what = _what(message, exchange, routing_key)
                 raise PublishRefused(f"broker refused {what}: {exc}") from None
             except aiormq.exceptions.ChannelInvalidStateError as exc:
+                what = _what(message, exchange, routing_key)
                 raise NotConnected(f"cannot publish {what}: {exc}") from exc
             except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
                 # The broker closes the channel for a forged user_id or a missing permission.
                 outcome = "refused"
+                what = _what(message, exchange, routing_key)
                 raise PublishRefused(f"broker refused {what}: {exc}") from None
             outcome = "confirmed"
         finally:
@@ -730,6 +801,7 @@ class RabbitBus:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(NotConnected("bus closed"))
+        self._deadlines.stop()
         try:
             async with asyncio.timeout(10):
                 await self._conn.close()

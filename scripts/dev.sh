@@ -25,7 +25,11 @@ start() {
 }
 
 "$BIN/substratectl" topology apply
-echo "starting the control plane:"
+echo "starting the local AWS emulator and the control plane:"
+MOTO_PORT=${MOTO_PORT:-5055}
+"$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >.dev/moto.log 2>&1 &
+pids+=($!)
+echo "  moto (pid $!): AWS API on http://127.0.0.1:$MOTO_PORT, log .dev/moto.log"
 start registry 9101 "$BIN/substrate-registry"
 start rollout 9102 "$BIN/substrate-rollout"
 start flags 9103 "$BIN/substrate-flags"
@@ -36,8 +40,29 @@ for _ in $(seq 1 40); do
   sleep 0.5
 done
 "$BIN/substratectl" status || echo "(some services are not up yet; see .dev/*.log)"
+
+# A demo cell with its agent, as a customer would run it. The agent URL is shown only once at
+# creation, so it is kept in .dev/ for the next `make dev`.
+if [ ! -s .dev/demo-cell.url ]; then
+  if "$BIN/substratectl" --json cells create demo-cell --stage staging --region eu-west-1 \
+      --org demo >.dev/demo-cell.json 2>.dev/demo-cell.err; then
+    "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
+      .dev/demo-cell.json >.dev/demo-cell.url
+  else
+    echo "(demo-cell exists but its URL is gone: rotate-credentials it and put the new URL in .dev/demo-cell.url)"
+  fi
+fi
+if [ -s .dev/demo-cell.url ]; then
+  CELL_ID=demo-cell CELL_AMQP_URL=$(cat .dev/demo-cell.url) CELL_STATE_DIR=.dev/demo-cell-state \
+    CELL_HEARTBEAT_SECONDS=5 CELL_METRICS_PORT=9180 \
+    AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
+    AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
+    "$BIN/cell-agent" run >.dev/cell-agent.log 2>&1 &
+  pids+=($!)
+  echo "  cell-agent demo-cell (pid $!): health http://127.0.0.1:9180/healthz, log .dev/cell-agent.log"
+fi
 echo
-echo "Try: $BIN/substratectl status, $BIN/substratectl schema."
+echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell."
 echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest). Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
 echo "a process exited; see .dev/*.log"

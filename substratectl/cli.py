@@ -81,8 +81,20 @@ async def cmd_status(ctl: Ctl) -> int:
     if ctl.as_json:
         emit_json(list(rows))
     else:
-        print(table(rows, ["service", "up", "detail"]))
+        print(table([_status_row(r) for r in rows], ["service", "up", "detail"]))
     return 0 if all(r["up"] for r in rows) else 1
+
+
+def _status_row(row: dict[str, Any]) -> dict[str, Any]:
+    detail = row["detail"]
+    if isinstance(detail, dict):
+        cells = detail.get("cells")
+        detail = "ready" + (
+            ", cells: " + ", ".join(f"{n} {status}" for status, n in cells.items() if n)
+            if cells
+            else ""
+        )
+    return {**row, "detail": detail}
 
 
 async def cmd_topology_apply(ctl: Ctl) -> int:
