@@ -65,6 +65,7 @@ class Agent:
         self.template_version: str | None = None
         self._registered = asyncio.Event()
         self._failing = False
+        self._background: set[asyncio.Task[bool]] = set()
         CONNECTED.set_function(
             lambda: 1.0 if self.bus is not None and self.bus.is_connected else 0.0
         )
@@ -158,7 +159,9 @@ class Agent:
         self.state.rotate(env_url, new_url, msg.credential_id)
         log.info("credentials rotated to %s", msg.credential_id)
         # Confirm after this handler returns (and the command is acked).
-        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.heartbeat()))
+        confirm = asyncio.get_running_loop().create_task(self.heartbeat())
+        self._background.add(confirm)
+        confirm.add_done_callback(self._background.discard)
 
     # -- loops ----------------------------------------------------------------------------------
 

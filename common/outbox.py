@@ -16,7 +16,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from common.bus import BusError, RabbitBus
+from common.bus import BusError, RabbitBus, Unroutable
 from common.messages import MESSAGES, Event
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ class Outbox:
         event = MESSAGES[entry["type"]].model_validate_json(entry["body"])
         try:
             await bus.publish(event, message_id=entry["id"])
+        except Unroutable:
+            # No queue subscribes to this event: there is nobody to tell, and keeping it would
+            # block every event behind it.
+            log.warning("outbox %s: nobody is bound for %s; dropped", self.key, entry["type"])
+            await self._redis.lrem(self.inflight_key, 1, raw)
+            return True
         except BusError:
             # Back to the head of the list so order is kept; the caller backs off.
             pipe = self._redis.pipeline(transaction=True)

@@ -1,37 +1,37 @@
-"""Automatic pipelining of Lua script calls.
+"""Batching many small Redis script calls into one.
 
-A consumer with a prefetch of 64 runs up to 64 handlers at once, each awaiting its own Redis
-round trip. Calls made in the same turn of the event loop are sent together as one pipeline
-(one write, one read), which is most of the cost of a small script call on the client side.
-Each caller still gets its own result or exception.
+A consumer with a large prefetch runs many handlers at once, each wanting one small script
+call. Calls made in the same turn of the event loop are gathered and sent as ONE script call
+whose single argument is a JSON array of the calls; the script loops over them and returns
+one result each. The client then packs and parses one command instead of dozens, which is
+most of the client-side cost of a small script call. Each caller still gets its own result.
 
-Scripts go out as EVALSHA directly: redis-py's own pipelined scripts ask SCRIPT EXISTS before
-every pipeline, a round trip per batch. A script the server does not know (after a restart or
-a flush) is loaded once and the affected calls are sent again.
+The script must take its items as ``cjson.decode(ARGV[1])`` and return an array of results
+in the same order. It is sent as EVALSHA and loaded once if the server does not know it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-_Call = tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]
 
-
-class AutoPipeline:
-    def __init__(self, redis: aioredis.Redis, max_batch: int = 256) -> None:
+class BatchedScript:
+    def __init__(self, redis: aioredis.Redis, script: str, max_batch: int = 500) -> None:
         self._redis = redis
+        self._script = redis.register_script(script)
         self._max_batch = max_batch
-        self._queued: list[_Call] = []
+        self._queued: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
-    async def run(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    async def __call__(self, *args: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((script, keys, args, future))
+        self._queued.append((list(args), future))
         if len(self._queued) >= self._max_batch:
             self._start_flush()
         elif not self._flush_scheduled:
@@ -43,33 +43,23 @@ class AutoPipeline:
         self._flush_scheduled = False
         batch, self._queued = self._queued, []
         if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch))
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _flush(self, batch: list[_Call]) -> None:
+    async def _flush(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        payload = json.dumps([args for args, _ in batch])
         try:
-            results = await self._execute(batch)
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:
-                for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
-                    await self._redis.script_load(script.script)
-                retried = await self._execute([batch[i] for i in missing])
-                for i, result in zip(missing, retried, strict=True):
-                    results[i] = result
+            try:
+                results = await self._redis.evalsha(self._script.sha, 0, payload)
+            except NoScriptError:
+                await self._redis.script_load(self._script.script)
+                results = await self._redis.evalsha(self._script.sha, 0, payload)
         except Exception as exc:
-            for *_, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
                 future.set_result(result)

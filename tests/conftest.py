@@ -91,19 +91,27 @@ async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services
         await client.aclose()
 
 
+CLAIM = "substrate-test:claimed"
+
+
 async def _free_redis_db(redis_url: str) -> int:
-    """An empty database other than 0 (which make dev uses)."""
-    for db in range(1, 16):
+    """A database other than 0 (which make dev uses) that no live test session holds.
+
+    A session claims its database with an expiring key; one left with data but no claim was
+    abandoned by a run that died, and is emptied and taken.
+    """
+    for db in range(1, 14):  # 14 and 15 are left to the benchmarks
         client = aioredis.from_url(_with_db(redis_url, db))
         try:
-            # Claim an empty one so a concurrent run picks another.
-            if await client.dbsize() == 0 and await client.set(
-                "substrate-test:claimed", "1", nx=True
-            ):
+            if await client.exists(CLAIM):
+                continue
+            if await client.dbsize() > 0:
+                await client.flushdb()
+            if await client.set(CLAIM, "1", nx=True, ex=3600):
                 return db
         finally:
             await client.aclose()
-    raise RuntimeError("no empty Redis database among 1..15 for this test session")
+    raise RuntimeError("no free Redis database among 1..13 for this test session")
 
 
 @pytest.fixture(scope="session")

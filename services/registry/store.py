@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from common.messages import STAGES, CellOffline, CellOnline, Event
 from common.outbox import Outbox, outbox_entry
-from common.redis_pipeline import AutoPipeline
+from common.redis_pipeline import BatchedScript
 from services.registry.model import STATUSES, CellStatus, CellView, CreateCell
 
 PREFIX = "registry:"
@@ -71,38 +71,50 @@ return {'registered', status, ''}
 """
 )
 
-# KEYS: cell, liveness, outbox, rotations
-# ARGV: id, seq, now_iso, now_epoch, fields (JSON: [name, value, name, value, ...]),
-#       credential_id
-# Few arguments on purpose: this runs for every heartbeat, and encoding each argument costs
-# the client more than decoding one JSON array costs Redis.
-_HEARTBEAT = (
+# ARGV[1]: JSON array of heartbeats, each [id, seq, now_iso, now_epoch, fields, credential_id]
+# where fields is [name, value, name, value, ...]. Returns "<outcome>:<confirmed>" for each.
+# Heartbeats arrive by the thousand per second; they are applied in batches (one script call
+# per event-loop turn, see common.redis_pipeline) because the client's cost is per call.
+_HEARTBEATS = (
     _LUA_COMMON
     + """
-local rec = redis.call('HMGET', KEYS[1], 'status', 'last_seq', 'pending_credential_id')
-local status = rec[1]
-if not status then return {'unknown_cell', 0} end
-if status ~= 'online' and status ~= 'offline' then return {'not_registered', 0} end
-if tonumber(ARGV[2]) <= (tonumber(rec[2]) or -1) then return {'stale', 0} end
-redis.call('HSET', KEYS[1], 'status', 'online', 'last_seq', ARGV[2], 'last_heartbeat_at', ARGV[3],
-           unpack(cjson.decode(ARGV[5])))
-local confirmed = 0
-if ARGV[6] ~= '' and rec[3] and rec[3] ~= '' and rec[3] == ARGV[6] then
-  redis.call('HSET', KEYS[1], 'credential_id', ARGV[6], 'pending_credential_id', '',
-             'rotation_started_at', '')
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  confirmed = 1
+local out = {}
+for i, hb in ipairs(cjson.decode(ARGV[1])) do
+  local id, seq, now_iso, cred = hb[1], hb[2], hb[3], hb[6]
+  local key = prefix .. 'cell:' .. id
+  local rec = redis.call('HMGET', key, 'status', 'last_seq', 'pending_credential_id')
+  local status = rec[1]
+  if not status then
+    out[i] = 'unknown_cell:0'
+  elseif status ~= 'online' and status ~= 'offline' then
+    out[i] = 'not_registered:0'
+  elseif seq <= (tonumber(rec[2]) or -1) then
+    out[i] = 'stale:0'
+  else
+    redis.call('HSET', key, 'status', 'online', 'last_seq', seq, 'last_heartbeat_at', now_iso,
+               unpack(hb[5]))
+    local confirmed = 0
+    if cred ~= '' and rec[3] and rec[3] ~= '' and rec[3] == cred then
+      redis.call('HSET', key, 'credential_id', cred, 'pending_credential_id', '',
+                 'rotation_started_at', '')
+      redis.call('ZREM', prefix .. 'rotations', id)
+      confirmed = 1
+    end
+    redis.call('ZADD', prefix .. 'liveness', hb[4], id)
+    if status == 'offline' then
+      move(id, 'offline', 'online')
+      local outbox = prefix .. 'outbox'
+      local n = redis.call('INCR', outbox .. ':seq')
+      local body = cjson.encode({cell_id = id, at = now_iso})
+      redis.call('RPUSH', outbox, cjson.encode({id = 'registry-online-' .. n,
+                                                type = '%s', body = body}))
+      out[i] = 'back_online:' .. confirmed
+    else
+      out[i] = 'applied:' .. confirmed
+    end
+  end
 end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-if status == 'offline' then
-  move(ARGV[1], 'offline', 'online')
-  local n = redis.call('INCR', KEYS[3] .. ':seq')
-  local body = cjson.encode({cell_id = ARGV[1], at = ARGV[3]})
-  redis.call('RPUSH', KEYS[3], cjson.encode({id = 'registry-online-' .. n,
-                                             type = '%s', body = body}))
-  return {'back_online', confirmed}
-end
-return {'applied', confirmed}
+return out
 """.replace("%s", CellOnline.wire_name)
 )
 
@@ -176,10 +188,9 @@ class RegistryStore:
         self.redis = redis
         self.outbox = Outbox(redis, OUTBOX)
         self._register = redis.register_script(_REGISTER)
-        self._heartbeat = redis.register_script(_HEARTBEAT)
         self._sweep = redis.register_script(_SWEEP)
         self._decommission = redis.register_script(_DECOMMISSION)
-        self._pipeline = AutoPipeline(redis)
+        self._heartbeats = BatchedScript(redis, _HEARTBEATS)
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -303,22 +314,19 @@ class RegistryStore:
         credential_id: str | None,
     ) -> tuple[str, bool]:
         """Returns (outcome, whether this heartbeat confirmed a credential rotation)."""
-        fields = json.dumps(
-            [
-                "agent_version", agent_version,
-                "installed_release", _s(installed_release),
-                "applied_generation", _s(applied_generation),
-                "maintenance", _s(maintenance),
-                "infra_template_version", _s(template_version),
-                "flags_snapshot_version", _s(flags_snapshot_version),
-            ]
-        )  # fmt: skip
-        outcome, confirmed = await self._pipeline.run(
-            self._heartbeat,
-            [CELL + cell_id, LIVENESS, OUTBOX, ROTATIONS],
-            [cell_id, seq, now.isoformat(), now.timestamp(), fields, _s(credential_id)],
+        fields = [
+            "agent_version", agent_version,
+            "installed_release", _s(installed_release),
+            "applied_generation", _s(applied_generation),
+            "maintenance", _s(maintenance),
+            "infra_template_version", _s(template_version),
+            "flags_snapshot_version", _s(flags_snapshot_version),
+        ]  # fmt: skip
+        result = await self._heartbeats(
+            cell_id, seq, now.isoformat(), now.timestamp(), fields, _s(credential_id)
         )
-        return str(outcome), bool(int(confirmed))
+        outcome, _, confirmed = str(result).partition(":")
+        return outcome, confirmed == "1"
 
     async def sweep_offline(self, cutoff: datetime, now: datetime, limit: int = 1000) -> list[str]:
         """Mark online cells whose last heartbeat is at or before ``cutoff`` offline."""
