@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 
+from bench.baseline import raw_drain
 from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, Delivery
 from common.runner import run
@@ -81,24 +81,7 @@ async def raw_round(queue: str, n: int, window: int) -> tuple[float, float]:
         await windowed(n, window, publish)
         publish_rate = n / (time.perf_counter() - started)
 
-        consumer_channel = await connection.channel()
-        await consumer_channel.set_qos(prefetch_count=window)
-        q = await consumer_channel.declare_queue(queue, passive=True)
-        done = asyncio.Event()
-        seen = 0
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal seen
-            await message.ack()
-            seen += 1
-            if seen == n:
-                done.set()
-
-        started = time.perf_counter()
-        tag = await q.consume(on_message)
-        await done.wait()
-        consume_rate = n / (time.perf_counter() - started)
-        await q.cancel(tag)
+        consume_rate = await raw_drain(AMQP_URL, queue, n, window)
         return publish_rate, consume_rate
     finally:
         await connection.close()

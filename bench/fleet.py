@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import aio_pika
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage
 
+from bench.baseline import raw_drain
 from common.bus import BusError, QueueMissing, RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellRegister
 from common.rabbitmq_api import RabbitApi
@@ -226,31 +225,6 @@ async def bench_environment(redis_db: int) -> AsyncIterator[Bench]:
         yield bench
     finally:
         await bench.cleanup()
-
-
-async def raw_drain(amqp_url: str, queue: str, n: int, prefetch: int) -> float:
-    """Raw aio-pika consume + ack of ``n`` messages: the baseline."""
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        q = await channel.declare_queue(queue, passive=True)
-        done = asyncio.Event()
-        seen = 0
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal seen
-            await message.ack()
-            seen += 1
-            if seen == n:
-                done.set()
-
-        started = time.perf_counter()
-        await q.consume(on_message)
-        await done.wait()
-        return n / (time.perf_counter() - started)
-    finally:
-        await connection.close()
 
 
 def cpu_seconds(pid: int) -> float:

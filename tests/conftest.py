@@ -85,6 +85,12 @@ async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services
     try:
         yield Services(_with_vhost(amqp, vhost), api_url, _with_db(redis_url, db), vhost, api)
     finally:
+        # Broker users are not per vhost: remove the cells' users this session created (every
+        # user with permissions here but the one the tests connect as).
+        granted = await api.call("GET", f"/vhosts/{quote(vhost, safe='')}/permissions")
+        for grant in granted:
+            if grant["user"] != user:
+                await api.delete_user(grant["user"])
         await api.delete_vhost(vhost)
         client = aioredis.from_url(_with_db(redis_url, db))
         await client.flushdb()

@@ -1,19 +1,7 @@
-"""Wires the flags service. It answers `status` so operators can see it is up; its own
-handlers arrive with the issue that builds it."""
+"""Wires the flags service. Until its issue builds it, it only answers `status`."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from services.stub import status_only
 
-from common.bus import RabbitBus
-from common.messages import Delivery
-from common.settings import ServiceSettings
-
-
-async def setup(bus: RabbitBus, settings: ServiceSettings) -> Callable[[], Awaitable[None]] | None:
-    async def status(params: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
-        return {"service": "flags", "ready": True}
-
-    await bus.serve("flags", {"status": status})
-    return None
+setup = status_only("flags")
