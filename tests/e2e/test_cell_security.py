@@ -20,7 +20,7 @@ from common.messages import CellHeartbeat, CellRegister
 from common.topology import dead_letter_name
 from tests.conftest import Services
 from tests.e2e.conftest import Processes, Registry
-from tests.e2e.test_cells import create_cell, show, start_agent, status_is
+from tests.e2e.test_cells import create_cell, onboard, show, status_is
 from tests.helpers import eventually, new_cell_id, raw_publish, read_all
 
 NOW = datetime.now(UTC)
@@ -238,12 +238,7 @@ async def _rabbitmqctl(*args: str) -> None:
 async def test_agents_and_registry_come_back_after_a_broker_restart(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
-    cells = [new_cell_id() for _ in range(3)]
-    for cell in cells:
-        created = await create_cell(procs, cell)
-        await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / cell)
-    for cell in cells:
-        await eventually(partial(status_is, procs, cell, "online"), timeout=20, interval=0.3)
+    cells = [c.cell_id for c in await onboard(procs, moto, tmp_path, n=3)]
     await _rabbitmqctl("stop_app")
     try:
         await eventually(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -87,6 +88,26 @@ async def start_agent(
     )  # fmt: skip
 
 
+@dataclass
+class Onboarded:
+    cell_id: str
+    created: dict[str, Any]
+    agent: Proc
+
+
+async def onboard(procs: Processes, moto: str, state_root: Path, n: int = 1) -> list[Onboarded]:
+    """Create ``n`` cells, start an agent for each, and wait until all are online."""
+    cells = []
+    for _ in range(n):
+        cell = new_cell_id()
+        created = await create_cell(procs, cell)
+        agent = await start_agent(procs, moto, cell, created["amqp_url"], state_root / cell)
+        cells.append(Onboarded(cell, created, agent))
+    for c in cells:
+        await eventually(partial(status_is, procs, c.cell_id, "online"), timeout=20, interval=0.3)
+    return cells
+
+
 async def status_is(procs: Processes, cell_id: str, status: str) -> dict[str, Any] | None:
     record = await show(procs, cell_id)
     return record if record["status"] == status else None
@@ -140,10 +161,8 @@ async def test_create_start_agent_and_see_it_online(
 async def test_offline_after_silence_and_online_again(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
-    cell = new_cell_id()
-    created = await create_cell(procs, cell)
-    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
-    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell, agent = onboarded.cell_id, onboarded.agent
 
     # Freeze the agent: its connection stays open but it goes silent, as a cut-off cell does.
     agent.process.send_signal(19)  # SIGSTOP
@@ -163,11 +182,9 @@ async def test_offline_after_silence_and_online_again(
 async def test_second_account_is_refused_and_reported(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
-    cell = new_cell_id()
-    created = await create_cell(procs, cell)
-    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "a")
-    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
-    await procs.stop(agent)
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell, created = onboarded.cell_id, onboarded.created
+    await procs.stop(onboarded.agent)
 
     # The same credentials used from another AWS account (a copied stack, a leaked secret).
     forged = CellRegister(
@@ -195,10 +212,8 @@ async def _refused(procs: Processes, cell: str) -> dict[str, Any] | None:
 async def test_decommission_closes_the_agent_and_it_cannot_come_back(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
-    cell = new_cell_id()
-    created = await create_cell(procs, cell)
-    agent = await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
-    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell, created, agent = onboarded.cell_id, onboarded.created, onboarded.agent
     await eventually(lambda: cell_connections(services, cell), timeout=15, what="agent listed")
 
     code, record, err = await procs.ctl("cells", "decommission", cell)
@@ -228,10 +243,8 @@ async def _no_connections(services: Services, cell: str) -> bool:
 async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_working(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
-    cell = new_cell_id()
-    created = await create_cell(procs, cell)
-    await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state")
-    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell, created = onboarded.cell_id, onboarded.created
     (before,) = await eventually(lambda: cell_connections(services, cell), timeout=15)
 
     code, rotated, err = await procs.ctl("cells", "rotate-credentials", cell)
@@ -294,12 +307,7 @@ async def test_cli_refuses_bad_input_and_creates_nothing(
 async def test_a_restarted_registry_loses_no_cell(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path
 ) -> None:
-    cells = [new_cell_id() for _ in range(3)]
-    for cell in cells:
-        created = await create_cell(procs, cell)
-        await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / cell)
-    for cell in cells:
-        await eventually(partial(status_is, procs, cell, "online"), timeout=20, interval=0.3)
+    cells = [c.cell_id for c in await onboard(procs, moto, tmp_path, n=3)]
 
     assert await procs.stop(registry.proc) == 0
     await start_registry(procs)
