@@ -11,23 +11,31 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from datetime import timedelta
 from importlib.metadata import version
 from typing import Literal, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from prometheus_client import Counter, Gauge
 
+from cell_agent.appliers import Applier, CommandApplier, LocalApplier
 from cell_agent.aws import CellAws
+from cell_agent.journal import Journal, Phase
+from cell_agent.maintenance import MaintenanceGate
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
+from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
 from common.bus import BusError, RabbitBus
 from common.clock import Clock, SystemClock
 from common.messages import (
     CellHeartbeat,
+    CellMaintenance,
     CellRegister,
     CellReport,
     CellSync,
+    CellUpgrade,
     Delivery,
+    DesiredState,
     RotateCredentials,
     command_queue,
 )
@@ -54,12 +62,28 @@ class Agent:
         settings: AgentSettings,
         state: StateStore,
         aws: CellAws,
+        *,
         clock: Clock | None = None,
+        applier: Applier | None = None,
+        verifier: ImageVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.aws = aws
         self.clock = clock or SystemClock()
+        self.journal = Journal(settings.state_dir)
+        self.gate = MaintenanceGate(
+            settings.state_dir, self.clock, timedelta(minutes=settings.maintenance_minutes)
+        )
+        self.upgrader = Upgrader(
+            self.journal,
+            applier=applier or _applier(settings),
+            verifier=verifier or EcrVerifier(settings.aws_region),
+            gate=self.gate,
+            clock=self.clock,
+            report=self.report_upgrade,
+            report_maintenance=self.report_maintenance,
+        )
         self.bus: RabbitBus | None = None
         self.account_id: str | None = None
         self.template_version: str | None = None
@@ -91,6 +115,40 @@ class Agent:
         REPORTS.labels(report.kind, "sent").inc()
         return True
 
+    @property
+    def installed(self) -> tuple[str | None, int | None]:
+        """The installed release and the generation that installed it."""
+        applied = self.journal.applied
+        release = applied.release.version if applied.release else None
+        return release, (applied.generation if applied.generation >= 0 else None)
+
+    async def report_upgrade(
+        self, generation: int, version: str | None, phase: Phase, error: str | None
+    ) -> bool:
+        return await self._send(
+            CellUpgrade(
+                cell_id=self.settings.id,
+                seq=self.state.next_seq(),
+                sent_at=self.clock.now(),
+                generation=generation,
+                release_version=version,
+                phase=phase,
+                error=error,
+            )
+        )
+
+    async def report_maintenance(self, enabled: bool, reason: str) -> bool:
+        return await self._send(
+            CellMaintenance(
+                cell_id=self.settings.id,
+                seq=self.state.next_seq(),
+                sent_at=self.clock.now(),
+                enabled=enabled,
+                enabled_until=self.gate.state.enabled_until if enabled else None,
+                reason=reason,
+            )
+        )
+
     async def register(self) -> bool:
         assert self.account_id is not None
         state = self.state.state
@@ -104,7 +162,7 @@ class Agent:
                 region=self.settings.aws_region,
                 stack_name=self.settings.stack_name,
                 template_version=self.template_version,
-                installed_release=state.installed_release,
+                installed_release=self.installed[0],
                 incarnation=state.incarnation,
             )
         )
@@ -120,8 +178,9 @@ class Agent:
                 seq=self.state.next_seq(),
                 sent_at=self.clock.now(),
                 agent_version=AGENT_VERSION,
-                installed_release=state.installed_release,
-                applied_generation=state.applied_generation,
+                installed_release=self.installed[0],
+                applied_generation=self.installed[1],
+                maintenance=self.gate.is_on(),
                 template_version=self.template_version,
                 flags_snapshot_version=state.flags_snapshot_version,
                 credential_id=self.state.credential_id(self.settings.amqp_url),
@@ -139,7 +198,7 @@ class Agent:
                 seq=self.state.next_seq(),
                 sent_at=self.clock.now(),
                 reason=reason,
-                applied_generation=state.applied_generation,
+                applied_generation=self.installed[1],
                 flags_snapshot_version=state.flags_snapshot_version,
             )
         )
@@ -181,6 +240,7 @@ class Agent:
     async def _after_reconnect(self) -> None:
         await self.register()
         await self.sync("reconnect")
+        self.upgrader.wake()  # a finished upgrade may still need reporting
 
     async def run(self, stop: asyncio.Event) -> None:
         self.account_id = await _retry("reading the AWS account (STS)", self.aws.account_id, stop)
@@ -190,6 +250,8 @@ class Agent:
                 f"reading stack {stack}", lambda: self.aws.template_version(stack), stop
             )
         server = MetricsServer(self._health, "127.0.0.1", self.settings.metrics_port)
+        server.route("/maintenance", self.gate.route_maintenance)
+        server.route("/gate", self.gate.route_gate)
         await server.start()
         url = self.state.broker_url(self.settings.amqp_url)
         connecting = asyncio.create_task(
@@ -213,7 +275,11 @@ class Agent:
             log.warning("broker user %s is not the cell id %s", broker_user(url), self.settings.id)
         bus.on_reconnect(self._after_reconnect)
         await bus.consume(
-            command_queue(self.settings.id), {RotateCredentials: self.on_rotate_credentials}
+            command_queue(self.settings.id),
+            {
+                RotateCredentials: self.on_rotate_credentials,
+                DesiredState: self.upgrader.on_desired_state,
+            },
         )
         await self.register()
         await self.sync("start")
@@ -221,6 +287,7 @@ class Agent:
         loops = [
             asyncio.create_task(self._every(self.settings.heartbeat_seconds, "heartbeat", stop)),
             asyncio.create_task(self._every(self.settings.sync_seconds, "sync", stop)),
+            asyncio.create_task(self.upgrader.run(stop)),
         ]
         log.info("cell agent %s running", self.settings.id)
         await stop.wait()
@@ -232,6 +299,13 @@ class Agent:
     def _health(self) -> dict[str, object]:
         connected = self.bus is not None and self.bus.is_connected
         return {"ok": connected, "cell_id": self.settings.id, "connected": connected}
+
+
+def _applier(settings: AgentSettings) -> Applier:
+    if settings.applier == "command":
+        assert settings.apply_command is not None
+        return CommandApplier(settings.apply_command)
+    return LocalApplier(settings.state_dir)
 
 
 def _with_password(url: str, password: str) -> str:

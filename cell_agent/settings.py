@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.messages import CellId
@@ -24,8 +25,23 @@ class AgentSettings(BaseSettings):
     # The agent serves metrics, health and (later) its maintenance gate on loopback only: a
     # cell never listens on its network.
     metrics_port: int = Field(default=9180, ge=0, le=65535)
+    applier: Literal["local", "command"] = Field(
+        default="local", description="how components are applied (see README)"
+    )
+    apply_command: str | None = Field(
+        default=None, description="with CELL_APPLIER=command: run once per component"
+    )
+    maintenance_minutes: float = Field(
+        default=15.0, gt=0, description="maintenance window, renewed while an update runs"
+    )
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
     aws_region: str = Field(
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
+
+    @model_validator(mode="after")
+    def _command_applier_needs_a_command(self) -> AgentSettings:
+        if self.applier == "command" and not self.apply_command:
+            raise ValueError("CELL_APPLIER=command needs CELL_APPLY_COMMAND")
+        return self

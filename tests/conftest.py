@@ -8,11 +8,14 @@ own vhost (created and deleted through the management API) and its own empty Red
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
@@ -140,3 +143,51 @@ async def other_bus(services: Services, control_plane: None) -> AsyncIterator[Ra
     b = await RabbitBus.connect(services.amqp_url, name=f"test-other-{uuid.uuid4().hex[:6]}")
     yield b
     await b.close(drain_timeout=5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"nothing listening on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+async def moto(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """moto's server: the AWS API (STS, CloudFormation, ECR, S3, IAM) on loopback."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port),
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+    try:
+        await wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        await process.wait()
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "eu-west-1",
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Services
+from tests.conftest import Services, free_port
 from tests.helpers import eventually
 
 BIN = Path(sys.executable).parent
@@ -88,54 +88,6 @@ async def procs(services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
         if proc.process.returncode is None:
             proc.process.kill()
             await proc.process.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"nothing listening on 127.0.0.1:{port}") from None
-            await asyncio.sleep(0.1)
-
-
-@pytest.fixture(scope="session")
-async def moto(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """moto's server: the AWS API (STS, CloudFormation, ECR, S3, IAM) on loopback."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port),
-            stdout=sink, stderr=sink,
-        )  # fmt: skip
-    try:
-        await wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.kill()
-        await process.wait()
-
-
-def aws_env(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "eu-west-1",
-    }
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

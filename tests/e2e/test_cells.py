@@ -16,16 +16,8 @@ import pytest
 from aiormq.exceptions import ProbableAuthenticationError
 
 from common.messages import CellRegister
-from tests.conftest import Services
-from tests.e2e.conftest import (
-    Proc,
-    Processes,
-    Registry,
-    aws_env,
-    free_port,
-    http_get,
-    start_registry,
-)
+from tests.conftest import Services, aws_env, free_port
+from tests.e2e.conftest import Proc, Processes, Registry, http_get, start_registry
 from tests.helpers import eventually, listening_addresses, new_cell_id, raw_publish
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cell_agent" / "bootstrap" / "cell.yaml"
@@ -72,8 +64,10 @@ async def start_agent(
     heartbeat: str = "0.5",
     stack: str | None = None,
     metrics_port: int = 0,
+    **env: str,
 ) -> Proc:
     extra = {"CELL_STACK_NAME": stack} if stack else {}
+    extra.update(env)
     return await procs.start(
         f"agent-{cell_id}-{len(procs.running)}",
         "cell-agent", "run",

@@ -1,0 +1,96 @@
+"""The upgrade journal in CELL_STATE_DIR: what the control plane wants, what is applied, and
+where an interrupted upgrade was. Each file is replaced atomically, so a crash at any point
+leaves either the old or the new content, never half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel
+
+from common.messages import Release
+
+Phase = Literal["accepted", "verifying", "applying", "succeeded", "failed", "rolled_back"]
+
+
+class Desired(BaseModel):
+    generation: int
+    release: Release | None
+    received_at: AwareDatetime
+
+
+class Applied(BaseModel):
+    generation: int = -1
+    release: Release | None = None
+
+
+class Progress(BaseModel):
+    """An upgrade under way (or finished but not yet reported)."""
+
+    generation: int
+    phase: Phase
+    previous: Release | None
+    error: str | None = None
+    # The outcome was published; a restart must not report it again.
+    reported: bool = False
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory / "upgrade"
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _read(self, name: str, model: type[BaseModel]) -> BaseModel | None:
+        path = self.directory / name
+        return model.model_validate_json(path.read_text()) if path.exists() else None
+
+    def _write(self, name: str, value: BaseModel) -> None:
+        write_atomically(self.directory / name, value.model_dump_json(indent=2))
+
+    @property
+    def desired(self) -> Desired | None:
+        value = self._read("desired.json", Desired)
+        assert value is None or isinstance(value, Desired)
+        return value
+
+    @property
+    def applied(self) -> Applied:
+        value = self._read("applied.json", Applied)
+        assert value is None or isinstance(value, Applied)
+        return value or Applied()
+
+    @property
+    def progress(self) -> Progress | None:
+        value = self._read("progress.json", Progress)
+        assert value is None or isinstance(value, Progress)
+        return value
+
+    def want(self, desired: Desired) -> bool:
+        """Record a desired state if it is newer than any seen; True if it was."""
+        current = self.desired
+        if current is not None and current.generation >= desired.generation:
+            return False
+        self._write("desired.json", desired)
+        return True
+
+    def set_progress(self, progress: Progress) -> None:
+        self._write("progress.json", progress)
+
+    def set_applied(self, applied: Applied) -> None:
+        self._write("applied.json", applied)

@@ -1,0 +1,240 @@
+"""Applying a desired state inside the cell, with images verified against moto's ECR: the
+phases, maintenance, failure and rollback, newest-generation-wins, and resuming a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from contextlib import suppress
+from datetime import timedelta
+from pathlib import Path
+
+import boto3
+import pytest
+
+from cell_agent.appliers import LocalApplier
+from cell_agent.journal import Journal
+from cell_agent.maintenance import MESSAGE, MaintenanceGate
+from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
+from common.clock import FakeClock
+from common.messages import Component, Delivery, DesiredState, Release
+
+DELIVERY = Delivery(
+    message_id=None, user_id="svc", routing_key="c", redelivered=False, delivery_count=0
+)
+
+
+def push_image(moto: str, repository: str, tag: str) -> str:
+    """Put an image into moto's ECR; its digest."""
+    ecr = boto3.client(
+        "ecr", endpoint_url=moto, region_name="eu-west-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
+        ecr.create_repository(repositoryName=repository)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"digest": uuid.uuid4().hex},
+        }
+    )
+    image = ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag)
+    return str(image["image"]["imageId"]["imageDigest"])
+
+
+class Recorder:
+    """An applier that writes like the local one and remembers what it saw."""
+
+    def __init__(self, local: LocalApplier, gate: MaintenanceGate) -> None:
+        self.local = local
+        self.gate = gate
+        self.calls: list[tuple[str, str, bool]] = []
+        self.fail_on: str | None = None
+        self.crash_on: str | None = None
+
+    async def apply(self, component: Component, release: Release) -> None:
+        self.calls.append((component.name, release.version, self.gate.is_on()))
+        if component.name == self.crash_on:
+            self.crash_on = None
+            raise asyncio.CancelledError  # the process dies here
+        if component.name == self.fail_on and release.version != "1.0":
+            raise RuntimeError(f"{component.name} did not start")
+        await self.local.apply(component, release)
+
+    async def healthy(self, release: Release) -> bool:
+        return await self.local.healthy(release)
+
+
+class Cell:
+    def __init__(self, state: Path, moto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        for k, v in {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing"}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+        self.state = state
+        self.clock = FakeClock()
+        self.reports: list[tuple[int, str | None, str, str | None]] = []
+        self.maintenance: list[bool] = []
+        self.restart()
+
+    def restart(self) -> None:
+        self.journal = Journal(self.state)
+        self.gate = MaintenanceGate(self.state, self.clock, timedelta(minutes=15))
+        self.local = LocalApplier(self.state)
+        self.applier = Recorder(self.local, self.gate)
+        self.upgrader = Upgrader(
+            self.journal, applier=self.applier, verifier=EcrVerifier("eu-west-1"),
+            gate=self.gate, clock=self.clock, report=self.report,
+            report_maintenance=self.report_maintenance,
+        )  # fmt: skip
+
+    async def report(self, gen: int, version: str | None, phase: str, error: str | None) -> bool:
+        self.reports.append((gen, version, phase, error))
+        return True
+
+    async def report_maintenance(self, enabled: bool, reason: str) -> bool:
+        self.maintenance.append(enabled)
+        return True
+
+    async def want(self, generation: int, release: Release | None) -> None:
+        msg = DesiredState(cell_id="acme", issued_at=self.clock.now(), generation=generation,
+                           release=release)  # fmt: skip
+        await self.upgrader.on_desired_state(msg, DELIVERY)
+
+    def phases(self, generation: int) -> list[str]:
+        return [phase for gen, _, phase, _ in self.reports if gen == generation]
+
+
+@pytest.fixture
+def cell(tmp_path: Path, moto: str, monkeypatch: pytest.MonkeyPatch) -> Cell:
+    return Cell(tmp_path, moto, monkeypatch)
+
+
+def release(
+    moto: str, version: str, *, db_maintenance: bool = True, missing: bool = False
+) -> Release:
+    repo = f"substrate-{uuid.uuid4().hex[:6]}"
+    server = push_image(moto, f"{repo}/server", version)
+    db = push_image(moto, f"{repo}/db", version)
+    if missing:
+        db = "sha256:" + "0" * 64
+    host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    return Release(version=version, components=(
+        Component(name="server", image=f"{host}/{repo}/server", digest=server),
+        Component(name="db", image=f"{host}/{repo}/db:{version}", digest=db,
+                  requires_maintenance=db_maintenance),
+    ))  # fmt: skip
+
+
+def test_repository_names_drop_the_registry_host_and_tag() -> None:
+    assert repository_of("123.dkr.ecr.eu-west-1.amazonaws.com/team/server:1.2") == "team/server"
+    assert repository_of("team/server") == "team/server"
+    assert repository_of("localhost:5000/server@sha256:ab") == "server"
+
+
+async def test_an_update_goes_through_every_phase_with_maintenance_only_around_it(
+    cell: Cell, moto: str
+) -> None:
+    r1 = release(moto, "1.0")
+    await cell.want(1, r1)
+    await cell.upgrader.reconcile()
+    assert cell.phases(1) == ["accepted", "verifying", "applying", "succeeded"]
+    assert cell.maintenance == [True, False]
+    assert not cell.gate.is_on()
+    assert [c[2] for c in cell.applier.calls] == [True, True], "applied inside maintenance"
+    assert cell.journal.applied.release == r1
+    assert cell.local.manifest("db")["digest"] == r1.components[1].digest  # type: ignore[index]
+
+    # A release changing only a component that needs no maintenance never closes the gate.
+    r2 = r1.model_copy(update={"version": "1.1", "components": (
+        Component(name="server", image=r1.components[0].image,
+                  digest=push_image(moto, repository_of(r1.components[0].image), "1.1")),
+        r1.components[1],
+    )})  # fmt: skip
+    await cell.want(2, r2)
+    await cell.upgrader.reconcile()
+    assert cell.phases(2)[-1] == "succeeded"
+    assert cell.maintenance == [True, False]
+    assert cell.applier.calls[-1] == ("server", "1.1", False)
+    assert len(cell.applier.calls) == 3, "the unchanged db component was not re-applied"
+
+
+async def test_a_missing_image_fails_before_anything_changes(cell: Cell, moto: str) -> None:
+    r1 = release(moto, "1.0")
+    await cell.want(1, r1)
+    await cell.upgrader.reconcile()
+    calls = len(cell.applier.calls)
+    await cell.want(2, release(moto, "2.0", missing=True))
+    await cell.upgrader.reconcile()
+    gen, _, phase, error = cell.reports[-1]
+    assert (gen, phase) == (2, "failed") and error and "images not found: db" in error
+    assert len(cell.applier.calls) == calls
+    assert cell.journal.applied.release == r1
+    await cell.upgrader.reconcile()
+    assert cell.phases(2).count("failed") == 1, "a failed generation is not retried"
+
+
+async def test_a_failed_apply_restores_the_previous_release(cell: Cell, moto: str) -> None:
+    r1 = release(moto, "1.0")
+    await cell.want(1, r1)
+    await cell.upgrader.reconcile()
+    cell.applier.fail_on = "db"
+    await cell.want(2, release(moto, "2.0"))
+    await cell.upgrader.reconcile()
+    assert cell.phases(2) == ["accepted", "verifying", "applying", "rolled_back"]
+    assert "db did not start" in str(cell.reports[-1][3])
+    assert await cell.local.healthy(r1), "every component is back on 1.0"
+    assert cell.journal.applied.release == r1
+    assert not cell.gate.is_on() and cell.maintenance[-1] is False
+
+
+async def test_the_newest_generation_wins_and_none_is_applied_twice(cell: Cell, moto: str) -> None:
+    r1, r2 = release(moto, "1.0"), release(moto, "2.0")
+    await cell.want(2, r2)
+    await cell.want(1, r1)  # late and older: ignored
+    await cell.upgrader.reconcile()
+    assert cell.journal.applied.release == r2
+    calls = len(cell.applier.calls)
+    await cell.want(2, r2)  # redelivered
+    await cell.upgrader.reconcile()
+    assert len(cell.applier.calls) == calls
+    cell.restart()
+    await cell.upgrader.reconcile()
+    assert cell.applier.calls == [], "nothing re-applied after a restart"
+    assert cell.phases(2) == ["accepted", "verifying", "applying", "succeeded"]
+
+
+async def test_a_crash_while_applying_resumes_and_reports_one_outcome(
+    cell: Cell, moto: str
+) -> None:
+    await cell.want(1, release(moto, "1.0"))
+    await cell.upgrader.reconcile()
+    r2 = release(moto, "2.0")
+    cell.applier.crash_on = "db"
+    await cell.want(2, r2)
+    with pytest.raises(asyncio.CancelledError):
+        await cell.upgrader.reconcile()
+    assert cell.gate.is_on(), "killed inside maintenance"
+
+    cell.restart()  # the agent starts again on the same state directory
+    await cell.upgrader.reconcile()
+    assert cell.journal.applied.release == r2
+    assert [p for p in cell.phases(2) if p in ("succeeded", "failed", "rolled_back")] == [
+        "succeeded"
+    ]
+    assert not cell.gate.is_on()
+
+
+async def test_maintenance_is_time_boxed_even_if_the_agent_dies(cell: Cell) -> None:
+    cell.gate.enter("updating")
+    response = await cell.gate.route_gate("/gate/start")
+    assert response.status == 503 and MESSAGE in response.body.decode()
+    assert (await cell.gate.route_gate("/gate/running")).status == 404
+    cell.restart()  # the gate's deadline is on disk
+    assert cell.gate.is_on()
+    cell.clock.advance(15 * 60 + 1)
+    for action in ("start", "stop", "snapshot"):
+        assert (await cell.gate.route_gate(f"/gate/{action}")).status == 200
+    body = json.loads((await cell.gate.route_maintenance("/maintenance")).body)
+    assert body["maintenance"] is False
