@@ -177,9 +177,20 @@ async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, *, deps: Dep
         log.info("cell %s confirmed its new credentials %s", msg.cell_id, msg.credential_id)
 
 
+async def on_cell_maintenance(msg: CellMaintenance, delivery: Delivery, *, deps: Deps) -> None:
+    """Track when a cell entered maintenance and how long each stay lasted."""
+    check_sender(msg, delivery)
+    outcome, took = await deps.store.maintenance(
+        msg.cell_id, seq=msg.seq, enabled=msg.enabled, now=deps.clock.now(), until=msg.enabled_until
+    )
+    if outcome == "left":
+        metrics.MAINTENANCE_DURATION.observe(took)
+        log.info("cell %s left maintenance after %.0fs", msg.cell_id, took)
+
+
 async def on_cell_report(msg: CellReport, delivery: Delivery, *, deps: Deps) -> None:
-    """Reports the registry does not record yet (upgrade, maintenance, debug access): the
-    sender is still checked, so a forged one is dead-lettered and counted."""
+    """Reports the registry does not record yet (upgrade, debug access): the sender is still
+    checked, so a forged one is dead-lettered and counted."""
     check_sender(msg, delivery)
 
 
@@ -316,6 +327,8 @@ async def sweep(deps: Deps) -> list[str]:
         metrics.CELLS.labels(stage, state).set(n)
     oldest = await deps.store.oldest_heartbeat_epoch()
     metrics.HEARTBEAT_AGE_MAX.set(0 if oldest is None else max(0.0, now.timestamp() - oldest))
+    longest = await deps.store.oldest_maintenance_epoch()
+    metrics.MAINTENANCE_AGE_MAX.set(0 if longest is None else max(0.0, now.timestamp() - longest))
     return gone
 
 
@@ -328,7 +341,7 @@ CELL_REPORTS: dict[type[Message], CellHandler] = {
     CellRegister: on_cell_register,
     CellHeartbeat: on_cell_heartbeat,
     CellUpgrade: on_cell_report,
-    CellMaintenance: on_cell_report,
+    CellMaintenance: on_cell_maintenance,
     CellDebugAccess: on_cell_report,
 }
 

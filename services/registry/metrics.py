@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 CELLS = Gauge("substrate_cells", "Cells by stage and status", ["stage", "status"])
 HEARTBEAT_AGE_MAX = Gauge(
@@ -31,6 +31,15 @@ REFUSED = Counter(
 )
 TRANSITIONS = Counter(
     "substrate_cell_liveness_transitions", "Cells marked offline or online", ["to"]
+)
+MAINTENANCE_DURATION = Histogram(
+    "substrate_cell_maintenance_duration_seconds",
+    "How long cells stayed in maintenance mode, per stay",
+    buckets=(10, 30, 60, 120, 300, 600, 900, 1800, 3600),
+)
+MAINTENANCE_AGE_MAX = Gauge(
+    "substrate_cell_maintenance_age_max_seconds",
+    "How long the cell longest in maintenance right now has been in it",
 )
 ROTATIONS = Counter(
     "substrate_credential_rotations", "Credential rotations by outcome", ["outcome"]

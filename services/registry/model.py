@@ -65,6 +65,9 @@ class CellView(BaseModel):
     applied_generation: int | None = None
     infra_template_version: str | None = None
     maintenance: bool = False
+    maintenance_since: datetime | None = None
+    maintenance_until: datetime | None = None
+    maintenance_seconds_total: float = 0.0
     stack_name: str | None = None
     flags_snapshot_version: int | None = None
     credential_id: str | None = None

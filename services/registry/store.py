@@ -33,6 +33,7 @@ CELL = PREFIX + "cell:"
 OUTBOX = PREFIX + "outbox"
 LIVENESS = PREFIX + "liveness"
 ROTATIONS = PREFIX + "rotations"
+MAINTENANCE = PREFIX + "maintenance"
 REFUSALS_KEPT = 20
 
 _LUA_COMMON = """
@@ -118,6 +119,32 @@ return out
 """.replace("%s", CellOnline.wire_name)
 )
 
+# KEYS: cell, maintenance
+# ARGV: id, seq, enabled ('1' or '0'), now_iso, now_epoch, until_iso
+# Ordered by the report's own sequence number, apart from heartbeats' (both share the counter).
+_MAINTENANCE = """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'last_maintenance_seq',
+                       'maintenance_since_epoch')
+if not rec[1] or rec[1] == 'decommissioned' then return {'ignored', '0'} end
+if tonumber(ARGV[2]) <= (tonumber(rec[2]) or -1) then return {'stale', '0'} end
+redis.call('HSET', KEYS[1], 'last_maintenance_seq', ARGV[2])
+if ARGV[3] == '1' then
+  if not rec[3] or rec[3] == '' then
+    redis.call('HSET', KEYS[1], 'maintenance_since', ARGV[4], 'maintenance_since_epoch', ARGV[5])
+    redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+  end
+  redis.call('HSET', KEYS[1], 'maintenance', '1', 'maintenance_until', ARGV[6])
+  return {'entered', '0'}
+end
+local took = 0
+if rec[3] and rec[3] ~= '' then took = math.max(0, tonumber(ARGV[5]) - tonumber(rec[3])) end
+redis.call('HSET', KEYS[1], 'maintenance', '0', 'maintenance_since', '',
+           'maintenance_since_epoch', '', 'maintenance_until', '')
+redis.call('HINCRBYFLOAT', KEYS[1], 'maintenance_seconds_total', took)
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {'left', tostring(took)}
+"""
+
 # KEYS: liveness, outbox
 # ARGV: cutoff_epoch, now_iso, limit
 _SWEEP = (
@@ -190,6 +217,7 @@ class RegistryStore:
         self._register = redis.register_script(_REGISTER)
         self._sweep = redis.register_script(_SWEEP)
         self._decommission = redis.register_script(_DECOMMISSION)
+        self._maintenance = redis.register_script(_MAINTENANCE)
         self._heartbeats = BatchedScript(redis, _HEARTBEATS)
 
     # -- creating -----------------------------------------------------------------------------
@@ -327,6 +355,20 @@ class RegistryStore:
         )
         outcome, _, confirmed = str(result).partition(":")
         return outcome, confirmed == "1"
+
+    async def maintenance(
+        self, cell_id: str, *, seq: int, enabled: bool, now: datetime, until: datetime | None
+    ) -> tuple[str, float]:
+        """Returns (entered|left|stale|ignored, seconds the maintenance took when it left)."""
+        outcome, took = await self._maintenance(
+            keys=[CELL + cell_id, MAINTENANCE],
+            args=[cell_id, seq, _s(enabled), now.isoformat(), now.timestamp(), _s(until)],
+        )
+        return str(outcome), float(took)
+
+    async def oldest_maintenance_epoch(self) -> float | None:
+        oldest = await self.redis.zrange(MAINTENANCE, 0, 0, withscores=True)
+        return float(oldest[0][1]) if oldest else None
 
     async def sweep_offline(self, cutoff: datetime, now: datetime, limit: int = 1000) -> list[str]:
         """Mark online cells whose last heartbeat is at or before ``cutoff`` offline."""

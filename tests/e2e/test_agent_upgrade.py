@@ -67,6 +67,9 @@ async def test_agent_applies_a_release_with_the_gate_closed_only_meanwhile(
         lambda: _installed(procs, cell, "2026.11.1"), timeout=20, interval=0.3
     )
     assert record["applied_generation"] == 1 and record["maintenance"] is False
+    # The control plane saw the stay in maintenance: the db component took about 2 s.
+    stay = await eventually(lambda: _maintenance_total(procs, cell), timeout=10, interval=0.3)
+    assert 1.5 <= stay < 30
     for action in ("start", "stop", "snapshot"):
         assert (await http_get(port, f"/gate/{action}"))[0] == 200
     assert marker.read_text().split("\n")[:2] == [
@@ -79,6 +82,11 @@ async def test_agent_applies_a_release_with_the_gate_closed_only_meanwhile(
         if CellUpgrade.model_validate(body)
     ]
     assert phases == [(1, "accepted"), (1, "verifying"), (1, "applying"), (1, "succeeded")]
+
+
+async def _maintenance_total(procs: Processes, cell: str) -> float | None:
+    total = float((await show(procs, cell))["maintenance_seconds_total"])
+    return total or None
 
 
 async def _gate_closed(port: int) -> tuple[int, str] | None:

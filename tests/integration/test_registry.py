@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 
 from common.bus import Refused, RpcFailure
 from common.clock import FakeClock
-from common.messages import CellHeartbeat, CellRegister, Delivery, Message
-from services.registry import handlers
+from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
+from services.registry import handlers, metrics
 from services.registry.store import OUTBOX, RegistryStore
 from tests.conftest import Services
 from tests.helpers import new_cell_id
@@ -345,3 +345,31 @@ async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_pe
     assert view.credential_id == result["credential_id"]
     await handlers.sweep(deps)
     assert accounts.closed == [cell], "closed once"
+
+
+async def test_the_registry_records_how_long_each_cell_spent_in_maintenance(
+    deps: handlers.Deps, clock: FakeClock
+) -> None:
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+
+    def report(seq: int, enabled: bool) -> CellMaintenance:
+        return CellMaintenance(
+            cell_id=cell, seq=seq, sent_at=clock.now(), enabled=enabled,
+            enabled_until=clock.now() + timedelta(minutes=15) if enabled else None,
+        )  # fmt: skip
+
+    await handlers.on_cell_maintenance(report(2, True), delivery(cell, "maintenance"), deps=deps)
+    clock.advance(60)
+    await handlers.sweep(deps)
+    assert metrics.MAINTENANCE_AGE_MAX._value.get() >= 60
+    view = await deps.store.get(cell)
+    assert view is not None and view.maintenance and view.maintenance_since is not None
+    clock.advance(60)
+    await handlers.on_cell_maintenance(report(3, False), delivery(cell, "maintenance"), deps=deps)
+    # A late duplicate of the first report changes nothing.
+    await handlers.on_cell_maintenance(report(2, True), delivery(cell, "maintenance"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and not view.maintenance and view.maintenance_since is None
+    assert view.maintenance_seconds_total == 120
