@@ -13,7 +13,7 @@ from common import topology
 from common.bus import BusError, RabbitBus, RemoteError
 from common.messages import MESSAGES, json_schema
 from common.settings import ControlPlaneSettings, load
-from substratectl import cells
+from substratectl import cells, releases
 from substratectl.output import emit_json, fail, table
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
 
     cells.add_commands(sub)
+    releases.add_commands(sub)
 
     topo = sub.add_parser("topology", help="the broker objects of the control plane")
     topo_sub = topo.add_subparsers(dest="topology_command", required=True, metavar="ACTION")
@@ -142,6 +143,8 @@ async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings |
         return code
     except RemoteError as exc:
         return fail(f"{exc.service}: {exc.message}", as_json=ctl.as_json)
+    except releases.FileProblem as exc:
+        return fail(str(exc), as_json=ctl.as_json)
     except BusError as exc:
         return fail(str(exc), as_json=ctl.as_json)
     finally:
