@@ -86,14 +86,19 @@ async def cmd_status(ctl: Ctl) -> int:
 
 
 def _status_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One readable line of a service's status: ``ready, cells: 3 online, releases: 2``."""
     detail = row["detail"]
     if isinstance(detail, dict):
-        cells = detail.get("cells")
-        detail = "ready" + (
-            ", cells: " + ", ".join(f"{n} {status}" for status, n in cells.items() if n)
-            if cells
-            else ""
-        )
+        parts = ["ready" if detail.get("ready") else "not ready"]
+        for key, value in detail.items():
+            if key in ("service", "ready"):
+                continue
+            if isinstance(value, dict):
+                counts = ", ".join(f"{n} {k}" for k, n in value.items() if n)
+                parts.append(f"{key}: {counts or 'none'}")
+            else:
+                parts.append(f"{key}: {value}")
+        detail = ", ".join(parts)
     return {**row, "detail": detail}
 
 

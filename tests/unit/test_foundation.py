@@ -109,3 +109,17 @@ async def test_metrics_server_serves_metrics_health_and_routes() -> None:
 def test_table_aligns_columns_and_shows_missing_values() -> None:
     out = table([{"id": "a", "n": None}, {"id": "bbb", "n": True}], ["id", "n"])
     assert out.splitlines() == ["ID   N", "a    -", "bbb  yes"]
+
+
+def test_status_details_read_as_one_line() -> None:
+    from substratectl.cli import _status_row
+
+    row = _status_row(
+        {"service": "registry", "up": True,
+         "detail": {"service": "registry", "ready": True, "cells": {"online": 3, "offline": 0}}}
+    )  # fmt: skip
+    assert row["detail"] == "ready, cells: 3 online"
+    empty = _status_row({"service": "r", "up": True, "detail": {"ready": True, "cells": {}}})
+    assert empty["detail"] == "ready, cells: none"
+    down = _status_row({"service": "flags", "up": False, "detail": "did not answer"})
+    assert down["detail"] == "did not answer"
