@@ -13,8 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -32,6 +31,8 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
+from common.acks import BatchedAcks
+from common.deadlines import Deadlines
 from common.messages import (
     DLX_EXCHANGE,
     Delivery,
@@ -120,51 +121,6 @@ class QueueState:
     consumers: int
 
 
-class _Acker:
-    """Acknowledges finished deliveries of one channel with a single ``multiple`` ack per turn
-    of the event loop, but only up to the highest delivery tag below which every delivery is
-    settled: handlers run concurrently and finish out of order, and an ack must never cover a
-    message whose handler is still running. Saves a frame (and broker work) per message.
-    """
-
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
-        self.channel = channel
-        self._settled: set[int] = set()
-        self._contiguous = 0  # every tag up to this one is settled
-        self._sent = 0  # acked up to this tag
-        self._flush: asyncio.Task[None] | None = None
-
-    def ack(self, tag: int) -> None:
-        self._settle(tag)
-        if self._contiguous > self._sent and self._flush is None:
-            self._flush = asyncio.get_running_loop().create_task(self._send())
-
-    def settled_otherwise(self, tag: int) -> None:
-        """A tag nacked on its own: it no longer blocks the acks after it."""
-        self._settle(tag)
-
-    def _settle(self, tag: int) -> None:
-        self._settled.add(tag)
-        while self._contiguous + 1 in self._settled:
-            self._contiguous += 1
-            self._settled.discard(self._contiguous)
-
-    async def _send(self) -> None:
-        await asyncio.sleep(0)  # let the handlers finishing in this turn settle first
-        try:
-            while self._contiguous > self._sent:
-                upto = self._contiguous
-                if not self.channel.is_closed:
-                    await self.channel.basic_ack(upto, multiple=True)
-                self._sent = upto
-        finally:
-            self._flush = None
-
-    async def drain(self) -> None:
-        if self._flush is not None:
-            await asyncio.shield(self._flush)
-
-
 @dataclass(slots=True)
 class _Consumer:
     channel: AbstractRobustChannel
@@ -174,58 +130,6 @@ class _Consumer:
 
 def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
     return f"{message.type} to {exchange or '(default)'}/{routing_key}"
-
-
-class Deadlines:
-    """Timeouts for many short awaits at the cost of a dict entry each.
-
-    ``asyncio.timeout`` schedules and cancels a timer per call, which measured at about a
-    quarter of a confirmed publish's CPU time. Here one watchdog task wakes a few times per
-    timeout period and cancels the awaits past their deadline; ``guard`` turns that
-    cancellation into TimeoutError. A timeout fires between ``seconds`` and 1.25 x ``seconds``.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._running: dict[int, tuple[float, asyncio.Task[Any]]] = {}
-        self._expired: set[int] = set()
-        self._next = 0
-        self._watchdog: asyncio.Task[None] | None = None
-
-    @asynccontextmanager
-    async def guard(self) -> AsyncIterator[None]:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        self._next += 1
-        token = self._next
-        self._running[token] = (loop.time() + self.seconds, task)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = loop.create_task(self._watch())
-        try:
-            yield
-        except asyncio.CancelledError:
-            if token in self._expired:
-                task.uncancel()
-                raise TimeoutError from None
-            raise
-        finally:
-            self._running.pop(token, None)
-            self._expired.discard(token)
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._running:
-            await asyncio.sleep(max(self.seconds / 4, 0.01))
-            now = loop.time()
-            for token, (deadline, task) in list(self._running.items()):
-                if deadline <= now and token not in self._expired:
-                    self._expired.add(token)
-                    task.cancel()
-
-    def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
 
 
 def redact(url: str) -> str:
@@ -278,7 +182,7 @@ class RabbitBus:
         self._stopping = False
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
         # One acker per underlying channel: tags restart when a channel is reopened.
-        self._ackers: dict[int, _Acker] = {}
+        self._ackers: dict[int, BatchedAcks] = {}
         connection.reconnect_callbacks.add(self._on_reconnect)
 
     # -- connecting ---------------------------------------------------------------------------
@@ -611,11 +515,11 @@ class RabbitBus:
         self._ack(message)
         return "acked"
 
-    def _acker(self, message: AbstractIncomingMessage) -> _Acker:
+    def _acker(self, message: AbstractIncomingMessage) -> BatchedAcks:
         channel = message.channel
         acker = self._ackers.get(id(channel))
         if acker is None or acker.channel is not channel:
-            acker = self._ackers[id(channel)] = _Acker(channel)
+            acker = self._ackers[id(channel)] = BatchedAcks(channel)
         return acker
 
     def _ack(self, message: AbstractIncomingMessage) -> None:

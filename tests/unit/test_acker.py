@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from common.bus import _Acker
+from common.acks import BatchedAcks
 
 
 class FakeChannel:
@@ -25,7 +25,7 @@ async def _turns(n: int = 3) -> None:
 
 async def test_out_of_order_completions_are_acked_only_up_to_the_first_gap() -> None:
     channel: Any = FakeChannel()
-    acker = _Acker(channel)
+    acker = BatchedAcks(channel)
     for tag in (2, 3, 5):
         acker.ack(tag)
     await _turns()
@@ -44,7 +44,7 @@ async def test_out_of_order_completions_are_acked_only_up_to_the_first_gap() -> 
 
 async def test_many_completions_in_one_turn_cost_one_ack() -> None:
     channel: Any = FakeChannel()
-    acker = _Acker(channel)
+    acker = BatchedAcks(channel)
     for tag in range(1, 101):
         acker.ack(tag)
     await acker.drain()
