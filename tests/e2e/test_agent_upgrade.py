@@ -22,17 +22,23 @@ from tests.helpers import eventually, new_cell_id, read_all
 from tests.integration.test_upgrade import push_image
 
 
-@pytest.mark.e2e
-async def test_agent_applies_a_release_with_the_gate_closed_only_meanwhile(
-    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services,
-    bus: RabbitBus,
-) -> None:  # fmt: skip
+async def cell_with_report_tap(procs: Processes, bus: RabbitBus) -> tuple[str, dict[str, Any], str]:
+    """A new cell, and a queue that receives a copy of its upgrade reports."""
     cell = new_cell_id()
     created = await create_cell(procs, cell)
     reports = f"test.{cell}.upgrades"
     await bus.declare(
         Topology((), consuming_queue(reports, Binding(CELLS_EXCHANGE, f"{cell}.upgrade")))
     )
+    return cell, created, reports
+
+
+@pytest.mark.e2e
+async def test_agent_applies_a_release_with_the_gate_closed_only_meanwhile(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services,
+    bus: RabbitBus,
+) -> None:  # fmt: skip
+    cell, created, reports = await cell_with_report_tap(procs, bus)
     port = free_port()
     marker = tmp_path / "applied.log"
     # The db component takes a moment, so the gate can be seen closed while it updates.
@@ -104,12 +110,7 @@ async def test_an_agent_killed_while_applying_resumes_and_reports_one_outcome(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services,
     bus: RabbitBus,
 ) -> None:  # fmt: skip
-    cell = new_cell_id()
-    created = await create_cell(procs, cell)
-    reports = f"test.{cell}.upgrades"
-    await bus.declare(
-        Topology((), consuming_queue(reports, Binding(CELLS_EXCHANGE, f"{cell}.upgrade")))
-    )
+    cell, created, reports = await cell_with_report_tap(procs, bus)
     port = free_port()
     slow_db = 'if [ "$SUBSTRATE_COMPONENT" = db ]; then sleep 3; fi'
     agent_env = {"CELL_APPLIER": "command", "CELL_APPLY_COMMAND": slow_db}

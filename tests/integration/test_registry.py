@@ -96,6 +96,14 @@ async def create(deps: handlers.Deps, cell_id: str, **extra: str) -> dict[str, o
     return await handlers.cells_create(params, delivery(cell_id, "rpc"), deps=deps)
 
 
+async def registered(deps: handlers.Deps) -> str:
+    """A new cell, created and registered from ACCOUNT with sequence number 1."""
+    cell = new_cell_id()
+    await create(deps, cell)
+    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    return cell
+
+
 def register_msg(cell_id: str, seq: int, account: str = ACCOUNT, **kw: str) -> CellRegister:
     fields = {"agent_version": "1.0", "region": "eu-west-1", "incarnation": "i1", **kw}
     return CellRegister(
@@ -145,9 +153,7 @@ async def test_create_refuses_duplicates_and_undoes_a_failed_provision(
 async def test_registration_binds_the_account_and_refuses_another(
     deps: handlers.Deps, redis: aioredis.Redis
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     view = await deps.store.get(cell)
     assert view is not None and view.status == "online" and view.aws_account_id == ACCOUNT
 
@@ -196,9 +202,7 @@ async def test_an_account_given_at_creation_is_enforced_from_the_first_registrat
 
 
 async def test_heartbeats_only_move_forward(deps: handlers.Deps) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     seen = []
     for seq, release in ((5, "2026.11.5"), (3, "2026.11.3"), (5, "2026.11.4"), (6, "2026.11.6")):
         await handlers.on_cell_heartbeat(
@@ -241,9 +245,7 @@ async def test_heartbeat_from_an_unregistered_cell_changes_nothing(deps: handler
 async def test_offline_and_back_on_the_registrys_clock_not_the_cells(
     deps: handlers.Deps, clock: FakeClock, redis: aioredis.Redis
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     # The cell's clock is a day ahead: it must not keep the cell alive.
     future = clock.now() + timedelta(days=1)
     await handlers.on_cell_heartbeat(
@@ -275,9 +277,7 @@ async def test_offline_and_back_on_the_registrys_clock_not_the_cells(
 async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
     publisher = deps.publisher
     assert isinstance(publisher, FakePublisher)
@@ -301,9 +301,7 @@ async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
 async def test_decommissioned_cells_are_kept_and_refused(
     deps: handlers.Deps, redis: aioredis.Redis
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     view = await handlers.cells_decommission({"id": cell}, delivery(cell, "rpc"), deps=deps)
     assert view["status"] == "decommissioned"
     accounts = deps.accounts
@@ -326,9 +324,7 @@ async def test_decommissioned_cells_are_kept_and_refused(
 async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_period(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
     result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
     accounts = deps.accounts
     assert isinstance(accounts, FakeAccounts)
@@ -350,9 +346,7 @@ async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_pe
 async def test_the_registry_records_how_long_each_cell_spent_in_maintenance(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:
-    cell = new_cell_id()
-    await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    cell = await registered(deps)
 
     def report(seq: int, enabled: bool) -> CellMaintenance:
         return CellMaintenance(
