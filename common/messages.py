@@ -229,6 +229,22 @@ class CellSync(CellReport):
     flags_snapshot_version: int | None = None
 
 
+def sender_problem(msg: CellReport, delivery: Delivery) -> tuple[str, str] | None:
+    """Why a cell report must be refused, as (reason, message), or None. A cell may speak only
+    for itself: the broker-checked user_id, the routing key and the body must name the same
+    cell. The broker checks a user_id only when one is set, so a missing one is refused here."""
+    if not delivery.user_id:
+        return "missing_user_id", "message has no user_id"
+    if delivery.user_id != msg.cell_id:
+        return "user_mismatch", f"user {delivery.user_id!r} sent a message for {msg.cell_id!r}"
+    if delivery.routing_key != msg.routing_key():
+        return (
+            "routing_key_mismatch",
+            f"routing key {delivery.routing_key!r} does not match {msg.routing_key()!r}",
+        )
+    return None
+
+
 CELL_REPORT_KINDS = tuple(cls.kind for cls in MESSAGES.values() if issubclass(cls, CellReport))
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from common.messages import (
     Delivery,
     Message,
     RotateCredentials,
+    sender_problem,
 )
 from services.registry import metrics
 from services.registry.model import (
@@ -77,21 +78,11 @@ class Deps:
 
 
 def check_sender(msg: CellReport, delivery: Delivery) -> None:
-    """A cell may speak only for itself: the broker-checked user_id, the routing key and the
-    body must all name the same cell. The broker checks a user_id only when one is set."""
-    reason = None
-    if not delivery.user_id:
-        reason = "missing_user_id", "message has no user_id"
-    elif delivery.user_id != msg.cell_id:
-        reason = "user_mismatch", f"user {delivery.user_id!r} sent a message for {msg.cell_id!r}"
-    elif delivery.routing_key != msg.routing_key():
-        reason = (
-            "routing_key_mismatch",
-            f"routing key {delivery.routing_key!r} does not match {msg.routing_key()!r}",
-        )
-    if reason is not None:
-        metrics.REFUSED.labels(reason[0]).inc()
-        raise Refused(reason[1])
+    """Refuse (dead-letter) and count a report that speaks for another cell."""
+    problem = sender_problem(msg, delivery)
+    if problem is not None:
+        metrics.REFUSED.labels(problem[0]).inc()
+        raise Refused(problem[1])
 
 
 async def on_cell_register(msg: CellRegister, delivery: Delivery, *, deps: Deps) -> None:

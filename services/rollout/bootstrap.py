@@ -20,6 +20,13 @@ async def setup(
 ) -> Callable[[], Awaitable[None]]:
     redis = aioredis.from_url(settings.redis_url, decode_responses=True)
     deps = handlers.Deps(store=RolloutStore(redis), clock=clock or SystemClock())
+    await bus.consume(
+        "rollout.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
+    )
+    await bus.consume(
+        "rollout.cells",
+        {cls: partial(fn, deps=deps) for cls, fn in handlers.CELL_REPORTS.items()},
+    )
     await bus.serve("rollout", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
     stop = asyncio.Event()
     relay = asyncio.create_task(deps.store.outbox.relay(bus, stop), name="rollout-outbox")

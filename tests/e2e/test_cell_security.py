@@ -30,7 +30,8 @@ def _body(msg: CellHeartbeat | CellRegister) -> bytes:
     return msg.model_dump_json().encode()
 
 
-async def _register(url: str, cell: str) -> None:
+async def register_as_cell(url: str, cell: str) -> None:
+    """Register ``cell`` with its own credentials, as its agent would."""
     msg = CellRegister(
         cell_id=cell, seq=1, sent_at=NOW, agent_version="1", aws_account_id="123456789012",
         region="eu-west-1", incarnation="i",
@@ -68,8 +69,8 @@ async def test_a_cell_cannot_act_as_another_cell_or_the_control_plane(
     attacker, victim = new_cell_id(), new_cell_id()
     a = await create_cell(procs, attacker)
     v = await create_cell(procs, victim)
-    await _register(a["amqp_url"], attacker)
-    await _register(v["amqp_url"], victim)
+    await register_as_cell(a["amqp_url"], attacker)
+    await register_as_cell(v["amqp_url"], victim)
     await eventually(lambda: status_is(procs, victim, "online"), timeout=15, interval=0.3)
     await eventually(lambda: status_is(procs, attacker, "online"), timeout=15, interval=0.3)
     before = await show(procs, victim)
@@ -184,7 +185,7 @@ async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_count
     cell = new_cell_id()
     created = await create_cell(procs, cell)
     url = created["amqp_url"]
-    await _register(url, cell)
+    await register_as_cell(url, cell)
     await eventually(lambda: status_is(procs, cell, "online"), timeout=15, interval=0.3)
     before = await registry.metric(
         "substrate_bus_consumed_messages_total", queue="registry.cells", outcome="dead_lettered"

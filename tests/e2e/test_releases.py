@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,8 +11,10 @@ from common.bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE, ReleasePublished
 from common.topology import Binding, Topology, consuming_queue
 from tests.conftest import Services
-from tests.e2e.conftest import Processes
-from tests.helpers import eventually, read_all
+from tests.e2e.conftest import Processes, start_registry
+from tests.e2e.test_cell_security import register_as_cell
+from tests.e2e.test_cells import create_cell
+from tests.helpers import eventually, new_cell_id, read_all
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -111,3 +114,41 @@ async def test_a_missing_file_and_an_unknown_version(
     code, _, err = await procs.ctl("release", "show", "9.9.9")
     assert code == 1 and "release '9.9.9' is not published" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+async def test_rollout_plan_follows_the_fleet_from_the_registrys_events(
+    procs: Processes, rollout: None, tmp_path: Path
+) -> None:
+    # These cells register but never heartbeat: keep them online for the test's length.
+    await start_registry(procs, SUBSTRATE_OFFLINE_AFTER_SECONDS="300")
+    staging, saas = new_cell_id(), new_cell_id()
+    dedicated = [new_cell_id() for _ in range(4)]
+    silent = new_cell_id()
+    for cell_id, stage in [(staging, "staging"), (saas, "saas"), (silent, "dedicated")] + [
+        (c, "dedicated") for c in dedicated
+    ]:
+        created = await create_cell(procs, cell_id, stage=stage)
+        if cell_id != silent:
+            await register_as_cell(created["amqp_url"], cell_id)
+    version = f"2027.1.{abs(hash(tmp_path)) % 100_000}"
+    path = tmp_path / "release.yaml"
+    path.write_text(release_yaml(version))
+    code, _, err = await procs.ctl("release", "publish", str(path))
+    assert code == 0, err
+
+    async def planned() -> dict[str, Any] | None:
+        code, result, _ = await procs.ctl("rollout", "plan", version)
+        waves = result["stages"]["dedicated"] if code == 0 else []
+        mine = {c for w in waves for c in w} & set(dedicated)
+        return result if mine == set(dedicated) else None
+
+    result = await eventually(planned, timeout=20, interval=0.5, what="plan with every cell")
+    assert staging in {c for w in result["stages"]["staging"] for c in w}
+    assert saas in {c for w in result["stages"]["saas"] for c in w}
+    assert result["skipped"][silent] == "not_registered"
+    canary = result["stages"]["dedicated"][0]
+    assert len(canary) == 1
+
+    code, _, err = await procs.ctl("rollout", "plan", "0.0.1")
+    assert code == 1 and "release '0.0.1' is not published" in err
