@@ -306,12 +306,11 @@ async def ingest(args: argparse.Namespace) -> None:
         )
         per_cell = max(1, args.heartbeats // args.cells)
         total = per_cell * args.cells
-        raws, registries, cpus = [], [], []
+        raws, registries = [], []
         for r in range(args.rounds):
             raw_rate, registry_rate, cpu = await ingest_round(bench, raw_queue, per_cell, args)
             raws.append(raw_rate)
             registries.append(registry_rate)
-            cpus.append(cpu)
             print(
                 f"round {r + 1}: raw {raw_rate:,.0f}/s, registry {registry_rate:,.0f}/s "
                 f"({registry_rate / raw_rate:.0%}; registry CPU {cpu:.0%} of a core)",

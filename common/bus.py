@@ -121,6 +121,16 @@ class QueueState:
     consumers: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Routes:
+    """How one consumed queue's deliveries are handled."""
+
+    queue: str
+    by_type: Mapping[str, tuple[type[Message], Handler]]
+    delivery_limit: int
+    max_body_bytes: int
+
+
 @dataclass(slots=True)
 class _Consumer:
     channel: AbstractRobustChannel
@@ -429,25 +439,21 @@ class RabbitBus:
         assert isinstance(channel, aio_pika.RobustChannel)
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await channel.declare_queue(queue, passive=True)
-        callback = partial(self._on_delivery, queue, by_type, delivery_limit, max_body_bytes)
+        callback = partial(
+            self._on_delivery, _Routes(queue, by_type, delivery_limit, max_body_bytes)
+        )
         tag = await amqp_queue.consume(callback)
         self._consumers.append(_Consumer(channel, amqp_queue, tag))
         log.info("consuming %s (%s)", queue, ", ".join(sorted(by_type)))
 
-    async def _on_delivery(
-        self,
-        queue: str,
-        by_type: Mapping[str, tuple[type[Message], Handler]],
-        delivery_limit: int,
-        max_body_bytes: int,
-        message: AbstractIncomingMessage,
-    ) -> None:
+    async def _on_delivery(self, routes: _Routes, message: AbstractIncomingMessage) -> None:
+        queue = routes.queue
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
         outcome = "acked"
         try:
-            outcome = await self._handle(queue, by_type, delivery_limit, max_body_bytes, message)
+            outcome = await self._handle(routes, message)
         except Exception:
             # Acking, nacking or dead-lettering failed (the channel went away): the broker
             # redelivers whatever was not acked, which is the behaviour we want.
@@ -459,14 +465,8 @@ class RabbitBus:
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _handle(
-        self,
-        queue: str,
-        by_type: Mapping[str, tuple[type[Message], Handler]],
-        delivery_limit: int,
-        max_body_bytes: int,
-        message: AbstractIncomingMessage,
-    ) -> str:
+    async def _handle(self, routes: _Routes, message: AbstractIncomingMessage) -> str:
+        queue, max_body_bytes = routes.queue, routes.max_body_bytes
         if self._stopping:
             # Shutting down: hand it back to the queue for another replica or our next start.
             await self._nack(message)
@@ -475,7 +475,7 @@ class RabbitBus:
             return await self._dead(
                 queue, message, f"body of {len(message.body)} bytes exceeds {max_body_bytes}"
             )
-        entry = by_type.get(message.type or "")
+        entry = routes.by_type.get(message.type or "")
         if entry is None:
             return await self._dead(queue, message, f"unknown type {message.type!r} on {queue}")
         model_cls, handler = entry
@@ -504,7 +504,7 @@ class RabbitBus:
             return await self._dead(queue, message, f"refused: {exc}")
         except Exception as exc:
             attempts = failures + 1
-            if attempts >= delivery_limit:
+            if attempts >= routes.delivery_limit:
                 log.exception("handler for %s failed %d times; dead-lettering", queue, attempts)
                 return await self._dead(
                     queue, message, f"handler failed {attempts} times, last: {exc!r}"

@@ -131,7 +131,3 @@ def stack_parameters(cell: CreateCell, amqp_url: str, privatelink_service: str) 
 def offline_cutoff(now: datetime, offline_after: float) -> datetime:
     """Cells whose last heartbeat (by the registry's clock) is at or before this are offline."""
     return now - timedelta(seconds=offline_after)
-
-
-def rotation_overdue(started: datetime, now: datetime, grace: float) -> bool:
-    return (now - started).total_seconds() >= grace

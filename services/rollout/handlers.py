@@ -16,6 +16,7 @@ from common.messages import (
     CellOnline,
     CellRegistered,
     CellRegistrationRefused,
+    CellReport,
     CellSync,
     CellUpgrade,
     Delivery,
@@ -118,10 +119,14 @@ async def on_ignored_event(msg: Event, delivery: Delivery, *, deps: Deps) -> Non
     """Events on rollout's queue that it has no use for yet (acked, not dead-lettered)."""
 
 
-async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -> None:
+def _check_sender(msg: CellReport, delivery: Delivery) -> None:
     problem = sender_problem(msg, delivery)
     if problem is not None:
         raise Refused(problem[1])
+
+
+async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -> None:
+    _check_sender(msg, delivery)
     if msg.phase == "succeeded" and msg.release_version is not None:
         await deps.store.set_installed(msg.cell_id, msg.release_version)
 
@@ -129,9 +134,7 @@ async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -
 async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None:
     """Answered with the cell's desired state once the rollout controller exists; until then
     only the sender is checked."""
-    problem = sender_problem(msg, delivery)
-    if problem is not None:
-        raise Refused(problem[1])
+    _check_sender(msg, delivery)
 
 
 async def rollout_plan(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
