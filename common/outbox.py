@@ -17,13 +17,14 @@ import uuid
 import redis.asyncio as aioredis
 
 from common.bus import BusError, RabbitBus, Unroutable
-from common.messages import MESSAGES, Event
+from common.messages import MESSAGES, Event, Message
 
 log = logging.getLogger(__name__)
 
 
-def outbox_entry(event: Event) -> str:
-    """The serialized form a Lua script or a pipeline pushes onto the outbox list."""
+def outbox_entry(event: Message) -> str:
+    """The serialized form a Lua script or a pipeline pushes onto the outbox list: an event, or
+    a command to a cell (published to its queue the same way)."""
     return json.dumps(
         {"id": uuid.uuid4().hex, "type": event.wire_name, "body": event.model_dump_json()}
     )

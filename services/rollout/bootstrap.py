@@ -10,16 +10,32 @@ import redis.asyncio as aioredis
 
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.lease import Lease
+from common.messages import Message
 from common.settings import ServiceSettings
 from services.rollout import handlers
-from services.rollout.store import RolloutStore
+from services.rollout.controller import Controller
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import LEASE, RolloutStore
 
 
 async def setup(
     bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
 ) -> Callable[[], Awaitable[None]]:
-    redis = aioredis.from_url(settings.redis_url, decode_responses=True)
-    deps = handlers.Deps(store=RolloutStore(redis), clock=clock or SystemClock())
+    own = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
+        **settings.model_dump()
+    )  # fmt: skip
+    clock = clock or SystemClock()
+    redis = aioredis.from_url(own.redis_url, decode_responses=True)
+    store = RolloutStore(redis)
+    controller = Controller(
+        store, clock, Lease(redis, LEASE, own.lease_seconds), tick_seconds=own.tick_seconds
+    )
+
+    async def send(message: Message) -> None:
+        await bus.publish(message)
+
+    deps = handlers.Deps(store=store, clock=clock, wake=controller.wake, send=send)
     await bus.consume(
         "rollout.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
     )
@@ -29,11 +45,14 @@ async def setup(
     )
     await bus.serve("rollout", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
     stop = asyncio.Event()
-    relay = asyncio.create_task(deps.store.outbox.relay(bus, stop), name="rollout-outbox")
+    tasks = [
+        asyncio.create_task(store.outbox.relay(bus, stop), name="rollout-outbox"),
+        asyncio.create_task(controller.run(stop), name="rollout-controller"),
+    ]
 
     async def cleanup() -> None:
         stop.set()
-        await asyncio.gather(relay, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await redis.aclose()
 
     return cleanup

@@ -1,0 +1,171 @@
+"""The rollout controller: the loop that carries rollouts out.
+
+Each step loads the policy, every rollout and every cell, lets the pure functions of
+``model.py`` decide, and writes each rollout's step in one fenced Lua script (``store.commit``)
+together with the desired states and the commands and events that go with them. Nothing is
+kept in memory between steps, so a restarted or newly elected controller carries on from
+Redis: a step that was written is not repeated (the next step sees it done) and one that was
+not is decided again. Replicas all run the loop; only the lease holder steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from contextlib import suppress
+from datetime import datetime
+
+from common.clock import Clock
+from common.lease import Lease
+from common.messages import DesiredState, Message, Release, RolloutHalted
+from services.rollout import metrics
+from services.rollout.model import (
+    ACTIVE,
+    Assign,
+    CellFacts,
+    Rollout,
+    catch_up,
+    step,
+    superseded,
+)
+from services.rollout.store import FenceLost, RolloutStore, Stale
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self, store: RolloutStore, clock: Clock, lease: Lease, *, tick_seconds: float = 1.0
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.lease = lease
+        self.tick_seconds = tick_seconds
+        self._wake = asyncio.Event()
+        self._releases: dict[str, Release] = {}  # published releases never change
+
+    def wake(self) -> None:
+        """Step soon: something a step depends on changed."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.tick()
+            except FenceLost:
+                log.warning("controller lease lost mid-step; another replica leads now")
+            except Exception:
+                log.exception("controller step failed; retrying")
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            with suppress(TimeoutError):
+                await asyncio.wait(waits, timeout=self.tick_seconds, return_when="FIRST_COMPLETED")
+            for w in waits:
+                w.cancel()
+        with suppress(Exception):
+            await self.lease.release()
+
+    async def tick(self) -> bool:
+        """One step over every rollout; False if another replica holds the lease."""
+        fence = await self.lease.hold()
+        if fence is None:
+            return False
+        policy = await self.store.policy()
+        rollouts = {r.version: r for r in await self.store.rollouts()}
+        cells = await self.store.cells()
+        now = self.clock.now()
+
+        for version in superseded(list(rollouts.values())):
+            r = rollouts[version]
+            new = r.model_copy(update={"state": "superseded", "updated_at": now})
+            rollouts[version] = await self._write(fence, r, new, assign=[], events=[], now=now) or r
+            log.info("rollout %s superseded by a newer release", version)
+
+        by_id = {c.id: c for c in cells}
+        for r in sorted(rollouts.values(), key=lambda r: r.semver):
+            if r.state not in ACTIVE and not (r.state == "aborted" and not r.reverted):
+                continue
+            decision = step(r, list(by_id.values()), policy, now)
+            if decision.rollout == r and not decision.changed:
+                continue
+            written = await self._write(
+                fence, r, decision.rollout, assign=decision.assign, events=decision.events, now=now
+            )
+            if written is None:
+                continue
+            rollouts[r.version] = written
+            self._apply(by_id, decision.assign, now)
+            for event in decision.events:
+                if isinstance(event, RolloutHalted):
+                    metrics.HALTS.labels(event.stage).inc()
+                    log.warning("rollout %s halted: %s", event.version, event.reason)
+
+        extra = catch_up(list(by_id.values()), list(rollouts.values()))
+        if extra:
+            await self._write(fence, None, None, assign=extra, events=[], now=now)
+            self._apply(by_id, extra, now)
+        metrics.observe(list(rollouts.values()), list(by_id.values()))
+        return True
+
+    async def _write(
+        self,
+        fence: str,
+        old: Rollout | None,
+        new: Rollout | None,
+        *,
+        assign: list[Assign],
+        events: Sequence[Message],
+        now: datetime,
+    ) -> Rollout | None:
+        """Write a step; None if an operator changed the rollout meanwhile (the next step
+        decides again from what they wrote)."""
+        generations = await self.store.generations(len(assign)) if assign else []
+        commands: list[Message] = [
+            DesiredState(
+                cell_id=a.cell_id,
+                issued_at=now,
+                generation=g,
+                release=await self._release(a.version),
+            )
+            for a, g in zip(assign, generations, strict=True)
+        ]
+        try:
+            written = await self.store.commit(
+                fence,
+                rollout=new,
+                expected_rev=old.rev if old is not None else None,
+                assign=list(zip(assign, generations, strict=True)),
+                at=now,
+                messages=[*events, *commands],
+            )
+        except Stale:
+            return None
+        metrics.ASSIGNED.inc(len(assign))
+        for a, g in zip(assign, generations, strict=True):
+            log.info(
+                "cell %s: desired state %s (generation %d)", a.cell_id, a.version or "nothing", g
+            )
+        return written
+
+    async def _release(self, version: str | None) -> Release | None:
+        if version is None:
+            return None
+        release = self._releases.get(version)
+        if release is None:
+            record = await self.store.get(version)
+            if record is None:
+                raise LookupError(f"release {version} is not published")
+            release = self._releases[version] = Release.model_validate(record["release"])
+        return release
+
+    @staticmethod
+    def _apply(by_id: dict[str, CellFacts], assign: list[Assign], now: datetime) -> None:
+        """What was just written, so later decisions in the same step see it."""
+        for a in assign:
+            cell = by_id.get(a.cell_id)
+            if cell is not None:
+                by_id[a.cell_id] = cell.model_copy(
+                    update={"desired_version": a.version, "desired_generation": -1,
+                            "desired_at": now, "previous_version": a.previous}
+                )  # fmt: skip

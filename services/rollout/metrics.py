@@ -1,0 +1,56 @@
+"""The rollout service's metrics (the bus's own are in common.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.messages import STAGES
+from services.rollout.model import STAGE_ORDER, CellFacts, Rollout
+
+CELLS_BY_RELEASE = Gauge(
+    "substrate_rollout_cells",
+    "Registered cells by stage and installed release ('none': nothing installed yet)",
+    ["stage", "release"],
+)
+STATE = Gauge(
+    "substrate_rollout_state",
+    "1 for each release's current rollout state and stage (recent releases only)",
+    ["version", "state", "stage"],
+)
+WAVE = Gauge("substrate_rollout_wave", "The current wave of a release in its stage (0: first)",
+             ["version"])  # fmt: skip
+ACTIVE = Gauge("substrate_rollouts_active", "Rollouts in progress, soaking, halted or paused")
+HALTED = Gauge("substrate_rollouts_halted", "Rollouts halted and waiting for an operator")
+HALTS = Counter("substrate_rollout_halts", "Rollouts halted, by stage", ["stage"])
+ASSIGNED = Counter("substrate_rollout_desired_states", "Desired states sent to cells")
+UPGRADE_DURATION = Histogram(
+    "substrate_upgrade_duration_seconds",
+    "From a desired state being sent to the cell reporting its outcome, by outcome",
+    ["outcome"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+)
+# Only the newest rollouts get state series, so old releases do not pile up label sets.
+SHOWN_ROLLOUTS = 10
+
+
+def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
+    """Set the gauges from one controller step's view."""
+    CELLS_BY_RELEASE.clear()
+    counts: dict[tuple[str, str], int] = {}
+    for cell in cells:
+        if cell.status in ("online", "offline"):
+            key = (cell.stage, cell.installed_release or "none")
+            counts[key] = counts.get(key, 0) + 1
+    for (stage, release), n in counts.items():
+        CELLS_BY_RELEASE.labels(stage, release).set(n)
+    for stage in STAGES:  # a stage with no cell still shows, as 0
+        if not any(s == stage for s, _ in counts):
+            CELLS_BY_RELEASE.labels(stage, "none").set(0)
+    STATE.clear()
+    WAVE.clear()
+    for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)[:SHOWN_ROLLOUTS]:
+        STATE.labels(r.version, r.state, r.stage).set(1)
+        WAVE.labels(r.version).set(r.wave)
+    ACTIVE.set(sum(r.state in ("in_progress", "soaking", "halted", "paused") for r in rollouts))
+    HALTED.set(sum(r.state == "halted" for r in rollouts))
+    assert STAGE_ORDER == STAGES

@@ -1,0 +1,20 @@
+"""The rollout service's own settings, beside the common ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from common.settings import ServiceSettings
+
+
+class RolloutSettings(ServiceSettings):
+    tick_seconds: float = Field(
+        default=1.0, gt=0,
+        description="the controller's longest pause between steps (reports wake it sooner); "
+        "soak ends and progress deadlines are noticed within this",
+    )  # fmt: skip
+    lease_seconds: float = Field(
+        default=15.0, gt=0,
+        description="the controller lease's TTL: how long a replica waits before taking over "
+        "from one that died",
+    )  # fmt: skip
