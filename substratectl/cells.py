@@ -82,6 +82,25 @@ async def decommission(ctl: Ctl) -> int:
     return 0
 
 
+async def pin(ctl: Ctl) -> int:
+    params = {"id": ctl.args.id, "version": ctl.args.version}
+    result = await ctl.call("rollout", "cells.pin", params)
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(f"{result['cell']} pinned to {result['pinned']}; no rollout moves it until unpinned")
+    return 0
+
+
+async def unpin(ctl: Ctl) -> int:
+    result = await ctl.call("rollout", "cells.unpin", {"id": ctl.args.id})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(f"{result['cell']} unpinned; it is brought up to date with its stage")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cells = sub.add_parser("cells", help="create, list and manage cells")
     cmds = cells.add_subparsers(dest="cells_command", required=True, metavar="ACTION")
@@ -112,3 +131,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("id")
     p.set_defaults(run=decommission)
+
+    p = cmds.add_parser("pin", help="keep a cell on one release (never an older one)")
+    p.add_argument("id")
+    p.add_argument("version")
+    p.set_defaults(run=pin)
+
+    p = cmds.add_parser("unpin", help="let rollouts move the cell again")
+    p.add_argument("id")
+    p.set_defaults(run=unpin)

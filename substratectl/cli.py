@@ -93,7 +93,9 @@ def _status_row(row: dict[str, Any]) -> dict[str, Any]:
         for key, value in detail.items():
             if key in ("service", "ready"):
                 continue
-            if isinstance(value, dict):
+            if isinstance(value, list):
+                parts.append(f"{key}: {', '.join(map(str, value)) or 'none'}")
+            elif isinstance(value, dict):
                 counts = ", ".join(f"{n} {k}" for k, n in value.items() if n)
                 parts.append(f"{key}: {counts or 'none'}")
             else:

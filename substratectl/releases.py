@@ -18,7 +18,7 @@ class FileProblem(Exception):
     """A release file that cannot be read or parsed; the message names the file."""
 
 
-def read_release_file(path: Path) -> dict[str, Any]:
+def read_mapping_file(path: Path, expected: str) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -32,7 +32,7 @@ def read_release_file(path: Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise FileProblem(f"{path} is not valid YAML or JSON{where}") from None
     if not isinstance(data, dict):
-        raise FileProblem(f"{path}: expected a mapping with version and components")
+        raise FileProblem(f"{path}: expected {expected}")
     return data
 
 
@@ -50,7 +50,7 @@ def _show(ctl: Ctl, record: dict[str, Any]) -> None:
 
 
 async def publish(ctl: Ctl) -> int:
-    release = read_release_file(Path(ctl.args.file))
+    release = read_mapping_file(Path(ctl.args.file), "a mapping with version and components")
     record = await ctl.call("rollout", "release.publish", {"release": release})
     if ctl.as_json:
         emit_json(record)

@@ -1,14 +1,24 @@
-"""`substratectl rollout ...`: so far, the dry-run plan of a release."""
+"""`substratectl rollout ...`: the plan, state and progress of rollouts, the operator's actions
+on them, why a cell is where it is, and the rollout policy."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from substratectl.output import emit_json, table
+from substratectl.output import emit_json, fields, table
+from substratectl.releases import read_mapping_file
 
 if TYPE_CHECKING:
     from substratectl.cli import Ctl
+
+STAGES = ("staging", "saas", "dedicated")
+FINISHED = ("completed", "aborted", "superseded")
+COUNTS = ("updated", "in_progress", "failed", "offline", "held", "pinned", "pending")
 
 
 async def plan(ctl: Ctl) -> int:
@@ -30,6 +40,151 @@ async def plan(ctl: Ctl) -> int:
     return 0
 
 
+def _where(r: dict[str, Any]) -> str:
+    wave = f" wave {r['wave']} of {r['waves']}" if r.get("waves") else ""
+    soak = f", soaking until {r['soak_until']}" if r["state"] == "soaking" else ""
+    return f"{r['version']}: {r['state']} in {r['stage']}{wave}{soak}"
+
+
+def _print_rollout(r: dict[str, Any]) -> None:
+    print(_where(r))
+    if r.get("halt"):
+        print(f"halted: {r['halt']['reason']}")
+        for failure in r["halt"]["failures"]:
+            print(f"  {failure['cell_id']}: {failure['error']}")
+    rows = [{"stage": stage, **r["stages"][stage]} for stage in STAGES]
+    print(table(rows, ["stage", "total", *COUNTS]))
+
+
+async def status(ctl: Ctl) -> int:
+    params = {"version": ctl.args.version} if ctl.args.version else {}
+    result = await ctl.call("rollout", "rollout.status", params)
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        _print_rollout(result)
+    return 0
+
+
+async def list_rollouts(ctl: Ctl) -> int:
+    result = await ctl.call("rollout", "rollout.list")
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(table(result, ["version", "state", "stage", "wave", "waves", "updated_at"]))
+    return 0
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = round(width * done / total) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _progress_lines(r: dict[str, Any]) -> list[str]:
+    lines = [_where(r)]
+    for stage in STAGES:
+        c = r["stages"][stage]
+        rest = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in COUNTS[1:] if c[k])
+        lines.append(
+            f"  {stage:<9} {_bar(c['updated'], c['total'])} {c['updated']}/{c['total']} updated"
+            + (f"; {rest}" if rest else "")
+        )
+    if r.get("halt"):
+        lines.append(f"  halted: {r['halt']['reason']}")
+    return lines
+
+
+async def watch(ctl: Ctl) -> int:
+    """Live progress until the rollout finishes or halts (exit 0 completed, 1 otherwise)."""
+    params = {"version": ctl.args.version} if ctl.args.version else {}
+    tty = sys.stdout.isatty() and not ctl.as_json
+    drawn = 0
+    last = None
+    while True:
+        r = await ctl.call("rollout", "rollout.status", params)
+        params = {"version": r["version"]}  # stay on one release once picked
+        shown = {k: v for k, v in r.items() if k != "updated_at"}
+        if shown != last:
+            last = shown
+            if ctl.as_json:
+                print(json.dumps(r, sort_keys=True), flush=True)
+            else:
+                lines = _progress_lines(r)
+                if tty and drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # back over the previous frame
+                print("\n".join(lines), flush=True)
+                drawn = len(lines)
+        if r["state"] in (*FINISHED, "halted") or ctl.args.once:
+            return 0 if r["state"] == "completed" or ctl.args.once else 1
+        await asyncio.sleep(ctl.args.interval)
+
+
+async def _act(ctl: Ctl, method: str, done: str) -> int:
+    result = await ctl.call("rollout", method, {"version": ctl.args.version})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(f"{done}: {_where(result)}")
+    return 0
+
+
+async def pause(ctl: Ctl) -> int:
+    return await _act(ctl, "rollout.pause", "paused")
+
+
+async def resume(ctl: Ctl) -> int:
+    return await _act(ctl, "rollout.resume", "resumed")
+
+
+async def abort(ctl: Ctl) -> int:
+    return await _act(ctl, "rollout.abort", "aborted")
+
+
+async def explain(ctl: Ctl) -> int:
+    result = await ctl.call("rollout", "rollout.explain", {"id": ctl.args.cell})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(f"{result['cell']}: {result['reason']}")
+        print(result["explanation"])
+    return 0
+
+
+async def policy_show(ctl: Ctl) -> int:
+    result = await ctl.call("rollout", "rollout.policy.show")
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(_policy_text(result))
+    return 0
+
+
+async def policy_set(ctl: Ctl) -> int:
+    policy = read_mapping_file(Path(ctl.args.file), "a mapping of policy settings")
+    result = await ctl.call("rollout", "rollout.policy.set", {"policy": policy})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print("policy set:")
+        print(_policy_text(result))
+    return 0
+
+
+def _policy_text(p: dict[str, Any]) -> str:
+    soak = p["soak_seconds"]
+    waves = p["waves"]
+    return fields({
+        "soak staging": f"{soak['staging']:g}s",
+        "soak saas": f"{soak['saas']:g}s",
+        "soak dedicated": f"{soak['dedicated']:g}s (between waves)",
+        "dedicated waves": f"canary {waves['canary']}, then "
+        + ", ".join(f"{f:.0%}" for f in waves["fractions"]) + " of the rest",
+        "failure threshold": f"{p['failure_threshold']} per wave",
+        "progress deadline": f"{p['progress_deadline_seconds']:g}s",
+        "offline cells": p["offline_cells"],
+    })  # fmt: skip
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rollout = sub.add_parser("rollout", help="how releases reach the fleet")
     cmds = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
@@ -38,3 +193,41 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("version")
     p.set_defaults(run=plan)
+
+    p = cmds.add_parser("status", help="a rollout's state and cells per stage (default: newest)")
+    p.add_argument("version", nargs="?")
+    p.set_defaults(run=status)
+
+    p = cmds.add_parser("list", help="every release's rollout, newest first")
+    p.set_defaults(run=list_rollouts)
+
+    p = cmds.add_parser("watch", help="live progress until the rollout completes or halts")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print the progress once and exit")
+    p.set_defaults(run=watch)
+
+    for name, fn, text in (
+        ("pause", pause, "stop starting new waves and stages (cells updating finish)"),
+        ("resume", resume, "continue a paused or halted rollout (a halt's failures are accepted)"),
+        ("abort", abort, "stop for good; a reversible release's cells go back to their previous"),
+    ):
+        p = cmds.add_parser(name, help=text)
+        p.add_argument("version")
+        p.set_defaults(run=fn)
+
+    p = cmds.add_parser("explain", help="why a cell is (not) on the newest release")
+    p.add_argument("cell")
+    p.set_defaults(run=explain)
+
+    policy = cmds.add_parser("policy", help="soak times, waves, failure threshold, deadline")
+    pcmds = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    p = pcmds.add_parser("show", help="the policy in force")
+    p.set_defaults(run=policy_show)
+    p = pcmds.add_parser("set", help="replace the policy from a YAML or JSON file")
+    p.add_argument(
+        "file",
+        help="soak_seconds {staging, saas, dedicated}, waves {canary, fractions}, "
+        "failure_threshold, progress_deadline_seconds, offline_cells",
+    )
+    p.set_defaults(run=policy_set)

@@ -1,0 +1,422 @@
+"""Staged rollouts end to end: the registry, the rollout service and real agent processes, with
+images in (moto's) ECR and soak times of a second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.bus import RabbitBus
+from common.messages import CELLS_EXCHANGE, CellUpgrade
+from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
+from tests.conftest import Services
+from tests.e2e.conftest import Proc, Processes, start_registry
+from tests.e2e.test_cells import create_cell, show, start_agent, status_is
+from tests.helpers import eventually, new_cell_id, read_all
+from tests.integration.test_upgrade import push_image
+
+HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+POLICY = """
+soak_seconds: {staging: 1, saas: 1, dedicated: 1}
+progress_deadline_seconds: 60
+"""
+
+
+@dataclass
+class Cell:
+    id: str
+    stage: str
+    url: str
+    state: Path
+    agent: Proc
+    env: dict[str, str]
+
+
+class Fleet:
+    """Cells with running agents, and the operator's commands, for one test."""
+
+    def __init__(self, procs: Processes, moto: str, root: Path, bus: RabbitBus) -> None:
+        self.procs, self.moto, self.root, self.bus = procs, moto, root, bus
+        self.cells: list[Cell] = []
+        self.reports = f"test.rollout.{root.name}"[:200]
+        self.minor = abs(hash(root)) % 10_000
+        self._reports: list[CellUpgrade] = []
+
+    def version(self, patch: int) -> str:
+        # Unique per test: releases of earlier tests stay published in the session.
+        return f"3000.{self.minor}.{patch}"
+
+    async def tap(self) -> None:
+        """A queue receiving a copy of every cell's upgrade reports."""
+        await self.bus.declare(
+            Topology((), consuming_queue(self.reports, Binding(CELLS_EXCHANGE, "*.upgrade")))
+        )
+
+    async def add(self, stage: str, n: int = 1, **env: str) -> list[Cell]:
+        added = []
+        for _ in range(n):
+            cell_id = new_cell_id()
+            created = await create_cell(self.procs, cell_id, stage=stage)
+            added.append((cell_id, created["amqp_url"]))
+        cells = [
+            Cell(cell_id, stage, url, self.root / cell_id,
+                 await self._agent(cell_id, url, self.root / cell_id, env), env)
+            for cell_id, url in added
+        ]  # fmt: skip
+        for c in cells:
+            await eventually(partial(status_is, self.procs, c.id, "online"), timeout=30,
+                             interval=0.3, what=f"{c.id} online")  # fmt: skip
+        self.cells += cells
+        return cells
+
+    def of(self, stage: str) -> list[Cell]:
+        return [c for c in self.cells if c.stage == stage]
+
+    async def stop_agent(self, cell: Cell) -> None:
+        await self.procs.stop(cell.agent)
+
+    async def start_agent(self, cell: Cell) -> None:
+        cell.agent = await self._agent(cell.id, cell.url, cell.state, cell.env)
+
+    async def _agent(self, cell_id: str, url: str, state: Path, env: dict[str, str]) -> Proc:
+        extra: dict[str, Any] = env  # CELL_* variables only, never start_agent's own arguments
+        return await start_agent(self.procs, self.moto, cell_id, url, state, **extra)
+
+    async def publish(self, patch: int, *, missing_image: bool = False,
+                      reversible: bool = True) -> str:  # fmt: skip
+        version = self.version(patch)
+        digest = push_image(self.moto, "substrate/server", version)
+        if missing_image:
+            digest = "sha256:" + "0" * 64
+        path = self.root / f"{version}.yaml"
+        path.write_text(
+            f"version: {version}\nreversible: {str(reversible).lower()}\ncomponents:\n"
+            f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
+        )
+        code, _, err = await self.procs.ctl("release", "publish", str(path))
+        assert code == 0, err
+        return version
+
+    async def status(self, version: str) -> dict[str, Any]:
+        code, result, err = await self.procs.ctl("rollout", "status", version)
+        assert code == 0, err
+        return dict(result)
+
+    async def wait_state(self, version: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        async def reached() -> dict[str, Any] | None:
+            status = await self.status(version)
+            return status if status["state"] in states else None
+
+        result: dict[str, Any] = await eventually(
+            reached, timeout=timeout, interval=0.3, what=f"{version} {'/'.join(states)}"
+        )
+        return result
+
+    async def installed(self, cell: Cell) -> str | None:
+        return (await show(self.procs, cell.id)).get("installed_release")
+
+    async def wait_installed(self, cells: list[Cell], version: str, timeout: float = 30) -> None:
+        async def all_there() -> bool:
+            return all([await self.installed(c) == version for c in cells])
+
+        await eventually(all_there, timeout=timeout, interval=0.3,
+                         what=f"{len(cells)} cells on {version}")  # fmt: skip
+
+    async def upgrades(self) -> list[CellUpgrade]:
+        """Every upgrade report so far (the tap keeps them; reading drains, so they are kept)."""
+        got = [CellUpgrade.model_validate_json(m.body)
+               for m in await read_all(self.procs.services.amqp_url, self.reports)]  # fmt: skip
+        self._reports += got
+        return list(self._reports)
+
+    async def explain(self, cell: Cell) -> dict[str, Any]:
+        code, result, err = await self.procs.ctl("rollout", "explain", cell.id)
+        assert code == 0, err
+        return dict(result)
+
+
+async def start_rollout(procs: Processes) -> Proc:
+    proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
+                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3")  # fmt: skip
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("rollout", "policy", "show")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="rollout answering")
+    return proc
+
+
+@pytest.fixture
+async def fleet(
+    procs: Processes, services: Services, moto: str, tmp_path: Path, bus: RabbitBus
+) -> AsyncIterator[Fleet]:
+    """A registry and a rollout service that know only this test's cells and releases: the
+    session's earlier cells and releases are forgotten by rollout (its keys and queues)."""
+    redis = aioredis.from_url(services.redis_url)
+    keys = [k async for k in redis.scan_iter("rollout:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+    for queue in SERVICE_QUEUES:
+        if queue.startswith("rollout."):
+            await services.api.call("DELETE", f"/queues/{services.vhost}/{queue}/contents")
+    await start_registry(procs)
+    await start_rollout(procs)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    code, _, err = await procs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"))
+    assert code == 0, err
+    f = Fleet(procs, moto, tmp_path, bus)
+    await f.tap()
+    yield f
+
+
+def stage_of(status: dict[str, Any]) -> tuple[str, str, int | None]:
+    return status["state"], status["stage"], status["wave"]
+
+
+@pytest.mark.e2e
+async def test_a_release_goes_through_every_stage_and_a_new_cell_gets_it_first(
+    fleet: Fleet,
+) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    await fleet.add("dedicated", 3)
+    version = await fleet.publish(1)
+
+    seen: list[tuple[str, str, int | None]] = []
+
+    async def watched() -> bool:
+        status = await fleet.status(version)
+        if not seen or seen[-1] != stage_of(status):
+            seen.append(stage_of(status))
+        return bool(status["state"] == "completed")
+
+    await eventually(watched, timeout=90, interval=0.2, what="rollout completed")
+    await fleet.wait_installed(fleet.cells, version)
+    final = await fleet.status(version)
+    assert final["stages"]["dedicated"]["updated"] == 3
+    assert final["stages"]["staging"] == {**final["stages"]["staging"], "total": 1, "updated": 1}
+    # Each step showed in `rollout status`: the stages in order, soaks between them, and
+    # dedicated's three waves (a canary and two more: 10% and 50% of two cells round up).
+    stages = [s for _, s, _ in seen]
+    assert stages == sorted(stages, key=["staging", "saas", "dedicated"].index)
+    assert ("soaking", "staging", 1) in seen and ("soaking", "saas", 1) in seen
+    assert {w for state, s, w in seen if s == "dedicated" and state == "in_progress"} <= {1, 2, 3}
+    assert ("soaking", "dedicated", 1) in seen and ("soaking", "dedicated", 2) in seen
+    assert seen[-1][0] == "completed"
+    # The order the cells got it in: staging first, then saas, then dedicated one by one.
+    reports = [r for r in await fleet.upgrades() if r.phase == "succeeded"]
+    order = [next(c.stage for c in fleet.cells if c.id == r.cell_id) for r in reports]
+    assert order == ["staging", "saas", "dedicated", "dedicated", "dedicated"]
+
+    [late] = await fleet.add("dedicated")
+    await fleet.wait_installed([late], version)
+    assert (await fleet.explain(late))["reason"] == "up_to_date"
+
+
+@pytest.mark.e2e
+async def test_a_release_with_a_missing_image_fails_in_staging_and_goes_no_further(
+    fleet: Fleet,
+) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    await fleet.add("dedicated", 2)
+    good = await fleet.publish(1)
+    await fleet.wait_state(good, "completed")
+    bad = await fleet.publish(2, missing_image=True)
+    halted = await fleet.wait_state(bad, "halted")
+    assert halted["stage"] == "staging"
+    [failure] = halted["halt"]["failures"]
+    assert failure["cell_id"] == fleet.of("staging")[0].id
+    assert "images not found" in failure["error"]
+    assert halted["stages"]["staging"]["failed"] == 1
+    # Nothing past staging was sent the release, and every cell still runs the good one.
+    sent_bad = {r.cell_id for r in await fleet.upgrades() if r.release_version == bad}
+    assert sent_bad == {fleet.of("staging")[0].id}
+    await fleet.wait_installed(fleet.cells, good)
+    explained = await fleet.explain(fleet.of("dedicated")[0])
+    assert explained["reason"] == "halted" and bad in explained["explanation"]
+
+
+@pytest.mark.e2e
+async def test_a_release_failing_on_dedicated_halts_after_the_canary_then_resume_and_abort(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    bad_patch = 2
+    # Dedicated cells cannot run the bad release: their applier refuses it (the rollback to the
+    # previous release works).
+    refuse = f'test "$SUBSTRATE_RELEASE" != "{fleet.version(bad_patch)}"'
+    await fleet.add("staging")
+    await fleet.add("saas")
+    dedicated = await fleet.add("dedicated", 4, CELL_APPLIER="command", CELL_APPLY_COMMAND=refuse)
+    good = await fleet.publish(1)
+    await fleet.wait_state(good, "completed")
+    bad = await fleet.publish(bad_patch)
+    halted = await fleet.wait_state(bad, "halted")
+    assert (halted["stage"], halted["wave"]) == ("dedicated", 1)
+    assert "canary" in halted["halt"]["reason"]
+    got_bad = {r.cell_id for r in await fleet.upgrades() if r.release_version == bad}
+    dedicated_ids = {c.id for c in dedicated}
+    assert len(got_bad & dedicated_ids) == 1, "exactly one dedicated cell got it"
+    [canary] = [c for c in dedicated if c.id in got_bad]
+    outcome = [r for r in await fleet.upgrades() if r.cell_id == canary.id
+               and r.release_version == bad and r.phase in ("rolled_back", "failed")]  # fmt: skip
+    assert [r.phase for r in outcome] == ["rolled_back"]
+    await fleet.wait_installed(dedicated, good)
+    assert (await fleet.explain(canary))["reason"] == "failed"
+
+    # Resume accepts the canary's failure and goes on: the next wave gets it, fails, halts.
+    code, resumed, err = await fleet.procs.ctl("rollout", "resume", bad)
+    assert code == 0 and resumed["state"] == "in_progress", err
+    halted = await fleet.wait_state(bad, "halted")
+    assert halted["wave"] == 2
+    got_bad = {r.cell_id for r in await fleet.upgrades() if r.release_version == bad}
+    assert len(got_bad & dedicated_ids) == 2
+
+    # Abort ends it: nothing more is sent, and every cell is on the good release.
+    code, aborted, err = await fleet.procs.ctl("rollout", "abort", bad)
+    assert code == 0 and aborted["state"] == "aborted", err
+    code, _, err = await fleet.procs.ctl("rollout", "resume", bad)
+    assert code == 1 and "aborted" in err
+    await fleet.wait_installed(fleet.cells, good)
+    assert (await fleet.status(bad))["state"] == "aborted"
+
+
+@pytest.mark.e2e
+async def test_abort_sends_a_reversible_release_s_cells_back(fleet: Fleet, tmp_path: Path) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    await fleet.add("dedicated", 2)
+    good = await fleet.publish(1)
+    await fleet.wait_state(good, "completed")
+    (tmp_path / "slow.yaml").write_text("soak_seconds: {staging: 0, saas: 0, dedicated: 600}\n")
+    code, _, err = await fleet.procs.ctl("rollout", "policy", "set", str(tmp_path / "slow.yaml"))
+    assert code == 0, err
+    newer = await fleet.publish(2)
+    soaking = await fleet.wait_state(newer, "soaking")
+    assert soaking["stage"] == "dedicated" and soaking["stages"]["dedicated"]["updated"] == 1
+    code, _, err = await fleet.procs.ctl("rollout", "abort", newer)
+    assert code == 0, err
+    await fleet.wait_installed(fleet.cells, good)
+    back = [r for r in await fleet.upgrades() if r.release_version == good]
+    assert len({r.cell_id for r in back if r.phase == "succeeded"}) == len(fleet.cells)
+
+
+@pytest.mark.e2e
+async def test_a_newer_release_supersedes_an_older_one_and_no_cell_goes_backwards(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    await fleet.add("dedicated", 3)
+    (tmp_path / "slow.yaml").write_text("soak_seconds: {staging: 0, saas: 0, dedicated: 600}\n")
+    code, _, err = await fleet.procs.ctl("rollout", "policy", "set", str(tmp_path / "slow.yaml"))
+    assert code == 0, err
+    older = await fleet.publish(1)
+    await fleet.wait_state(older, "soaking")  # after dedicated's canary
+    (tmp_path / "quick.yaml").write_text(POLICY)
+    code, _, err = await fleet.procs.ctl("rollout", "policy", "set", str(tmp_path / "quick.yaml"))
+    newer = await fleet.publish(2)
+    await fleet.wait_state(newer, "completed")
+    assert (await fleet.status(older))["state"] == "superseded"
+    await fleet.wait_installed(fleet.cells, newer)
+    for cell in fleet.cells:
+        versions = [r.release_version for r in await fleet.upgrades()
+                    if r.cell_id == cell.id and r.phase == "succeeded"]  # fmt: skip
+        assert versions in ([older, newer], [newer]), (cell.id, versions)
+
+
+@pytest.mark.e2e
+async def test_an_offline_cell_is_updated_when_it_returns_and_a_restarted_service_continues(
+    fleet: Fleet, procs: Processes
+) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    dedicated = await fleet.add("dedicated", 3)
+    away = dedicated[0]
+    await fleet.stop_agent(away)
+    await eventually(lambda: status_is(procs, away.id, "offline"), timeout=20, interval=0.3)
+    version = await fleet.publish(1)
+    # Kill the rollout service mid-rollout; a new one carries on from Redis.
+    await fleet.wait_state(version, "soaking")
+    [service] = [p for p in procs.running if p.name.startswith("rollout-")]
+    os.kill(service.process.pid, signal.SIGKILL)
+    await service.process.wait()
+    await start_rollout(procs)
+    done = await fleet.wait_state(version, "completed")
+    assert done["stages"]["dedicated"]["offline"] == 1
+    assert (await fleet.explain(away))["reason"] == "offline"
+    # Every cell was sent the release once: one generation each, whatever the restart did.
+    accepted = [r for r in await fleet.upgrades() if r.phase == "accepted"]
+    per_cell = {c.id: {r.generation for r in accepted if r.cell_id == c.id} for c in fleet.cells}
+    assert all(len(g) == 1 for cid, g in per_cell.items() if cid != away.id), per_cell
+    assert per_cell[away.id] == set()
+
+    await fleet.start_agent(away)
+    await fleet.wait_installed([away], version)
+    assert (await fleet.explain(away))["reason"] == "up_to_date"
+
+
+@pytest.mark.e2e
+async def test_pinned_cells_stay_and_bad_operator_input_is_refused(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    [pinned, free] = await fleet.add("staging", 2)
+    first = await fleet.publish(1)
+    await fleet.wait_installed([pinned, free], first)
+    code, result, err = await fleet.procs.ctl("cells", "pin", pinned.id, first)
+    assert code == 0 and result["pinned"] == first, err
+    second = await fleet.publish(2)
+    await fleet.wait_installed([free], second)
+    assert await fleet.installed(pinned) == first
+    explained = await fleet.explain(pinned)
+    assert explained["reason"] == "pinned" and first in explained["explanation"]
+    code, _, err = await fleet.procs.ctl("cells", "pin", free.id, first)
+    assert code == 1 and "never goes backwards" in err
+    code, _, err = await fleet.procs.ctl("cells", "unpin", pinned.id)
+    assert code == 0, err
+    await fleet.wait_installed([pinned], second)
+
+    (tmp_path / "bad.yaml").write_text("waves: {canary: 1, fractions: [0.5, 0.2]}\nsoak: 3\n")
+    code, _, err = await fleet.procs.ctl("rollout", "policy", "set", str(tmp_path / "bad.yaml"))
+    assert code == 1 and "waves.fractions" in err and "soak: Extra inputs" in err, err
+    code, shown, _ = await fleet.procs.ctl("rollout", "policy", "show")
+    assert shown["soak_seconds"]["staging"] == 1, "the policy is unchanged"
+    code, _, err = await fleet.procs.ctl("rollout", "pause", "9.9.9")
+    assert code == 1 and "not published" in err
+    code, _, err = await fleet.procs.ctl("rollout", "explain", "nope-cell")
+    assert code == 1 and "no cell" in err
+    code, _, err = await fleet.procs.ctl("rollout", "pause", second)
+    assert code == 1 and "completed" in err
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+async def test_rollout_watch_follows_a_rollout_to_its_end(fleet: Fleet, procs: Processes) -> None:
+    await fleet.add("staging")
+    await fleet.add("dedicated", 2)
+    version = await fleet.publish(1)
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "substratectl"), "--json", "rollout", "watch", version,
+        "--interval", "0.2", env=procs.env(), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0
+    frames = _json_lines(out.decode())
+    assert frames[-1]["state"] == "completed"
+    assert len(frames) >= 3 and frames[0]["version"] == version
