@@ -61,8 +61,14 @@ if [ -s .dev/demo-cell.url ]; then
   pids+=($!)
   echo "  cell-agent demo-cell (pid $!): health http://127.0.0.1:9180/healthz, log .dev/cell-agent.log"
 fi
+# A demo release (its image pushed to the emulator's ECR) and short soaks for trying rollouts.
+if "$BIN/python" scripts/dev_release.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev/null 2>.dev/demo-release.err \
+    && "$BIN/substratectl" rollout policy set .dev/dev-policy.yaml >/dev/null; then
+  echo "  demo release file .dev/demo-release.yaml; rollout policy: 5 s soaks"
+fi
 echo
-echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell."
+echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell,"
+echo "     $BIN/substratectl release publish .dev/demo-release.yaml; $BIN/substratectl rollout watch"
 echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest). Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
 echo "a process exited; see .dev/*.log"

@@ -169,9 +169,8 @@ async def fleet(
     if keys:
         await redis.delete(*keys)
     await redis.aclose()
-    for queue in SERVICE_QUEUES:
-        if queue.startswith("rollout."):
-            await services.api.call("DELETE", f"/queues/{services.vhost}/{queue}/contents")
+    for queue in SERVICE_QUEUES["rollout"]:
+        await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
     await start_registry(procs)
     await start_rollout(procs)
     (tmp_path / "policy.yaml").write_text(POLICY)

@@ -1,0 +1,38 @@
+"""make dev: a demo release whose image is in the local AWS emulator's ECR, and a rollout
+policy with short soaks, so `release publish .dev/demo-release.yaml` reaches the demo cell in
+seconds. Prints the release file's path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import boto3
+
+endpoint, out = sys.argv[1], Path(sys.argv[2])
+ecr = boto3.client("ecr", endpoint_url=endpoint, region_name="eu-west-1",
+                   aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
+    ecr.create_repository(repositoryName="substrate/server")
+# A unique layer: moto gives layerless manifests one of a few random digests.
+version = time.strftime("%Y.%-m.") + str(int(time.time()) % 100_000)
+layer = "sha256:" + hashlib.sha256(version.encode()).hexdigest()
+manifest = json.dumps({
+    "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    "config": {"digest": layer}, "layers": [{"digest": layer, "size": 1}],
+})  # fmt: skip
+image = ecr.put_image(repositoryName="substrate/server", imageManifest=manifest, imageTag=version)
+digest = image["image"]["imageId"]["imageDigest"]
+(out / "demo-release.yaml").write_text(
+    f"version: {version}\nnotes: a demo release (make dev)\ncomponents:\n"
+    f"  - name: server\n    image: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/substrate/server\n"
+    f"    digest: {digest}\n"
+)
+(out / "dev-policy.yaml").write_text(
+    "soak_seconds: {staging: 5, saas: 5, dedicated: 5}\nprogress_deadline_seconds: 120\n"
+)
+print(out / "demo-release.yaml")

@@ -1,0 +1,159 @@
+"""The rollout controller against real Redis: a step is written whole, a second controller
+(a restart, or a replica) repeats nothing, only the lease holder writes, and a holder whose
+lease was taken over is refused by Redis itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.clock import FakeClock
+from common.lease import Lease
+from common.messages import Release, ReleasePublished
+from services.rollout.controller import Controller
+from services.rollout.model import RolloutPolicy, SoakTimes, new_rollout
+from services.rollout.store import GENERATION, LEASE, OUTBOX, FenceLost, RolloutStore, Stale
+from tests.conftest import Services
+
+RELEASE = Release.model_validate({
+    "version": "2026.11.5",
+    "components": [{"name": "api", "image": "r/api", "digest": "sha256:" + "c" * 64}],
+})  # fmt: skip
+
+
+@pytest.fixture
+async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(services.redis_url, decode_responses=True)
+    # Rollout's keys are fixed names; this test owns them while it runs (tests run one by one).
+    keys = [k async for k in client.scan_iter("rollout:*")]
+    if keys:
+        await client.delete(*keys)
+    yield client
+    keys = [k async for k in client.scan_iter("rollout:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def _fleet(store: RolloutStore, clock: FakeClock) -> None:
+    await store.set_policy(RolloutPolicy(soak_seconds=SoakTimes(staging=60, saas=0, dedicated=0)))
+    for i, stage in enumerate(["staging", "staging", "dedicated"]):
+        await store.cell_fact(f"c-{i}", clock.now(), stage=stage, status="online")
+    assert await store.publish(
+        RELEASE, at=clock.now(), by="op-test", event=_event(clock),
+        rollout=new_rollout(RELEASE, clock.now()),
+    )  # fmt: skip
+
+
+def _event(clock: FakeClock) -> ReleasePublished:
+    return ReleasePublished(at=clock.now(), release=RELEASE)
+
+
+async def _outbox_types(redis: aioredis.Redis) -> list[str]:
+    return [json.loads(e)["type"] for e in await redis.lrange(OUTBOX, 0, -1)]
+
+
+async def test_a_step_is_written_whole_and_a_new_controller_repeats_nothing(
+    redis: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    await _fleet(store, clock)
+    first = Controller(store, clock, Lease(redis, LEASE, 5))
+    assert await first.tick()
+
+    staging = [await store.cell("c-0"), await store.cell("c-1")]
+    assert all(c and c.desired_version == RELEASE.version for c in staging)
+    assert {c.desired_generation for c in staging if c} == {1, 2}
+    dedicated = await store.cell("c-2")
+    assert dedicated and dedicated.desired_generation is None
+    types = await _outbox_types(redis)
+    assert types.count("command.desired-state.v1") == 2
+    assert "release.published.v1" in types and "rollout.progressed.v1" in types
+    rollout = await store.rollout(RELEASE.version)
+    assert rollout and rollout.stage == "staging" and rollout.rev == 1
+
+    # The first controller "dies"; its lease is given up, and a new one steps from Redis.
+    await first.lease.release()
+    second = Controller(store, clock, Lease(redis, LEASE, 5))
+    assert await second.tick()
+    assert await redis.get(GENERATION) == "2", "no desired state was sent again"
+    assert (await _outbox_types(redis)).count("command.desired-state.v1") == 2
+    assert (await store.rollout(RELEASE.version)) == rollout
+
+    # The cells report; the stage finishes and soaks; the next step after the soak starts
+    # dedicated, once.
+    for cell in staging:
+        assert cell and cell.desired_generation
+        await store.report(cell.id, generation=cell.desired_generation, phase="succeeded",
+                           error=None, at=clock.now(), version=RELEASE.version)  # fmt: skip
+    assert await second.tick()
+    soaking = await store.rollout(RELEASE.version)
+    assert soaking and soaking.state == "soaking"
+    clock.advance(61)
+    assert await second.tick() and await second.tick()
+    dedicated = await store.cell("c-2")
+    assert dedicated and dedicated.desired_generation == 3
+    assert await redis.get(GENERATION) == "3"
+
+
+async def test_only_the_lease_holder_steps_and_a_stale_holder_is_refused(
+    redis: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    await _fleet(store, clock)
+    a = Controller(store, clock, Lease(redis, LEASE, 0.3))
+    b = Controller(store, clock, Lease(redis, LEASE, 0.3))
+    assert await a.tick()
+    assert not await b.tick(), "the other replica waits"
+    fence_a = a.lease.value
+    assert fence_a is not None
+
+    # a stalls past its TTL; b takes over with a newer token.
+    await asyncio.sleep(0.4)
+    assert await b.tick()
+    assert b.lease.value is not None and b.lease.value != fence_a
+    rollout = await store.rollout(RELEASE.version)
+    assert rollout is not None
+    with pytest.raises(FenceLost):
+        await store.commit(fence_a, rollout=rollout.model_copy(update={"state": "paused"}),
+                           expected_rev=rollout.rev, at=clock.now())  # fmt: skip
+    after = await store.rollout(RELEASE.version)
+    assert after and after.state == "in_progress", "the stale write changed nothing"
+
+
+async def test_a_write_based_on_an_old_read_is_refused(redis: aioredis.Redis) -> None:
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    await _fleet(store, clock)
+    read = await store.rollout(RELEASE.version)
+    assert read is not None
+    await store.save_rollout(read.model_copy(update={"state": "paused"}), read.rev)
+    with pytest.raises(Stale):
+        await store.save_rollout(read.model_copy(update={"state": "aborted"}), read.rev)
+    now = await store.rollout(RELEASE.version)
+    assert now and (now.state, now.rev) == ("paused", read.rev + 1)
+
+
+async def test_reports_out_of_order_do_not_undo_a_newer_one(redis: aioredis.Redis) -> None:
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    await store.cell_fact("c-9", clock.now(), stage="saas", status="online")
+    at, v = clock.now(), RELEASE.version
+    assert await store.report("c-9", generation=2, phase="succeeded", error=None, at=at, version=v)
+    # A redelivered step of the same generation, and an older generation, are both dropped.
+    assert not await store.report("c-9", generation=2, phase="applying", error=None, at=at,
+                                  version=v)  # fmt: skip
+    assert not await store.report("c-9", generation=1, phase="failed", error="x", at=at,
+                                  version="2026.1.1")  # fmt: skip
+    cell = await store.cell("c-9")
+    assert cell and (cell.report_generation, cell.report_phase, cell.installed_release) == (
+        2, "succeeded", v,
+    )  # fmt: skip
+    assert not await store.report("nobody", generation=1, phase="accepted", error=None, at=at,
+                                  version=v)  # fmt: skip
