@@ -4,7 +4,7 @@ shared by rollout (which release is newer) and the flags engine (minimum install
 from __future__ import annotations
 
 import re
-from functools import total_ordering
+from functools import lru_cache, total_ordering
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -28,8 +28,10 @@ class SemVer:
     @classmethod
     def parse(cls, text: str | None) -> SemVer | None:
         """The version, or None if ``text`` is missing or not a semantic version."""
-        if not text:
-            return None
+        return _parse(text) if text else None
+
+    @classmethod
+    def _parse(cls, text: str) -> SemVer | None:
         m = _SEMVER.match(text)
         if m is None:
             return None
@@ -58,3 +60,10 @@ def version_problem(text: str) -> str | None:
     if SemVer.parse(text) is None:
         return f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 2026.11.3)"
     return None
+
+
+# A fleet has few distinct versions and the rollout controller compares them per cell per step;
+# a SemVer never changes, so parses are shared.
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> SemVer | None:
+    return SemVer._parse(text)

@@ -1,11 +1,17 @@
 """The rollout controller: the loop that carries rollouts out.
 
-Each step loads the policy, every rollout and every cell, lets the pure functions of
-``model.py`` decide, and writes each rollout's step in one fenced Lua script (``store.commit``)
-together with the desired states and the commands and events that go with them. Nothing is
-kept in memory between steps, so a restarted or newly elected controller carries on from
-Redis: a step that was written is not repeated (the next step sees it done) and one that was
-not is decided again. Replicas all run the loop; only the lease holder steps.
+Each step loads the policy and every rollout, brings its copy of the cells up to date, lets
+the pure functions of ``model.py`` decide, and writes each rollout's step in one fenced Lua
+script (``store.commit``) together with the desired states and the commands and events that go
+with them. Redis holds everything: a restarted or newly elected controller carries on from it,
+a step that was written is not repeated (the next step sees it done) and one that was not is
+decided again. Replicas all run the loop; only the lease holder steps.
+
+The copy of the cells is the one thing kept between steps, because reading a large fleet on
+every step was most of the controller's work: it is loaded whole when the controller takes
+the lease (and every ``FULL_RELOAD_SECONDS`` as a safety net), and otherwise only the cells that
+others changed (``rollout:dirty``: facts, outcome reports, pins) are read again. What the
+controller writes itself it applies to the copy as it writes it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from services.rollout.store import FenceLost, RolloutStore, Stale
 
 log = logging.getLogger(__name__)
 
+FULL_RELOAD_SECONDS = 60.0
+
 
 class Controller:
     def __init__(
@@ -44,6 +52,9 @@ class Controller:
         self.tick_seconds = tick_seconds
         self._wake = asyncio.Event()
         self._releases: dict[str, Release] = {}  # published releases never change
+        self._cells: dict[str, CellFacts] | None = None
+        self._cells_fence: str | None = None
+        self._loaded_at = 0.0
 
     def wake(self) -> None:
         """Step soon: something a step depends on changed."""
@@ -55,6 +66,7 @@ class Controller:
             try:
                 await self.tick()
             except FenceLost:
+                self._cells = None
                 log.warning("controller lease lost mid-step; another replica leads now")
             except Exception:
                 log.exception("controller step failed; retrying")
@@ -70,10 +82,11 @@ class Controller:
         """One step over every rollout; False if another replica holds the lease."""
         fence = await self.lease.hold()
         if fence is None:
+            self._cells = None
             return False
         policy = await self.store.policy()
         rollouts = {r.version: r for r in await self.store.rollouts()}
-        cells = await self.store.cells()
+        by_id = await self._load_cells(fence)
         now = self.clock.now()
 
         for version in superseded(list(rollouts.values())):
@@ -82,7 +95,6 @@ class Controller:
             rollouts[version] = await self._write(fence, r, new, assign=[], events=[], now=now) or r
             log.info("rollout %s superseded by a newer release", version)
 
-        by_id = {c.id: c for c in cells}
         for r in sorted(rollouts.values(), key=lambda r: r.semver):
             if r.state not in ACTIVE and not (r.state == "aborted" and not r.reverted):
                 continue
@@ -95,7 +107,6 @@ class Controller:
             if written is None:
                 continue
             rollouts[r.version] = written
-            self._apply(by_id, decision.assign, now)
             for event in decision.events:
                 if isinstance(event, RolloutHalted):
                     metrics.HALTS.labels(event.stage).inc()
@@ -104,7 +115,6 @@ class Controller:
         extra = catch_up(list(by_id.values()), list(rollouts.values()))
         if extra:
             await self._write(fence, None, None, assign=extra, events=[], now=now)
-            self._apply(by_id, extra, now)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
         return True
 
@@ -141,6 +151,7 @@ class Controller:
             )
         except Stale:
             return None
+        self._apply(assign, generations, now)
         metrics.ASSIGNED.inc(len(assign))
         for a, g in zip(assign, generations, strict=True):
             log.info(
@@ -159,13 +170,30 @@ class Controller:
             release = self._releases[version] = Release.model_validate(record["release"])
         return release
 
-    @staticmethod
-    def _apply(by_id: dict[str, CellFacts], assign: list[Assign], now: datetime) -> None:
-        """What was just written, so later decisions in the same step see it."""
-        for a in assign:
-            cell = by_id.get(a.cell_id)
+    async def _load_cells(self, fence: str) -> dict[str, CellFacts]:
+        now = self.clock.monotonic()
+        stale = now - self._loaded_at > FULL_RELOAD_SECONDS
+        if self._cells is None or fence != self._cells_fence or stale:
+            # Changes after this are in the dirty set again, so none is missed.
+            await self.store.forget_changes()
+            self._cells = {c.id: c for c in await self.store.cells()}
+            self._cells_fence, self._loaded_at = fence, now
+        else:
+            changed, gone = await self.store.changed_cells()
+            for cell in changed:
+                self._cells[cell.id] = cell
+            for cell_id in gone:
+                self._cells.pop(cell_id, None)
+        return self._cells
+
+    def _apply(self, assign: list[Assign], generations: list[int], now: datetime) -> None:
+        """What was just written, into the copy of the cells."""
+        if self._cells is None:
+            return
+        for a, generation in zip(assign, generations, strict=True):
+            cell = self._cells.get(a.cell_id)
             if cell is not None:
-                by_id[a.cell_id] = cell.model_copy(
-                    update={"desired_version": a.version, "desired_generation": -1,
+                self._cells[a.cell_id] = cell.model_copy(
+                    update={"desired_version": a.version, "desired_generation": generation,
                             "desired_at": now, "previous_version": a.previous}
                 )  # fmt: skip

@@ -411,12 +411,15 @@ class _Stepper:
         self, r: Rollout, cells: list[CellFacts], policy: RolloutPolicy, now: datetime
     ) -> None:
         self.r = r
-        self.cells = cells
         self.by_id = {c.id: c for c in cells}
         self.policy = policy
         self.now = now
         self.assign: list[Assign] = []
         self.events: list[Event] = []
+
+    @property
+    def cells(self) -> list[CellFacts]:
+        return list(self.by_id.values())
 
     def update(self, **changes: object) -> None:
         self.r = self.r.model_copy(update={**changes, "updated_at": self.now})
@@ -543,7 +546,6 @@ class _Stepper:
             }
         )
         self.by_id[cell.id] = cell
-        self.cells = [cell if c.id == cell.id else c for c in self.cells]
 
     def halt(self, reason: str, failures: tuple[CellFailure, ...]) -> None:
         r = self.r
@@ -622,25 +624,41 @@ def releases_cell(r: Rollout, cell: CellFacts) -> bool:
     """Whether rollout ``r`` has reached ``cell``: its stage is past, or the cell's wave has
     started, or (for a cell that was in no wave) the stage's first wave is done. A halted,
     paused or aborted rollout reaches no one new."""
-    if r.state == "completed":
-        return True
-    if r.state not in ("in_progress", "soaking", "superseded"):
-        return False
-    mine, theirs = STAGE_ORDER.index(cell.stage), STAGE_ORDER.index(r.stage)
-    if mine != theirs:
-        return mine < theirs
-    if cell.id in r.started_cells():
-        return True
-    if cell.id in r.waiting_cells():
-        return False
-    return cell.stage in r.reached
+    return _Reach(r).reaches(cell)
+
+
+class _Reach:
+    """:func:`releases_cell` for many cells: the rollout's wave sets computed once."""
+
+    def __init__(self, r: Rollout) -> None:
+        self.r = r
+        self.version = r.version
+        self.started = r.started_cells()
+        self.waiting = r.waiting_cells()
+
+    def reaches(self, cell: CellFacts) -> bool:
+        r = self.r
+        if r.state == "completed":
+            return True
+        if r.state not in ("in_progress", "soaking", "superseded"):
+            return False
+        mine, theirs = STAGE_ORDER.index(cell.stage), STAGE_ORDER.index(r.stage)
+        if mine != theirs:
+            return mine < theirs
+        if cell.id in self.started:
+            return True
+        if cell.id in self.waiting:
+            return False
+        return cell.stage in r.reached
 
 
 def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
     """Desired states for reachable cells that no wave is taking care of: a newly registered
     cell's first install, a cell back from offline or from an infrastructure hold, and a
     pinned cell's pin. A cell only ever moves forward here."""
-    newest_first_rollouts = sorted(rollouts, key=lambda r: r.semver, reverse=True)
+    newest_first_rollouts = [
+        _Reach(r) for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)
+    ]
     out = []
     for cell in cells:
         if cell.status != "online" or cell.held:
@@ -652,9 +670,7 @@ def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
             ):
                 continue
         else:
-            target = next(
-                (r.version for r in newest_first_rollouts if releases_cell(r, cell)), None
-            )
+            target = next((r.version for r in newest_first_rollouts if r.reaches(cell)), None)
             if target is None or at_least(cell.installed_release, target):
                 continue
             if cell.desired_generation is not None and at_least(cell.desired_version, target):

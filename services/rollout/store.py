@@ -7,6 +7,8 @@ rollout:policy              string: the rollout policy (JSON; absent: the defaul
 rollout:cell:<id>           hash: what rollout knows of a cell (from events and reports) and the
                             desired state it last sent the cell
 rollout:cells               set: every cell id it has heard of
+rollout:dirty               set: cells changed by something other than the controller since
+                            its last step (facts, outcome reports, pins): what it reloads
 rollout:generation          counter: desired-state generations (one sequence for all cells)
 rollout:controller          string: the controller's lease (common.lease)
 rollout:outbox              list: events and desired-state commands not yet published
@@ -36,12 +38,13 @@ RELEASES = PREFIX + "releases"
 OUTBOX = PREFIX + "outbox"
 CELL = PREFIX + "cell:"
 CELLS = PREFIX + "cells"
+DIRTY = PREFIX + "dirty"
 ROLLOUT = PREFIX + "rollout:"
 POLICY = PREFIX + "policy"
 GENERATION = PREFIX + "generation"
 LEASE = PREFIX + "controller"
 
-# KEYS: cell, cells; ARGV: id, at (epoch), then field, value pairs.
+# KEYS: cell, cells, dirty; ARGV: id, at (epoch), then field, value pairs.
 # Events can arrive twice or out of order: a fact older than the one recorded is dropped, and
 # a decommissioned cell stays decommissioned.
 _CELL_FACT = """
@@ -50,6 +53,7 @@ if rec[2] == 'decommissioned' then return 0 end
 if rec[1] and tonumber(ARGV[2]) < tonumber(rec[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'fact_at', ARGV[2], unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -104,23 +108,45 @@ return 1
 """
 )
 
-# KEYS: cell; ARGV: generation, phase, error, at, release version.
+# KEYS: cell, dirty; ARGV: id, generation, phase, error, at, release version.
 # Reports of a generation older than the last one recorded are dropped, and so is a step
 # report arriving after its generation's outcome (redelivery can reorder them).
 _REPORT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local rec = redis.call('HMGET', KEYS[1], 'report_generation', 'report_phase')
-local gen = tonumber(ARGV[1])
+local gen = tonumber(ARGV[2])
 local terminal = {succeeded=true, failed=true, rolled_back=true}
 if rec[1] then
   local known = tonumber(rec[1])
   if gen < known then return 0 end
-  if gen == known and terminal[rec[2]] and not terminal[ARGV[2]] then return 0 end
+  if gen == known and terminal[rec[2]] and not terminal[ARGV[3]] then return 0 end
 end
-redis.call('HSET', KEYS[1], 'report_generation', ARGV[1], 'report_phase', ARGV[2],
-           'report_error', ARGV[3], 'report_at', ARGV[4])
-if ARGV[2] == 'succeeded' then redis.call('HSET', KEYS[1], 'installed_release', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'report_generation', ARGV[2], 'report_phase', ARGV[3],
+           'report_error', ARGV[4], 'report_at', ARGV[5])
+if ARGV[3] == 'succeeded' then redis.call('HSET', KEYS[1], 'installed_release', ARGV[6]) end
+-- Only an outcome changes the controller's decisions; the steps before it do not.
+if terminal[ARGV[3]] then redis.call('SADD', KEYS[2], ARGV[1]) end
 return 1
+"""
+
+
+# KEYS: cells; ARGV: cell key prefix. Every known cell's hash, as flat field/value arrays.
+_ALL_CELLS = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id)
+end
+return out
+"""
+
+# KEYS: dirty; ARGV: cell key prefix. Takes the dirty set: each id with its hash.
+_TAKE_DIRTY = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = {id, redis.call('HGETALL', ARGV[1] .. id)}
+end
+redis.call('DEL', KEYS[1])
+return out
 """
 
 
@@ -138,8 +164,10 @@ def _facts(raw: dict[str, str]) -> CellFacts:
 
     gen = raw.get("desired_generation")
     report_gen = raw.get("report_generation")
-    return CellFacts(
-        id=raw["id"], stage=raw["stage"], status=raw["status"],
+    # Written only by this service's scripts: constructed without validating again (a step
+    # reads every cell, and validation was most of its time).
+    return CellFacts.model_construct(
+        id=raw["id"], stage=raw["stage"], status=raw["status"],  # type: ignore[arg-type]
         installed_release=opt("installed_release"), pinned=opt("pinned"),
         held=raw.get("held") == "1",
         desired_version=opt("desired_version"),
@@ -161,12 +189,14 @@ class RolloutStore:
         self._save = redis.register_script(_SAVE)
         self._commit = redis.register_script(_COMMIT)
         self._report = redis.register_script(_REPORT)
+        self._all_cells = redis.register_script(_ALL_CELLS)
+        self._take_dirty = redis.register_script(_TAKE_DIRTY)
 
     async def cell_fact(self, cell_id: str, at: datetime, **fields: str) -> bool:
         """Record facts about a cell as of ``at`` (ignored if older than what is recorded)."""
         pairs = [item for kv in fields.items() for item in kv]
         applied = await self._cell_fact(
-            keys=[CELL + cell_id, CELLS], args=[cell_id, at.timestamp(), *pairs]
+            keys=[CELL + cell_id, CELLS, DIRTY], args=[cell_id, at.timestamp(), *pairs]
         )
         return bool(applied)
 
@@ -182,8 +212,8 @@ class RolloutStore:
     ) -> bool:
         """A cell's upgrade report; a success also records the release as installed."""
         recorded = await self._report(
-            keys=[CELL + cell_id],
-            args=[generation, phase, error or "", at.timestamp(), version or ""],
+            keys=[CELL + cell_id, DIRTY],
+            args=[cell_id, generation, phase, error or "", at.timestamp(), version or ""],
         )
         return bool(recorded)
 
@@ -196,14 +226,38 @@ class RolloutStore:
         return _facts(raw) if raw else None
 
     async def cells(self) -> list[CellFacts]:
-        ids = sorted(str(i) for i in await self.redis.smembers(CELLS))
-        pipe = self.redis.pipeline(transaction=False)
-        for cell_id in ids:
-            pipe.hgetall(CELL + cell_id)
-        return [_facts(r) for r in await pipe.execute() if r and r.get("stage")]
+        # One script answer for the whole fleet: redis-py reads each reply of a pipeline under
+        # its own timeout, which cost more than Redis's work at a thousand cells.
+        flat = await self._all_cells(keys=[CELLS], args=[CELL])
+        cells = []
+        for pairs in flat:
+            raw = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            if raw.get("stage"):
+                cells.append(_facts(raw))
+        return sorted(cells, key=lambda c: c.id)
 
     async def set_pin(self, cell_id: str, version: str | None) -> None:
-        await self.redis.hset(CELL + cell_id, "pinned", version or "")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(CELL + cell_id, "pinned", version or "")
+        pipe.sadd(DIRTY, cell_id)
+        await pipe.execute()
+
+    async def changed_cells(self) -> tuple[list[CellFacts], list[str]]:
+        """The cells changed since the last call (taken off the dirty set): their facts, and
+        the ids of those that are gone."""
+        flat = await self._take_dirty(keys=[DIRTY], args=[CELL])
+        cells, gone = [], []
+        for cell_id, pairs in flat:
+            raw = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            if raw.get("stage"):
+                cells.append(_facts(raw))
+            else:
+                gone.append(str(cell_id))
+        return cells, gone
+
+    async def forget_changes(self) -> None:
+        """Before a full load: whatever changes after it is in the dirty set again."""
+        await self.redis.delete(DIRTY)
 
     # -- policy and rollouts ---------------------------------------------------------------------
 
