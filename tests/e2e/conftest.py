@@ -100,7 +100,9 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
 
 
 @dataclass
-class Registry:
+class Service:
+    """A running service process and its metrics port."""
+
     proc: Proc
     metrics_port: int
 
@@ -119,6 +121,9 @@ class Registry:
             if metric == name and got == want:
                 return float(value)
         return 0.0
+
+
+Registry = Service
 
 
 async def start_registry(procs: Processes, **env: str) -> Registry:

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellUpgrade
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
-from tests.conftest import Services
-from tests.e2e.conftest import Proc, Processes, start_registry
+from tests.conftest import Services, free_port
+from tests.e2e.conftest import Proc, Processes, Service, start_registry
 from tests.e2e.test_cells import create_cell, show, start_agent, status_is
 from tests.helpers import eventually, new_cell_id, read_all
 from tests.integration.test_upgrade import push_image
@@ -52,6 +52,7 @@ class Fleet:
         self.reports = f"test.rollout.{root.name}"[:200]
         self.minor = abs(hash(root)) % 10_000
         self._reports: list[CellUpgrade] = []
+        self.rollout: Service | None = None
 
     def version(self, patch: int) -> str:
         # Unique per test: releases of earlier tests stay published in the session.
@@ -146,16 +147,18 @@ class Fleet:
         return dict(result)
 
 
-async def start_rollout(procs: Processes) -> Proc:
+async def start_rollout(procs: Processes) -> Service:
+    port = free_port()
     proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
-                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3")  # fmt: skip
+                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3",
+                             SUBSTRATE_METRICS_PORT=str(port))  # fmt: skip
 
     async def answers() -> bool:
         code, _, _ = await procs.ctl("rollout", "policy", "show")
         return code == 0
 
     await eventually(answers, timeout=30, interval=0.3, what="rollout answering")
-    return proc
+    return Service(proc, port)
 
 
 @pytest.fixture
@@ -172,11 +175,12 @@ async def fleet(
     for queue in SERVICE_QUEUES["rollout"]:
         await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
     await start_registry(procs)
-    await start_rollout(procs)
+    rollout = await start_rollout(procs)
     (tmp_path / "policy.yaml").write_text(POLICY)
     code, _, err = await procs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"))
     assert code == 0, err
     f = Fleet(procs, moto, tmp_path, bus)
+    f.rollout = rollout
     await f.tap()
     yield f
 
@@ -291,6 +295,17 @@ async def test_a_release_failing_on_dedicated_halts_after_the_canary_then_resume
     assert code == 1 and "aborted" in err
     await fleet.wait_installed(fleet.cells, good)
     assert (await fleet.status(bad))["state"] == "aborted"
+
+    # What Prometheus sees: two halts in dedicated, the canary's and the next wave's rolled-back
+    # upgrades timed, and every cell counted on the good release.
+    assert fleet.rollout is not None
+    metric = fleet.rollout.metric
+    assert await metric("substrate_rollout_halts_total", stage="dedicated") == 2
+    assert await metric("substrate_upgrade_duration_seconds_count", outcome="rolled_back") == 2
+    assert await metric("substrate_rollouts_halted") == 0
+    assert await metric("substrate_rollout_cells", stage="dedicated", release=good) == 4
+    assert await metric("substrate_rollout_state", version=bad, state="aborted",
+                        stage="dedicated") == 1  # fmt: skip
 
 
 @pytest.mark.e2e
