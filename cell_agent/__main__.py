@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from contextlib import suppress
 
-from cell_agent.agent import Agent
+from cell_agent.agent import AGENT_VERSION, Agent
 from cell_agent.aws import CellAws
+from cell_agent.flags import LocalFlags
+from cell_agent.journal import Journal
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore, dump
 from common.runner import configure_logging, run, wait_for_signal
@@ -27,7 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="connect out, register, heartbeat and reconcile until stopped")
     sub.add_parser("state", help="print what the agent keeps in CELL_STATE_DIR (no secrets)")
+    flags = sub.add_parser("flags", help="the flags snapshot this cell holds")
+    flags_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
+    p = flags_sub.add_parser(
+        "eval", help="evaluate a flag from the local snapshot (the same JSON as the service's)"
+    )
+    p.add_argument("key")
+    p.add_argument("--default", help="JSON value answered if the flag is not in the snapshot")
     return parser
+
+
+def flags_eval(settings: AgentSettings, key: str, default: str | None) -> int:
+    """Works with the control plane unreachable: it reads only CELL_STATE_DIR."""
+    try:
+        fallback = json.loads(default) if default is not None else None
+    except ValueError:
+        print(f"error: --default: not JSON: {default}", file=sys.stderr)
+        return 2
+    applied = Journal(settings.state_dir).applied
+
+    def own() -> dict[str, str | None]:
+        return {
+            "id": settings.id,
+            "installed_release": applied.release.version if applied.release else None,
+            "agent_version": AGENT_VERSION,
+        }
+
+    answer = LocalFlags(settings.state_dir, own).evaluate(key, fallback)
+    print(json.dumps(answer.as_json(), sort_keys=True))
+    return 0
 
 
 async def _run(settings: AgentSettings) -> None:
@@ -48,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "state":
         print(dump(StateStore(settings.state_dir).state))
         return
+    if args.command == "flags":
+        sys.exit(flags_eval(settings, args.key, args.default))
     configure_logging(settings.log_level)
     try:
         run(_run(settings))

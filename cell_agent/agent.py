@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from cell_agent.appliers import Applier, CommandApplier, LocalApplier
 from cell_agent.aws import CellAws
+from cell_agent.flags import LocalFlags
 from cell_agent.journal import Journal, Phase
 from cell_agent.maintenance import MaintenanceGate
 from cell_agent.settings import AgentSettings
@@ -36,10 +37,11 @@ from common.messages import (
     CellUpgrade,
     Delivery,
     DesiredState,
+    FlagsSnapshot,
     RotateCredentials,
     command_queue,
 )
-from common.metrics import MetricsServer
+from common.metrics import MetricsServer, Response
 from common.settings import broker_user
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ LAST_HEARTBEAT = Gauge(
 T = TypeVar("T")
 REPORTS = Counter(
     "cell_agent_reports", "Reports published, by kind and outcome", ["kind", "outcome"]
+)
+FLAGS_VERSION = Gauge("cell_agent_flags_snapshot_version", "The flags snapshot the agent holds")
+FLAG_EVALUATIONS = Counter(
+    "cell_agent_flag_evaluations", "Local flag evaluations by flag and reason", ["flag", "reason"]
 )
 
 
@@ -84,6 +90,8 @@ class Agent:
             report=self.report_upgrade,
             report_maintenance=self.report_maintenance,
         )
+        self.flags = LocalFlags(settings.state_dir, self.own_attributes)
+        FLAGS_VERSION.set_function(lambda: self.flags.version)
         self.bus: RabbitBus | None = None
         self.account_id: str | None = None
         self.template_version: str | None = None
@@ -121,6 +129,33 @@ class Agent:
         applied = self.journal.applied
         release = applied.release.version if applied.release else None
         return release, (applied.generation if applied.generation >= 0 else None)
+
+    def own_attributes(self) -> dict[str, str | None]:
+        """What the agent knows of itself better than the control plane's copy."""
+        return {
+            "id": self.settings.id,
+            "installed_release": self.installed[0],
+            "agent_version": AGENT_VERSION,
+        }
+
+    @property
+    def flags_version(self) -> int | None:
+        return self.flags.version or None
+
+    async def route_flags(self, path: str) -> Response:
+        """``GET /flags/KEY``: the same JSON answer as the flags service's."""
+        key = path.rstrip("/").rsplit("/", 1)[-1]
+        answer = self.flags.evaluate(key)
+        FLAG_EVALUATIONS.labels(key if answer.reason != "FLAG_NOT_FOUND" else "(unknown)",
+                                answer.reason).inc()  # fmt: skip
+        return Response.json(200, answer.as_json())
+
+    async def on_flags_snapshot(self, msg: FlagsSnapshot, delivery: Delivery) -> None:
+        if self.flags.apply(msg):
+            # Tell the control plane at once which snapshot this cell holds.
+            confirm = asyncio.get_running_loop().create_task(self.heartbeat())
+            self._background.add(confirm)
+            confirm.add_done_callback(self._background.discard)
 
     async def report_upgrade(
         self, generation: int, version: str | None, phase: Phase, error: str | None
@@ -171,7 +206,6 @@ class Agent:
         return sent
 
     async def heartbeat(self) -> bool:
-        state = self.state.state
         sent = await self._send(
             CellHeartbeat(
                 cell_id=self.settings.id,
@@ -182,7 +216,7 @@ class Agent:
                 applied_generation=self.installed[1],
                 maintenance=self.gate.is_on(),
                 template_version=self.template_version,
-                flags_snapshot_version=state.flags_snapshot_version,
+                flags_snapshot_version=self.flags_version,
                 credential_id=self.state.credential_id(self.settings.amqp_url),
             )
         )
@@ -191,7 +225,6 @@ class Agent:
         return sent
 
     async def sync(self, reason: Literal["start", "reconnect", "periodic"]) -> bool:
-        state = self.state.state
         return await self._send(
             CellSync(
                 cell_id=self.settings.id,
@@ -199,7 +232,7 @@ class Agent:
                 sent_at=self.clock.now(),
                 reason=reason,
                 applied_generation=self.installed[1],
-                flags_snapshot_version=state.flags_snapshot_version,
+                flags_snapshot_version=self.flags_version,
             )
         )
 
@@ -252,6 +285,7 @@ class Agent:
         server = MetricsServer(self._health, "127.0.0.1", self.settings.metrics_port)
         server.route("/maintenance", self.gate.route_maintenance)
         server.route("/gate", self.gate.route_gate)
+        server.route("/flags", self.route_flags)
         await server.start()
         url = self.state.broker_url(self.settings.amqp_url)
         connecting = asyncio.create_task(
@@ -279,6 +313,7 @@ class Agent:
             {
                 RotateCredentials: self.on_rotate_credentials,
                 DesiredState: self.upgrader.on_desired_state,
+                FlagsSnapshot: self.on_flags_snapshot,
             },
         )
         await self.register()

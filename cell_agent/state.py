@@ -36,7 +36,6 @@ class AgentState(BaseModel):
     incarnation: str
     seq_reserved_until: int = 0
     credentials: Credentials | None = None
-    flags_snapshot_version: int | None = None
 
 
 class StateStore:

@@ -419,8 +419,11 @@ class DesiredState(Command):
 @wire("command.flags-snapshot.v1")
 class FlagsSnapshot(Command):
     version: int = Field(ge=0)
-    # The flag definitions; their schema is owned by the flags engine.
+    # The flag definitions; their schema is owned by the flags engine (common.flags.Flag).
     flags: tuple[dict[str, Any], ...] = ()
+    # The cell's attributes as the control plane knows them (stage, region, org), which the
+    # agent cannot know by itself; it adds its id, installed release and agent version.
+    cell: dict[str, str] = Field(default_factory=dict)
 
 
 @wire("command.rotate-credentials.v1")

@@ -105,13 +105,16 @@ def _rpc(service: str) -> tuple[QueueSpec, ...]:
 
 # What each service consumes. The registry owns what cells report about themselves; rollout
 # follows upgrades and answers a cell's sync with its desired state; flags answers sync with a
-# snapshot; every service keeps the cell facts it needs from the registry's events.
+# snapshot and follows upgrades (the installed release is a flag attribute); every service keeps
+# the cell facts it needs from the registry's events. The registry hears of flag changes to tell
+# which cells hold an old snapshot.
 SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
     "registry": (
         *consuming_queue(
             "registry.cells",
             *_cells("register", "heartbeat", "upgrade", "maintenance", "debug-access"),
         ),
+        *consuming_queue("registry.events", *_events("flags.changed")),
         *_rpc("registry"),
     ),
     "rollout": (
@@ -120,7 +123,7 @@ SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
         *_rpc("rollout"),
     ),
     "flags": (
-        *consuming_queue("flags.cells", *_cells("sync")),
+        *consuming_queue("flags.cells", *_cells("sync", "upgrade")),
         *consuming_queue("flags.events", *_events("cell.#")),
         *_rpc("flags"),
     ),

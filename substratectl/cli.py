@@ -13,7 +13,7 @@ from common import topology
 from common.bus import BusError, RabbitBus, RemoteError
 from common.messages import MESSAGES, json_schema
 from common.settings import ControlPlaneSettings, load
-from substratectl import cells, releases, rollouts
+from substratectl import cells, flags, releases, rollouts
 from substratectl.output import emit_json, fail, table
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     cells.add_commands(sub)
     releases.add_commands(sub)
     rollouts.add_commands(sub)
+    flags.add_commands(sub)
 
     topo = sub.add_parser("topology", help="the broker objects of the control plane")
     topo_sub = topo.add_subparsers(dest="topology_command", required=True, metavar="ACTION")

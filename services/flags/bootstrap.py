@@ -1,7 +1,119 @@
-"""Wires the flags service. Until its issue builds it, it only answers `status`."""
+"""Wires the flags service: the only place that builds its connections and clients."""
 
 from __future__ import annotations
 
-from services.stub import status_only
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 
-setup = status_only("flags")
+import redis.asyncio as aioredis
+
+from common.bus import BusError, RabbitBus, Unroutable
+from common.clock import Clock, SystemClock
+from common.flags import Snapshot
+from common.messages import FlagsSnapshot
+from common.settings import ServiceSettings
+from services.flags import handlers, metrics
+from services.flags.store import FlagsStore
+
+log = logging.getLogger(__name__)
+
+# Snapshots in flight at once when a change goes out to the fleet.
+PUSH_CONCURRENCY = 200
+
+
+class Pusher:
+    """Sends the current snapshot to every online cell after a change. Changes that arrive
+    while a push runs are folded into the next one; a cell that misses a push (offline, or a
+    failed publish) gets the snapshot when it next syncs."""
+
+    def __init__(self, bus: RabbitBus, store: FlagsStore, clock: Clock) -> None:
+        self.bus, self.store, self.clock = bus, store, clock
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def send(self, cell_id: str, snapshot: Snapshot, why: str = "sync") -> None:
+        cell = await self.store.cell(cell_id) or {}
+        await self._publish(cell_id, cell, snapshot, why)
+
+    async def _publish(self, cell_id: str, cell: dict[str, str | None], snapshot: Snapshot,
+                       why: str) -> None:  # fmt: skip
+        attributes = {k: v for k in ("stage", "region", "org") if (v := cell.get(k))}
+        msg = FlagsSnapshot(cell_id=cell_id, issued_at=self.clock.now(), version=snapshot.version,
+                            flags=tuple(snapshot.to_wire()), cell=attributes)  # fmt: skip
+        try:
+            await self.bus.publish(msg)
+        except Unroutable:
+            metrics.PUSHED.labels(why, "no_queue").inc()  # decommissioned meanwhile
+            return
+        except BusError as exc:
+            metrics.PUSHED.labels(why, "failed").inc()
+            log.warning("snapshot %d to %s not sent (%s); it gets it on its next sync",
+                        snapshot.version, cell_id, exc)  # fmt: skip
+            return
+        metrics.PUSHED.labels(why, "sent").inc()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waits = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._changed.wait()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if stop.is_set():
+                return
+            self._changed.clear()
+            try:
+                await self.push_all()
+            except Exception:
+                log.exception("pushing the flags snapshot failed; cells get it when they sync")
+
+    async def push_all(self) -> None:
+        snapshot = await self.store.snapshot()
+        metrics.SNAPSHOT_VERSION.set(snapshot.version)
+        cells = [c for c in await self.store.cells() if c.get("status") == "online"]
+        gate = asyncio.Semaphore(PUSH_CONCURRENCY)
+
+        async def one(cell: dict[str, str | None]) -> None:
+            async with gate:
+                await self._publish(str(cell["id"]), cell, snapshot, "change")
+
+        await asyncio.gather(*(one(c) for c in cells))
+        log.info("flags snapshot %d sent to %d online cells", snapshot.version, len(cells))
+
+
+async def setup(
+    bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
+) -> Callable[[], Awaitable[None]]:
+    clock = clock or SystemClock()
+    redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+    store = FlagsStore(redis)
+    pusher = Pusher(bus, store, clock)
+    deps = handlers.Deps(
+        store=store, clock=clock, changed=pusher.changed, send_snapshot=pusher.send
+    )
+    metrics.SNAPSHOT_VERSION.set(await store.version())
+    await bus.consume(
+        "flags.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
+    )
+    await bus.consume(
+        "flags.cells", {cls: partial(fn, deps=deps) for cls, fn in handlers.CELL_REPORTS.items()}
+    )
+    await bus.serve("flags", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(store.outbox.relay(bus, stop), name="flags-outbox"),
+        asyncio.create_task(pusher.run(stop), name="flags-pusher"),
+    ]
+
+    async def cleanup() -> None:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await redis.aclose()
+
+    return cleanup

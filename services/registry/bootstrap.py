@@ -56,6 +56,9 @@ async def setup(
         {cls: partial(handler, deps=deps) for cls, handler in handlers.CELL_REPORTS.items()},
         prefetch=256,
     )
+    await bus.consume(
+        "registry.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
+    )
     await bus.serve("registry", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
     stop = asyncio.Event()
     loops = [

@@ -27,6 +27,7 @@ from common.messages import (
     CellReport,
     CellUpgrade,
     Delivery,
+    FlagsChanged,
     Message,
     RotateCredentials,
     sender_problem,
@@ -221,15 +222,27 @@ async def cells_create(params: dict[str, Any], delivery: Delivery, *, deps: Deps
     }
 
 
+def _with_flags(cell: CellView, current: int) -> dict[str, Any]:
+    """The record, and whether the cell's flags snapshot is older than the current one."""
+    held = cell.flags_snapshot_version
+    behind = cell.status in ("online", "offline") and current > 0 and (held or 0) < current
+    return {**cell.model_dump(mode="json"), "flags_behind": behind}
+
+
 async def cells_list(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> list[Any]:
     query = CellFilter.model_validate(params)
     cells = await deps.store.find(stage=query.stage, status=query.status)
-    return [c.model_dump(mode="json") for c in cells]
+    current = await deps.store.flags_version()
+    return [_with_flags(c, current) for c in cells]
 
 
 async def cells_show(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
     ref = CellRef.model_validate(params)
-    return (await _must_get(ref.id, deps)).model_dump(mode="json")
+    return _with_flags(await _must_get(ref.id, deps), await deps.store.flags_version())
+
+
+async def on_flags_changed(msg: FlagsChanged, delivery: Delivery, *, deps: Deps) -> None:
+    await deps.store.raise_flags_version(msg.snapshot_version)
 
 
 async def cells_rotate_credentials(
@@ -283,7 +296,8 @@ async def status(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> d
     by_status: dict[str, int] = {}
     for (_, state), n in counts.items():
         by_status[state] = by_status.get(state, 0) + n
-    return {"service": "registry", "ready": True, "cells": by_status}
+    behind = await deps.store.flags_behind()
+    return {"service": "registry", "ready": True, "cells": by_status, "flags_behind": len(behind)}
 
 
 async def _must_get(cell_id: str, deps: Deps) -> CellView:
@@ -318,6 +332,7 @@ async def sweep(deps: Deps) -> list[str]:
         metrics.CELLS.labels(stage, state).set(n)
     oldest = await deps.store.oldest_heartbeat_epoch()
     metrics.HEARTBEAT_AGE_MAX.set(0 if oldest is None else max(0.0, now.timestamp() - oldest))
+    metrics.FLAGS_BEHIND.set(len(await deps.store.flags_behind()))
     longest = await deps.store.oldest_maintenance_epoch()
     metrics.MAINTENANCE_AGE_MAX.set(0 if longest is None else max(0.0, now.timestamp() - longest))
     return gone
@@ -327,6 +342,8 @@ async def sweep(deps: Deps) -> list[str]:
 
 CellHandler = Callable[..., Awaitable[None]]
 RpcHandler = Callable[..., Awaitable[Any]]
+
+EVENTS: dict[type[Message], CellHandler] = {FlagsChanged: on_flags_changed}
 
 CELL_REPORTS: dict[type[Message], CellHandler] = {
     CellRegister: on_cell_register,

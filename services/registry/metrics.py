@@ -44,3 +44,7 @@ MAINTENANCE_AGE_MAX = Gauge(
 ROTATIONS = Counter(
     "substrate_credential_rotations", "Credential rotations by outcome", ["outcome"]
 )
+FLAGS_BEHIND = Gauge(
+    "substrate_cells_flags_behind",
+    "Online cells whose last heartbeat showed an older flags snapshot than the current one",
+)

@@ -9,6 +9,7 @@
     registry:refusals:<id>        list: the latest refused registrations of a cell
     registry:creating:<id>        string: a create in progress (expires)
     registry:outbox               list: events not yet published (common.outbox)
+    registry:flags_version        string: the newest flags snapshot version announced
 
 Every transition that implies an event writes the event to the outbox in the same Lua script,
 so state and event never disagree. The scripts touch keys derived from the cell id, which is
@@ -35,6 +36,28 @@ LIVENESS = PREFIX + "liveness"
 ROTATIONS = PREFIX + "rotations"
 MAINTENANCE = PREFIX + "maintenance"
 REFUSALS_KEPT = 20
+FLAGS_VERSION = PREFIX + "flags_version"
+
+# KEYS: flags version; ARGV: version.
+_RAISE_FLAGS = """
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: flags version; ARGV: key prefix. One pass over the online cells, inside Redis.
+_FLAGS_BEHIND = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local behind = {}
+if current == 0 then return behind end
+for _, id in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'status:online')) do
+  local raw = redis.call('HGET', ARGV[1] .. 'cell:' .. id, 'flags_snapshot_version')
+  local held = tonumber(raw or '')
+  if not held or held < current then behind[#behind + 1] = id end
+end
+return behind
+"""
 
 _LUA_COMMON = """
 local prefix = 'registry:'
@@ -218,6 +241,8 @@ class RegistryStore:
         self._sweep = redis.register_script(_SWEEP)
         self._decommission = redis.register_script(_DECOMMISSION)
         self._maintenance = redis.register_script(_MAINTENANCE)
+        self._raise_flags = redis.register_script(_RAISE_FLAGS)
+        self._behind = redis.register_script(_FLAGS_BEHIND)
         self._heartbeats = BatchedScript(redis, _HEARTBEATS)
 
     # -- creating -----------------------------------------------------------------------------
@@ -286,6 +311,17 @@ class RegistryStore:
         for stage, status in keys:
             pipe.sintercard(2, [f"{PREFIX}stage:{stage}", f"{PREFIX}status:{status}"])
         return dict(zip(keys, await pipe.execute(), strict=True))
+
+    async def raise_flags_version(self, version: int) -> None:
+        """The newest snapshot version announced (events may arrive out of order)."""
+        await self._raise_flags(keys=[FLAGS_VERSION], args=[version])
+
+    async def flags_version(self) -> int:
+        return int(await self.redis.get(FLAGS_VERSION) or 0)
+
+    async def flags_behind(self) -> list[str]:
+        """Online cells whose last heartbeat showed an older flags snapshot (or none)."""
+        return [str(c) for c in await self._behind(keys=[FLAGS_VERSION], args=[PREFIX])]
 
     async def oldest_heartbeat_epoch(self) -> float | None:
         oldest = await self.redis.zrange(LIVENESS, 0, 0, withscores=True)

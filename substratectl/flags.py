@@ -1,0 +1,149 @@
+"""`substratectl flags ...`: define, inspect, evaluate and preview feature flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from substratectl.output import emit_json, fields, table
+from substratectl.releases import FileProblem
+
+if TYPE_CHECKING:
+    from substratectl.cli import Ctl
+
+
+class _FlagLoader(yaml.SafeLoader):
+    """YAML as people write flag files: ``on``/``off``/``yes``/``no`` are variant names, not
+    booleans (only ``true``/``false`` are), as in YAML 1.2."""
+
+
+_FlagLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_FlagLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_flag_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FileProblem(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_FlagLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise FileProblem(f"{path} is not valid YAML or JSON{where}") from None
+    if not isinstance(data, dict):
+        raise FileProblem(f"{path}: expected a mapping with key, owner, variants and rules")
+    return data
+
+
+async def set_flag(ctl: Ctl) -> int:
+    flag = read_flag_file(Path(ctl.args.file))
+    result = await ctl.call("flags", "flags.set", {"flag": flag})
+    if ctl.as_json:
+        emit_json(result)
+    elif result["changed"]:
+        print(f"flag {result['key']} {result['action']}; snapshot {result['snapshot_version']}")
+    else:
+        print(f"flag {result['key']} unchanged (snapshot {result['snapshot_version']})")
+    return 0
+
+
+async def list_flags(ctl: Ctl) -> int:
+    result = await ctl.call("flags", "flags.list")
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(table(result, ["key", "enabled", "default_variant", "rules", "requires_release",
+                             "owner", "description"]))  # fmt: skip
+    return 0
+
+
+async def show(ctl: Ctl) -> int:
+    result = await ctl.call("flags", "flags.show", {"key": ctl.args.key})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(fields({k: v for k, v in result.items() if k not in ("rules", "variants")}))
+        print(f"variants: {result['variants']}")
+        for i, rule in enumerate(result["rules"]):
+            print(f"rule {i}: {rule}")
+    return 0
+
+
+async def history(ctl: Ctl) -> int:
+    result = await ctl.call("flags", "flags.history", {"key": ctl.args.key})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        rows = [{**e, "diff": ", ".join(e["diff"]) or "-"} for e in result]
+        print(table(rows, ["version", "at", "actor", "action", "diff"]))
+    return 0
+
+
+async def delete(ctl: Ctl) -> int:
+    result = await ctl.call("flags", "flags.delete", {"key": ctl.args.key})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        print(f"flag {result['key']} deleted; snapshot {result['snapshot_version']}")
+    return 0
+
+
+async def evaluate(ctl: Ctl) -> int:
+    result = await ctl.call("flags", "flags.eval", {"key": ctl.args.key, "cell": ctl.args.cell})
+    if ctl.as_json:
+        emit_json(result)
+    else:
+        rule = f" (rule {result['rule']})" if result.get("rule") is not None else ""
+        print(f"{result['key']} for {ctl.args.cell}: {result['value']!r} "
+              f"[{result['variant']}, {result['reason']}{rule}]")  # fmt: skip
+    return 0
+
+
+async def preview(ctl: Ctl) -> int:
+    flag = read_flag_file(Path(ctl.args.file))
+    result = await ctl.call("flags", "flags.preview", {"flag": flag})
+    if ctl.as_json:
+        emit_json(result)
+        return 0
+    print(f"{result['key']}: {result['flipping']} of {result['cells']} cells would change "
+          "(nothing is written)")  # fmt: skip
+    if result["changes"]:
+        print(table(result["changes"], ["stage", "org", "from", "to", "cells"]))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    flags = sub.add_parser("flags", help="feature flags: define, inspect, evaluate, preview")
+    cmds = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
+    p = cmds.add_parser("set", help="create or replace a flag from a YAML or JSON file")
+    p.add_argument("file")
+    p.set_defaults(run=set_flag)
+    p = cmds.add_parser("list", help="every flag")
+    p.set_defaults(run=list_flags)
+    p = cmds.add_parser("show", help="one flag, whole")
+    p.add_argument("key")
+    p.set_defaults(run=show)
+    p = cmds.add_parser("history", help="who changed a flag, when, and what changed")
+    p.add_argument("key")
+    p.set_defaults(run=history)
+    p = cmds.add_parser("delete", help="delete a flag (cells answer their defaults)")
+    p.add_argument("key")
+    p.set_defaults(run=delete)
+    p = cmds.add_parser("eval", help="the central answer for one cell")
+    p.add_argument("key")
+    p.add_argument("--cell", required=True)
+    p.set_defaults(run=evaluate)
+    p = cmds.add_parser("preview", help="which cells a flag file would flip, by stage and org")
+    p.add_argument("file")
+    p.set_defaults(run=preview)
