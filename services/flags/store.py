@@ -174,13 +174,17 @@ class FlagsStore:
             pairs += [CELL_FIELDS.index(name) + 1, value]
         return bool(await self._cell_fact(keys=[CELLS], args=[cell_id, at.timestamp(), *pairs]))
 
+    # A cell heard of only through liveness events (its creation not seen) is not known yet.
+
     async def cell(self, cell_id: str) -> dict[str, str | None] | None:
         packed = await self.redis.hget(CELLS, cell_id)
-        return parse_cell(cell_id, str(packed)) if packed else None
+        cell = parse_cell(cell_id, str(packed)) if packed else None
+        return cell if cell and cell.get("stage") else None
 
     async def cells(self) -> list[dict[str, str | None]]:
         packed = await self.redis.hgetall(CELLS)
-        return [parse_cell(str(k), str(v)) for k, v in packed.items()]
+        cells = (parse_cell(str(k), str(v)) for k, v in packed.items())
+        return [c for c in cells if c.get("stage")]
 
 
 def _with_version(text: str) -> str:

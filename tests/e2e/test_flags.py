@@ -1,0 +1,274 @@
+"""Feature flags end to end: the flags service, real agent processes and substratectl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.bus import RabbitBus
+from common.topology import SERVICE_QUEUES
+from tests.conftest import Services, free_port
+from tests.e2e.conftest import Proc, Processes, http_get, start_registry
+from tests.e2e.test_cells import create_cell, show, start_agent, status_is
+from tests.helpers import eventually, new_cell_id
+
+VECTORS = json.loads((Path(__file__).parents[1] / "flags" / "vectors.json").read_text())["vectors"]
+BIN = Path(sys.executable).parent
+
+
+async def start_flags(procs: Processes) -> Proc:
+    proc = await procs.start(f"flags-{len(procs.running)}", "substrate-flags")
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("flags", "list")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="flags answering")
+    return proc
+
+
+@pytest.fixture
+async def flags_service(procs: Processes, services: Services, control_plane: None
+                        ) -> AsyncIterator[Proc]:  # fmt: skip
+    """A flags service that knows only this test's flags and cells."""
+    redis = aioredis.from_url(services.redis_url)
+    # The registry's copy of the snapshot version goes too: versions restart with the keys.
+    keys = [k async for k in redis.scan_iter("flags:*")] + ["registry:flags_version"]
+    await redis.delete(*keys)
+    await redis.aclose()
+    for queue in [*SERVICE_QUEUES["flags"], *SERVICE_QUEUES["registry"]]:
+        await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
+    yield await start_flags(procs)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+FLAG = """
+key: {key}
+owner: team-editor
+description: The new editor
+requires_release: 2026.11.0
+rules:
+  - name: everyone
+    serve: on
+"""
+
+
+@pytest.mark.e2e
+async def test_the_conformance_vectors_pass_in_the_flags_service(
+    flags_service: Proc, bus: RabbitBus
+) -> None:
+    for vector in VECTORS:
+        key = vector["flag"]["key"] if vector["flag"] else "no-such-flag"
+        if vector["flag"]:
+            await bus.request("flags", "flags.set", {"flag": vector["flag"]})
+        got = await bus.request("flags", "flags.eval", {
+            "key": key, "attributes": vector["cell"], "default": vector.get("default"),
+        })  # fmt: skip
+        expected = {**vector["expected"], "key": key}
+        if expected.get("rule") is None:
+            expected.pop("rule", None)
+            expected.pop("rule_name", None)
+        got.pop("snapshot_version")
+        assert got == expected, vector["name"]
+
+
+async def agent_answer(port: int, key: str) -> dict[str, Any]:
+    status, body = await http_get(port, f"/flags/{key}")
+    assert status == 200
+    return dict(json.loads(body))
+
+
+async def cli_answer(procs: Processes, env: dict[str, str], key: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "cell-agent"), "flags", "eval", key, env=procs.env(**env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return dict(json.loads(out))
+
+
+@pytest.mark.e2e
+async def test_a_flag_reaches_an_agent_at_once_and_keeps_answering_without_the_control_plane(
+    procs: Processes, flags_service: Proc, moto: str, tmp_path: Path
+) -> None:
+    registry = await start_registry(procs)
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    port = free_port()
+    state = tmp_path / "state"
+    env = {"CELL_ID": cell, "CELL_AMQP_URL": created["amqp_url"], "CELL_STATE_DIR": str(state),
+           "CELL_METRICS_PORT": str(port)}  # fmt: skip
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port)
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    key = f"editor-{cell}"
+    assert (await agent_answer(port, key))["reason"] == "FLAG_NOT_FOUND"
+
+    # No release installed yet: the version gate keeps it off, closed.
+    code, result, err = await procs.ctl(
+        "flags", "set", write(tmp_path / "f.yaml", FLAG.format(key=key))
+    )
+    assert code == 0 and result["changed"], err
+    sent = time.monotonic()
+    answer = await eventually(
+        lambda: _reason_is(port, key, "VERSION_GATE"), timeout=1.0, interval=0.02,
+        what="the snapshot at the agent",
+    )  # fmt: skip
+    reached = time.monotonic() - sent
+    central = await procs.ctl("flags", "eval", key, "--cell", cell)
+    assert central[1] == answer, "central and local answers are the same JSON"
+    assert answer["value"] is False and answer["snapshot_version"] == result["snapshot_version"]
+    print(f"flag reached the agent {reached * 1000:.0f} ms after flags set returned")
+
+    # A rule that does not depend on the release, so the answer is on.
+    ungated = FLAG.format(key=key).replace("requires_release: 2026.11.0\n", "")
+    code, result, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", ungated))
+    assert code == 0, err
+    on = await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=5, interval=0.05)
+    assert on["value"] is True and on["rule_name"] == "everyone"
+    # The agent's heartbeat reports the snapshot it holds; it is not behind.
+    record = await eventually(lambda: _flags_held(procs, cell, result["snapshot_version"]),
+                              timeout=10, interval=0.2)  # fmt: skip
+    assert record["flags_behind"] is False
+
+    # The control plane goes away: the agent still answers from its snapshot, and after a
+    # restart too (from CELL_STATE_DIR), over HTTP and from its CLI.
+    await procs.stop(flags_service)
+    await procs.stop(registry.proc)
+    assert await agent_answer(port, key) == on
+    await procs.stop(agent)
+    assert await cli_answer(procs, env, key) == on
+    await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port)
+    answer = await eventually(lambda: _answers(port, key), timeout=20, interval=0.2)
+    assert answer == on
+
+
+async def _reason_is(port: int, key: str, reason: str) -> dict[str, Any] | None:
+    answer = await _answers(port, key)
+    return answer if answer and answer["reason"] == reason else None
+
+
+async def _answers(port: int, key: str) -> dict[str, Any] | None:
+    try:
+        return await agent_answer(port, key)
+    except OSError:
+        return None
+
+
+async def _flags_held(procs: Processes, cell: str, version: int) -> dict[str, Any] | None:
+    record = await show(procs, cell)
+    return record if record.get("flags_snapshot_version") == version else None
+
+
+@pytest.mark.e2e
+async def test_a_kill_switch_flipped_while_a_cell_is_offline_applies_when_it_syncs(
+    procs: Processes, flags_service: Proc, moto: str, tmp_path: Path
+) -> None:
+    await start_registry(procs)
+    cell = new_cell_id()
+    created = await create_cell(procs, cell)
+    port = free_port()
+    state = tmp_path / "state"
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port)
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    key = f"kill-{cell}"
+    flag = FLAG.format(key=key).replace("requires_release: 2026.11.0\n", "")
+    code, _, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", flag))
+    assert code == 0, err
+    await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=5, interval=0.05)
+
+    await procs.stop(agent)
+    await eventually(lambda: status_is(procs, cell, "offline"), timeout=20, interval=0.3)
+    code, killed, err = await procs.ctl(
+        "flags", "set", write(tmp_path / "f.yaml", flag + "enabled: false\n")
+    )
+    assert code == 0, err
+    record = await show(procs, cell)
+    assert record["flags_behind"] is True, "the control plane shows the cell is behind"
+
+    await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port)
+    answer = await eventually(lambda: _reason_is(port, key, "DISABLED"), timeout=20, interval=0.1)
+    assert answer["value"] is False and answer["snapshot_version"] == killed["snapshot_version"]
+    await eventually(lambda: _flags_held(procs, cell, killed["snapshot_version"]), timeout=10,
+                     interval=0.2)  # fmt: skip
+
+
+@pytest.mark.e2e
+async def test_flag_files_are_checked_history_kept_and_changes_previewed(
+    procs: Processes, flags_service: Proc, tmp_path: Path, bus: RabbitBus
+) -> None:
+    await start_registry(procs)
+    key = "preview-me"
+    good = FLAG.format(key=key).replace("requires_release: 2026.11.0\n", "")
+    code, first, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", good))
+    assert code == 0, err
+
+    bad = [
+        (good.replace("serve: on", "serve: maybe"), "rules.0: variant 'maybe'"),
+        (good.replace("owner: team-editor\n", ""), "owner: Field required"),
+        (good + "enabeld: false\n", "enabeld: Extra inputs are not permitted"),
+        (good.replace("    serve: on", "    split: {on: 30, off: 60}"), "add up to 100, not 90"),
+        ("key: [", "is not valid YAML or JSON"),
+    ]
+    for text, needle in bad:
+        code, out, err = await procs.ctl("flags", "set", write(tmp_path / "bad.yaml", text))
+        assert code == 1 and needle in err, (needle, err)
+        assert out == {"error": err.strip().removeprefix("error: ")}
+    code, shown, _ = await procs.ctl("flags", "show", key)
+    assert shown["snapshot_version"] == first["snapshot_version"], "nothing was stored"
+    assert shown["rules"] == [{"name": "everyone", "when": [], "serve": "on", "split": None}]
+
+    # Unchanged content is not a change.
+    code, again, _ = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", good))
+    assert again["changed"] is False
+
+    # Preview: what a 25% split for dedicated cells only would flip, by stage and org.
+    fleet = [("staging", "acme")] + [("dedicated", "acme")] * 8 + [("dedicated", "globex")] * 8
+    for stage, org in fleet:
+        await bus.request("registry", "cells.create", {
+            "id": new_cell_id(), "stage": stage, "region": "eu-west-1", "org": org,
+        })  # fmt: skip
+    narrowed = good.replace(
+        "  - name: everyone\n    serve: on\n",
+        "  - name: dedicated quarter\n    when: [{attribute: stage, op: in, values: [dedicated]}]\n"
+        "    split: {on: 25, off: 75}\n",
+    )
+
+    async def previewed() -> dict[str, Any] | None:
+        code, result, _ = await procs.ctl("flags", "preview", write(tmp_path / "p.yaml", narrowed))
+        return result if code == 0 and result["cells"] >= 17 else None
+
+    preview = await eventually(previewed, timeout=20, interval=0.3, what="cells known to flags")
+    flips = preview["by_stage"]
+    assert set(flips) <= {"staging", "dedicated"} and flips["staging"] == {"on -> off": 1}
+    assert 0 < preview["by_stage"]["dedicated"]["on -> off"] <= 16
+    assert set(preview["by_org"]) == {"acme", "globex"}
+    assert preview["flipping"] == sum(c["cells"] for c in preview["changes"])
+    code, shown, _ = await procs.ctl("flags", "show", key)
+    assert shown["rules"][0]["name"] == "everyone", "a preview writes nothing"
+
+    code, _, err = await procs.ctl("flags", "set", write(tmp_path / "p.yaml", narrowed))
+    assert code == 0, err
+    code, _, err = await procs.ctl("flags", "delete", key)
+    assert code == 0, err
+    code, history, _ = await procs.ctl("flags", "history", key)
+    assert [h["action"] for h in history] == ["deleted", "updated", "created"]
+    assert all(h["actor"] == "guest" for h in history)
+    assert set(history[1]["diff"]) == {"rules"}
+    assert history[0]["version"] > history[1]["version"] > history[2]["version"]
+    code, _, err = await procs.ctl("flags", "show", key)
+    assert code == 1 and f"flag '{key}' does not exist" in err
+    code, _, err = await procs.ctl("flags", "eval", key, "--cell", "nobody-here")
+    assert code == 1 and "knows no cell" in err
