@@ -266,10 +266,6 @@ def _compile_split(flag: Flag, index: int, rule: Rule, version: int) -> Evaluato
     return split
 
 
-def _constant(answer: Evaluation) -> Evaluator:
-    return lambda cell: answer
-
-
 def compile_flag(flag: Flag, version: int) -> Evaluator:
     """The flag as one function of a cell's attributes."""
     default = flag.variants[flag.default_variant]
@@ -277,37 +273,49 @@ def compile_flag(flag: Flag, version: int) -> Evaluator:
         disabled = Evaluation(flag.key, default, flag.default_variant, "DISABLED", version)
         return lambda cell: disabled
     fallthrough = Evaluation(flag.key, default, flag.default_variant, "DEFAULT", version)
-    rules: list[tuple[Callable[[Cell], bool], Evaluator]] = []
+    # Per rule: its test, and either its fixed answer or its split. The loops below are the
+    # whole evaluation; they are written out (not composed of smaller calls) because a call
+    # is most of what an evaluation costs.
+    rules: list[tuple[Callable[[Cell], bool], Evaluation | None, Evaluator | None]] = []
     for i, rule in enumerate(flag.rules):
         when = _all_of([_compile_condition(c) for c in rule.when])
         if rule.serve is not None:
             answer = Evaluation(
                 flag.key, flag.variants[rule.serve], rule.serve, "RULE_MATCH", version, i, rule.name
             )
-            rules.append((when, _constant(answer)))
+            rules.append((when, answer, None))
         else:
-            rules.append((when, _compile_split(flag, i, rule, version)))
-
-    def by_rules(cell: Cell) -> Evaluation:
-        for when, outcome in rules:
-            if when(cell):
-                return outcome(cell)
-        return fallthrough
+            rules.append((when, None, _compile_split(flag, i, rule, version)))
 
     if flag.requires_release is None:
+
+        def by_rules(cell: Cell) -> Evaluation:
+            for when, answer, split in rules:
+                if when(cell):
+                    return answer if split is None else split(cell)  # type: ignore[return-value]
+            return fallthrough
+
         return by_rules
+
     minimum = SemVer.parse(flag.requires_release)
     assert minimum is not None
     gated = Evaluation(flag.key, default, flag.default_variant, "VERSION_GATE", version)
-    gate = _memo_on(
-        "installed_release",
-        lambda v: isinstance(v, str) and (p := SemVer.parse(v)) is not None and p >= minimum,
-    )
+    passes: dict[Any, bool] = {}
 
     def gated_by_release(cell: Cell) -> Evaluation:
-        if not gate(cell):
+        release = cell.get("installed_release")
+        ok = passes.get(release)
+        if ok is None:
+            parsed = SemVer.parse(release) if isinstance(release, str) else None
+            if len(passes) > MEMO_LIMIT:
+                passes.clear()
+            ok = passes[release] = parsed is not None and parsed >= minimum
+        if not ok:
             return gated
-        return by_rules(cell)
+        for when, answer, split in rules:
+            if when(cell):
+                return answer if split is None else split(cell)  # type: ignore[return-value]
+        return fallthrough
 
     return gated_by_release
 
