@@ -68,7 +68,8 @@ if "$BIN/python" scripts/dev_release.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev
 fi
 echo
 echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell,"
-echo "     $BIN/substratectl release publish .dev/demo-release.yaml; $BIN/substratectl rollout watch"
+echo "     $BIN/substratectl release publish .dev/demo-release.yaml; $BIN/substratectl rollout watch,"
+echo "     $BIN/substratectl flags set .dev/demo-flag.yaml; curl -s 127.0.0.1:9180/flags/new-editor"
 echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest). Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
 echo "a process exited; see .dev/*.log"

@@ -1,6 +1,6 @@
-"""make dev: a demo release whose image is in the local AWS emulator's ECR, and a rollout
-policy with short soaks, so `release publish .dev/demo-release.yaml` reaches the demo cell in
-seconds. Prints the release file's path."""
+"""make dev: a demo release whose image is in the local AWS emulator's ECR, a rollout policy
+with short soaks (so `release publish .dev/demo-release.yaml` reaches the demo cell in
+seconds), and a demo flag file. Prints the release file's path."""
 
 from __future__ import annotations
 
@@ -34,5 +34,10 @@ digest = image["image"]["imageId"]["imageDigest"]
 )
 (out / "dev-policy.yaml").write_text(
     "soak_seconds: {staging: 5, saas: 5, dedicated: 5}\nprogress_deadline_seconds: 120\n"
+)
+(out / "demo-flag.yaml").write_text(
+    "key: new-editor\nowner: team-editor\ndescription: the new editor (make dev)\n"
+    "rules:\n  - name: staging first\n"
+    "    when: [{attribute: stage, op: in, values: [staging]}]\n    serve: on\n"
 )
 print(out / "demo-release.yaml")
