@@ -84,6 +84,9 @@ def _progress_lines(r: dict[str, Any]) -> list[str]:
     lines = [_where(r)]
     for stage in STAGES:
         c = r["stages"][stage]
+        if not c["total"]:
+            lines.append(f"  {stage:<9} (no cells)")
+            continue
         rest = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in COUNTS[1:] if c[k])
         lines.append(
             f"  {stage:<9} {_bar(c['updated'], c['total'])} {c['updated']}/{c['total']} updated"
