@@ -35,12 +35,14 @@ from common.acks import BatchedAcks
 from common.deadlines import Deadlines
 from common.messages import (
     DLX_EXCHANGE,
+    CellReport,
     Delivery,
     Message,
     RpcErrorBody,
     RpcReply,
     RpcRequest,
     rpc_queue,
+    sender_problem,
 )
 from common.metrics import bus_metrics
 from common.settings import broker_user
@@ -104,6 +106,13 @@ class RemoteError(BusError):
 class Refused(Exception):
     """Raised by a handler for a message that must never be retried (e.g. a forged sender):
     the bus dead-letters it at once with this reason."""
+
+
+def refuse_foreign_sender(msg: CellReport, delivery: Delivery) -> None:
+    """Dead-letter (never retry) a cell report that speaks for another cell."""
+    problem = sender_problem(msg, delivery)
+    if problem is not None:
+        raise Refused(problem[1])
 
 
 class RpcFailure(Exception):

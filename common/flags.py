@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.versions import SemVer, version_problem
+from common.versions import SemVer, SemVerText
 
 ATTRIBUTES = ("id", "stage", "region", "org", "installed_release", "agent_version")
 Attribute = Literal["id", "stage", "region", "org", "installed_release", "agent_version"]
@@ -39,14 +39,7 @@ BUCKETS = 10_000
 KEY_PATTERN = r"^[a-z][a-z0-9._-]{0,63}$"
 
 
-def _semver(value: str) -> str:
-    problem = version_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-Version = Annotated[str, AfterValidator(_semver)]
+Version = SemVerText
 
 
 class InCondition(BaseModel):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache, total_ordering
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -67,3 +70,14 @@ def version_problem(text: str) -> str | None:
 @lru_cache(maxsize=4096)
 def _parse(text: str) -> SemVer | None:
     return SemVer._parse(text)
+
+
+def _semver_text(value: str) -> str:
+    problem = version_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A field that must hold a semantic version (release files, flag version gates).
+SemVerText = Annotated[str, AfterValidator(_semver_text)]

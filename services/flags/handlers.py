@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.bus import Refused, RpcFailure
+from common.bus import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.flags import KEY_PATTERN, Flag, Snapshot
 from common.messages import (
@@ -21,13 +21,11 @@ from common.messages import (
     CellOnline,
     CellRegistered,
     CellRegistrationRefused,
-    CellReport,
     CellSync,
     CellUpgrade,
     Delivery,
     Event,
     Message,
-    sender_problem,
 )
 from services.flags import metrics
 from services.flags.store import Conflict, FlagsStore
@@ -237,15 +235,9 @@ async def on_ignored_event(msg: Event, delivery: Delivery, *, deps: Deps) -> Non
     """Events on the flags queue it has no use for (acked, not dead-lettered)."""
 
 
-def _check_sender(msg: CellReport, delivery: Delivery) -> None:
-    problem = sender_problem(msg, delivery)
-    if problem is not None:
-        raise Refused(problem[1])
-
-
 async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -> None:
     """A cell's installed release is an attribute rules and version gates read."""
-    _check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     if msg.phase == "succeeded":
         await deps.store.cell_fact(msg.cell_id, msg.sent_at,
                                    installed_release=msg.release_version or "")  # fmt: skip
@@ -254,7 +246,7 @@ async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -
 async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None:
     """A cell whose snapshot is older than the current one (or that has none) is sent it: how
     a change made while the cell was offline reaches it."""
-    _check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     snapshot = await deps.store.snapshot()
     held = msg.flags_snapshot_version
     if held is not None and held >= snapshot.version:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from common.bus import Refused, RpcFailure
+from common.bus import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import (
     CellCreated,
@@ -20,7 +20,6 @@ from common.messages import (
     CellOnline,
     CellRegistered,
     CellRegistrationRefused,
-    CellReport,
     CellSync,
     CellUpgrade,
     Delivery,
@@ -30,7 +29,6 @@ from common.messages import (
     Message,
     Release,
     ReleasePublished,
-    sender_problem,
 )
 from services.rollout import metrics
 from services.rollout.model import (
@@ -158,17 +156,11 @@ async def on_ignored_event(msg: Event, delivery: Delivery, *, deps: Deps) -> Non
     """Events on rollout's queue that it has no use for yet (acked, not dead-lettered)."""
 
 
-def _check_sender(msg: CellReport, delivery: Delivery) -> None:
-    problem = sender_problem(msg, delivery)
-    if problem is not None:
-        raise Refused(problem[1])
-
-
 TERMINAL = ("succeeded", "failed", "rolled_back")
 
 
 async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -> None:
-    _check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     recorded = await deps.store.report(
         msg.cell_id, generation=msg.generation, phase=msg.phase, error=msg.error,
         at=deps.clock.now(), version=msg.release_version,
@@ -185,7 +177,7 @@ async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -
 async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None:
     """A cell asks for its desired state (after a reconnect, at start, periodically): sent
     again if it has not applied it. Level-triggered, so a copy it already has is harmless."""
-    _check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     cell = await deps.store.cell(msg.cell_id)
     if cell is None or cell.desired_generation is None:
         deps.wake()  # nothing sent yet: perhaps its first install is due

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.messages import (
     CellFailure,
@@ -27,14 +27,7 @@ from common.messages import (
     RolloutState,
     Stage,
 )
-from common.versions import SemVer, version_problem
-
-
-def _semver(value: str) -> str:
-    problem = version_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
+from common.versions import SemVer, SemVerText
 
 
 class ComponentFile(BaseModel):
@@ -52,7 +45,7 @@ class ReleaseFile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: Annotated[str, AfterValidator(_semver)]
+    version: SemVerText
     components: list[ComponentFile] = Field(min_length=1)
     reversible: bool = True
     notes: str = Field(default="", max_length=10_000)
