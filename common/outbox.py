@@ -37,6 +37,7 @@ class Outbox:
         # Shared by replicas: one that starts moves everything here back to the list, so an
         # entry a crashed replica held is published again (perhaps twice, never not at all).
         self.inflight_key = f"{key}:inflight"
+        self._unheard: set[str] = set()
 
     async def put(self, event: Event) -> None:
         await self._redis.rpush(self.key, outbox_entry(event))
@@ -67,7 +68,10 @@ class Outbox:
         except Unroutable:
             # No queue subscribes to this event: there is nobody to tell, and keeping it would
             # block every event behind it.
-            log.warning("outbox %s: nobody is bound for %s; dropped", self.key, entry["type"])
+            if entry["type"] not in self._unheard:
+                # Once per type and process: an event with no listener is not an error.
+                self._unheard.add(entry["type"])
+                log.info("outbox %s: nobody listens for %s yet; dropped", self.key, entry["type"])
             await self._redis.lrem(self.inflight_key, 1, raw)
             return True
         except BusError:
