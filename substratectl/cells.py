@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 LIST_COLUMNS = [
     "id", "stage", "region", "org", "status", "last_heartbeat_at", "agent_version",
-    "installed_release",
+    "installed_release", "flags_behind",
 ]  # fmt: skip
 STATUSES = ("created", "online", "offline", "decommissioned")
 
