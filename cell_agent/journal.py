@@ -55,6 +55,8 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "upgrade"
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Read on every heartbeat and flag evaluation; only this journal writes it.
+        self._applied: Applied | None = None
 
     def _read(self, name: str, model: type[BaseModel]) -> BaseModel | None:
         path = self.directory / name
@@ -71,9 +73,11 @@ class Journal:
 
     @property
     def applied(self) -> Applied:
-        value = self._read("applied.json", Applied)
-        assert value is None or isinstance(value, Applied)
-        return value or Applied()
+        if self._applied is None:
+            value = self._read("applied.json", Applied)
+            assert value is None or isinstance(value, Applied)
+            self._applied = value or Applied()
+        return self._applied
 
     @property
     def progress(self) -> Progress | None:
@@ -94,3 +98,4 @@ class Journal:
 
     def set_applied(self, applied: Applied) -> None:
         self._write("applied.json", applied)
+        self._applied = applied

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
 from typing import Protocol
 
 import boto3
@@ -24,6 +23,7 @@ from cell_agent.journal import Applied, Desired, Journal, Phase, Progress
 from cell_agent.maintenance import MaintenanceGate
 from common.clock import Clock
 from common.messages import Component, Delivery, DesiredState, Release
+from common.runner import wait_any
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ class Upgrader:
             except Exception:
                 log.exception("upgrade step failed; retrying")
             unreported = (p := self.journal.progress) is not None and not p.reported
-            with suppress(TimeoutError):
-                await asyncio.wait_for(
-                    _first(stop.wait(), self._wake.wait()),
-                    REPORT_RETRY_SECONDS if unreported else None,
-                )
+            await wait_any(stop, self._wake, timeout=REPORT_RETRY_SECONDS if unreported else None)
 
     async def reconcile(self) -> None:
         progress = self.journal.progress
@@ -229,12 +225,3 @@ class Upgrader:
             desired.generation,
             release.version if release else "nothing",
         )
-
-
-async def _first(*waits: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -49,6 +49,17 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiormq").setLevel(logging.WARNING)
 
 
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Return when any of ``events`` is set, or after ``timeout`` seconds: how a loop sleeps
+    until it is stopped, woken, or due."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 async def wait_for_signal(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,6 +13,7 @@ from common.bus import BusError, RabbitBus, Unroutable
 from common.clock import Clock, SystemClock
 from common.flags import Snapshot
 from common.messages import FlagsSnapshot
+from common.runner import wait_any
 from common.settings import ServiceSettings
 from services.flags import handlers, metrics
 from services.flags.store import FlagsStore
@@ -58,13 +59,7 @@ class Pusher:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            waits = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._changed.wait()),
-            ]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            await wait_any(stop, self._changed)
             if stop.is_set():
                 return
             self._changed.clear()

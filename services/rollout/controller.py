@@ -24,7 +24,8 @@ from datetime import datetime
 
 from common.clock import Clock
 from common.lease import Lease
-from common.messages import DesiredState, Message, Release, RolloutHalted
+from common.messages import DesiredState, Message, RolloutHalted
+from common.runner import wait_any
 from services.rollout import metrics
 from services.rollout.model import (
     ACTIVE,
@@ -51,7 +52,6 @@ class Controller:
         self.lease = lease
         self.tick_seconds = tick_seconds
         self._wake = asyncio.Event()
-        self._releases: dict[str, Release] = {}  # published releases never change
         self._cells: dict[str, CellFacts] | None = None
         self._cells_fence: str | None = None
         self._loaded_at = 0.0
@@ -70,11 +70,7 @@ class Controller:
                 log.warning("controller lease lost mid-step; another replica leads now")
             except Exception:
                 log.exception("controller step failed; retrying")
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            with suppress(TimeoutError):
-                await asyncio.wait(waits, timeout=self.tick_seconds, return_when="FIRST_COMPLETED")
-            for w in waits:
-                w.cancel()
+            await wait_any(stop, self._wake, timeout=self.tick_seconds)
         with suppress(Exception):
             await self.lease.release()
 
@@ -136,7 +132,7 @@ class Controller:
                 cell_id=a.cell_id,
                 issued_at=now,
                 generation=g,
-                release=await self._release(a.version),
+                release=await self.store.release(a.version),
             )
             for a, g in zip(assign, generations, strict=True)
         ]
@@ -158,17 +154,6 @@ class Controller:
                 "cell %s: desired state %s (generation %d)", a.cell_id, a.version or "nothing", g
             )
         return written
-
-    async def _release(self, version: str | None) -> Release | None:
-        if version is None:
-            return None
-        release = self._releases.get(version)
-        if release is None:
-            record = await self.store.get(version)
-            if record is None:
-                raise LookupError(f"release {version} is not published")
-            release = self._releases[version] = Release.model_validate(record["release"])
-        return release
 
     async def _load_cells(self, fence: str) -> dict[str, CellFacts]:
         now = self.clock.monotonic()

@@ -27,7 +27,6 @@ from common.messages import (
     Event,
     InfraComplianceChanged,
     Message,
-    Release,
     ReleasePublished,
 )
 from services.rollout import metrics
@@ -165,11 +164,10 @@ async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -
         msg.cell_id, generation=msg.generation, phase=msg.phase, error=msg.error,
         at=deps.clock.now(), version=msg.release_version,
     )  # fmt: skip
-    if not recorded or msg.phase not in TERMINAL:
+    if recorded is None or msg.phase not in TERMINAL:
         return
-    cell = await deps.store.cell(msg.cell_id)
-    if cell and cell.desired_generation == msg.generation and cell.desired_at is not None:
-        took = (deps.clock.now() - cell.desired_at).total_seconds()
+    if recorded.desired_at is not None:
+        took = (deps.clock.now() - recorded.desired_at).total_seconds()
         metrics.UPGRADE_DURATION.labels(msg.phase).observe(max(took, 0.0))
     deps.wake()
 
@@ -184,10 +182,7 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None
         return
     if msg.applied_generation is not None and msg.applied_generation >= cell.desired_generation:
         return
-    release = None
-    if cell.desired_version is not None:
-        record = await deps.store.get(cell.desired_version)
-        release = Release.model_validate(record["release"]) if record else None
+    release = await deps.store.release(cell.desired_version)
     if deps.send is not None:
         await deps.send(
             DesiredState(
@@ -239,6 +234,18 @@ def _rollout_view(
     }
 
 
+async def _views(deps: Deps, rollouts: list[Rollout]) -> list[dict[str, Any]]:
+    cells, policy, now = await deps.store.cells(), await deps.store.policy(), deps.clock.now()
+    return [_rollout_view(r, cells, policy, now) for r in rollouts]
+
+
+async def _known_cell(deps: Deps, cell_id: str) -> CellFacts:
+    cell = await deps.store.cell(cell_id)
+    if cell is None:
+        raise RpcFailure("not_found", f"rollout knows no cell {cell_id!r}")
+    return cell
+
+
 async def _rollout(deps: Deps, params: dict[str, Any]) -> Rollout:
     ref = VersionRef.model_validate(params)
     r = await deps.store.rollout(ref.version)
@@ -258,14 +265,12 @@ async def rollout_status(
         if not rollouts:
             raise RpcFailure("not_found", "no release has been published yet")
         r = max(rollouts, key=lambda r: r.semver)
-    policy = await deps.store.policy()
-    return _rollout_view(r, await deps.store.cells(), policy, deps.clock.now())
+    return (await _views(deps, [r]))[0]
 
 
 async def rollout_list(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> list[Any]:
     rollouts = sorted(await deps.store.rollouts(), key=lambda r: r.semver, reverse=True)
-    cells, policy, now = await deps.store.cells(), await deps.store.policy(), deps.clock.now()
-    return [_rollout_view(r, cells, policy, now) for r in rollouts]
+    return await _views(deps, rollouts)
 
 
 async def _act(
@@ -282,8 +287,7 @@ async def _act(
         except Stale:
             continue
         deps.wake()
-        policy = await deps.store.policy()
-        return _rollout_view(new, await deps.store.cells(), policy, deps.clock.now())
+        return (await _views(deps, [new]))[0]
     raise RpcFailure("busy", "the rollout kept changing; try again")
 
 
@@ -316,9 +320,7 @@ async def rollout_explain(
     params: dict[str, Any], delivery: Delivery, *, deps: Deps
 ) -> dict[str, Any]:
     ref = CellRef.model_validate(params)
-    cell = await deps.store.cell(ref.id)
-    if cell is None:
-        raise RpcFailure("not_found", f"rollout knows no cell {ref.id!r}")
+    cell = await _known_cell(deps, ref.id)
     policy, rollouts = await deps.store.policy(), await deps.store.rollouts()
     reason, sentence, version = explain(cell, rollouts, policy, deps.clock.now())
     return {
@@ -335,9 +337,7 @@ async def cell_pin(params: dict[str, Any], delivery: Delivery, *, deps: Deps) ->
     ref = CellRef.model_validate(params)
     if ref.version is None:
         raise RpcFailure("invalid", "version: a release to pin the cell to is required")
-    cell = await deps.store.cell(ref.id)
-    if cell is None:
-        raise RpcFailure("not_found", f"rollout knows no cell {ref.id!r}")
+    cell = await _known_cell(deps, ref.id)
     if await deps.store.get(ref.version) is None:
         raise RpcFailure("not_found", f"release {ref.version!r} is not published")
     if newer(cell.installed_release, ref.version):
@@ -353,9 +353,7 @@ async def cell_pin(params: dict[str, Any], delivery: Delivery, *, deps: Deps) ->
 
 async def cell_unpin(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
     ref = CellRef.model_validate(params)
-    cell = await deps.store.cell(ref.id)
-    if cell is None:
-        raise RpcFailure("not_found", f"rollout knows no cell {ref.id!r}")
+    cell = await _known_cell(deps, ref.id)
     await deps.store.set_pin(ref.id, None)
     deps.wake()
     return {"cell": ref.id, "pinned": None, "installed_release": cell.installed_release}

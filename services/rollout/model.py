@@ -228,7 +228,6 @@ class RolloutPolicy(BaseModel):
 # -- rollouts -------------------------------------------------------------------------------------
 
 ACTIVE: tuple[RolloutState, ...] = ("in_progress", "soaking", "halted", "paused")
-FINISHED: tuple[RolloutState, ...] = ("completed", "aborted", "superseded")
 
 
 class Halt(BaseModel):
@@ -613,15 +612,8 @@ def superseded(rollouts: list[Rollout]) -> list[str]:
     return out
 
 
-def releases_cell(r: Rollout, cell: CellFacts) -> bool:
-    """Whether rollout ``r`` has reached ``cell``: its stage is past, or the cell's wave has
-    started, or (for a cell that was in no wave) the stage's first wave is done. A halted,
-    paused or aborted rollout reaches no one new."""
-    return _Reach(r).reaches(cell)
-
-
 class _Reach:
-    """:func:`releases_cell` for many cells: the rollout's wave sets computed once."""
+    """Which cells a rollout has reached, for many cells (its wave sets computed once)."""
 
     def __init__(self, r: Rollout) -> None:
         self.r = r
@@ -630,6 +622,8 @@ class _Reach:
         self.waiting = r.waiting_cells()
 
     def reaches(self, cell: CellFacts) -> bool:
+        """The cell's stage is past, or its wave has started, or (a cell that was in no wave)
+        its stage's first wave is done. A halted, paused or aborted rollout reaches no one."""
         r = self.r
         if r.state == "completed":
             return True

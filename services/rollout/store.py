@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,10 +111,12 @@ return 1
 
 # KEYS: cell, dirty; ARGV: id, generation, phase, error, at, release version.
 # Reports of a generation older than the last one recorded are dropped, and so is a step
-# report arriving after its generation's outcome (redelivery can reorder them).
+# report arriving after its generation's outcome (redelivery can reorder them). Returns 0 if
+# dropped, else when the desired state was sent if this is its outcome ('' otherwise).
 _REPORT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local rec = redis.call('HMGET', KEYS[1], 'report_generation', 'report_phase')
+local rec = redis.call('HMGET', KEYS[1], 'report_generation', 'report_phase',
+                      'desired_generation', 'desired_at')
 local gen = tonumber(ARGV[2])
 local terminal = {succeeded=true, failed=true, rolled_back=true}
 if rec[1] then
@@ -125,8 +128,10 @@ redis.call('HSET', KEYS[1], 'report_generation', ARGV[2], 'report_phase', ARGV[3
            'report_error', ARGV[4], 'report_at', ARGV[5])
 if ARGV[3] == 'succeeded' then redis.call('HSET', KEYS[1], 'installed_release', ARGV[6]) end
 -- Only an outcome changes the controller's decisions; the steps before it do not.
-if terminal[ARGV[3]] then redis.call('SADD', KEYS[2], ARGV[1]) end
-return 1
+if not terminal[ARGV[3]] then return '' end
+redis.call('SADD', KEYS[2], ARGV[1])
+if rec[3] and tonumber(rec[3]) == gen and rec[4] then return rec[4] end
+return ''
 """
 
 
@@ -148,6 +153,13 @@ end
 redis.call('DEL', KEYS[1])
 return out
 """
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A report that was kept; for the outcome of the cell's desired state, when that was sent."""
+
+    desired_at: datetime | None
 
 
 class Stale(Exception):
@@ -190,6 +202,7 @@ class RolloutStore:
         self._commit = redis.register_script(_COMMIT)
         self._report = redis.register_script(_REPORT)
         self._all_cells = redis.register_script(_ALL_CELLS)
+        self._releases: dict[str, Release] = {}
         self._take_dirty = redis.register_script(_TAKE_DIRTY)
 
     async def cell_fact(self, cell_id: str, at: datetime, **fields: str) -> bool:
@@ -209,21 +222,21 @@ class RolloutStore:
         error: str | None,
         at: datetime,
         version: str | None,
-    ) -> bool:
-        """A cell's upgrade report; a success also records the release as installed."""
-        recorded = await self._report(
+    ) -> Recorded | None:
+        """A cell's upgrade report (None if dropped as stale); a success also records the
+        release as installed."""
+        result = await self._report(
             keys=[CELL + cell_id, DIRTY],
             args=[cell_id, generation, phase, error or "", at.timestamp(), version or ""],
         )
-        return bool(recorded)
-
-    async def cell_raw(self, cell_id: str) -> dict[str, str] | None:
-        raw: dict[str, str] = await self.redis.hgetall(CELL + cell_id)  # type: ignore[assignment]
-        return raw if raw and raw.get("stage") else None
+        if result == 0:
+            return None
+        sent = datetime.fromtimestamp(float(result), UTC) if result else None
+        return Recorded(desired_at=sent)
 
     async def cell(self, cell_id: str) -> CellFacts | None:
-        raw = await self.cell_raw(cell_id)
-        return _facts(raw) if raw else None
+        raw: dict[str, str] = await self.redis.hgetall(CELL + cell_id)  # type: ignore[assignment]
+        return _facts(raw) if raw and raw.get("stage") else None
 
     async def cells(self) -> list[CellFacts]:
         # One script answer for the whole fleet: redis-py reads each reply of a pipeline under
@@ -345,6 +358,18 @@ class RolloutStore:
     async def get(self, version: str) -> dict[str, Any] | None:
         raw = await self.redis.get(RELEASE + version)
         return json.loads(raw) if raw else None
+
+    async def release(self, version: str | None) -> Release | None:
+        """A published release (None for none); kept once read, as a release never changes."""
+        if version is None:
+            return None
+        release = self._releases.get(version)
+        if release is None:
+            record = await self.get(version)
+            if record is None:
+                raise LookupError(f"release {version} is not published")
+            release = self._releases[version] = Release.model_validate(record["release"])
+        return release
 
     async def versions(self) -> list[str]:
         return [str(v) for v in await self.redis.smembers(RELEASES)]
