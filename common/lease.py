@@ -3,9 +3,9 @@
 Replicas of a service all run the loop; the one holding the lease does the work. The lease's
 value is ``<owner>:<token>``, the token coming from a counter that only grows, so a holder that
 stalled past its TTL (a GC pause, a frozen VM) and another that took over never hold the same
-value. Every write the holder makes goes through a Lua script that first checks the lease
-still holds its value (:data:`FENCE_CHECK`): a stale holder's write is refused by Redis itself,
-not by the holder's belief that it still leads.
+value. Every write the holder makes is a Change guarded on the lease still holding its value
+(:meth:`Lease.fenced`): a stale holder's write is refused by Redis itself, not by the holder's
+belief that it still leads.
 """
 
 from __future__ import annotations
@@ -14,26 +14,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-# For scripts that write on the lease's behalf: KEYS[1] is the lease, ARGV[1] the fence value.
-FENCE_CHECK = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\n"
-
-# KEYS: lease, token counter; ARGV: current value ('' if none), owner, ttl ms.
-_HOLD = """
-local current = redis.call('GET', KEYS[1])
-if current and current == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return current
-end
-if current then return false end
-local value = ARGV[2] .. ':' .. redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return value
-"""
-
-# KEYS: lease; ARGV: value.
-_RELEASE = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
+from common.scripts import Change, Changes, script
 
 
 class Lease:
@@ -42,8 +23,12 @@ class Lease:
         self.owner = uuid.uuid4().hex[:12]
         self.ttl_ms = int(ttl_seconds * 1000)
         self.value: str | None = None
-        self._hold = redis.register_script(_HOLD)
-        self._release = redis.register_script(_RELEASE)
+        self._hold = script(redis, "lease_hold")
+        self._changes = Changes(redis)
+
+    def fenced(self, change: Change, fence: str) -> Change:
+        """``change``, to be written only while ``fence`` is still this lease's value."""
+        return change.expecting_value(self.key, fence)
 
     async def hold(self) -> str | None:
         """Take or renew the lease; the fence value to pass to writes, or None if another
@@ -57,5 +42,5 @@ class Lease:
     async def release(self) -> None:
         """Give the lease up (on a clean stop) so another replica need not wait for the TTL."""
         if self.value is not None:
-            await self._release(keys=[self.key], args=[self.value])
+            await self._changes.apply(self.fenced(Change().run("DEL", self.key), self.value))
             self.value = None
