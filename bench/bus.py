@@ -24,6 +24,7 @@ import aio_pika
 from bench.baseline import raw_drain
 from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, Delivery
+from common.routes import route
 from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
 
@@ -109,7 +110,7 @@ async def bus_round(queue: str, n: int, window: int) -> tuple[float, float]:
                 done.set()
 
         started = time.perf_counter()
-        await bus.consume(queue, {CellHeartbeat: on_heartbeat}, prefetch=window)
+        await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)], prefetch=window)
         await done.wait()
         consume_rate = n / (time.perf_counter() - started)
         return publish_rate, consume_rate

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import timedelta
 from importlib.metadata import version
-from typing import Literal, TypeVar
+from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from prometheus_client import Counter, Gauge
@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 from cell_agent.appliers import Applier, CommandApplier, LocalApplier
 from cell_agent.aws import CellAws
 from cell_agent.flags import LocalFlags
-from cell_agent.journal import Journal, Phase
+from cell_agent.journal import Journal
 from cell_agent.maintenance import MaintenanceGate
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
@@ -42,7 +42,9 @@ from common.messages import (
     command_queue,
 )
 from common.metrics import MetricsServer, Response
+from common.routes import route
 from common.settings import broker_user
+from common.vocabulary import SyncReason, UpgradePhase
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class Agent:
             confirm.add_done_callback(self._background.discard)
 
     async def report_upgrade(
-        self, generation: int, version: str | None, phase: Phase, error: str | None
+        self, generation: int, version: str | None, phase: UpgradePhase, error: str | None
     ) -> bool:
         return await self._send(
             CellUpgrade(
@@ -224,7 +226,7 @@ class Agent:
             LAST_HEARTBEAT.set(self.clock.now().timestamp())
         return sent
 
-    async def sync(self, reason: Literal["start", "reconnect", "periodic"]) -> bool:
+    async def sync(self, reason: SyncReason) -> bool:
         return await self._send(
             CellSync(
                 cell_id=self.settings.id,
@@ -310,11 +312,11 @@ class Agent:
         bus.on_reconnect(self._after_reconnect)
         await bus.consume(
             command_queue(self.settings.id),
-            {
-                RotateCredentials: self.on_rotate_credentials,
-                DesiredState: self.upgrader.on_desired_state,
-                FlagsSnapshot: self.on_flags_snapshot,
-            },
+            [
+                route(RotateCredentials, self.on_rotate_credentials),
+                route(DesiredState, self.upgrader.on_desired_state),
+                route(FlagsSnapshot, self.on_flags_snapshot),
+            ],
         )
         await self.register()
         await self.sync("start")

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel
 
 from common.messages import Release
-
-Phase = Literal["accepted", "verifying", "applying", "succeeded", "failed", "rolled_back"]
+from common.vocabulary import UpgradePhase
 
 
 class Desired(BaseModel):
@@ -30,7 +28,7 @@ class Progress(BaseModel):
     """An upgrade under way (or finished but not yet reported)."""
 
     generation: int
-    phase: Phase
+    phase: UpgradePhase
     previous: Release | None
     error: str | None = None
     # The outcome was published; a restart must not report it again.

@@ -19,15 +19,15 @@ from typing import Protocol
 import boto3
 
 from cell_agent.appliers import Applier
-from cell_agent.journal import Applied, Desired, Journal, Phase, Progress
+from cell_agent.journal import Applied, Desired, Journal, Progress
 from cell_agent.maintenance import MaintenanceGate
 from common.clock import Clock
 from common.messages import Component, Delivery, DesiredState, Release
 from common.runner import wait_any
+from common.vocabulary import TERMINAL_PHASES, UpgradePhase
 
 log = logging.getLogger(__name__)
 
-TERMINAL: tuple[Phase, ...] = ("succeeded", "failed", "rolled_back")
 # Seconds between attempts to report a finished upgrade while the broker is unreachable.
 REPORT_RETRY_SECONDS = 5.0
 
@@ -69,7 +69,7 @@ class EcrVerifier:
         return await asyncio.to_thread(self._missing, components)
 
 
-Report = Callable[[int, str | None, Phase, str | None], Awaitable[bool]]
+Report = Callable[[int, str | None, UpgradePhase, str | None], Awaitable[bool]]
 MaintenanceReport = Callable[[bool, str], Awaitable[bool]]
 
 
@@ -119,7 +119,7 @@ class Upgrader:
     async def reconcile(self) -> None:
         progress = self.journal.progress
         desired = self.journal.desired
-        if progress is not None and progress.phase in TERMINAL and not progress.reported:
+        if progress is not None and progress.phase in TERMINAL_PHASES and not progress.reported:
             await self._report_outcome(progress)
         if desired is None or desired.generation <= self.journal.applied.generation:
             return
@@ -135,10 +135,12 @@ class Upgrader:
             return  # this generation failed; only a newer one is tried
         await self._upgrade(desired, progress)
 
-    async def _set(self, progress: Progress, phase: Phase, error: str | None = None) -> Progress:
+    async def _set(
+        self, progress: Progress, phase: UpgradePhase, error: str | None = None
+    ) -> Progress:
         progress = progress.model_copy(update={"phase": phase, "error": error})
         self.journal.set_progress(progress)
-        if phase not in TERMINAL:
+        if phase not in TERMINAL_PHASES:
             version = (
                 self.journal.desired.release.version
                 if self.journal.desired and self.journal.desired.release
@@ -197,7 +199,7 @@ class Upgrader:
             if maintenance:
                 self.gate.leave()
                 await self.report_maintenance(False, "update failed; previous release restored")
-            outcome: Phase = "rolled_back" if previous is not None else "failed"
+            outcome: UpgradePhase = "rolled_back" if previous is not None else "failed"
             progress = await self._set(progress, outcome, str(exc)[:500])
             await self._report_outcome(progress)
             return

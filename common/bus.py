@@ -13,11 +13,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -45,13 +45,14 @@ from common.messages import (
     sender_problem,
 )
 from common.metrics import bus_metrics
+from common.requests import Request
+from common.routes import Handler, Route, routes_for
 from common.settings import broker_user
 from common.topology import DELIVERY_LIMIT, Topology, dead_letter_name
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, Delivery], Awaitable[None]]
-RpcMethod = Callable[[dict[str, Any], Delivery], Awaitable[Any]]
+R = TypeVar("R")
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 DEAD_REASON_HEADER = "x-substrate-dead-reason"
@@ -431,7 +432,7 @@ class RabbitBus:
     async def consume(
         self,
         queue: str,
-        routes: Mapping[type[Message], Handler],
+        routes: Sequence[Route],
         *,
         prefetch: int = 32,
         delivery_limit: int = DELIVERY_LIMIT,
@@ -443,7 +444,10 @@ class RabbitBus:
         The queue must exist (the control plane declares it). It is obtained with a passive
         declare on a robust channel so the consumer is restored after a reconnect.
         """
-        by_type = {cls.wire_name: (cls, handler) for cls, handler in routes.items()}
+        by_type: dict[str, tuple[type[Message], Handler]] = {}
+        for model, handler in routes_for(routes).items():
+            assert issubclass(model, Message), f"{model.__name__} is not a message"
+            by_type[model.wire_name] = (model, handler)
         channel = await self._conn.channel()
         assert isinstance(channel, aio_pika.RobustChannel)
         await channel.set_qos(prefetch_count=prefetch)
@@ -573,22 +577,32 @@ class RabbitBus:
 
     # -- request/reply ------------------------------------------------------------------------
 
-    async def serve(self, service: str, methods: Mapping[str, RpcMethod]) -> None:
-        """Answer requests to ``service``. A method returns a JSON-able value or a pydantic
-        model; RpcFailure and ValidationError become error replies the caller raises."""
+    async def serve(self, service: str, routes: Sequence[Route]) -> None:
+        """Answer requests to ``service``: each route's model is a Request, validated from the
+        envelope's params; the handler's result is its response. RpcFailure and
+        ValidationError become error replies the caller raises."""
+        methods: dict[str, tuple[type[Request[Any]], Handler]] = {}
+        for model, handler in routes_for(routes).items():
+            assert issubclass(model, Request), f"{model.__name__} is not a request"
+            methods[model.method] = (model, handler)
 
         async def on_request(request: RpcRequest, delivery: Delivery) -> None:
             if not delivery.reply_to:
                 raise Refused("request without reply_to")
-            method = methods.get(request.method)
+            found = methods.get(request.method)
             try:
-                if method is None:
+                if found is None:
                     raise RpcFailure(
                         "unknown_method",
                         f"{service} has no method {request.method!r} "
                         f"(it has: {', '.join(sorted(methods))})",
                     )
-                reply = RpcReply(ok=True, result=await method(request.params, delivery))
+                model, handler = found
+                result = await handler(model.model_validate(request.params), delivery)
+                # As any: a response may be a subclass of the declared one (each service's
+                # status), and its own fields are part of the answer.
+                answer = model.response.dump_python(result, mode="json", serialize_as_any=True)
+                reply = RpcReply(ok=True, result=answer)
             except RpcFailure as exc:
                 reply = RpcReply(ok=False, error=RpcErrorBody(code=exc.code, message=exc.message))
             except ValidationError as exc:
@@ -611,7 +625,7 @@ class RabbitBus:
                 mandatory=False,
             )
 
-        await self.consume(rpc_queue(service), {RpcRequest: on_request})
+        await self.consume(rpc_queue(service), [Route(RpcRequest, on_request)])
 
     async def _ensure_reply_consumer(self) -> None:
         async with self._reply_lock:
@@ -679,6 +693,22 @@ class RabbitBus:
             error = reply.error or RpcErrorBody(code="internal", message="error without detail")
             raise RemoteError(service, error.code, error.message)
         return reply.result
+
+    async def call(
+        self, request: Request[R], *, service: str | None = None, timeout: float = 5.0
+    ) -> R:
+        """Send a typed request and return its typed response. ``service`` is needed only for
+        a request every service answers (``Status``)."""
+        to = service or request.service
+        result = await self.request(to, request.method, request, timeout=timeout)
+        try:
+            answer: R = request.response.validate_python(result)
+        except ValidationError as exc:
+            raise BusError(
+                f"{to} answered {request.method!r} with an unexpected result: "
+                f"{validation_summary(exc)}"
+            ) from None
+        return answer
 
     # -- stopping -----------------------------------------------------------------------------
 

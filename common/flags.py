@@ -25,14 +25,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import translate
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.versions import SemVer, SemVerText
 
-ATTRIBUTES = ("id", "stage", "region", "org", "installed_release", "agent_version")
 Attribute = Literal["id", "stage", "region", "org", "installed_release", "agent_version"]
+ATTRIBUTES: tuple[Attribute, ...] = get_args(Attribute)
 SemverOp = Literal["semver_eq", "semver_gt", "semver_gte", "semver_lt", "semver_lte"]
 Reason = Literal["DISABLED", "VERSION_GATE", "RULE_MATCH", "SPLIT", "DEFAULT", "FLAG_NOT_FOUND"]
 BUCKETS = 10_000

@@ -9,10 +9,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
+
+from common.vocabulary import (
+    ComplianceState,
+    DebugAccessAction,
+    RolloutState,
+    Stage,
+    SyncReason,
+    UpgradePhase,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Names that both sides must agree on.
@@ -27,8 +36,6 @@ CELL_ID_PATTERN = r"^[a-z][a-z0-9-]{1,40}[a-z0-9]$"
 # Service and operator broker users take these prefixes; a cell id never may, so a cell can
 # never be given a broker user that collides with a control-plane one.
 RESERVED_PREFIXES = ("svc-", "op-")
-STAGES = ("staging", "saas", "dedicated")
-Stage = Literal["staging", "saas", "dedicated"]
 
 _CELL_ID_RE = re.compile(CELL_ID_PATTERN)
 
@@ -187,9 +194,6 @@ class CellHeartbeat(CellReport):
     credential_id: str | None = None
 
 
-UpgradePhase = Literal["accepted", "verifying", "applying", "succeeded", "failed", "rolled_back"]
-
-
 @wire("cell.upgrade.v1")
 class CellUpgrade(CellReport):
     kind: ClassVar[str] = "upgrade"
@@ -213,7 +217,7 @@ class CellMaintenance(CellReport):
 class CellDebugAccess(CellReport):
     kind: ClassVar[str] = "debug-access"
 
-    action: Literal["granted", "revoked", "expired"]
+    action: DebugAccessAction
     role_arn: str
     expires_at: AwareDatetime | None = None
     reason: str = ""
@@ -224,7 +228,7 @@ class CellDebugAccess(CellReport):
 class CellSync(CellReport):
     kind: ClassVar[str] = "sync"
 
-    reason: Literal["start", "reconnect", "periodic"] = "periodic"
+    reason: SyncReason = "periodic"
     applied_generation: int | None = None
     flags_snapshot_version: int | None = None
 
@@ -323,11 +327,6 @@ class ReleasePublished(Event):
     release: Release
 
 
-RolloutState = Literal[
-    "in_progress", "soaking", "halted", "paused", "completed", "aborted", "superseded"
-]
-
-
 @wire("rollout.progressed.v1")
 class RolloutProgressed(Event):
     event_key: ClassVar[str] = "rollout.progressed"
@@ -388,7 +387,7 @@ class InfraComplianceChanged(Event):
     event_key: ClassVar[str] = "infra.compliance-changed"
 
     cell_id: CellId
-    status: Literal["compliant", "pending", "out_of_sla"]
+    status: ComplianceState
     template_version: str | None = None
     required_version: str | None = None
     deadline: AwareDatetime | None = None

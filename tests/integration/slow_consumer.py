@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.bus import RabbitBus
 from common.messages import CellHeartbeat, Delivery
+from common.routes import route
 from common.runner import configure_logging, serve, wait_for_signal
 from common.settings import ServiceSettings, load
 
@@ -22,7 +23,7 @@ async def main(queue: str, markers: Path, seconds: float) -> None:
         (markers / f"finished-{msg.seq}").touch()
 
     async def setup(bus: RabbitBus, settings: ServiceSettings) -> None:
-        await bus.consume(queue, {CellHeartbeat: on_heartbeat}, prefetch=1)
+        await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)], prefetch=1)
 
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal(stop))

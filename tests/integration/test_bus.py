@@ -19,6 +19,8 @@ from common.bus import (
     Unroutable,
 )
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellOnline, CellSync, Delivery
+from common.requests import Request, Response
+from common.routes import route
 from common.topology import DELIVERY_LIMIT, control_plane, dead_letter_name
 from tests.conftest import Services
 from tests.helpers import (
@@ -43,9 +45,9 @@ async def test_message_published_by_one_bus_is_handled_by_another(
         received.append((msg, delivery))
         done.set()
 
-    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     await bus.publish(heartbeat(cell, seq=7), message_id="hb-7")
-    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.wait_for(done.wait(), 15)
 
     msg, delivery = received[0]
     assert (msg.cell_id, msg.seq) == (cell, 7)
@@ -75,7 +77,7 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_the_stream_flows
         if msg.seq == 2:
             last.set()
 
-    await bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     key = f"{cell}.heartbeat"
     await bus.publish(heartbeat(cell, seq=1))
     await raw_publish(
@@ -130,7 +132,7 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     async def on_sync(msg: CellSync, delivery: Delivery) -> None:
         synced.set()
 
-    await bus.consume(queue, {CellHeartbeat: on_heartbeat, CellSync: on_sync})
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat), route(CellSync, on_sync)])
     await bus.publish(heartbeat(cell))
     dead_queue = dead_letter_name(queue)
     await eventually(lambda: _count_is(bus, dead_queue, 1), what="dead letter", timeout=15)
@@ -144,7 +146,7 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
 
     # The stream keeps flowing after the poison message.
     await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
-    await asyncio.wait_for(synced.wait(), 5)
+    await asyncio.wait_for(synced.wait(), 15)
     assert len(attempts) == DELIVERY_LIMIT
 
 
@@ -160,7 +162,7 @@ async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
         seen.append(delivery.user_id)
         got.set()
 
-    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     with pytest.raises(PublishRefused, match=r"PRECONDITION_FAILED|user_id"):
         await bus.publish(heartbeat(cell), user_id="someone-else")
 
@@ -173,7 +175,7 @@ async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
         return True
 
     await eventually(publish_again, what="publishing after a refused publish", timeout=10)
-    await asyncio.wait_for(got.wait(), 5)
+    await asyncio.wait_for(got.wait(), 15)
     assert seen == [bus.user]
 
 
@@ -190,7 +192,7 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(
         if msg.seq == 2:
             second.set()
 
-    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     assert (await bus.queue_state(queue)).consumers == 1
 
     conn_name = await eventually(
@@ -219,15 +221,32 @@ async def _consumers_are(bus: RabbitBus, queue: str, n: int) -> bool:
     return (await bus.queue_state(queue)).consumers == n
 
 
-async def test_request_reply_many_in_flight(bus: RabbitBus, other_bus: RabbitBus) -> None:
-    async def double(params: dict[str, int], delivery: Delivery) -> dict[str, int]:
-        await asyncio.sleep(0.01)
-        return {"n": params["n"] * 2}
+class Doubled(Response):
+    n: int
 
-    async def broken(params: dict[str, int], delivery: Delivery) -> None:
+
+class Double(Request[Doubled]):
+    n: int
+
+
+class Broken(Request[Doubled]):
+    pass
+
+
+# Methods of this test only: not registered in the contract.
+Double.service, Double.method = "flags", "double"
+Broken.service, Broken.method = "flags", "broken"
+
+
+async def test_request_reply_many_in_flight(bus: RabbitBus, other_bus: RabbitBus) -> None:
+    async def double(req: Double, delivery: Delivery) -> Doubled:
+        await asyncio.sleep(0.01)
+        return Doubled(n=req.n * 2)
+
+    async def broken(req: Broken, delivery: Delivery) -> Doubled:
         raise RpcFailure("not_found", "cell 'zz' does not exist")
 
-    await other_bus.serve("flags", {"double": double, "broken": broken})
+    await other_bus.serve("flags", [route(Double, double), route(Broken, broken)])
     results = await asyncio.gather(
         *(bus.request("flags", "double", {"n": i}, timeout=10) for i in range(50))
     )
@@ -270,7 +289,7 @@ async def test_acks_never_cover_a_handler_that_is_still_running(
             await release.wait()  # stuck until the connection dies
         handled.append((msg.seq, delivery.redelivered))
 
-    await other_bus.consume(queue, {CellHeartbeat: on_heartbeat})
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     for seq in range(1, 6):
         await bus.publish(heartbeat(cell, seq=seq))
     await eventually(lambda: len(handled) == 4, what="the four quick messages handled")

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from common.bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE, CellOnline, Delivery, RolloutCompleted
 from common.outbox import Outbox, outbox_entry
+from common.routes import route
 from common.topology import Binding, Topology, consuming_queue
 from tests.conftest import Services
 from tests.helpers import eventually
@@ -45,7 +46,7 @@ async def test_events_are_published_after_a_crash_and_unroutable_ones_do_not_blo
         if len(received) == 2:
             got_all.set()
 
-    await bus.consume(queue, {CellOnline: on_online})
+    await bus.consume(queue, [route(CellOnline, on_online)])
 
     # A previous relay took this entry and died before publishing it.
     crashed = outbox_entry(CellOnline(at=NOW, cell_id="cell-one"))

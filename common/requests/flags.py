@@ -1,0 +1,159 @@
+"""The flags service's methods: flag definitions and their history, central evaluation, the
+preview of a change. The flag file is ``common.flags.Flag``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from common.flags import KEY_PATTERN, Flag, Reason
+from common.requests import Request, Response, ServiceStatus, rpc
+
+# What a change did to a flag (its history says it too).
+FlagAction = Literal["created", "updated", "deleted"]
+
+
+class FlagChange(Response):
+    key: str
+    changed: bool
+    snapshot_version: int
+    # Absent when nothing changed.
+    action: FlagAction | None = None
+
+
+class FlagDeleted(Response):
+    key: str
+    deleted: bool
+    snapshot_version: int
+
+
+class FlagSummary(Response):
+    key: str
+    owner: str
+    enabled: bool
+    default_variant: str
+    rules: int
+    requires_release: str | None
+    description: str
+
+
+class FlagView(Flag):
+    """A flag as stored, and the snapshot version it is part of."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    snapshot_version: int
+
+
+class HistoryEntry(Response):
+    at: str
+    actor: str
+    action: FlagAction
+    # Top-level fields that changed: {field: {"from": ..., "to": ...}}.
+    diff: dict[str, dict[str, Any]]
+    version: int
+
+
+class Answer(Response):
+    """A flag's value for one cell: the same JSON as an agent's local ``GET /flags/KEY``."""
+
+    key: str
+    value: Any
+    variant: str | None
+    reason: Reason
+    snapshot_version: int
+    rule: int | None = None
+    rule_name: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _rule_only_when_one_matched(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and out.get("rule") is None:
+            out.pop("rule", None)
+            out.pop("rule_name", None)
+        return out
+
+
+class SnapshotView(Response):
+    version: int
+    flags: list[dict[str, Any]]
+
+
+class Flip(Response):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    stage: str
+    org: str
+    from_: str = Field(alias="from")
+    to: str
+    cells: int
+
+
+class Preview(Response):
+    key: str
+    cells: int
+    flipping: int
+    by_stage: dict[str, dict[str, int]]
+    by_org: dict[str, dict[str, int]]
+    changes: list[Flip]
+
+
+class FlagsServiceStatus(ServiceStatus):
+    flags: int
+    snapshot_version: int
+
+
+@rpc("flags", "flags.set")
+class FlagsSet(Request[FlagChange]):
+    """Create or replace a flag (unchanged content is not a change)."""
+
+    flag: Flag
+
+
+@rpc("flags", "flags.delete")
+class FlagsDelete(Request[FlagDeleted]):
+    key: str = Field(pattern=KEY_PATTERN)
+
+
+@rpc("flags", "flags.list")
+class FlagsList(Request[list[FlagSummary]]):
+    pass
+
+
+@rpc("flags", "flags.show")
+class FlagsShow(Request[FlagView]):
+    key: str = Field(pattern=KEY_PATTERN)
+
+
+@rpc("flags", "flags.history")
+class FlagsHistory(Request[list[HistoryEntry]]):
+    key: str = Field(pattern=KEY_PATTERN)
+
+
+@rpc("flags", "flags.eval")
+class FlagsEval(Request[Answer]):
+    """``cell``: a cell the service knows; or ``attributes``: a context given in full."""
+
+    key: str
+    cell: str | None = None
+    attributes: dict[str, Any] | None = None
+    default: Any = None
+
+
+@rpc("flags", "flags.snapshot")
+class FlagsSnapshotShow(Request[SnapshotView]):
+    pass
+
+
+@rpc("flags", "flags.preview")
+class FlagsPreview(Request[Preview]):
+    """Which cells would flip if this flag were set; nothing is written."""
+
+    flag: Flag

@@ -1,0 +1,98 @@
+"""The registry's methods: creating and inspecting cells, their credentials, decommissioning."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from common.messages import CellId
+from common.requests import Request, Response, ServiceStatus, rpc
+from common.vocabulary import CellStatus, Stage
+
+
+class CellView(Response):
+    """What an operator sees of a cell (``cells show``, ``cells decommission``)."""
+
+    id: str
+    stage: Stage
+    region: str
+    org: str
+    status: CellStatus
+    created_at: datetime
+    registered_at: datetime | None = None
+    last_heartbeat_at: datetime | None = None
+    agent_version: str | None = None
+    aws_account_id: str | None = None
+    installed_release: str | None = None
+    applied_generation: int | None = None
+    infra_template_version: str | None = None
+    maintenance: bool = False
+    maintenance_since: datetime | None = None
+    maintenance_until: datetime | None = None
+    maintenance_seconds_total: float = 0.0
+    stack_name: str | None = None
+    flags_snapshot_version: int | None = None
+    credential_id: str | None = None
+    credentials_pending: bool = False
+    decommissioned_at: datetime | None = None
+    refused_registrations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ListedCell(CellView):
+    """A cell in ``cells list`` and ``cells show``: whether its flags snapshot is behind."""
+
+    flags_behind: bool = False
+
+
+class CreatedCell(CellView):
+    """A new cell, with what its customer needs to bootstrap it (shown once)."""
+
+    amqp_url: str
+    stack_parameters: dict[str, str]
+
+
+class RotatedCredentials(Response):
+    id: str
+    credential_id: str
+    status: Literal["pending_confirmation"]
+    amqp_url: str
+    grace_seconds: float
+
+
+class RegistryServiceStatus(ServiceStatus):
+    cells: dict[str, int]
+    flags_behind: int
+
+
+@rpc("registry", "cells.create")
+class CellsCreate(Request[CreatedCell]):
+    """Create a cell: its record, its broker user and its command queue."""
+
+    id: CellId
+    stage: Stage
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")]
+    org: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+    aws_account: Annotated[str | None, Field(pattern=r"^[0-9]{12}$")] = None
+
+
+@rpc("registry", "cells.list")
+class CellsList(Request[list[ListedCell]]):
+    stage: Stage | None = None
+    status: CellStatus | None = None
+
+
+@rpc("registry", "cells.show")
+class CellsShow(Request[ListedCell]):
+    id: str
+
+
+@rpc("registry", "cells.rotate_credentials")
+class CellsRotateCredentials(Request[RotatedCredentials]):
+    id: str
+
+
+@rpc("registry", "cells.decommission")
+class CellsDecommission(Request[CellView]):
+    id: str

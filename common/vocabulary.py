@@ -1,0 +1,52 @@
+"""The words the parts share, each defined once: stages, cell statuses, upgrade phases, rollout
+states, compliance states and the reasons the control plane gives. Everything else imports them
+from here; a tuple of the values sits beside each type, in its meaningful order, for loops and
+argument choices."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# A release reaches the stages in this order.
+Stage = Literal["staging", "saas", "dedicated"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+
+# created: the record and broker user exist, the agent has not registered yet.
+CellStatus = Literal["created", "online", "offline", "decommissioned"]
+CELL_STATUSES: tuple[CellStatus, ...] = get_args(CellStatus)
+# Cells that have registered and are not decommissioned: the fleet a release can reach.
+REGISTERED: tuple[CellStatus, ...] = ("online", "offline")
+
+# The steps an agent reports while applying a desired state; the last three are outcomes.
+UpgradePhase = Literal["accepted", "verifying", "applying", "succeeded", "failed", "rolled_back"]
+UPGRADE_PHASES: tuple[UpgradePhase, ...] = get_args(UpgradePhase)
+TERMINAL_PHASES: frozenset[UpgradePhase] = frozenset({"succeeded", "failed", "rolled_back"})
+FAILED_PHASES: frozenset[UpgradePhase] = frozenset({"failed", "rolled_back"})
+
+RolloutState = Literal[
+    "in_progress", "soaking", "halted", "paused", "completed", "aborted", "superseded"
+]
+ROLLOUT_STATES: tuple[RolloutState, ...] = get_args(RolloutState)
+# A rollout in one of these still has work to do (or waits for an operator).
+ACTIVE_STATES: tuple[RolloutState, ...] = ("in_progress", "soaking", "halted", "paused")
+# A rollout in one of these is moving: it can be paused, and it reaches cells.
+RUNNING_STATES: tuple[RolloutState, ...] = ("in_progress", "soaking")
+FINISHED_STATES: tuple[RolloutState, ...] = ("completed", "aborted", "superseded")
+
+# Infrastructure compliance of a cell: on the required template, within its deadline, or past it.
+ComplianceState = Literal["compliant", "pending", "out_of_sla"]
+COMPLIANCE_STATES: tuple[ComplianceState, ...] = get_args(ComplianceState)
+
+# Why a release's plan leaves a cell out.
+SkipReason = Literal["decommissioned", "offline", "pinned", "held", "not_registered", "up_to_date"]
+
+# Why a cell is (or is not) on the newest release: `rollout explain`.
+ExplainReason = Literal[
+    "up_to_date", "in_progress", "failed", "waiting_for_stage", "waiting_for_wave", "offline",
+    "pinned", "held", "halted", "paused", "not_registered", "decommissioned", "no_release",
+]  # fmt: skip
+
+# Why an agent asks for its desired state again.
+SyncReason = Literal["start", "reconnect", "periodic"]
+
+DebugAccessAction = Literal["granted", "revoked", "expired"]
