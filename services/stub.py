@@ -4,10 +4,11 @@ control-plane topology (common.runner does) and answers ``status``."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from common.bus import RabbitBus
 from common.messages import Delivery
+from common.requests import ServiceStatus, Status
+from common.routes import route
 from common.runner import Setup
 from common.settings import ServiceSettings
 
@@ -16,10 +17,10 @@ def status_only(service: str) -> Setup:
     async def setup(
         bus: RabbitBus, settings: ServiceSettings
     ) -> Callable[[], Awaitable[None]] | None:
-        async def status(params: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
-            return {"service": service, "ready": True}
+        async def status(req: Status, delivery: Delivery) -> ServiceStatus:
+            return ServiceStatus(service=service, ready=True)
 
-        await bus.serve(service, {"status": status})
+        await bus.serve(service, [route(Status, status)])
         return None
 
     return setup

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from functools import partial
 
 import redis.asyncio as aioredis
 
@@ -51,15 +50,9 @@ async def setup(
 ) -> Callable[[], Awaitable[None]]:
     redis = aioredis.from_url(settings.redis_url, decode_responses=True)
     deps = build_deps(bus, settings, redis, clock or SystemClock())
-    await bus.consume(
-        "registry.cells",
-        {cls: partial(handler, deps=deps) for cls, handler in handlers.CELL_REPORTS.items()},
-        prefetch=256,
-    )
-    await bus.consume(
-        "registry.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
-    )
-    await bus.serve("registry", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
+    await bus.consume("registry.cells", handlers.cell_routes(deps), prefetch=256)
+    await bus.consume("registry.events", handlers.event_routes(deps))
+    await bus.serve("registry", handlers.rpc_routes(deps))
     stop = asyncio.Event()
     loops = [
         asyncio.create_task(deps.store.outbox.relay(bus, stop), name="registry-outbox"),

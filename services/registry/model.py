@@ -1,79 +1,22 @@
-"""The registry's decisions, pure: what a cell record looks like, which broker permissions a
-cell gets, when a cell counts as offline, and what an operator is shown."""
+"""The registry's decisions besides a record's transitions (transitions.py): which broker
+permissions a cell gets, the URL and stack parameters its customer is given, and when a cell
+counts as offline."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from common.messages import CELL_REPORT_KINDS, CELLS_EXCHANGE, CellId, Stage, command_queue
-
-CellStatus = Literal["created", "online", "offline", "decommissioned"]
-STATUSES: tuple[CellStatus, ...] = ("created", "online", "offline", "decommissioned")
+from common.messages import CELL_REPORT_KINDS, CELLS_EXCHANGE, command_queue
+from common.requests.registry import CellsCreate
 
 # A cell agent needs one connection; the second lets a customer run a diagnostic tool beside
 # it. Channels: the agent uses two (publish, commands) and a few transient ones at start.
 CELL_MAX_CONNECTIONS = 2
 CELL_MAX_CHANNELS = 8
-
-
-class CreateCell(BaseModel):
-    """The operator's request to create a cell; errors name the field."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    id: CellId
-    stage: Stage
-    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")]
-    org: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
-    aws_account: Annotated[str | None, Field(pattern=r"^[0-9]{12}$")] = None
-
-
-class CellFilter(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    stage: Stage | None = None
-    status: CellStatus | None = None
-
-
-class CellRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    id: str
-
-
-class CellView(BaseModel):
-    """What an operator sees of a cell (``cells list`` and ``cells show``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    stage: Stage
-    region: str
-    org: str
-    status: CellStatus
-    created_at: datetime
-    registered_at: datetime | None = None
-    last_heartbeat_at: datetime | None = None
-    agent_version: str | None = None
-    aws_account_id: str | None = None
-    installed_release: str | None = None
-    applied_generation: int | None = None
-    infra_template_version: str | None = None
-    maintenance: bool = False
-    maintenance_since: datetime | None = None
-    maintenance_until: datetime | None = None
-    maintenance_seconds_total: float = 0.0
-    stack_name: str | None = None
-    flags_snapshot_version: int | None = None
-    credential_id: str | None = None
-    credentials_pending: bool = False
-    decommissioned_at: datetime | None = None
-    refused_registrations: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class BrokerGrant(BaseModel):
@@ -115,7 +58,7 @@ def cell_amqp_url(base_url: str, cell_id: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
-def stack_parameters(cell: CreateCell, amqp_url: str, privatelink_service: str) -> dict[str, str]:
+def stack_parameters(cell: CellsCreate, amqp_url: str, privatelink_service: str) -> dict[str, str]:
     """The CloudFormation parameters of ``cell_agent/bootstrap/cell.yaml`` for this cell."""
     parts = urlsplit(amqp_url)
     return {

@@ -14,6 +14,12 @@ import redis.asyncio as aioredis
 from common.bus import Refused, RpcFailure
 from common.clock import FakeClock
 from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
+from common.requests.registry import (
+    CellsCreate,
+    CellsDecommission,
+    CellsList,
+    CellsRotateCredentials,
+)
 from services.registry import handlers, metrics
 from services.registry.store import OUTBOX, RegistryStore
 from tests.conftest import Services
@@ -93,7 +99,9 @@ def delivery(cell_id: str, kind: str, user_id: str | None = None) -> Delivery:
 
 async def create(deps: handlers.Deps, cell_id: str, **extra: str) -> dict[str, object]:
     params = {"id": cell_id, "stage": "dedicated", "region": "eu-west-1", "org": "acme", **extra}
-    return await handlers.cells_create(params, delivery(cell_id, "rpc"), deps=deps)
+    request = CellsCreate.model_validate(params)
+    created = await handlers.cells_create(request, delivery(cell_id, "rpc"), deps=deps)
+    return created.model_dump(mode="json")
 
 
 async def registered(deps: handlers.Deps) -> str:
@@ -278,7 +286,9 @@ async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:
     cell = await registered(deps)
-    result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
+    result = await handlers.cells_rotate_credentials(
+        CellsRotateCredentials(id=cell), delivery(cell, "rpc"), deps=deps
+    )
     publisher = deps.publisher
     assert isinstance(publisher, FakePublisher)
     (command,) = publisher.sent
@@ -287,13 +297,13 @@ async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
     assert view is not None and view.credentials_pending
 
     await handlers.on_cell_heartbeat(
-        heartbeat_msg(cell, 2, credential_id=result["credential_id"]),
+        heartbeat_msg(cell, 2, credential_id=result.credential_id),
         delivery(cell, "heartbeat"),
         deps=deps,
     )
     view = await deps.store.get(cell)
     assert view is not None and not view.credentials_pending
-    assert view.credential_id == result["credential_id"]
+    assert view.credential_id == result.credential_id
     clock.advance(10_000)
     assert await deps.store.overdue_rotations(clock.now()) == []
 
@@ -302,8 +312,10 @@ async def test_decommissioned_cells_are_kept_and_refused(
     deps: handlers.Deps, redis: aioredis.Redis
 ) -> None:
     cell = await registered(deps)
-    view = await handlers.cells_decommission({"id": cell}, delivery(cell, "rpc"), deps=deps)
-    assert view["status"] == "decommissioned"
+    view = await handlers.cells_decommission(
+        CellsDecommission(id=cell), delivery(cell, "rpc"), deps=deps
+    )
+    assert view.status == "decommissioned"
     accounts = deps.accounts
     assert isinstance(accounts, FakeAccounts) and cell not in accounts.users
     with pytest.raises(Refused, match="decommissioned"):
@@ -316,16 +328,18 @@ async def test_decommissioned_cells_are_kept_and_refused(
     with pytest.raises(RpcFailure, match="already exists"):
         await create(deps, cell)
     listed = await handlers.cells_list(
-        {"status": "decommissioned"}, delivery(cell, "rpc"), deps=deps
+        CellsList(status="decommissioned"), delivery(cell, "rpc"), deps=deps
     )
-    assert [c["id"] for c in listed] == [cell]
+    assert [c.id for c in listed] == [cell]
 
 
 async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_period(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:
     cell = await registered(deps)
-    result = await handlers.cells_rotate_credentials({"id": cell}, delivery(cell, "rpc"), deps=deps)
+    result = await handlers.cells_rotate_credentials(
+        CellsRotateCredentials(id=cell), delivery(cell, "rpc"), deps=deps
+    )
     accounts = deps.accounts
     assert isinstance(accounts, FakeAccounts)
     clock.advance(deps.credential_grace - 1)
@@ -338,7 +352,7 @@ async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_pe
     assert accounts.closed == [cell]
     view = await deps.store.get(cell)
     assert view is not None and not view.credentials_pending
-    assert view.credential_id == result["credential_id"]
+    assert view.credential_id == result.credential_id
     await handlers.sweep(deps)
     assert accounts.closed == [cell], "closed once"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from services.registry.model import CreateCell, stack_parameters
+from common.requests.registry import CellsCreate
+from services.registry.model import stack_parameters
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cell_agent" / "bootstrap" / "cell.yaml"
 
@@ -41,7 +42,7 @@ def test_create_supplies_every_parameter_without_a_default() -> None:
     template = yaml.load(TEMPLATE.read_text(), Loader=_Loader)
     declared = template["Parameters"]
     required = {name for name, spec in declared.items() if "Default" not in spec}
-    cell = CreateCell(id="acme", stage="dedicated", region="eu-west-1", org="acme")
+    cell = CellsCreate(id="acme", stage="dedicated", region="eu-west-1", org="acme")
     params = stack_parameters(cell, "amqp://acme:secretsecretsecret@h:5672/", "svc")
     assert required <= set(params) <= set(declared)
     assert "TemplateVersion" in template["Outputs"]

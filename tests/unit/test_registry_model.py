@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from common.bus import Refused
 from common.messages import CellHeartbeat, Delivery
+from common.requests.registry import CellsCreate
 from services.registry.handlers import check_sender
 from services.registry.model import (
-    CreateCell,
     broker_grant,
     cell_amqp_url,
     offline_cutoff,
@@ -39,7 +39,7 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 )
 def test_create_cell_errors_name_the_field(params: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        CreateCell.model_validate(params)
+        CellsCreate.model_validate(params)
     assert [e["loc"][0] for e in caught.value.errors()] == [field]
 
 
@@ -63,7 +63,7 @@ def test_broker_grant_lets_a_cell_write_only_its_own_reports_and_read_only_its_q
 def test_cell_url_and_stack_parameters() -> None:
     url = cell_amqp_url("amqps://svc:x@broker.example.com:5671/substrate", "acme", "p/w@")
     assert url == "amqps://acme:p%2Fw%40@broker.example.com:5671/substrate"
-    cell = CreateCell(id="acme", stage="dedicated", region="eu-west-1", org="acme")
+    cell = CellsCreate(id="acme", stage="dedicated", region="eu-west-1", org="acme")
     params = stack_parameters(cell, url, "com.amazonaws.vpce.eu-west-1.vpce-svc-1")
     assert params == {
         "CellId": "acme",

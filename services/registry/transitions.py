@@ -1,0 +1,388 @@
+"""How a cell's record changes, pure: each transition is a function from the record (as read),
+the message and the time to a :class:`Transition`: the outcome, the fields to write, the event
+to announce, and which fields of the record the decision read.
+
+The store writes a transition atomically and only if the fields it read still hold what they
+held (and, for ordered reports, only if its sequence number is newer); otherwise it reads the
+record again and asks the same function. Nothing here touches Redis or the bus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+
+from common.messages import (
+    CellCreated,
+    CellDecommissioned,
+    CellHeartbeat,
+    CellMaintenance,
+    CellOffline,
+    CellOnline,
+    CellRegister,
+    CellRegistered,
+    CellRegistrationRefused,
+    Event,
+)
+from common.requests.registry import CellsCreate
+from common.vocabulary import REGISTERED, CellStatus, Stage
+
+
+class Outcome(StrEnum):
+    CREATED = "created"
+    EXISTS = "exists"
+    REGISTERED = "registered"
+    REFUSED_UNKNOWN_CELL = "refused_unknown_cell"
+    REFUSED_DECOMMISSIONED = "refused_decommissioned"
+    REFUSED_ACCOUNT = "refused_account"
+    APPLIED = "applied"
+    BACK_ONLINE = "back_online"
+    STALE = "stale"
+    UNKNOWN_CELL = "unknown_cell"
+    NOT_REGISTERED = "not_registered"
+    ENTERED_MAINTENANCE = "entered"
+    LEFT_MAINTENANCE = "left"
+    IGNORED = "ignored"
+    OFFLINE = "offline"
+    NOT_ONLINE = "not_online"
+    ROTATION_STARTED = "rotation_started"
+    ROTATION_ENDED = "rotation_ended"
+    DECOMMISSIONED = "decommissioned"
+    ALREADY_DECOMMISSIONED = "already"
+
+
+Value = str | int | float | bool | datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CellRecord:
+    """The fields of a cell's record that transitions decide on (None: absent). ``status`` None
+    means there is no record at all."""
+
+    status: CellStatus | None = None
+    stage: Stage | None = None
+    region: str | None = None
+    org: str | None = None
+    aws_account_id: str | None = None
+    last_seq: int | None = None
+    incarnation: str | None = None
+    registered_at: datetime | None = None
+    last_heartbeat_at: datetime | None = None
+    pending_credential_id: str | None = None
+    maintenance_since: datetime | None = None
+    last_maintenance_seq: int | None = None
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, str]) -> CellRecord:
+        """From the record's fields as stored (strings; '' or missing: absent)."""
+
+        def text(name: str) -> str | None:
+            return raw.get(name) or None
+
+        def number(name: str) -> int | None:
+            value = raw.get(name)
+            return int(value) if value else None
+
+        def time(name: str) -> datetime | None:
+            value = raw.get(name)
+            return datetime.fromisoformat(value) if value else None
+
+        return cls(
+            status=text("status"),  # type: ignore[arg-type]  # written only by transitions
+            stage=text("stage"),  # type: ignore[arg-type]
+            region=text("region"), org=text("org"), aws_account_id=text("aws_account_id"),
+            last_seq=number("last_seq"), incarnation=text("incarnation"),
+            registered_at=time("registered_at"), last_heartbeat_at=time("last_heartbeat_at"),
+            pending_credential_id=text("pending_credential_id"),
+            maintenance_since=time("maintenance_since"),
+            last_maintenance_seq=number("last_maintenance_seq"),
+        )  # fmt: skip
+
+
+# What a heartbeat's record almost always is: an online cell with no rotation waiting. The
+# store tries the heartbeat's transition from this first, guarded on exactly these fields, so the
+# hot path is one round trip; a record that differs is read back and decided again.
+ASSUMED_ONLINE: Mapping[str, str] = {"status": "online", "pending_credential_id": ""}
+
+
+class Refusal(BaseModel):
+    """A refused registration, kept on the cell's record for the operator."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    reason: str
+    aws_account_id: str
+    region: str
+
+
+_NOTHING: Mapping[str, Value] = MappingProxyType({})
+_NO_SECONDS: Mapping[str, float] = MappingProxyType({})
+
+
+class Transition(NamedTuple):
+    """A decision about one cell's record. A named tuple: one is made per heartbeat, and a
+    tuple is several times cheaper to make than a frozen dataclass."""
+
+    outcome: Outcome
+    # Record fields to write (None clears one).
+    changes: Mapping[str, Value] = _NOTHING
+    # Record fields the decision read: written only if they still hold what was read.
+    read: frozenset[str] = frozenset()
+    # Written only if this sequence number is above the one in the named field.
+    newer: tuple[str, int] | None = None
+    # Seconds added to numeric fields.
+    add: Mapping[str, float] = _NO_SECONDS
+    event: Event | None = None
+    refusal: Refusal | None = None
+    # A heartbeat that carried the credential a rotation is waiting for.
+    confirmed_rotation: bool = False
+    # How long the stay in maintenance that just ended lasted.
+    maintenance_seconds: float | None = None
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.changes or self.add or self.event or self.refusal)
+
+
+# -- creating -----------------------------------------------------------------------------------
+
+
+def create(record: CellRecord, cell: CellsCreate, credential_id: str, now: datetime) -> Transition:
+    if record.status is not None:
+        return Transition(Outcome.EXISTS)
+    return Transition(
+        Outcome.CREATED,
+        changes={
+            "id": cell.id, "stage": cell.stage, "region": cell.region, "org": cell.org,
+            "status": "created", "created_at": now, "aws_account_id": cell.aws_account,
+            "credential_id": credential_id,
+        },
+        read=frozenset({"status"}),
+        event=CellCreated(at=now, cell_id=cell.id, stage=cell.stage, region=cell.region,
+                          org=cell.org),
+    )  # fmt: skip
+
+
+# -- registration -------------------------------------------------------------------------------
+
+_REGISTRATION_READS = frozenset(
+    {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
+)
+
+
+def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition:
+    """A registration binds the cell to the AWS account it first registers from; another
+    account is refused (and recorded), and so is a cell that is unknown or decommissioned. A
+    repeated registration (same incarnation, no newer sequence number) changes nothing; a new
+    incarnation (a re-bootstrapped agent) starts a new sequence."""
+    if record.status is None or record.status == "decommissioned":
+        why = "unknown_cell" if record.status is None else "decommissioned"
+        outcome = (
+            Outcome.REFUSED_UNKNOWN_CELL
+            if record.status is None
+            else Outcome.REFUSED_DECOMMISSIONED
+        )
+        return _refused(outcome, f"cell is {why.replace('_', ' ')}", msg, now,
+                        frozenset({"status"}))  # fmt: skip
+    if record.aws_account_id and record.aws_account_id != msg.aws_account_id:
+        return _refused(
+            Outcome.REFUSED_ACCOUNT, f"cell is bound to AWS account {record.aws_account_id}",
+            msg, now, frozenset({"status", "aws_account_id"}),
+        )  # fmt: skip
+    same_run = record.incarnation == (msg.incarnation or None)
+    if same_run and record.last_seq is not None and msg.seq <= record.last_seq:
+        return Transition(Outcome.STALE)
+    assert record.stage is not None and record.region is not None and record.org is not None
+    changes: dict[str, Value] = {
+        "status": "online", "aws_account_id": msg.aws_account_id, "last_seq": msg.seq,
+        "incarnation": msg.incarnation, "last_heartbeat_at": now,
+        "agent_version": msg.agent_version, "stack_name": msg.stack_name,
+        "infra_template_version": msg.template_version,
+        "installed_release": msg.installed_release,
+    }  # fmt: skip
+    if record.registered_at is None:
+        changes["registered_at"] = now
+    return Transition(
+        Outcome.REGISTERED,
+        changes=changes,
+        read=_REGISTRATION_READS,
+        event=CellRegistered(
+            at=now, cell_id=msg.cell_id, stage=record.stage, region=record.region,
+            org=record.org, aws_account_id=msg.aws_account_id, agent_version=msg.agent_version,
+            installed_release=msg.installed_release, template_version=msg.template_version,
+        ),
+    )  # fmt: skip
+
+
+def _refused(
+    outcome: Outcome, reason: str, msg: CellRegister, now: datetime, read: frozenset[str]
+) -> Transition:
+    return Transition(
+        outcome,
+        read=read,
+        event=CellRegistrationRefused(
+            at=now, cell_id=msg.cell_id, reason=reason, aws_account_id=msg.aws_account_id
+        ),
+        refusal=Refusal(
+            at=now, reason=reason, aws_account_id=msg.aws_account_id, region=msg.region
+        ),
+    )
+
+
+# -- heartbeats ---------------------------------------------------------------------------------
+
+
+_HEARTBEAT_READS = frozenset(ASSUMED_ONLINE)
+
+
+def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transition:
+    """A registered cell's heartbeat records what it runs and keeps it online, on the
+    registry's clock (never the cell's ``sent_at``). Heartbeats are ordered by the cell's
+    sequence number: an older one changes nothing. One from an offline cell brings it back
+    (``cell.online``); one that carries the credential a rotation waits for confirms it."""
+    if record.status is None:
+        return Transition(Outcome.UNKNOWN_CELL)
+    if record.status not in REGISTERED:
+        return Transition(Outcome.NOT_REGISTERED)
+    if record.last_seq is not None and msg.seq <= record.last_seq:
+        return Transition(Outcome.STALE)
+    changes: dict[str, Value] = {
+        "last_seq": msg.seq, "last_heartbeat_at": now, "agent_version": msg.agent_version,
+        "installed_release": msg.installed_release,
+        "applied_generation": msg.applied_generation, "maintenance": msg.maintenance,
+        "infra_template_version": msg.template_version,
+        "flags_snapshot_version": msg.flags_snapshot_version,
+    }  # fmt: skip
+    confirmed = bool(
+        msg.credential_id
+        and record.pending_credential_id
+        and msg.credential_id == record.pending_credential_id
+    )
+    if confirmed:
+        changes.update(credential_id=msg.credential_id, pending_credential_id=None,
+                       rotation_started_at=None)  # fmt: skip
+    event: Event | None = None
+    outcome = Outcome.APPLIED
+    if record.status == "offline":
+        changes["status"] = "online"
+        event = CellOnline(at=now, cell_id=msg.cell_id)
+        outcome = Outcome.BACK_ONLINE
+    return Transition(
+        outcome,
+        changes=changes,
+        read=_HEARTBEAT_READS,
+        newer=("last_seq", msg.seq),
+        event=event,
+        confirmed_rotation=confirmed,
+    )
+
+
+# -- maintenance --------------------------------------------------------------------------------
+
+
+def maintenance(record: CellRecord, msg: CellMaintenance, now: datetime) -> Transition:
+    """Track when a cell entered maintenance and how long each stay lasted (on the registry's
+    clock). Ordered by the report's own sequence number."""
+    if record.status is None or record.status == "decommissioned":
+        return Transition(Outcome.IGNORED)
+    if record.last_maintenance_seq is not None and msg.seq <= record.last_maintenance_seq:
+        return Transition(Outcome.STALE)
+    read = frozenset({"status", "maintenance_since", "last_maintenance_seq"})
+    if msg.enabled:
+        changes: dict[str, Value] = {
+            "last_maintenance_seq": msg.seq, "maintenance": True,
+            "maintenance_until": msg.enabled_until,
+        }  # fmt: skip
+        if record.maintenance_since is None:
+            changes["maintenance_since"] = now
+        return Transition(Outcome.ENTERED_MAINTENANCE, changes=changes, read=read)
+    took = 0.0
+    if record.maintenance_since is not None:
+        took = max(0.0, (now - record.maintenance_since).total_seconds())
+    return Transition(
+        Outcome.LEFT_MAINTENANCE,
+        changes={
+            "last_maintenance_seq": msg.seq,
+            "maintenance": False,
+            "maintenance_since": None,
+            "maintenance_until": None,
+        },
+        read=read,
+        add={"maintenance_seconds_total": took},
+        maintenance_seconds=took,
+    )
+
+
+# -- liveness -----------------------------------------------------------------------------------
+
+
+def go_offline(record: CellRecord, cell_id: str, cutoff: datetime, now: datetime) -> Transition:
+    """An online cell whose last heartbeat (by the registry's clock) is at or before ``cutoff``
+    is offline; it is kept, never deleted. A cell that is no longer online only leaves the
+    liveness index (its status written again as it is)."""
+    if record.status != "online":
+        return Transition(
+            Outcome.NOT_ONLINE,
+            changes={"status": record.status} if record.status else {},
+            read=frozenset({"status"}),
+        )
+    if record.last_heartbeat_at is not None and record.last_heartbeat_at > cutoff:
+        return Transition(Outcome.APPLIED)  # a heartbeat came in since the index was read
+    return Transition(
+        Outcome.OFFLINE,
+        changes={"status": "offline"},
+        read=frozenset({"status", "last_heartbeat_at"}),
+        event=CellOffline(at=now, cell_id=cell_id, last_heartbeat_at=record.last_heartbeat_at),
+    )
+
+
+# -- credentials and decommissioning ------------------------------------------------------------
+
+
+def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Transition:
+    """A new password is in force at the broker; the cell confirms it in a heartbeat."""
+    if record.status is None:
+        return Transition(Outcome.UNKNOWN_CELL)
+    if record.status == "decommissioned":
+        return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    return Transition(
+        Outcome.ROTATION_STARTED,
+        changes={"pending_credential_id": credential_id, "rotation_started_at": now},
+        read=frozenset({"status"}),
+    )
+
+
+def end_rotation(record: CellRecord) -> Transition:
+    """Give up waiting for a confirmation: the credential in force is the new one."""
+    changes: dict[str, Value] = {"rotation_started_at": None}
+    if record.pending_credential_id:
+        changes.update(credential_id=record.pending_credential_id, pending_credential_id=None)
+    return Transition(
+        Outcome.ROTATION_ENDED, changes=changes, read=frozenset({"pending_credential_id"})
+    )
+
+
+def decommission(record: CellRecord, cell_id: str, now: datetime) -> Transition:
+    """The record is kept as history; the cell is refused from now on."""
+    if record.status is None:
+        return Transition(Outcome.UNKNOWN_CELL)
+    if record.status == "decommissioned":
+        return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    return Transition(
+        Outcome.DECOMMISSIONED,
+        changes={
+            "status": "decommissioned",
+            "decommissioned_at": now,
+            "pending_credential_id": None,
+            "rotation_started_at": None,
+        },
+        read=frozenset({"status"}),
+        event=CellDecommissioned(at=now, cell_id=cell_id),
+    )

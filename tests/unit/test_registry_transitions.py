@@ -1,0 +1,259 @@
+"""The registry's transitions, pure: each decision from a record, a message and the time, with
+its refusals and stale cases, and which fields each decision depends on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from common.messages import (
+    CellCreated,
+    CellDecommissioned,
+    CellHeartbeat,
+    CellMaintenance,
+    CellOffline,
+    CellOnline,
+    CellRegister,
+    CellRegistered,
+    CellRegistrationRefused,
+)
+from common.requests.registry import CellsCreate
+from services.registry import transitions as t
+from services.registry.transitions import ASSUMED_ONLINE, CellRecord, Outcome
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+ACCOUNT, OTHER = "123456789012", "210987654321"
+
+
+def record(**fields: object) -> CellRecord:
+    base: dict[str, object] = {"status": "online", "stage": "dedicated", "region": "eu-west-1",
+                               "org": "acme"}  # fmt: skip
+    return CellRecord(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def register(seq: int = 1, account: str = ACCOUNT, incarnation: str | None = "i1") -> CellRegister:
+    return CellRegister(cell_id="acme", seq=seq, sent_at=NOW, agent_version="1.0",
+                        aws_account_id=account, region="eu-west-1", incarnation=incarnation,
+                        installed_release="2026.11.1", template_version="1")  # fmt: skip
+
+
+def heartbeat(seq: int = 5, **kw: object) -> CellHeartbeat:
+    return CellHeartbeat(cell_id="acme", seq=seq, sent_at=NOW - timedelta(days=1),
+                         agent_version="1.0", **kw)  # fmt: skip
+
+
+def maintenance(seq: int, enabled: bool) -> CellMaintenance:
+    until = NOW + timedelta(minutes=15) if enabled else None
+    return CellMaintenance(cell_id="acme", seq=seq, sent_at=NOW, enabled=enabled,
+                           enabled_until=until)  # fmt: skip
+
+
+# -- reading a record ----------------------------------------------------------------------------
+
+
+def test_a_record_is_read_from_its_stored_fields_with_empty_as_absent() -> None:
+    r = CellRecord.from_fields({"status": "offline", "last_seq": "7", "incarnation": "",
+                                "last_heartbeat_at": NOW.isoformat()})  # fmt: skip
+    assert (r.status, r.last_seq, r.incarnation, r.last_heartbeat_at) == ("offline", 7, None, NOW)
+    assert CellRecord.from_fields({}).status is None
+    assert CellRecord.from_fields(ASSUMED_ONLINE) == CellRecord(status="online")
+
+
+# -- creating ------------------------------------------------------------------------------------
+
+
+def test_create_writes_the_record_and_announces_it_once() -> None:
+    cell = CellsCreate(id="acme", stage="saas", region="eu-west-1", org="acme")
+    done = t.create(CellRecord(), cell, "cred1", NOW)
+    assert done.outcome is Outcome.CREATED and done.read == {"status"}
+    assert done.changes["status"] == "created" and done.changes["credential_id"] == "cred1"
+    assert isinstance(done.event, CellCreated) and done.event.stage == "saas"
+    again = t.create(record(status="created"), cell, "cred2", NOW)
+    assert again.outcome is Outcome.EXISTS and not again.writes
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def test_a_first_registration_binds_the_account_and_brings_the_cell_online() -> None:
+    done = t.register(record(status="created"), register(), NOW)
+    assert done.outcome is Outcome.REGISTERED
+    assert done.changes["status"] == "online" and done.changes["aws_account_id"] == ACCOUNT
+    assert done.changes["registered_at"] == NOW and done.changes["last_heartbeat_at"] == NOW
+    assert isinstance(done.event, CellRegistered) and done.event.org == "acme"
+    assert done.read == {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
+
+
+def test_a_registration_again_keeps_the_first_registration_time() -> None:
+    seen = record(aws_account_id=ACCOUNT, last_seq=3, incarnation="i1",
+                  registered_at=NOW - timedelta(days=3))  # fmt: skip
+    done = t.register(seen, register(seq=4), NOW)
+    assert done.outcome is Outcome.REGISTERED and "registered_at" not in done.changes
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "reason"),
+    [
+        (None, Outcome.REFUSED_UNKNOWN_CELL, "cell is unknown cell"),
+        ("decommissioned", Outcome.REFUSED_DECOMMISSIONED, "cell is decommissioned"),
+    ],
+)
+def test_an_unknown_or_decommissioned_cell_is_refused_and_the_refusal_kept(
+    status: str | None, outcome: Outcome, reason: str
+) -> None:
+    done = t.register(record(status=status), register(), NOW)
+    assert done.outcome is outcome and not done.changes
+    assert done.refusal is not None and done.refusal.reason == reason
+    assert isinstance(done.event, CellRegistrationRefused)
+    assert done.read == {"status"}
+
+
+def test_a_registration_from_another_account_is_refused() -> None:
+    done = t.register(record(aws_account_id=ACCOUNT), register(account=OTHER), NOW)
+    assert done.outcome is Outcome.REFUSED_ACCOUNT and not done.changes
+    assert done.refusal is not None and done.refusal.aws_account_id == OTHER
+    assert f"bound to AWS account {ACCOUNT}" in done.refusal.reason
+    assert done.read == {"status", "aws_account_id"}
+
+
+def test_a_repeated_registration_is_stale_and_a_new_incarnation_starts_over() -> None:
+    seen = record(aws_account_id=ACCOUNT, last_seq=500, incarnation="i1")
+    assert t.register(seen, register(seq=500), NOW).outcome is Outcome.STALE
+    assert t.register(seen, register(seq=10), NOW).outcome is Outcome.STALE
+    fresh = t.register(seen, register(seq=0, incarnation="i2"), NOW)
+    assert fresh.outcome is Outcome.REGISTERED and fresh.changes["last_seq"] == 0
+
+
+# -- heartbeats ----------------------------------------------------------------------------------
+
+
+def test_a_heartbeat_records_what_the_cell_runs_on_the_registrys_clock() -> None:
+    done = t.heartbeat(record(last_seq=4), heartbeat(installed_release="2026.11.2"), NOW)
+    assert done.outcome is Outcome.APPLIED and done.event is None
+    assert done.changes["last_heartbeat_at"] == NOW, "never the cell's sent_at"
+    assert done.changes["installed_release"] == "2026.11.2" and done.changes["last_seq"] == 5
+    assert "status" not in done.changes
+    assert done.newer == ("last_seq", 5) and done.read == {"status", "pending_credential_id"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "outcome"),
+    [
+        ({"status": None}, Outcome.UNKNOWN_CELL),
+        ({"status": "created"}, Outcome.NOT_REGISTERED),
+        ({"status": "decommissioned"}, Outcome.NOT_REGISTERED),
+        ({"last_seq": 5}, Outcome.STALE),
+        ({"last_seq": 9}, Outcome.STALE),
+    ],
+)
+def test_heartbeats_that_change_nothing(fields: dict[str, object], outcome: Outcome) -> None:
+    done = t.heartbeat(record(**fields), heartbeat(seq=5), NOW)
+    assert done.outcome is outcome and not done.writes
+
+
+def test_a_heartbeat_brings_an_offline_cell_back_and_announces_it() -> None:
+    done = t.heartbeat(record(status="offline", last_seq=4), heartbeat(), NOW)
+    assert done.outcome is Outcome.BACK_ONLINE and done.changes["status"] == "online"
+    assert isinstance(done.event, CellOnline) and done.event.at == NOW
+
+
+def test_a_heartbeat_with_the_awaited_credential_confirms_the_rotation() -> None:
+    waiting = record(pending_credential_id="new1")
+    done = t.heartbeat(waiting, heartbeat(credential_id="new1"), NOW)
+    assert done.confirmed_rotation
+    assert done.changes["credential_id"] == "new1" and done.changes["pending_credential_id"] is None
+    assert done.changes["rotation_started_at"] is None
+    other = t.heartbeat(waiting, heartbeat(credential_id="old0"), NOW)
+    assert not other.confirmed_rotation and "credential_id" not in other.changes
+
+
+def test_the_assumed_record_is_the_one_the_guard_checks() -> None:
+    """The hot path decides on an assumed online record; the write is guarded on exactly the
+    fields that assumption is about, so a different record is decided again."""
+    done = t.heartbeat(CellRecord.from_fields(ASSUMED_ONLINE), heartbeat(), NOW)
+    assert done.outcome is Outcome.APPLIED
+    assert done.read == set(ASSUMED_ONLINE) and done.newer == ("last_seq", 5)
+
+
+# -- maintenance ---------------------------------------------------------------------------------
+
+
+def test_entering_maintenance_starts_the_clock_once() -> None:
+    first = t.maintenance(record(), maintenance(2, True), NOW)
+    assert first.outcome is Outcome.ENTERED_MAINTENANCE
+    assert first.changes["maintenance_since"] == NOW and first.changes["maintenance"] is True
+    renewed = t.maintenance(record(maintenance_since=NOW, last_maintenance_seq=2),
+                            maintenance(3, True), NOW + timedelta(minutes=1))  # fmt: skip
+    assert "maintenance_since" not in renewed.changes
+
+
+def test_leaving_maintenance_adds_the_stay_to_the_total() -> None:
+    done = t.maintenance(record(maintenance_since=NOW, last_maintenance_seq=2),
+                         maintenance(3, False), NOW + timedelta(seconds=120))  # fmt: skip
+    assert done.outcome is Outcome.LEFT_MAINTENANCE and done.maintenance_seconds == 120
+    assert done.add == {"maintenance_seconds_total": 120}
+    assert done.changes["maintenance_since"] is None and done.changes["maintenance"] is False
+    never = t.maintenance(record(), maintenance(3, False), NOW)
+    assert never.maintenance_seconds == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "outcome"),
+    [
+        ({"status": None}, Outcome.IGNORED),
+        ({"status": "decommissioned"}, Outcome.IGNORED),
+        ({"last_maintenance_seq": 3}, Outcome.STALE),
+    ],
+)
+def test_maintenance_reports_that_change_nothing(
+    fields: dict[str, object], outcome: Outcome
+) -> None:
+    done = t.maintenance(record(**fields), maintenance(3, True), NOW)
+    assert done.outcome is outcome and not done.writes
+
+
+# -- liveness ------------------------------------------------------------------------------------
+
+
+def test_a_silent_online_cell_goes_offline_and_is_kept() -> None:
+    last = NOW - timedelta(seconds=100)
+    done = t.go_offline(record(last_heartbeat_at=last), "acme", NOW - timedelta(seconds=90), NOW)
+    assert done.outcome is Outcome.OFFLINE and done.changes == {"status": "offline"}
+    assert isinstance(done.event, CellOffline) and done.event.last_heartbeat_at == last
+    assert done.read == {"status", "last_heartbeat_at"}
+
+
+def test_a_heartbeat_after_the_cutoff_or_a_cell_not_online_is_not_taken_offline() -> None:
+    cutoff = NOW - timedelta(seconds=90)
+    fresh = t.go_offline(record(last_heartbeat_at=NOW), "acme", cutoff, NOW)
+    assert fresh.outcome is Outcome.APPLIED and not fresh.writes
+    gone = t.go_offline(record(status="decommissioned"), "acme", cutoff, NOW)
+    assert gone.outcome is Outcome.NOT_ONLINE and gone.event is None
+    assert gone.changes == {"status": "decommissioned"}, "written as it is: only the index moves"
+
+
+# -- credentials and decommissioning -------------------------------------------------------------
+
+
+def test_a_rotation_starts_and_ends_with_the_new_credential_in_force() -> None:
+    started = t.start_rotation(record(), "new1", NOW)
+    assert started.outcome is Outcome.ROTATION_STARTED
+    assert started.changes == {"pending_credential_id": "new1", "rotation_started_at": NOW}
+    assert t.start_rotation(record(status="decommissioned"), "x", NOW).outcome is (
+        Outcome.ALREADY_DECOMMISSIONED
+    )
+    ended = t.end_rotation(record(pending_credential_id="new1"))
+    assert ended.changes == {"rotation_started_at": None, "credential_id": "new1",
+                             "pending_credential_id": None}  # fmt: skip
+
+
+def test_decommissioning_keeps_the_record_and_happens_once() -> None:
+    done = t.decommission(record(pending_credential_id="p"), "acme", NOW)
+    assert done.outcome is Outcome.DECOMMISSIONED and isinstance(done.event, CellDecommissioned)
+    assert done.changes["status"] == "decommissioned" and done.changes["decommissioned_at"] == NOW
+    assert done.changes["pending_credential_id"] is None
+    assert t.decommission(record(status="decommissioned"), "acme", NOW).outcome is (
+        Outcome.ALREADY_DECOMMISSIONED
+    )
+    assert t.decommission(CellRecord(), "acme", NOW).outcome is Outcome.UNKNOWN_CELL
