@@ -28,8 +28,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common.flags import Flag, Snapshot
+from common.fleet import FleetCell
 from services.flags.handlers import preview
-from services.flags.store import CELLS, FlagsStore
+from services.flags.store import FlagsStore
 
 KEY = "new-editor"
 STAGES = ["staging", "saas"]
@@ -252,16 +253,14 @@ def main() -> None:
         update={"split": {"on": 50, "off": 50}}))})  # fmt: skip
     proposed = Snapshot(2, {KEY: wider})
     started = time.perf_counter()
-    result = preview(KEY, current, proposed, big)
+    result = preview(KEY, current, proposed, [FleetCell(**c) for c in big])
     took = time.perf_counter() - started
     print(
         f"\nflags preview (25% -> 50%) over {len(big):,} cells: {took * 1000:.0f} ms "
-        f"({result['flipping']:,} would flip)   target < 1 s"
+        f"({result.flipping:,} would flip)   target < 1 s"
     )
     read = asyncio.run(read_from_redis(big, args.redis_url))
-    print(
-        f"  + reading those cells from Redis (the service's flags:cells hash): {read * 1000:.0f} ms"
-    )
+    print(f"  + reading those cells from Redis (the service's fleet view): {read * 1000:.0f} ms")
 
 
 async def read_from_redis(cells: list[dict[str, Any]], url: str) -> float:
@@ -272,11 +271,10 @@ async def read_from_redis(cells: list[dict[str, Any]], url: str) -> float:
         raise SystemExit(f"{url} is not empty; pick an empty database with --redis-url")
     store = FlagsStore(redis)
     try:
-        fields = ("stage", "region", "org", "installed_release", "agent_version")
-        packed = {c["id"]: "\t".join([*(c[f] for f in fields), "online", "0"]) for c in cells}
-        await redis.hset(CELLS, mapping=packed)
+        packed = {c["id"]: FleetCell(**c, status="online").encode() for c in cells}
+        await redis.hset(store.fleet.key, mapping=packed)
         started = time.perf_counter()
-        read = await store.cells()
+        read = await store.fleet.all()
         took = time.perf_counter() - started
         assert len(read) == len(cells)
         return took

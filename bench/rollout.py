@@ -45,11 +45,12 @@ from common.messages import (
     Delivery,
     DesiredState,
     Release,
-    UpgradePhase,
     command_queue,
 )
+from common.routes import route
 from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
+from common.vocabulary import UpgradePhase
 
 DIGEST = "sha256:" + "b" * 64
 ROLLOUT_GENERATIONS = 10_000_000
@@ -170,7 +171,7 @@ async def main(args: argparse.Namespace) -> None:
         for r in responders:
             assert r.cell.bus is not None
             await r.cell.bus.consume(command_queue(r.cell.cell_id),
-                                     {DesiredState: r.on_desired_state})  # fmt: skip
+                                     [route(DesiredState, r.on_desired_state)])  # fmt: skip
         await gather_limited(args.cells, 200, lambda i: bench.cells[i].register())
 
         tap: list[CellUpgrade] = []
@@ -182,7 +183,7 @@ async def main(args: argparse.Namespace) -> None:
         async def on_report(msg: CellUpgrade, delivery: Delivery) -> None:
             tap.append(msg)
 
-        await bench.control.consume(tap_queue, {CellUpgrade: on_report}, prefetch=500)
+        await bench.control.consume(tap_queue, [route(CellUpgrade, on_report)], prefetch=500)
 
         # The baseline sends generations 1, 2, ...; the rollout's start far above them, so a
         # baseline report never looks like (or hides) a report of the rollout's.

@@ -124,7 +124,7 @@ SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
     ),
     "flags": (
         *consuming_queue("flags.cells", *_cells("sync", "upgrade")),
-        *consuming_queue("flags.events", *_events("cell.#")),
+        *consuming_queue("flags.events", *_events("cell.#", "infra.compliance-changed")),
         *_rpc("flags"),
     ),
     "infra_compliance": (

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import redis.asyncio as aioredis
 
 from common.bus import BusError, RabbitBus, Unroutable
 from common.clock import Clock, SystemClock
 from common.flags import Snapshot
+from common.fleet import FleetCell
 from common.messages import FlagsSnapshot
 from common.runner import wait_any
 from common.settings import ServiceSettings
@@ -37,12 +37,13 @@ class Pusher:
         self._changed.set()
 
     async def send(self, cell_id: str, snapshot: Snapshot, why: str = "sync") -> None:
-        cell = await self.store.cell(cell_id) or {}
+        cell = await self.store.fleet.get(cell_id) or FleetCell(cell_id)
         await self._publish(cell_id, cell, snapshot, why)
 
-    async def _publish(self, cell_id: str, cell: dict[str, str | None], snapshot: Snapshot,
+    async def _publish(self, cell_id: str, cell: FleetCell, snapshot: Snapshot,
                        why: str) -> None:  # fmt: skip
-        attributes = {k: v for k in ("stage", "region", "org") if (v := cell.get(k))}
+        # What the agent cannot know by itself; it adds its id, release and agent version.
+        attributes = {k: v for k in ("stage", "region", "org") if (v := getattr(cell, k))}
         msg = FlagsSnapshot(cell_id=cell_id, issued_at=self.clock.now(), version=snapshot.version,
                             flags=tuple(snapshot.to_wire()), cell=attributes)  # fmt: skip
         try:
@@ -71,12 +72,12 @@ class Pusher:
     async def push_all(self) -> None:
         snapshot = await self.store.snapshot()
         metrics.SNAPSHOT_VERSION.set(snapshot.version)
-        cells = [c for c in await self.store.cells() if c.get("status") == "online"]
+        cells = [c for c in await self.store.fleet.all() if c.status == "online"]
         gate = asyncio.Semaphore(PUSH_CONCURRENCY)
 
-        async def one(cell: dict[str, str | None]) -> None:
+        async def one(cell: FleetCell) -> None:
             async with gate:
-                await self._publish(str(cell["id"]), cell, snapshot, "change")
+                await self._publish(cell.id, cell, snapshot, "change")
 
         await asyncio.gather(*(one(c) for c in cells))
         log.info("flags snapshot %d sent to %d online cells", snapshot.version, len(cells))
@@ -93,13 +94,9 @@ async def setup(
         store=store, clock=clock, changed=pusher.changed, send_snapshot=pusher.send
     )
     metrics.SNAPSHOT_VERSION.set(await store.version())
-    await bus.consume(
-        "flags.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
-    )
-    await bus.consume(
-        "flags.cells", {cls: partial(fn, deps=deps) for cls, fn in handlers.CELL_REPORTS.items()}
-    )
-    await bus.serve("flags", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
+    await bus.consume("flags.events", store.fleet.event_routes())
+    await bus.consume("flags.cells", handlers.cell_routes(deps))
+    await bus.serve("flags", handlers.rpc_routes(deps))
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(store.outbox.relay(bus, stop), name="flags-outbox"),

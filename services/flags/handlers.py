@@ -1,34 +1,46 @@
 """The flags service's handlers: flag definitions and their audit log, central evaluation, the
-preview of a change over the fleet, the cell facts it keeps from the registry's events, and
-answering a cell's sync with the current snapshot."""
+preview of a change over the fleet, and answering a cell's sync with the current snapshot. What
+it knows of cells is the fleet view's (common.fleet)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from common.bus import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
-from common.flags import KEY_PATTERN, Flag, Snapshot
-from common.messages import (
-    CellCreated,
-    CellDecommissioned,
-    CellOffline,
-    CellOnline,
-    CellRegistered,
-    CellRegistrationRefused,
-    CellSync,
-    CellUpgrade,
-    Delivery,
-    Event,
-    Message,
+from common.flags import Flag, Snapshot
+from common.fleet import FleetCell
+from common.messages import CellSync, CellUpgrade, Delivery
+from common.requests import ServiceStatus, Status
+from common.requests.flags import (
+    Answer,
+    FlagChange,
+    FlagDeleted,
+    FlagsDelete,
+    FlagsEval,
+    FlagsHistory,
+    FlagsList,
+    FlagsPreview,
+    FlagsServiceStatus,
+    FlagsSet,
+    FlagsShow,
+    FlagsSnapshotShow,
+    FlagSummary,
+    FlagView,
+    Flip,
+    HistoryEntry,
+    Preview,
+    SnapshotView,
 )
+from common.routes import Route, route
 from services.flags import metrics
 from services.flags.store import Conflict, FlagsStore
+
+# A change is read, decided and written with the flag and version it read; another operator's
+# change in between makes it read again. A few tries are plenty for people at keyboards.
+CHANGE_TRIES = 5
 
 
 def _nothing() -> None:
@@ -45,23 +57,6 @@ class Deps:
     send_snapshot: Callable[[str, Snapshot], Awaitable[None]] | None = None
 
 
-class KeyRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    key: str = Field(pattern=KEY_PATTERN)
-
-
-class EvalRequest(BaseModel):
-    """``cell``: a cell the service knows; or ``attributes``: a context given in full."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    key: str
-    cell: str | None = None
-    attributes: dict[str, Any] | None = None
-    default: Any = None
-
-
 def _actor(delivery: Delivery) -> str:
     return delivery.user_id or "unknown"
 
@@ -69,13 +64,13 @@ def _actor(delivery: Delivery) -> str:
 # -- definitions ----------------------------------------------------------------------------------
 
 
-async def flags_set(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
-    flag = Flag.model_validate(params.get("flag"))
-    for _ in range(5):
+async def flags_set(req: FlagsSet, delivery: Delivery, deps: Deps) -> FlagChange:
+    flag = req.flag
+    for _ in range(CHANGE_TRIES):
         raw = await deps.store.raw(flag.key)
         if raw is not None and Flag.model_validate_json(raw) == flag:
             version = await deps.store.version()
-            return {"key": flag.key, "changed": False, "snapshot_version": version}
+            return FlagChange(key=flag.key, changed=False, snapshot_version=version)
         try:
             version = await deps.store.change(
                 flag.key, expected=raw, new=flag, actor=_actor(delivery), at=deps.clock.now()
@@ -83,167 +78,120 @@ async def flags_set(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -
         except Conflict:
             continue
         deps.changed()
-        return {"key": flag.key, "changed": True, "snapshot_version": version,
-                "action": "created" if raw is None else "updated"}  # fmt: skip
+        return FlagChange(key=flag.key, changed=True, snapshot_version=version,
+                          action="created" if raw is None else "updated")  # fmt: skip
     raise RpcFailure("busy", f"flag {flag.key} kept changing; try again")
 
 
-async def flags_delete(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
-    ref = KeyRef.model_validate(params)
-    for _ in range(5):
-        raw = await deps.store.raw(ref.key)
+async def flags_delete(req: FlagsDelete, delivery: Delivery, deps: Deps) -> FlagDeleted:
+    for _ in range(CHANGE_TRIES):
+        raw = await deps.store.raw(req.key)
         if raw is None:
-            raise RpcFailure("not_found", f"flag {ref.key!r} does not exist")
+            raise RpcFailure("not_found", f"flag {req.key!r} does not exist")
         try:
             version = await deps.store.change(
-                ref.key, expected=raw, new=None, actor=_actor(delivery), at=deps.clock.now()
+                req.key, expected=raw, new=None, actor=_actor(delivery), at=deps.clock.now()
             )
         except Conflict:
             continue
         deps.changed()
-        return {"key": ref.key, "deleted": True, "snapshot_version": version}
-    raise RpcFailure("busy", f"flag {ref.key} kept changing; try again")
+        return FlagDeleted(key=req.key, deleted=True, snapshot_version=version)
+    raise RpcFailure("busy", f"flag {req.key} kept changing; try again")
 
 
-async def flags_list(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> list[Any]:
+async def flags_list(req: FlagsList, delivery: Delivery, deps: Deps) -> list[FlagSummary]:
     snapshot = await deps.store.snapshot()
     return [
-        {"key": f.key, "owner": f.owner, "enabled": f.enabled, "default_variant": f.default_variant,
-         "rules": len(f.rules), "requires_release": f.requires_release,
-         "description": f.description}
+        FlagSummary(key=f.key, owner=f.owner, enabled=f.enabled,
+                    default_variant=f.default_variant, rules=len(f.rules),
+                    requires_release=f.requires_release, description=f.description)
         for f in (snapshot.flags[k] for k in sorted(snapshot.flags))
     ]  # fmt: skip
 
 
-async def flags_show(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
-    ref = KeyRef.model_validate(params)
-    flag = await deps.store.get(ref.key)
+async def flags_show(req: FlagsShow, delivery: Delivery, deps: Deps) -> FlagView:
+    flag = await deps.store.get(req.key)
     if flag is None:
-        raise RpcFailure("not_found", f"flag {ref.key!r} does not exist")
-    return {**flag.model_dump(mode="json"), "snapshot_version": await deps.store.version()}
+        raise RpcFailure("not_found", f"flag {req.key!r} does not exist")
+    return FlagView(**dict(flag), snapshot_version=await deps.store.version())
 
 
-async def flags_history(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> list[Any]:
-    ref = KeyRef.model_validate(params)
-    history = await deps.store.history(ref.key)
+async def flags_history(req: FlagsHistory, delivery: Delivery, deps: Deps) -> list[HistoryEntry]:
+    history = await deps.store.history(req.key)
     if not history:
-        raise RpcFailure("not_found", f"flag {ref.key!r} has no history")
+        raise RpcFailure("not_found", f"flag {req.key!r} has no history")
     return history
 
 
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-async def flags_eval(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
-    req = EvalRequest.model_validate(params)
+async def flags_eval(req: FlagsEval, delivery: Delivery, deps: Deps) -> Answer:
     if (req.cell is None) == (req.attributes is None):
         raise RpcFailure("invalid", "give exactly one of cell (an id) or attributes")
     if req.cell is not None:
-        attributes = await deps.store.cell(req.cell)
-        if attributes is None:
+        cell = await deps.store.fleet.get(req.cell)
+        if cell is None:
             raise RpcFailure("not_found", f"the flags service knows no cell {req.cell!r}")
+        attributes = cell.attributes()
     else:
+        assert req.attributes is not None
         attributes = req.attributes
-    assert attributes is not None
     snapshot = await deps.store.snapshot()
     answer = snapshot.evaluate(req.key, attributes, req.default)
     metrics.evaluated(req.key, answer.reason)
-    return answer.as_json()
+    return Answer.model_validate(answer.as_json())
 
 
-async def flags_snapshot(
-    params: dict[str, Any], delivery: Delivery, *, deps: Deps
-) -> dict[str, Any]:
+async def flags_snapshot(req: FlagsSnapshotShow, delivery: Delivery, deps: Deps) -> SnapshotView:
     snapshot = await deps.store.snapshot()
-    return {"version": snapshot.version, "flags": snapshot.to_wire()}
+    return SnapshotView(version=snapshot.version, flags=snapshot.to_wire())
 
 
-def preview(
-    key: str, current: Snapshot, proposed: Snapshot, cells: list[dict[str, str | None]]
-) -> dict[str, Any]:
+def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCell]) -> Preview:
     """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
     (stage, org, from variant, to variant) for every cell whose variant changes."""
     flips: Counter[tuple[str, str, str, str]] = Counter()
     considered = 0
     for cell in cells:
-        if cell.get("status") == "decommissioned":
+        if cell.status == "decommissioned":
             continue
         considered += 1
-        before = current.evaluate(key, cell)
-        after = proposed.evaluate(key, cell)
+        attributes = cell.attributes()
+        before = current.evaluate(key, attributes)
+        after = proposed.evaluate(key, attributes)
         if before.variant != after.variant:
-            flips[(cell.get("stage") or "-", cell.get("org") or "-",
+            flips[(cell.stage or "-", cell.org or "-",
                    before.variant or "(none)", after.variant or "(none)")] += 1  # fmt: skip
     by_stage: dict[str, Counter[str]] = {}
     by_org: dict[str, Counter[str]] = {}
     for (stage, org, was, becomes), n in flips.items():
         by_stage.setdefault(stage, Counter())[f"{was} -> {becomes}"] += n
         by_org.setdefault(org, Counter())[f"{was} -> {becomes}"] += n
-    return {
-        "key": key,
-        "cells": considered,
-        "flipping": sum(flips.values()),
-        "by_stage": {s: dict(c) for s, c in sorted(by_stage.items())},
-        "by_org": {o: dict(c) for o, c in sorted(by_org.items())},
-        "changes": [
-            {"stage": s, "org": o, "from": b, "to": a, "cells": n}
+    return Preview(
+        key=key,
+        cells=considered,
+        flipping=sum(flips.values()),
+        by_stage={s: dict(c) for s, c in sorted(by_stage.items())},
+        by_org={o: dict(c) for o, c in sorted(by_org.items())},
+        changes=[
+            Flip(stage=s, org=o, from_=b, to=a, cells=n)
             for (s, o, b, a), n in sorted(flips.items())
         ],
-    }
+    )
 
 
-async def flags_preview(
-    params: dict[str, Any], delivery: Delivery, *, deps: Deps
-) -> dict[str, Any]:
+async def flags_preview(req: FlagsPreview, delivery: Delivery, deps: Deps) -> Preview:
     """Nothing is written: what ``flags set`` of this flag would change, cell by cell."""
-    flag = Flag.model_validate(params.get("flag"))
     current = await deps.store.snapshot()
-    proposed = Snapshot(current.version + 1, {**current.flags, flag.key: flag})
-    return preview(flag.key, current, proposed, await deps.store.cells())
+    proposed = Snapshot(current.version + 1, {**current.flags, req.flag.key: req.flag})
+    return preview(req.flag.key, current, proposed, await deps.store.fleet.all())
 
 
-# -- what the flags service knows of cells --------------------------------------------------------
+# -- what cells ask -------------------------------------------------------------------------------
 
 
-async def on_cell_created(msg: CellCreated, delivery: Delivery, *, deps: Deps) -> None:
-    await deps.store.cell_fact(msg.cell_id, msg.at, stage=msg.stage, region=msg.region,
-                               org=msg.org, status="created")  # fmt: skip
-
-
-async def on_cell_registered(msg: CellRegistered, delivery: Delivery, *, deps: Deps) -> None:
-    await deps.store.cell_fact(
-        msg.cell_id, msg.at, stage=msg.stage, region=msg.region, org=msg.org, status="online",
-        agent_version=msg.agent_version, installed_release=msg.installed_release or "",
-    )  # fmt: skip
-
-
-async def on_cell_offline(msg: CellOffline, delivery: Delivery, *, deps: Deps) -> None:
-    await deps.store.cell_fact(msg.cell_id, msg.at, status="offline")
-
-
-async def on_cell_online(msg: CellOnline, delivery: Delivery, *, deps: Deps) -> None:
-    await deps.store.cell_fact(msg.cell_id, msg.at, status="online")
-
-
-async def on_cell_decommissioned(
-    msg: CellDecommissioned, delivery: Delivery, *, deps: Deps
-) -> None:
-    await deps.store.cell_fact(msg.cell_id, msg.at, status="decommissioned")
-
-
-async def on_ignored_event(msg: Event, delivery: Delivery, *, deps: Deps) -> None:
-    """Events on the flags queue it has no use for (acked, not dead-lettered)."""
-
-
-async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, *, deps: Deps) -> None:
-    """A cell's installed release is an attribute rules and version gates read."""
-    refuse_foreign_sender(msg, delivery)
-    if msg.phase == "succeeded":
-        await deps.store.cell_fact(msg.cell_id, msg.sent_at,
-                                   installed_release=msg.release_version or "")  # fmt: skip
-
-
-async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None:
+async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     """A cell whose snapshot is older than the current one (or that has none) is sent it: how
     a change made while the cell was offline reaches it."""
     refuse_foreign_sender(msg, delivery)
@@ -255,34 +203,29 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, *, deps: Deps) -> None
         await deps.send_snapshot(msg.cell_id, snapshot)
 
 
-async def status(params: dict[str, Any], delivery: Delivery, *, deps: Deps) -> dict[str, Any]:
+async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     snapshot = await deps.store.snapshot()
-    return {"service": "flags", "ready": True, "flags": len(snapshot.flags),
-            "snapshot_version": snapshot.version}  # fmt: skip
+    return FlagsServiceStatus(service="flags", ready=True, flags=len(snapshot.flags),
+                              snapshot_version=snapshot.version)  # fmt: skip
 
 
-EVENTS: dict[type[Message], Callable[..., Awaitable[None]]] = {
-    CellCreated: on_cell_created,
-    CellRegistered: on_cell_registered,
-    CellOffline: on_cell_offline,
-    CellOnline: on_cell_online,
-    CellDecommissioned: on_cell_decommissioned,
-    CellRegistrationRefused: on_ignored_event,
-}
+# -- routing --------------------------------------------------------------------------------------
 
-CELL_REPORTS: dict[type[Message], Callable[..., Awaitable[None]]] = {
-    CellUpgrade: on_cell_upgrade,
-    CellSync: on_cell_sync,
-}
 
-RPC: dict[str, Callable[..., Awaitable[Any]]] = {
-    "flags.set": flags_set,
-    "flags.delete": flags_delete,
-    "flags.list": flags_list,
-    "flags.show": flags_show,
-    "flags.history": flags_history,
-    "flags.eval": flags_eval,
-    "flags.snapshot": flags_snapshot,
-    "flags.preview": flags_preview,
-    "status": status,
-}
+def cell_routes(deps: Deps) -> list[Route]:
+    # The installed release is an attribute rules and version gates read.
+    return [route(CellUpgrade, deps.store.fleet.on_upgrade), route(CellSync, on_cell_sync, deps)]
+
+
+def rpc_routes(deps: Deps) -> list[Route]:
+    return [
+        route(FlagsSet, flags_set, deps),
+        route(FlagsDelete, flags_delete, deps),
+        route(FlagsList, flags_list, deps),
+        route(FlagsShow, flags_show, deps),
+        route(FlagsHistory, flags_history, deps),
+        route(FlagsEval, flags_eval, deps),
+        route(FlagsSnapshotShow, flags_snapshot, deps),
+        route(FlagsPreview, flags_preview, deps),
+        route(Status, status, deps),
+    ]

@@ -2,88 +2,45 @@
 
 flags:flag:<key>      string: the flag (common.flags.Flag as JSON)
 flags:keys            set: every flag key
-flags:version         counter: the snapshot version, bumped by every change to any flag
+flags:version         string: the snapshot version, bumped by every change to any flag
 flags:history:<key>   list: the flag's audit log, newest first (who, when, what changed)
-flags:cells           hash: cell id -> its attributes, tab-separated (see CELL_FIELDS): one
+flags:fleet           hash: what flags knows of each cell from events (common.fleet): one
                       HGETALL reads the whole fleet for a preview
 flags:outbox          list: events not yet published (common.outbox)
 
-A change writes the flag, the version, the audit entry and the ``flags.changed`` event in one
-Lua script, and only if the flag is still what the caller read (so two operators' changes
-cannot interleave).
+A change writes the flag, the version, the audit entry and the ``flags.changed`` event as one
+Change, only if the flag and the version are still what the caller read (so two operators'
+changes cannot interleave, and every version is given once).
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from common.flags import Flag, Snapshot
+from common.fleet import FleetView
 from common.messages import FlagsChanged
 from common.outbox import Outbox, outbox_entry
+from common.requests.flags import HistoryEntry
+from common.scripts import Change, Changes
 
 PREFIX = "flags:"
 FLAG = PREFIX + "flag:"
 KEYS = PREFIX + "keys"
 VERSION = PREFIX + "version"
 HISTORY = PREFIX + "history:"
-CELLS = PREFIX + "cells"
 OUTBOX = PREFIX + "outbox"
 HISTORY_KEPT = 200
-# Stands for the snapshot version in texts built before the script knows it.
-SENTINEL = -770_017_077
-
-# A cell's attributes in flags:cells, in this order, then the time of the newest fact.
-CELL_FIELDS = ("stage", "region", "org", "installed_release", "agent_version", "status")
-
-# KEYS: flag, keys, version, history, outbox; ARGV: key, expected ('' if absent), new ('' to
-# delete), then a function of the version: the audit entry and the event, with %d for it.
-_CHANGE = """
-local current = redis.call('GET', KEYS[1]) or ''
-if current ~= ARGV[2] then return -1 end
-local version = redis.call('INCR', KEYS[3])
-if ARGV[3] == '' then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[3])
-  redis.call('SADD', KEYS[2], ARGV[1])
-end
-redis.call('LPUSH', KEYS[4], string.format(ARGV[4], version))
-redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[6]) - 1)
-redis.call('RPUSH', KEYS[5], string.format(ARGV[5], version))
-return version
-"""
-
-# KEYS: cells; ARGV: id, at, then (field index, value) pairs. Facts older than the recorded
-# one are dropped, and a decommissioned cell stays so.
-_CELL_FACT = """
-local n = {n}
-local f = {}
-for i = 1, n + 1 do f[i] = '' end
-f[n + 1] = '0'
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local i = 1
-  for part in string.gmatch(cur .. '\\t', '([^\\t]*)\\t') do f[i] = part; i = i + 1 end
-end
-if f[n] == 'decommissioned' then return 0 end
-if tonumber(ARGV[2]) < tonumber(f[n + 1]) then return 0 end
-for j = 3, #ARGV, 2 do f[tonumber(ARGV[j])] = ARGV[j + 1] end
-f[n + 1] = ARGV[2]
-redis.call('HSET', KEYS[1], ARGV[1], table.concat(f, '\\t'))
-return 1
-""".replace("{n}", str(len(CELL_FIELDS)))
 
 
 class Conflict(Exception):
-    """The flag changed since it was read."""
+    """The flag (or another flag) changed since it was read."""
 
 
-def diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any]:
+def diff(old: dict[str, object] | None, new: dict[str, object] | None) -> dict[str, object]:
     """Top-level fields that changed: ``{field: {"from": ..., "to": ...}}``."""
     old, new = old or {}, new or {}
     return {
@@ -93,20 +50,12 @@ def diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, An
     }
 
 
-def parse_cell(cell_id: str, packed: str) -> dict[str, str | None]:
-    parts = packed.split("\t")
-    cell: dict[str, str | None] = {"id": cell_id}
-    for name, value in zip(CELL_FIELDS, parts, strict=False):
-        cell[name] = value or None
-    return cell
-
-
 class FlagsStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self.fleet = FleetView(redis, PREFIX)
         self.outbox = Outbox(redis, OUTBOX)
-        self._change = redis.register_script(_CHANGE)
-        self._cell_fact = redis.register_script(_CELL_FACT)
+        self._changes = Changes(redis)
         self._snapshot: Snapshot | None = None
 
     # -- flags -----------------------------------------------------------------------------------
@@ -140,54 +89,36 @@ class FlagsStore:
     async def change(
         self, key: str, *, expected: str | None, new: Flag | None, actor: str, at: datetime
     ) -> int:
-        """Write (or, with ``new`` None, delete) a flag read as ``expected``; the new version."""
+        """Write (or, with ``new`` None, delete) a flag read as ``expected``; the new version.
+        Conflict if the flag or the version moved since."""
+        current = await self.version()
+        version = current + 1
         old_json = json.loads(expected) if expected else None
         new_json = new.model_dump(mode="json") if new else None
         action = "deleted" if new is None else ("created" if expected is None else "updated")
         entry = {
             "at": at.isoformat(), "actor": actor, "action": action,
-            "diff": diff(old_json, new_json), "version": SENTINEL,
+            "diff": diff(old_json, new_json), "version": version,
         }  # fmt: skip
         event = FlagsChanged(
-            at=at, key=key, snapshot_version=SENTINEL, actor=actor, deleted=new is None
+            at=at, key=key, snapshot_version=version, actor=actor, deleted=new is None
         )
-        version = await self._change(
-            keys=[FLAG + key, KEYS, VERSION, HISTORY + key, OUTBOX],
-            args=[
-                key, expected or "", new.model_dump_json() if new else "",
-                _with_version(json.dumps(entry)), _with_version(outbox_entry(event)),
-                HISTORY_KEPT,
-            ],
-        )  # fmt: skip
-        if int(version) < 0:
+        change = (
+            Change()
+            .expecting_value(FLAG + key, expected)
+            .expecting_value(VERSION, current or None)
+            .run("SET", VERSION, version)
+            .push_newest(HISTORY + key, json.dumps(entry), HISTORY_KEPT)
+            .push(OUTBOX, outbox_entry(event))
+        )
+        if new is None:
+            change.run("DEL", FLAG + key).run("SREM", KEYS, key)
+        else:
+            change.run("SET", FLAG + key, new.model_dump_json()).run("SADD", KEYS, key)
+        if not (await self._changes.apply(change)).written:
             raise Conflict(key)
-        return int(version)
+        return version
 
-    async def history(self, key: str) -> list[dict[str, Any]]:
-        return [json.loads(e) for e in await self.redis.lrange(HISTORY + key, 0, -1)]
-
-    # -- cells -----------------------------------------------------------------------------------
-
-    async def cell_fact(self, cell_id: str, at: datetime, **fields: str) -> bool:
-        pairs: list[str | int] = []
-        for name, value in fields.items():
-            pairs += [CELL_FIELDS.index(name) + 1, value]
-        return bool(await self._cell_fact(keys=[CELLS], args=[cell_id, at.timestamp(), *pairs]))
-
-    # A cell heard of only through liveness events (its creation not seen) is not known yet.
-
-    async def cell(self, cell_id: str) -> dict[str, str | None] | None:
-        packed = await self.redis.hget(CELLS, cell_id)
-        cell = parse_cell(cell_id, str(packed)) if packed else None
-        return cell if cell and cell.get("stage") else None
-
-    async def cells(self) -> list[dict[str, str | None]]:
-        packed = await self.redis.hgetall(CELLS)
-        cells = (parse_cell(str(k), str(v)) for k, v in packed.items())
-        return [c for c in cells if c.get("stage")]
-
-
-def _with_version(text: str) -> str:
-    """A JSON text written with the SENTINEL as its version, as a Lua format string that puts
-    the real version (known only inside the script) there."""
-    return text.replace("%", "%%").replace(str(SENTINEL), "%d")
+    async def history(self, key: str) -> list[HistoryEntry]:
+        entries = await self.redis.lrange(HISTORY + key, 0, -1)
+        return [HistoryEntry.model_validate_json(e) for e in entries]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import redis.asyncio as aioredis
 
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.fleet import FleetView
 from common.lease import Lease
 from common.messages import Message
 from common.settings import ServiceSettings
 from services.rollout import handlers
 from services.rollout.controller import Controller
 from services.rollout.settings import RolloutSettings
-from services.rollout.store import LEASE, RolloutStore
+from services.rollout.store import DIRTY, LEASE, PREFIX, RolloutStore
 
 
 async def setup(
@@ -27,23 +27,21 @@ async def setup(
     )  # fmt: skip
     clock = clock or SystemClock()
     redis = aioredis.from_url(own.redis_url, decode_responses=True)
-    store = RolloutStore(redis)
+    fleet = FleetView(redis, PREFIX, changed=DIRTY)
+    store = RolloutStore(redis, fleet)
     controller = Controller(
         store, clock, Lease(redis, LEASE, own.lease_seconds), tick_seconds=own.tick_seconds
     )
+    # A cell registered (its first install), back online, or its hold lifted: step soon.
+    fleet.on_change = lambda cell: controller.wake()
 
     async def send(message: Message) -> None:
         await bus.publish(message)
 
     deps = handlers.Deps(store=store, clock=clock, wake=controller.wake, send=send)
-    await bus.consume(
-        "rollout.events", {cls: partial(fn, deps=deps) for cls, fn in handlers.EVENTS.items()}
-    )
-    await bus.consume(
-        "rollout.cells",
-        {cls: partial(fn, deps=deps) for cls, fn in handlers.CELL_REPORTS.items()},
-    )
-    await bus.serve("rollout", {name: partial(fn, deps=deps) for name, fn in handlers.RPC.items()})
+    await bus.consume("rollout.events", fleet.event_routes())
+    await bus.consume("rollout.cells", handlers.cell_routes(deps))
+    await bus.serve("rollout", handlers.rpc_routes(deps))
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(store.outbox.relay(bus, stop), name="rollout-outbox"),

@@ -26,9 +26,9 @@ from common.clock import Clock
 from common.lease import Lease
 from common.messages import DesiredState, Message, RolloutHalted
 from common.runner import wait_any
+from common.vocabulary import ACTIVE_STATES
 from services.rollout import metrics
 from services.rollout.model import (
-    ACTIVE,
     Assign,
     CellFacts,
     Rollout,
@@ -92,7 +92,7 @@ class Controller:
             log.info("rollout %s superseded by a newer release", version)
 
         for r in sorted(rollouts.values(), key=lambda r: r.semver):
-            if r.state not in ACTIVE and not (r.state == "aborted" and not r.reverted):
+            if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             decision = step(r, list(by_id.values()), policy, now)
             if decision.rollout == r and not decision.changed:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.messages import STAGES
-from services.rollout.model import STAGE_ORDER, CellFacts, Rollout
+from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES
+from services.rollout.model import CellFacts, Rollout
 
 CELLS_BY_RELEASE = Gauge(
     "substrate_rollout_cells",
@@ -38,7 +38,7 @@ def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
     CELLS_BY_RELEASE.clear()
     counts: dict[tuple[str, str], int] = {}
     for cell in cells:
-        if cell.status in ("online", "offline"):
+        if cell.status in REGISTERED:
             key = (cell.stage, cell.installed_release or "none")
             counts[key] = counts.get(key, 0) + 1
     for (stage, release), n in counts.items():
@@ -51,6 +51,5 @@ def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
     for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)[:SHOWN_ROLLOUTS]:
         STATE.labels(r.version, r.state, r.stage).set(1)
         WAVE.labels(r.version).set(r.wave)
-    ACTIVE.set(sum(r.state in ("in_progress", "soaking", "halted", "paused") for r in rollouts))
+    ACTIVE.set(sum(r.state in ACTIVE_STATES for r in rollouts))
     HALTED.set(sum(r.state == "halted" for r in rollouts))
-    assert STAGE_ORDER == STAGES

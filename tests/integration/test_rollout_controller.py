@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
 
 from common.clock import FakeClock
 from common.lease import Lease
-from common.messages import Release, ReleasePublished
+from common.messages import CellRegistered, CellUpgrade, Release, ReleasePublished
+from common.vocabulary import Stage, UpgradePhase
 from services.rollout.controller import Controller
 from services.rollout.model import RolloutPolicy, SoakTimes, new_rollout
 from services.rollout.store import GENERATION, LEASE, OUTBOX, FenceLost, RolloutStore, Stale
@@ -41,11 +43,27 @@ async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
 
 async def _fleet(store: RolloutStore, clock: FakeClock) -> None:
     await store.set_policy(RolloutPolicy(soak_seconds=SoakTimes(staging=60, saas=0, dedicated=0)))
-    for i, stage in enumerate(["staging", "staging", "dedicated"]):
-        await store.cell_fact(f"c-{i}", clock.now(), stage=stage, status="online")
+    stages: list[Stage] = ["staging", "staging", "dedicated"]
+    for i, stage in enumerate(stages):
+        await store.fleet.apply(_registered(f"c-{i}", stage, clock))
     assert await store.publish(
         RELEASE, at=clock.now(), by="op-test", event=_event(clock),
         rollout=new_rollout(RELEASE, clock.now()),
+    )  # fmt: skip
+
+
+def _registered(cell_id: str, stage: Stage, clock: FakeClock) -> CellRegistered:
+    return CellRegistered(
+        at=clock.now(), cell_id=cell_id, stage=stage, region="eu-west-1", org="acme",
+        aws_account_id="123456789012", agent_version="1",
+    )  # fmt: skip
+
+
+def _report(cell_id: str, generation: int, phase: UpgradePhase, version: str,
+            error: str | None = None) -> CellUpgrade:  # fmt: skip
+    return CellUpgrade(
+        cell_id=cell_id, seq=generation * 10, sent_at=datetime.now(UTC), generation=generation,
+        release_version=version, phase=phase, error=error,
     )  # fmt: skip
 
 
@@ -89,8 +107,9 @@ async def test_a_step_is_written_whole_and_a_new_controller_repeats_nothing(
     # dedicated, once.
     for cell in staging:
         assert cell and cell.desired_generation
-        await store.report(cell.id, generation=cell.desired_generation, phase="succeeded",
-                           error=None, at=clock.now(), version=RELEASE.version)  # fmt: skip
+        await store.upgrade(
+            _report(cell.id, cell.desired_generation, "succeeded", RELEASE.version), clock.now()
+        )
     assert await second.tick()
     soaking = await store.rollout(RELEASE.version)
     assert soaking and soaking.state == "soaking"
@@ -143,17 +162,14 @@ async def test_a_write_based_on_an_old_read_is_refused(redis: aioredis.Redis) ->
 async def test_reports_out_of_order_do_not_undo_a_newer_one(redis: aioredis.Redis) -> None:
     clock = FakeClock()
     store = RolloutStore(redis)
-    await store.cell_fact("c-9", clock.now(), stage="saas", status="online")
+    await store.fleet.apply(_registered("c-9", "saas", clock))
     at, v = clock.now(), RELEASE.version
-    assert await store.report("c-9", generation=2, phase="succeeded", error=None, at=at, version=v)
+    assert await store.upgrade(_report("c-9", 2, "succeeded", v), at)
     # A redelivered step of the same generation, and an older generation, are both dropped.
-    assert not await store.report("c-9", generation=2, phase="applying", error=None, at=at,
-                                  version=v)  # fmt: skip
-    assert not await store.report("c-9", generation=1, phase="failed", error="x", at=at,
-                                  version="2026.1.1")  # fmt: skip
+    assert not await store.upgrade(_report("c-9", 2, "applying", v), at)
+    assert not await store.upgrade(_report("c-9", 1, "failed", "2026.1.1", error="x"), at)
     cell = await store.cell("c-9")
     assert cell and (cell.report_generation, cell.report_phase, cell.installed_release) == (
         2, "succeeded", v,
     )  # fmt: skip
-    assert not await store.report("nobody", generation=1, phase="accepted", error=None, at=at,
-                                  version=v)  # fmt: skip
+    assert not await store.upgrade(_report("nobody", 1, "accepted", v), at)

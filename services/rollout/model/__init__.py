@@ -1,0 +1,43 @@
+"""The rollout service's decisions, pure: which cells a release reaches in which stage and
+wave, each step of the controller, catching cells up, operators' actions, and explaining a
+cell. Nothing here does I/O or reads a clock; the controller (``controller.py``) loads state,
+calls these and writes what they return.
+
+    cells.py      what rollout knows of a cell; where a cell stands with one release
+    rollout.py    a release's rollout, as kept between steps
+    plan.py       the stages and waves of a release (``rollout plan``)
+    step.py       one controller step of one rollout; which rollouts a newer one supersedes
+    catch_up.py   desired states no wave takes care of (first install, back online, pins)
+    actions.py    pause, resume, abort
+    explain.py    why a cell is (not) on the newest release, as a table of cases
+    reports.py    the order of a cell's upgrade reports
+
+The release file and the policy are request schemas: ``common.requests.rollout``.
+"""
+
+from common.requests.rollout import Halt, ReleaseFile, RolloutPolicy, SoakTimes, WavePolicy
+from common.vocabulary import STAGES as STAGE_ORDER
+from services.rollout.model.actions import ActionRefused, abort, pause, resume
+from services.rollout.model.catch_up import catch_up
+from services.rollout.model.cells import (
+    CellFacts,
+    CellProgress,
+    at_least,
+    cell_progress,
+    failure_of,
+    newer,
+    newest_first,
+)
+from services.rollout.model.explain import explain
+from services.rollout.model.plan import plan, skip_reason, split_waves
+from services.rollout.model.reports import report_order
+from services.rollout.model.rollout import Rollout, new_rollout
+from services.rollout.model.step import Assign, Decision, stage_counts, step, superseded
+
+__all__ = [
+    "STAGE_ORDER", "ActionRefused", "Assign", "CellFacts", "CellProgress", "Decision", "Halt",
+    "ReleaseFile", "Rollout", "RolloutPolicy", "SoakTimes", "WavePolicy", "abort", "at_least",
+    "catch_up", "cell_progress", "explain", "failure_of", "new_rollout", "newer",
+    "newest_first", "pause", "plan", "report_order", "resume", "skip_reason", "split_waves",
+    "stage_counts", "step", "superseded",
+]  # fmt: skip

@@ -1,0 +1,58 @@
+"""A release's rollout: the state the controller keeps between steps."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from common.messages import Release
+from common.requests.rollout import Halt
+from common.versions import SemVer
+from common.vocabulary import RolloutState, Stage
+
+
+class Rollout(BaseModel):
+    """One release's way through the fleet, as the controller keeps it between steps."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    reversible: bool = True
+    state: RolloutState = "in_progress"
+    stage: Stage = "staging"
+    # The current stage's waves, fixed when the stage starts (None: not started yet).
+    waves: tuple[tuple[str, ...], ...] | None = None
+    wave: int = 0
+    wave_started_at: datetime | None = None
+    soak_until: datetime | None = None
+    # Stages whose first wave finished: a cell of such a stage that was not in a wave
+    # (registered since, or offline then) gets the release when it can.
+    reached: tuple[Stage, ...] = ()
+    # Cells whose failure an operator accepted by resuming; they no longer count.
+    accepted: tuple[str, ...] = ()
+    halt: Halt | None = None
+    # Set once an abort of a reversible release has sent its cells back.
+    reverted: bool = False
+    created_at: datetime
+    updated_at: datetime
+    # Bumped by every write, so a write based on an older read is refused.
+    rev: int = 0
+
+    @property
+    def semver(self) -> SemVer:
+        parsed = SemVer.parse(self.version)
+        assert parsed is not None  # releases are validated at publish
+        return parsed
+
+    def started_cells(self) -> set[str]:
+        return {c for wave in (self.waves or ())[: self.wave + 1] for c in wave}
+
+    def waiting_cells(self) -> set[str]:
+        return {c for wave in (self.waves or ())[self.wave + 1 :] for c in wave}
+
+
+def new_rollout(release: Release, now: datetime) -> Rollout:
+    return Rollout(
+        version=release.version, reversible=release.reversible, created_at=now, updated_at=now
+    )
