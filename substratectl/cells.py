@@ -1,54 +1,59 @@
-"""`substratectl cells ...`: create, list, show, rotate credentials, decommission."""
+"""`substratectl cells ...`: create, list, show, rotate credentials, decommission, pin."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
 
-from common.messages import STAGES
+from common.requests.registry import (
+    CellsCreate,
+    CellsDecommission,
+    CellsList,
+    CellsRotateCredentials,
+    CellsShow,
+    CellView,
+)
+from common.requests.rollout import CellsPin, CellsUnpin
+from common.vocabulary import CELL_STATUSES, STAGES
+from substratectl.context import Ctl
 from substratectl.output import emit_json, fields, table
-
-if TYPE_CHECKING:
-    from substratectl.cli import Ctl
 
 LIST_COLUMNS = [
     "id", "stage", "region", "org", "status", "last_heartbeat_at", "agent_version",
     "installed_release", "flags_behind",
 ]  # fmt: skip
-STATUSES = ("created", "online", "offline", "decommissioned")
 
 
-def _show(ctl: Ctl, record: dict[str, Any]) -> None:
+def _show(ctl: Ctl, record: CellView) -> None:
     if ctl.as_json:
         emit_json(record)
         return
-    shown = {k: v for k, v in record.items() if k not in ("refused_registrations",)}
-    print(fields(shown))
-    for refusal in record.get("refused_registrations") or []:
+    print(fields(record.model_dump(mode="json", exclude={"refused_registrations"})))
+    for refusal in record.refused_registrations:
         print(f"refused registration at {refusal['at']}: {refusal['reason']}")
 
 
 async def create(ctl: Ctl) -> int:
     a = ctl.args
-    params = {"id": a.id, "stage": a.stage, "region": a.region, "org": a.org}
-    if a.aws_account:
-        params["aws_account"] = a.aws_account
-    record = await ctl.call("registry", "cells.create", params)
+    request = CellsCreate(
+        id=a.id, stage=a.stage, region=a.region, org=a.org, aws_account=a.aws_account or None
+    )
+    record = await ctl.call(request)
     if ctl.as_json:
         emit_json(record)
         return 0
-    print(fields({k: record[k] for k in ("id", "stage", "region", "org", "status")}))
+    print(
+        fields(record.model_dump(mode="json", include={"id", "stage", "region", "org", "status"}))
+    )
     print("\nAgent URL (shown once; give it to the customer as CELL_AMQP_URL):")
-    print(f"  {record['amqp_url']}")
+    print(f"  {record.amqp_url}")
     print("\nCloudFormation parameters for cell_agent/bootstrap/cell.yaml:")
-    for key, value in record["stack_parameters"].items():
+    for key, value in record.stack_parameters.items():
         print(f"  {key}={value}")
     return 0
 
 
 async def list_cells(ctl: Ctl) -> int:
-    params = {k: v for k, v in (("stage", ctl.args.stage), ("status", ctl.args.status)) if v}
-    cells = await ctl.call("registry", "cells.list", params)
+    cells = await ctl.call(CellsList(stage=ctl.args.stage, status=ctl.args.status))
     if ctl.as_json:
         emit_json(cells)
     else:
@@ -57,47 +62,47 @@ async def list_cells(ctl: Ctl) -> int:
 
 
 async def show(ctl: Ctl) -> int:
-    _show(ctl, await ctl.call("registry", "cells.show", {"id": ctl.args.id}))
+    cell = await ctl.call(CellsShow(id=ctl.args.id))
+    _show(ctl, cell)
     return 0
 
 
 async def rotate(ctl: Ctl) -> int:
-    result = await ctl.call("registry", "cells.rotate_credentials", {"id": ctl.args.id})
+    result = await ctl.call(CellsRotateCredentials(id=ctl.args.id))
     if ctl.as_json:
         emit_json(result)
         return 0
     print(
-        f"new credentials {result['credential_id']} sent to {result['id']}'s agent; the old "
+        f"new credentials {result.credential_id} sent to {result.id}'s agent; the old "
         "password no longer opens new connections."
     )
     print(
         "If the agent is offline, give the customer this URL (shown once) as CELL_AMQP_URL:\n"
-        f"  {result['amqp_url']}"
+        f"  {result.amqp_url}"
     )
     return 0
 
 
 async def decommission(ctl: Ctl) -> int:
-    _show(ctl, await ctl.call("registry", "cells.decommission", {"id": ctl.args.id}))
+    _show(ctl, await ctl.call(CellsDecommission(id=ctl.args.id)))
     return 0
 
 
 async def pin(ctl: Ctl) -> int:
-    params = {"id": ctl.args.id, "version": ctl.args.version}
-    result = await ctl.call("rollout", "cells.pin", params)
+    result = await ctl.call(CellsPin(id=ctl.args.id, version=ctl.args.version))
     if ctl.as_json:
         emit_json(result)
     else:
-        print(f"{result['cell']} pinned to {result['pinned']}; no rollout moves it until unpinned")
+        print(f"{result.cell} pinned to {result.pinned}; no rollout moves it until unpinned")
     return 0
 
 
 async def unpin(ctl: Ctl) -> int:
-    result = await ctl.call("rollout", "cells.unpin", {"id": ctl.args.id})
+    result = await ctl.call(CellsUnpin(id=ctl.args.id))
     if ctl.as_json:
         emit_json(result)
     else:
-        print(f"{result['cell']} unpinned; it is brought up to date with its stage")
+        print(f"{result.cell} unpinned; it is brought up to date with its stage")
     return 0
 
 
@@ -115,7 +120,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("list", help="list cells")
     p.add_argument("--stage", choices=STAGES)
-    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--status", choices=CELL_STATUSES)
     p.set_defaults(run=list_cells)
 
     p = cmds.add_parser("show", help="show one cell")

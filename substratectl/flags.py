@@ -3,63 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from substratectl.output import emit_json, fields, table
-from substratectl.releases import FileProblem
-
-if TYPE_CHECKING:
-    from substratectl.cli import Ctl
-
-
-class _FlagLoader(yaml.SafeLoader):
-    """YAML as people write flag files: ``on``/``off``/``yes``/``no`` are variant names, not
-    booleans (only ``true``/``false`` are), as in YAML 1.2."""
-
-
-_FlagLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_FlagLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+from common.requests.flags import (
+    FlagsDelete,
+    FlagsEval,
+    FlagsHistory,
+    FlagsList,
+    FlagsPreview,
+    FlagsSet,
+    FlagsShow,
 )
-
-
-def read_flag_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise FileProblem(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_FlagLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise FileProblem(f"{path} is not valid YAML or JSON{where}") from None
-    if not isinstance(data, dict):
-        raise FileProblem(f"{path}: expected a mapping with key, owner, variants and rules")
-    return data
+from substratectl.context import Ctl, read_flag_file
+from substratectl.output import emit_json, fields, table
 
 
 async def set_flag(ctl: Ctl) -> int:
     flag = read_flag_file(Path(ctl.args.file))
-    result = await ctl.call("flags", "flags.set", {"flag": flag})
+    result = await ctl.call(FlagsSet.model_validate({"flag": flag}))
     if ctl.as_json:
         emit_json(result)
-    elif result["changed"]:
-        print(f"flag {result['key']} {result['action']}; snapshot {result['snapshot_version']}")
+    elif result.changed:
+        print(f"flag {result.key} {result.action}; snapshot {result.snapshot_version}")
     else:
-        print(f"flag {result['key']} unchanged (snapshot {result['snapshot_version']})")
+        print(f"flag {result.key} unchanged (snapshot {result.snapshot_version})")
     return 0
 
 
 async def list_flags(ctl: Ctl) -> int:
-    result = await ctl.call("flags", "flags.list")
+    result = await ctl.call(FlagsList())
     if ctl.as_json:
         emit_json(result)
     else:
@@ -69,57 +41,58 @@ async def list_flags(ctl: Ctl) -> int:
 
 
 async def show(ctl: Ctl) -> int:
-    result = await ctl.call("flags", "flags.show", {"key": ctl.args.key})
+    result = await ctl.call(FlagsShow(key=ctl.args.key))
     if ctl.as_json:
         emit_json(result)
     else:
-        print(fields({k: v for k, v in result.items() if k not in ("rules", "variants")}))
-        print(f"variants: {result['variants']}")
-        for i, rule in enumerate(result["rules"]):
-            print(f"rule {i}: {rule}")
+        print(fields(result.model_dump(mode="json", exclude={"rules", "variants"})))
+        print(f"variants: {result.variants}")
+        for i, rule in enumerate(result.rules):
+            print(f"rule {i}: {rule.model_dump(mode='json')}")
     return 0
 
 
 async def history(ctl: Ctl) -> int:
-    result = await ctl.call("flags", "flags.history", {"key": ctl.args.key})
+    result = await ctl.call(FlagsHistory(key=ctl.args.key))
     if ctl.as_json:
         emit_json(result)
     else:
-        rows = [{**e, "diff": ", ".join(e["diff"]) or "-"} for e in result]
+        rows = [{**e.model_dump(), "diff": ", ".join(e.diff) or "-"} for e in result]
         print(table(rows, ["version", "at", "actor", "action", "diff"]))
     return 0
 
 
 async def delete(ctl: Ctl) -> int:
-    result = await ctl.call("flags", "flags.delete", {"key": ctl.args.key})
+    result = await ctl.call(FlagsDelete(key=ctl.args.key))
     if ctl.as_json:
         emit_json(result)
     else:
-        print(f"flag {result['key']} deleted; snapshot {result['snapshot_version']}")
+        print(f"flag {result.key} deleted; snapshot {result.snapshot_version}")
     return 0
 
 
 async def evaluate(ctl: Ctl) -> int:
-    result = await ctl.call("flags", "flags.eval", {"key": ctl.args.key, "cell": ctl.args.cell})
+    result = await ctl.call(FlagsEval(key=ctl.args.key, cell=ctl.args.cell))
     if ctl.as_json:
         emit_json(result)
     else:
-        rule = f" (rule {result['rule']})" if result.get("rule") is not None else ""
-        print(f"{result['key']} for {ctl.args.cell}: {result['value']!r} "
-              f"[{result['variant']}, {result['reason']}{rule}]")  # fmt: skip
+        rule = f" (rule {result.rule})" if result.rule is not None else ""
+        print(f"{result.key} for {ctl.args.cell}: {result.value!r} "
+              f"[{result.variant}, {result.reason}{rule}]")  # fmt: skip
     return 0
 
 
 async def preview(ctl: Ctl) -> int:
     flag = read_flag_file(Path(ctl.args.file))
-    result = await ctl.call("flags", "flags.preview", {"flag": flag})
+    result = await ctl.call(FlagsPreview.model_validate({"flag": flag}))
     if ctl.as_json:
         emit_json(result)
         return 0
-    print(f"{result['key']}: {result['flipping']} of {result['cells']} cells would change "
+    print(f"{result.key}: {result.flipping} of {result.cells} cells would change "
           "(nothing is written)")  # fmt: skip
-    if result["changes"]:
-        print(table(result["changes"], ["stage", "org", "from", "to", "cells"]))
+    if result.changes:
+        rows = [c.model_dump(by_alias=True) for c in result.changes]
+        print(table(rows, ["stage", "org", "from", "to", "cells"]))
     return 0
 
 

@@ -8,57 +8,66 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from substratectl.output import emit_json, fields, table
-from substratectl.releases import read_mapping_file
+from common.requests import Request
+from common.requests.rollout import (
+    PolicySet,
+    PolicyShow,
+    RolloutAbort,
+    RolloutExplain,
+    RolloutList,
+    RolloutPause,
+    RolloutPlan,
+    RolloutPolicy,
+    RolloutResume,
+    RolloutShow,
+    RolloutView,
+    StageCounts,
+)
+from common.vocabulary import FINISHED_STATES, STAGES
+from substratectl.context import Ctl, read_mapping_file
+from substratectl.output import emit_json, fields, plain, table
 
-if TYPE_CHECKING:
-    from substratectl.cli import Ctl
-
-STAGES = ("staging", "saas", "dedicated")
-FINISHED = ("completed", "aborted", "superseded")
-COUNTS = ("updated", "in_progress", "failed", "offline", "held", "pinned", "pending")
+COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
 
 async def plan(ctl: Ctl) -> int:
-    result = await ctl.call("rollout", "rollout.plan", {"version": ctl.args.version})
+    result = await ctl.call(RolloutPlan(version=ctl.args.version))
     if ctl.as_json:
         emit_json(result)
         return 0
-    print(f"plan for {result['version']} (nothing is sent):")
-    for stage, waves in result["stages"].items():
+    print(f"plan for {result.version} (nothing is sent):")
+    for stage, waves in result.stages.items():
         if not waves:
             print(f"  {stage}: no cells")
         for n, cells in enumerate(waves, 1):
             label = "canary" if stage == "dedicated" and n == 1 else f"wave {n}"
             print(f"  {stage} {label}: {len(cells)} cells: {', '.join(cells)}")
-    skipped = [{"cell": c, "reason": r} for c, r in sorted(result["skipped"].items())]
+    skipped = [{"cell": c, "reason": r} for c, r in sorted(result.skipped.items())]
     if skipped:
         print("\nskipped:")
         print(table(skipped, ["cell", "reason"]))
     return 0
 
 
-def _where(r: dict[str, Any]) -> str:
-    wave = f" wave {r['wave']} of {r['waves']}" if r.get("waves") else ""
-    soak = f", soaking until {r['soak_until']}" if r["state"] == "soaking" else ""
-    return f"{r['version']}: {r['state']} in {r['stage']}{wave}{soak}"
+def _where(r: RolloutView) -> str:
+    wave = f" wave {r.wave} of {r.waves}" if r.waves else ""
+    soak = f", soaking until {r.soak_until}" if r.state == "soaking" else ""
+    return f"{r.version}: {r.state} in {r.stage}{wave}{soak}"
 
 
-def _print_rollout(r: dict[str, Any]) -> None:
+def _print_rollout(r: RolloutView) -> None:
     print(_where(r))
-    if r.get("halt"):
-        print(f"halted: {r['halt']['reason']}")
-        for failure in r["halt"]["failures"]:
-            print(f"  {failure['cell_id']}: {failure['error']}")
-    rows = [{"stage": stage, **r["stages"][stage]} for stage in STAGES]
+    if r.halt:
+        print(f"halted: {r.halt.reason}")
+        for failure in r.halt.failures:
+            print(f"  {failure.cell_id}: {failure.error}")
+    rows = [{"stage": stage, **r.stages[stage].model_dump()} for stage in STAGES]
     print(table(rows, ["stage", "total", *COUNTS]))
 
 
 async def status(ctl: Ctl) -> int:
-    params = {"version": ctl.args.version} if ctl.args.version else {}
-    result = await ctl.call("rollout", "rollout.status", params)
+    result = await ctl.call(RolloutShow(version=ctl.args.version))
     if ctl.as_json:
         emit_json(result)
     else:
@@ -67,7 +76,7 @@ async def status(ctl: Ctl) -> int:
 
 
 async def list_rollouts(ctl: Ctl) -> int:
-    result = await ctl.call("rollout", "rollout.list")
+    result = await ctl.call(RolloutList())
     if ctl.as_json:
         emit_json(result)
     else:
@@ -80,50 +89,51 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-def _progress_lines(r: dict[str, Any]) -> list[str]:
+def _progress_lines(r: RolloutView) -> list[str]:
     lines = [_where(r)]
     for stage in STAGES:
-        c = r["stages"][stage]
-        if not c["total"]:
+        c = r.stages[stage]
+        if not c.total:
             lines.append(f"  {stage:<9} (no cells)")
             continue
-        rest = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in COUNTS[1:] if c[k])
+        counts = c.model_dump()
+        rest = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in COUNTS[1:] if counts[k])
         lines.append(
-            f"  {stage:<9} {_bar(c['updated'], c['total'])} {c['updated']}/{c['total']} updated"
+            f"  {stage:<9} {_bar(c.updated, c.total)} {c.updated}/{c.total} updated"
             + (f"; {rest}" if rest else "")
         )
-    if r.get("halt"):
-        lines.append(f"  halted: {r['halt']['reason']}")
+    if r.halt:
+        lines.append(f"  halted: {r.halt.reason}")
     return lines
 
 
 async def watch(ctl: Ctl) -> int:
     """Live progress until the rollout finishes or halts (exit 0 completed, 1 otherwise)."""
-    params = {"version": ctl.args.version} if ctl.args.version else {}
+    version = ctl.args.version
     tty = sys.stdout.isatty() and not ctl.as_json
     drawn = 0
     last = None
     while True:
-        r = await ctl.call("rollout", "rollout.status", params)
-        params = {"version": r["version"]}  # stay on one release once picked
-        shown = {k: v for k, v in r.items() if k != "updated_at"}
+        r = await ctl.call(RolloutShow(version=version))
+        version = r.version  # stay on one release once picked
+        shown = r.model_dump(exclude={"updated_at"})
         if shown != last:
             last = shown
             if ctl.as_json:
-                print(json.dumps(r, sort_keys=True), flush=True)
+                print(json.dumps(plain(r), sort_keys=True), flush=True)
             else:
                 lines = _progress_lines(r)
                 if tty and drawn:
                     sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # back over the previous frame
                 print("\n".join(lines), flush=True)
                 drawn = len(lines)
-        if r["state"] in (*FINISHED, "halted") or ctl.args.once:
-            return 0 if r["state"] == "completed" or ctl.args.once else 1
+        if r.state in (*FINISHED_STATES, "halted") or ctl.args.once:
+            return 0 if r.state == "completed" or ctl.args.once else 1
         await asyncio.sleep(ctl.args.interval)
 
 
-async def _act(ctl: Ctl, method: str, done: str) -> int:
-    result = await ctl.call("rollout", method, {"version": ctl.args.version})
+async def _act(ctl: Ctl, request: Request[RolloutView], done: str) -> int:
+    result = await ctl.call(request)
     if ctl.as_json:
         emit_json(result)
     else:
@@ -132,29 +142,29 @@ async def _act(ctl: Ctl, method: str, done: str) -> int:
 
 
 async def pause(ctl: Ctl) -> int:
-    return await _act(ctl, "rollout.pause", "paused")
+    return await _act(ctl, RolloutPause(version=ctl.args.version), "paused")
 
 
 async def resume(ctl: Ctl) -> int:
-    return await _act(ctl, "rollout.resume", "resumed")
+    return await _act(ctl, RolloutResume(version=ctl.args.version), "resumed")
 
 
 async def abort(ctl: Ctl) -> int:
-    return await _act(ctl, "rollout.abort", "aborted")
+    return await _act(ctl, RolloutAbort(version=ctl.args.version), "aborted")
 
 
 async def explain(ctl: Ctl) -> int:
-    result = await ctl.call("rollout", "rollout.explain", {"id": ctl.args.cell})
+    result = await ctl.call(RolloutExplain(id=ctl.args.cell))
     if ctl.as_json:
         emit_json(result)
     else:
-        print(f"{result['cell']}: {result['reason']}")
-        print(result["explanation"])
+        print(f"{result.cell}: {result.reason}")
+        print(result.explanation)
     return 0
 
 
 async def policy_show(ctl: Ctl) -> int:
-    result = await ctl.call("rollout", "rollout.policy.show")
+    result = await ctl.call(PolicyShow())
     if ctl.as_json:
         emit_json(result)
     else:
@@ -164,7 +174,7 @@ async def policy_show(ctl: Ctl) -> int:
 
 async def policy_set(ctl: Ctl) -> int:
     policy = read_mapping_file(Path(ctl.args.file), "a mapping of policy settings")
-    result = await ctl.call("rollout", "rollout.policy.set", {"policy": policy})
+    result = await ctl.call(PolicySet.model_validate({"policy": policy}))
     if ctl.as_json:
         emit_json(result)
     else:
@@ -173,18 +183,17 @@ async def policy_set(ctl: Ctl) -> int:
     return 0
 
 
-def _policy_text(p: dict[str, Any]) -> str:
-    soak = p["soak_seconds"]
-    waves = p["waves"]
+def _policy_text(p: RolloutPolicy) -> str:
+    soak, waves = p.soak_seconds, p.waves
     return fields({
-        "soak staging": f"{soak['staging']:g}s",
-        "soak saas": f"{soak['saas']:g}s",
-        "soak dedicated": f"{soak['dedicated']:g}s (between waves)",
-        "dedicated waves": f"canary {waves['canary']}, then "
-        + ", ".join(f"{f:.0%}" for f in waves["fractions"]) + " of the rest",
-        "failure threshold": f"{p['failure_threshold']} per wave",
-        "progress deadline": f"{p['progress_deadline_seconds']:g}s",
-        "offline cells": p["offline_cells"],
+        "soak staging": f"{soak.staging:g}s",
+        "soak saas": f"{soak.saas:g}s",
+        "soak dedicated": f"{soak.dedicated:g}s (between waves)",
+        "dedicated waves": f"canary {waves.canary}, then "
+        + ", ".join(f"{f:.0%}" for f in waves.fractions) + " of the rest",
+        "failure threshold": f"{p.failure_threshold} per wave",
+        "progress deadline": f"{p.progress_deadline_seconds:g}s",
+        "offline cells": p.offline_cells,
     })  # fmt: skip
 
 

@@ -112,14 +112,14 @@ def test_table_aligns_columns_and_shows_missing_values() -> None:
 
 
 def test_status_details_read_as_one_line() -> None:
-    from substratectl.cli import _status_row
+    from common.requests import ServiceStatus
+    from substratectl.control_plane import ServiceRow, status_line
 
-    row = _status_row(
-        {"service": "registry", "up": True,
-         "detail": {"service": "registry", "ready": True, "cells": {"online": 3, "offline": 0}}}
-    )  # fmt: skip
-    assert row["detail"] == "ready, cells: 3 online"
-    empty = _status_row({"service": "r", "up": True, "detail": {"ready": True, "cells": {}}})
-    assert empty["detail"] == "ready, cells: none"
-    down = _status_row({"service": "flags", "up": False, "detail": "did not answer"})
-    assert down["detail"] == "did not answer"
+    detail = {"service": "registry", "ready": True, "cells": {"online": 3, "offline": 0}}
+    row = status_line(ServiceRow("registry", True, ServiceStatus.model_validate(detail)))
+    assert row == "ready, cells: 3 online"
+    detail = {"service": "r", "ready": True, "cells": {}}
+    empty = status_line(ServiceRow("r", True, ServiceStatus.model_validate(detail)))
+    assert empty == "ready, cells: none"
+    down = status_line(ServiceRow("flags", False, "did not answer"))
+    assert down == "did not answer"

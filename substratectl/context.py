@@ -1,0 +1,103 @@
+"""What every command shares: the parsed arguments, the output mode, a typed client for the
+services, and reading the files operators hand in. Command modules import this; ``cli.py``
+assembles them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from common.bus import RabbitBus
+from common.requests import Request
+from common.settings import ControlPlaneSettings
+
+R = TypeVar("R")
+
+
+class FileProblem(Exception):
+    """A file that cannot be read or parsed; the message names the file."""
+
+
+class Ctl:
+    """What a command needs: the parsed arguments, the output mode and, lazily, the bus."""
+
+    def __init__(self, args: argparse.Namespace, settings: ControlPlaneSettings | None) -> None:
+        self.args = args
+        self.as_json: bool = args.json
+        self._settings = settings
+        self._bus: RabbitBus | None = None
+        self._connecting = asyncio.Lock()
+
+    @property
+    def settings(self) -> ControlPlaneSettings:
+        assert self._settings is not None, "this command was declared offline"
+        return self._settings
+
+    async def bus(self) -> RabbitBus:
+        async with self._connecting:
+            if self._bus is None:
+                self._bus = await RabbitBus.connect(
+                    self.settings.amqp_url,
+                    name="substratectl",
+                    publish_timeout=self.settings.publish_timeout_seconds,
+                    give_up_after=self.settings.rpc_timeout_seconds,
+                )
+        return self._bus
+
+    async def call(self, request: Request[R], *, service: str | None = None) -> R:
+        """Send ``request`` to its service and return its typed response."""
+        bus = await self.bus()
+        return await bus.call(request, service=service, timeout=self.settings.rpc_timeout_seconds)
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            await self._bus.close(drain_timeout=1)
+
+
+def _parse(path: Path, loader: type[yaml.SafeLoader] | type[yaml.BaseLoader]) -> object:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FileProblem(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=loader)  # both loaders build plain data only
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise FileProblem(f"{path} is not valid YAML or JSON{where}") from None
+
+
+def read_mapping_file(path: Path, expected: str) -> dict[str, object]:
+    """A YAML or JSON file holding a mapping. BaseLoader keeps every scalar as written: YAML
+    would otherwise read 2026.11 as a float; pydantic still turns "true" into a bool. JSON is
+    YAML too."""
+    data = _parse(path, yaml.BaseLoader)
+    if not isinstance(data, dict):
+        raise FileProblem(f"{path}: expected {expected}")
+    return data
+
+
+class _FlagLoader(yaml.SafeLoader):
+    """YAML as people write flag files: ``on``/``off``/``yes``/``no`` are variant names, not
+    booleans (only ``true``/``false`` are), as in YAML 1.2."""
+
+
+_FlagLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_FlagLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_flag_file(path: Path) -> dict[str, object]:
+    data = _parse(path, _FlagLoader)
+    if not isinstance(data, dict):
+        raise FileProblem(f"{path}: expected a mapping with key, owner, variants and rules")
+    return data
