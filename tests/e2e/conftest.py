@@ -130,7 +130,9 @@ async def start_registry(procs: Processes, **env: str) -> Registry:
     port = free_port()
     settings = {
         "SUBSTRATE_METRICS_PORT": str(port),
-        "SUBSTRATE_OFFLINE_AFTER_SECONDS": "2",
+        # Short enough for the tests that wait for a cell to go offline, long enough that an
+        # agent heartbeating every 0.5 s on a busy machine never looks offline by accident.
+        "SUBSTRATE_OFFLINE_AFTER_SECONDS": "5",
         "SUBSTRATE_SWEEP_INTERVAL_SECONDS": "0.2",
         **env,
     }

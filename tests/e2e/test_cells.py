@@ -66,20 +66,16 @@ async def start_agent(
     metrics_port: int = 0,
     **env: str,
 ) -> Proc:
-    extra = {"CELL_STACK_NAME": stack} if stack else {}
-    extra.update(env)
+    settings = {
+        "CELL_ID": cell_id, "CELL_AMQP_URL": url, "CELL_STATE_DIR": str(state),
+        "CELL_HEARTBEAT_SECONDS": heartbeat, "CELL_SYNC_SECONDS": "5",
+        "CELL_METRICS_PORT": str(metrics_port), **aws_env(moto),
+    }  # fmt: skip
+    if stack:
+        settings["CELL_STACK_NAME"] = stack
     return await procs.start(
-        f"agent-{cell_id}-{len(procs.running)}",
-        "cell-agent", "run",
-        CELL_ID=cell_id,
-        CELL_AMQP_URL=url,
-        CELL_STATE_DIR=str(state),
-        CELL_HEARTBEAT_SECONDS=heartbeat,
-        CELL_SYNC_SECONDS="5",
-        CELL_METRICS_PORT=str(metrics_port),
-        **aws_env(moto),
-        **extra,
-    )  # fmt: skip
+        f"agent-{cell_id}-{len(procs.running)}", "cell-agent", "run", **{**settings, **env}
+    )
 
 
 @dataclass

@@ -111,7 +111,9 @@ async def test_a_flag_reaches_an_agent_at_once_and_keeps_answering_without_the_c
     state = tmp_path / "state"
     env = {"CELL_ID": cell, "CELL_AMQP_URL": created["amqp_url"], "CELL_STATE_DIR": str(state),
            "CELL_METRICS_PORT": str(port)}  # fmt: skip
-    agent = await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port)
+    # No periodic sync while the test runs: a snapshot that reaches the agent was pushed.
+    agent = await start_agent(procs, moto, cell, created["amqp_url"], state, metrics_port=port,
+                              CELL_SYNC_SECONDS="3600")  # fmt: skip
     await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
     key = f"editor-{cell}"
     assert (await agent_answer(port, key))["reason"] == "FLAG_NOT_FOUND"
@@ -122,8 +124,9 @@ async def test_a_flag_reaches_an_agent_at_once_and_keeps_answering_without_the_c
     )
     assert code == 0 and result["changed"], err
     sent = time.monotonic()
+    # Pushed, not synced (see the agent's sync interval); how fast is bench/'s business.
     answer = await eventually(
-        lambda: _reason_is(port, key, "VERSION_GATE"), timeout=1.0, interval=0.02,
+        lambda: _reason_is(port, key, "VERSION_GATE"), timeout=15, interval=0.02,
         what="the snapshot at the agent",
     )  # fmt: skip
     reached = time.monotonic() - sent
@@ -136,7 +139,7 @@ async def test_a_flag_reaches_an_agent_at_once_and_keeps_answering_without_the_c
     ungated = FLAG.format(key=key).replace("requires_release: 2026.11.0\n", "")
     code, result, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", ungated))
     assert code == 0, err
-    on = await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=5, interval=0.05)
+    on = await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=15, interval=0.05)
     assert on["value"] is True and on["rule_name"] == "everyone"
     # The agent's heartbeat reports the snapshot it holds; it is not behind.
     record = await eventually(lambda: _flags_held(procs, cell, result["snapshot_version"]),
@@ -187,7 +190,7 @@ async def test_a_kill_switch_flipped_while_a_cell_is_offline_applies_when_it_syn
     flag = FLAG.format(key=key).replace("requires_release: 2026.11.0\n", "")
     code, _, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml", flag))
     assert code == 0, err
-    await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=5, interval=0.05)
+    await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=15, interval=0.05)
 
     await procs.stop(agent)
     await eventually(lambda: status_is(procs, cell, "offline"), timeout=20, interval=0.3)

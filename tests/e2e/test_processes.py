@@ -40,6 +40,10 @@ async def test_services_start_answer_status_and_stop_cleanly(
     rows = await eventually(all_up, timeout=40, interval=0.5, what="every service up")
     assert {r["service"] for r in rows} == {"registry", "rollout", "flags", "infra_compliance"}
     assert all(r["up"] for r in rows)
+    details = {r["service"]: r["detail"] for r in rows}
+    # Each service's own counts come through the one status method.
+    assert "cells" in details["registry"] and "releases" in details["rollout"]
+    assert "snapshot_version" in details["flags"]
 
     codes = await asyncio.gather(*(procs.stop(p) for p in started))
     assert codes == [0, 0, 0, 0], [p.output() for p in started]
