@@ -222,6 +222,8 @@ class CellDebugAccess(CellReport):
     expires_at: AwareDatetime | None = None
     reason: str = ""
     granted_by: str = ""
+    # When it happened (a report can wait in the cell while the control plane is away).
+    occurred_at: AwareDatetime | None = None
 
 
 @wire("cell.sync.v1")
@@ -313,6 +315,18 @@ class CellOnline(Event):
     cell_id: CellId
 
 
+@wire("cell.template-changed.v1")
+class CellTemplateChanged(Event):
+    """A cell's heartbeat reported another infrastructure template version than before (the
+    customer applied an update to the cell's stack)."""
+
+    event_key: ClassVar[str] = "cell.template-changed"
+
+    cell_id: CellId
+    template_version: str | None
+    previous_version: str | None = None
+
+
 @wire("cell.decommissioned.v1")
 class CellDecommissioned(Event):
     event_key: ClassVar[str] = "cell.decommissioned"
@@ -380,6 +394,24 @@ class InfraTemplatePublished(Event):
     version: str
     location: str
     deadline: AwareDatetime
+    grace_seconds: float | None = None
+
+
+@wire("infra.reminder.v1")
+class InfraReminder(Event):
+    """A cell on an older infrastructure template is reminded of its deadline (also sent to its
+    organisation's SNS topic)."""
+
+    event_key: ClassVar[str] = "infra.reminder"
+
+    cell_id: CellId
+    org: str
+    required_version: str
+    deadline: AwareDatetime
+    location: str
+    # Which reminder this is (1 is the first), of how many before the deadline.
+    reminder: int
+    of: int
 
 
 @wire("infra.compliance-changed.v1")
@@ -423,6 +455,17 @@ class FlagsSnapshot(Command):
     # The cell's attributes as the control plane knows them (stage, region, org), which the
     # agent cannot know by itself; it adds its id, installed release and agent version.
     cell: dict[str, str] = Field(default_factory=dict)
+
+
+@wire("command.infra-required.v1")
+class InfraRequired(Command):
+    """What the control plane requires of the cell's infrastructure: the template version to
+    apply, where it is, and by when (``status`` compliant: nothing is required)."""
+
+    status: ComplianceState
+    required_version: str | None = None
+    location: str | None = None
+    deadline: AwareDatetime | None = None
 
 
 @wire("command.rotate-credentials.v1")

@@ -114,7 +114,7 @@ SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
             "registry.cells",
             *_cells("register", "heartbeat", "upgrade", "maintenance", "debug-access"),
         ),
-        *consuming_queue("registry.events", *_events("flags.changed")),
+        *consuming_queue("registry.events", *_events("flags.changed", "infra.compliance-changed")),
         *_rpc("registry"),
     ),
     "rollout": (

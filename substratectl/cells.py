@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from common.requests.registry import (
+    CellsAudit,
     CellsCreate,
     CellsDecommission,
     CellsList,
@@ -88,6 +89,17 @@ async def decommission(ctl: Ctl) -> int:
     return 0
 
 
+async def audit(ctl: Ctl) -> int:
+    """Debug access the cell's customer opened and closed, in the order the cell reported it."""
+    lines = await ctl.call(CellsAudit(id=ctl.args.id))
+    if ctl.as_json:
+        emit_json(lines)
+    else:
+        print(table(lines, ["seq", "at", "action", "role_arn", "expires_at", "reason",
+                            "granted_by"]))  # fmt: skip
+    return 0
+
+
 async def pin(ctl: Ctl) -> int:
     result = await ctl.call(CellsPin(id=ctl.args.id, version=ctl.args.version))
     if ctl.as_json:
@@ -136,6 +148,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("id")
     p.set_defaults(run=decommission)
+
+    p = cmds.add_parser("audit", help="the cell's debug access: granted, revoked, expired")
+    p.add_argument("id")
+    p.set_defaults(run=audit)
 
     p = cmds.add_parser("pin", help="keep a cell on one release (never an older one)")
     p.add_argument("id")

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from common.messages import CellId
 from common.requests import Request, Response, ServiceStatus, rpc
-from common.vocabulary import CellStatus, Stage
+from common.vocabulary import CellStatus, ComplianceState, DebugAccessAction, Stage
 
 
 class CellView(Response):
@@ -37,6 +37,9 @@ class CellView(Response):
     credential_id: str | None = None
     credentials_pending: bool = False
     decommissioned_at: datetime | None = None
+    # Its infrastructure template's compliance (infra_compliance decides, the registry shows).
+    compliance: ComplianceState | None = None
+    compliance_deadline: datetime | None = None
     refused_registrations: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -51,6 +54,19 @@ class CreatedCell(CellView):
 
     amqp_url: str
     stack_parameters: dict[str, str]
+
+
+class AuditEntry(Response):
+    """A line of a cell's audit trail: debug access its customer granted, revoked, or that
+    expired, as the cell's agent reported it."""
+
+    seq: int
+    at: datetime
+    action: DebugAccessAction
+    role_arn: str
+    expires_at: datetime | None = None
+    reason: str = ""
+    granted_by: str = ""
 
 
 class RotatedCredentials(Response):
@@ -95,4 +111,11 @@ class CellsRotateCredentials(Request[RotatedCredentials]):
 
 @rpc("registry", "cells.decommission")
 class CellsDecommission(Request[CellView]):
+    id: str
+
+
+@rpc("registry", "cells.audit")
+class CellsAudit(Request[list[AuditEntry]]):
+    """The cell's audit trail, in the order its agent reported it."""
+
     id: str

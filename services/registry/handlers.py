@@ -23,12 +23,15 @@ from common.messages import (
     CellUpgrade,
     Delivery,
     FlagsChanged,
+    InfraComplianceChanged,
     Message,
     RotateCredentials,
     sender_problem,
 )
 from common.requests import ServiceStatus, Status
 from common.requests.registry import (
+    AuditEntry,
+    CellsAudit,
     CellsCreate,
     CellsDecommission,
     CellsList,
@@ -105,7 +108,9 @@ async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) 
     check_sender(msg, delivery)
     # Liveness is judged by the registry's clock, never the cell's ``sent_at``.
     now = deps.clock.now()
-    t = await deps.store.heartbeat(msg.cell_id, lambda r: transitions.heartbeat(r, msg, now))
+    t = await deps.store.heartbeat(
+        msg.cell_id, msg.template_version, lambda r: transitions.heartbeat(r, msg, now)
+    )
     metrics.heartbeat_outcome(t.outcome)
     if t.outcome is Outcome.BACK_ONLINE:
         metrics.TRANSITIONS.labels("online").inc()
@@ -126,9 +131,24 @@ async def on_cell_maintenance(msg: CellMaintenance, delivery: Delivery, deps: De
 
 
 async def on_cell_report(msg: CellReport, delivery: Delivery, deps: Deps) -> None:
-    """Reports the registry does not record yet (upgrade, debug access): the sender is still
-    checked, so a forged one is dead-lettered and counted."""
+    """Reports the registry does not record (upgrade progress is rollout's): the sender is
+    still checked, so a forged one is dead-lettered and counted."""
     check_sender(msg, delivery)
+
+
+async def on_cell_debug_access(msg: CellDebugAccess, delivery: Delivery, deps: Deps) -> None:
+    """Debug access a customer opened, closed, or that expired: kept as the cell's audit
+    trail. Recording is all the control plane does with it."""
+    check_sender(msg, delivery)
+    t = await deps.store.transition(msg.cell_id, lambda r: transitions.debug_access(r, msg))
+    if t.audit is not None:
+        log.info("cell %s: debug access %s (%s)", msg.cell_id, msg.action, msg.role_arn)
+
+
+async def on_compliance_changed(
+    msg: InfraComplianceChanged, delivery: Delivery, deps: Deps
+) -> None:
+    await deps.store.transition(msg.cell_id, lambda r: transitions.compliance(r, msg))
 
 
 # -- operator requests --------------------------------------------------------------------------
@@ -229,6 +249,11 @@ async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     )
 
 
+async def cells_audit(req: CellsAudit, delivery: Delivery, deps: Deps) -> list[AuditEntry]:
+    await _must_get(req.id, deps)
+    return await deps.store.audit(req.id)
+
+
 async def _must_get(cell_id: str, deps: Deps) -> CellView:
     cell = await deps.store.get(cell_id)
     if cell is None:
@@ -271,7 +296,10 @@ async def sweep(deps: Deps) -> list[str]:
 
 
 def event_routes(deps: Deps) -> list[Route]:
-    return [route(FlagsChanged, on_flags_changed, deps)]
+    return [
+        route(FlagsChanged, on_flags_changed, deps),
+        route(InfraComplianceChanged, on_compliance_changed, deps),
+    ]
 
 
 def cell_routes(deps: Deps) -> list[Route]:
@@ -280,7 +308,7 @@ def cell_routes(deps: Deps) -> list[Route]:
         route(CellHeartbeat, on_cell_heartbeat, deps),
         route(CellUpgrade, on_cell_report, deps),
         route(CellMaintenance, on_cell_maintenance, deps),
-        route(CellDebugAccess, on_cell_report, deps),
+        route(CellDebugAccess, on_cell_debug_access, deps),
     ]
 
 
@@ -291,5 +319,6 @@ def rpc_routes(deps: Deps) -> list[Route]:
         route(CellsShow, cells_show, deps),
         route(CellsRotateCredentials, cells_rotate_credentials, deps),
         route(CellsDecommission, cells_decommission, deps),
+        route(CellsAudit, cells_audit, deps),
         route(Status, status, deps),
     ]

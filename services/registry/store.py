@@ -10,6 +10,7 @@
     registry:rotations            sorted set: cell id -> when an unconfirmed rotation started
     registry:maintenance          sorted set: cell id -> when its stay in maintenance began
     registry:refusals:<id>        list: the latest refused registrations of a cell
+    registry:audit:<id>           sorted set: the cell's debug-access reports by its sequence
     registry:creating:<id>        string: a create in progress (expires)
     registry:outbox               list: events not yet published (common.outbox)
     registry:flags_version        string: the newest flags snapshot version announced
@@ -31,11 +32,16 @@ from datetime import datetime
 import redis.asyncio as aioredis
 
 from common.outbox import Outbox, outbox_entry
-from common.requests.registry import CellsCreate, CellView
+from common.requests.registry import AuditEntry, CellsCreate, CellView
 from common.scripts import Change, Changes, Hashes, encode
 from common.vocabulary import CELL_STATUSES, STAGES, CellStatus
 from services.registry import transitions
-from services.registry.transitions import ASSUMED_ONLINE, CellRecord, Outcome, Transition
+from services.registry.transitions import (
+    CellRecord,
+    Outcome,
+    Transition,
+    assumed_online,
+)
 
 PREFIX = "registry:"
 CELL = PREFIX + "cell:"
@@ -47,6 +53,7 @@ LIVENESS = PREFIX + "liveness"
 ROTATIONS = PREFIX + "rotations"
 MAINTENANCE = PREFIX + "maintenance"
 REFUSALS = PREFIX + "refusals:"
+AUDIT = PREFIX + "audit:"
 CREATING = PREFIX + "creating:"
 FLAGS_VERSION = PREFIX + "flags_version"
 REFUSALS_KEPT = 20
@@ -56,7 +63,7 @@ REFUSALS_KEPT = 20
 CONFLICT_RETRIES = 8
 
 Decide = Callable[[CellRecord], Transition]
-_ASSUMED_RECORD = CellRecord.from_fields(ASSUMED_ONLINE)
+Assumed = tuple[Mapping[str, str], CellRecord]
 
 
 class Contention(Exception):
@@ -108,8 +115,11 @@ def change_for(cell_id: str, raw: Mapping[str, str], t: Transition) -> Change:
         change.run("SADD", CELLS, cell_id).run("SADD", STAGE + encode(t.changes["stage"]), cell_id)
     if t.refusal is not None:
         change.push_newest(REFUSALS + cell_id, t.refusal.model_dump_json(), REFUSALS_KEPT)
-    if t.event is not None:
-        change.push(OUTBOX, outbox_entry(t.event))
+    if t.audit is not None:
+        # NX: a redelivered report is the same line, kept once.
+        change.run("ZADD", AUDIT + cell_id, "NX", t.audit.seq, t.audit.model_dump_json())
+    for event in t.events:
+        change.push(OUTBOX, outbox_entry(event))
     return change
 
 
@@ -119,6 +129,8 @@ class RegistryStore:
         self.outbox = Outbox(redis, OUTBOX)
         self._changes = Changes(redis)
         self._hashes = Hashes(redis)
+        # The assumed record of a heartbeat, by template version (there are a handful).
+        self._assumed: dict[str | None, Assumed] = {}
 
     # -- transitions ----------------------------------------------------------------------------
 
@@ -127,15 +139,19 @@ class RegistryStore:
         cell_id: str,
         decide: Decide,
         *,
-        assume: Mapping[str, str] | None = None,
+        assume: Assumed | None = None,
         also: Callable[[Change], None] | None = None,
     ) -> Transition:
         """Decide on the record and write the decision, deciding again (on the record as it is
-        now) while the record changes under it. ``assume``: decide first on these fields instead
-        of reading the record (the guess is checked like any read). ``also``: adds writes of the
-        caller's own to the same Change."""
-        raw: Mapping[str, str] = assume if assume is not None else await self._raw(cell_id)
-        record = _ASSUMED_RECORD if raw is ASSUMED_ONLINE else CellRecord.from_fields(raw)
+        now) while the record changes under it. ``assume``: decide first on these fields (and
+        the record they make) instead of reading it; the guess is checked like any read.
+        ``also``: adds writes of the caller's own to the same Change."""
+        raw: Mapping[str, str]
+        if assume is not None:
+            raw, record = assume
+        else:
+            raw = await self._raw(cell_id)
+            record = CellRecord.from_fields(raw)
         for _ in range(CONFLICT_RETRIES):
             t = decide(record)
             if not t.writes:
@@ -162,10 +178,16 @@ class RegistryStore:
             cell.id, lambda r: transitions.create(r, cell, credential_id, now), also=free_the_id
         )
 
-    async def heartbeat(self, cell_id: str, decide: Decide) -> Transition:
-        """The hot path: decided first on an online cell with no rotation waiting, so a
-        heartbeat is one round trip (shared with the others of its event-loop turn)."""
-        return await self.transition(cell_id, decide, assume=ASSUMED_ONLINE)
+    async def heartbeat(self, cell_id: str, template_version: str | None,
+                        decide: Decide) -> Transition:  # fmt: skip
+        """The hot path: decided first on an online cell with no rotation waiting, on the
+        template version the heartbeat reports, so a heartbeat is one round trip (shared with
+        the others in flight)."""
+        assumed = self._assumed.get(template_version)
+        if assumed is None:
+            raw = assumed_online(template_version)
+            assumed = self._assumed[template_version] = (raw, CellRecord.from_fields(raw))
+        return await self.transition(cell_id, decide, assume=assumed)
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -248,14 +270,20 @@ class RegistryStore:
         records = dict(await self._hashes(CELL, ids=ids)) if ids else {}
 
         async def one(cell_id: str) -> Transition:
+            raw = records[cell_id]
             return await self.transition(
                 cell_id,
                 lambda r: transitions.go_offline(r, cell_id, cutoff, now),
-                assume=records[cell_id],
+                assume=(raw, CellRecord.from_fields(raw)),
             )
 
         done = await asyncio.gather(*(one(i) for i in ids))
         return [i for i, t in zip(ids, done, strict=True) if t.outcome is Outcome.OFFLINE]
+
+    async def audit(self, cell_id: str) -> list[AuditEntry]:
+        """The cell's debug-access reports, in the order the cell made them."""
+        lines = await self.redis.zrange(AUDIT + cell_id, 0, -1)
+        return [AuditEntry.model_validate_json(str(line)) for line in lines]
 
     async def overdue_rotations(self, started_before: datetime) -> list[str]:
         ids = await self.redis.zrangebyscore(ROTATIONS, "-inf", started_before.timestamp())

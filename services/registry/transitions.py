@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common.messages import (
     CellCreated,
+    CellDebugAccess,
     CellDecommissioned,
     CellHeartbeat,
     CellMaintenance,
@@ -28,9 +29,11 @@ from common.messages import (
     CellRegister,
     CellRegistered,
     CellRegistrationRefused,
+    CellTemplateChanged,
     Event,
+    InfraComplianceChanged,
 )
-from common.requests.registry import CellsCreate
+from common.requests.registry import AuditEntry, CellsCreate
 from common.vocabulary import REGISTERED, CellStatus, Stage
 
 
@@ -55,6 +58,8 @@ class Outcome(StrEnum):
     ROTATION_ENDED = "rotation_ended"
     DECOMMISSIONED = "decommissioned"
     ALREADY_DECOMMISSIONED = "already"
+    COMPLIANCE_RECORDED = "compliance_recorded"
+    AUDITED = "audited"
 
 
 Value = str | int | float | bool | datetime | None
@@ -77,6 +82,8 @@ class CellRecord:
     pending_credential_id: str | None = None
     maintenance_since: datetime | None = None
     last_maintenance_seq: int | None = None
+    infra_template_version: str | None = None
+    compliance_at: float | None = None
 
     @classmethod
     def from_fields(cls, raw: Mapping[str, str]) -> CellRecord:
@@ -102,13 +109,18 @@ class CellRecord:
             pending_credential_id=text("pending_credential_id"),
             maintenance_since=time("maintenance_since"),
             last_maintenance_seq=number("last_maintenance_seq"),
+            infra_template_version=text("infra_template_version"),
+            compliance_at=float(raw["compliance_at"]) if raw.get("compliance_at") else None,
         )  # fmt: skip
 
 
-# What a heartbeat's record almost always is: an online cell with no rotation waiting. The
-# store tries the heartbeat's transition from this first, guarded on exactly these fields, so the
-# hot path is one round trip; a record that differs is read back and decided again.
-ASSUMED_ONLINE: Mapping[str, str] = {"status": "online", "pending_credential_id": ""}
+def assumed_online(template_version: str | None) -> dict[str, str]:
+    """What a heartbeat's record almost always is: an online cell with no rotation waiting,
+    on the template version the heartbeat reports. The store decides a heartbeat on this first,
+    guarded on exactly these fields, so the hot path is one round trip; a record that differs
+    is read back and decided again."""
+    return {"status": "online", "pending_credential_id": "",
+            "infra_template_version": template_version or ""}  # fmt: skip
 
 
 class Refusal(BaseModel):
@@ -136,11 +148,13 @@ class Transition(NamedTuple):
     # Record fields the decision read: written only if they still hold what was read.
     read: frozenset[str] = frozenset()
     # Written only if this sequence number is above the one in the named field.
-    newer: tuple[str, int] | None = None
+    newer: tuple[str, float] | None = None
     # Seconds added to numeric fields.
     add: Mapping[str, float] = _NO_SECONDS
-    event: Event | None = None
+    events: tuple[Event, ...] = ()
     refusal: Refusal | None = None
+    # A line of the cell's audit trail (debug access), kept in the order of the cell's reports.
+    audit: AuditEntry | None = None
     # A heartbeat that carried the credential a rotation is waiting for.
     confirmed_rotation: bool = False
     # How long the stay in maintenance that just ended lasted.
@@ -148,7 +162,7 @@ class Transition(NamedTuple):
 
     @property
     def writes(self) -> bool:
-        return bool(self.changes or self.add or self.event or self.refusal)
+        return bool(self.changes or self.add or self.events or self.refusal or self.audit)
 
 
 # -- creating -----------------------------------------------------------------------------------
@@ -165,8 +179,8 @@ def create(record: CellRecord, cell: CellsCreate, credential_id: str, now: datet
             "credential_id": credential_id,
         },
         read=frozenset({"status"}),
-        event=CellCreated(at=now, cell_id=cell.id, stage=cell.stage, region=cell.region,
-                          org=cell.org),
+        events=(CellCreated(at=now, cell_id=cell.id, stage=cell.stage, region=cell.region,
+                            org=cell.org),),
     )  # fmt: skip
 
 
@@ -213,11 +227,11 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
         Outcome.REGISTERED,
         changes=changes,
         read=_REGISTRATION_READS,
-        event=CellRegistered(
+        events=(CellRegistered(
             at=now, cell_id=msg.cell_id, stage=record.stage, region=record.region,
             org=record.org, aws_account_id=msg.aws_account_id, agent_version=msg.agent_version,
             installed_release=msg.installed_release, template_version=msg.template_version,
-        ),
+        ),),
     )  # fmt: skip
 
 
@@ -227,8 +241,10 @@ def _refused(
     return Transition(
         outcome,
         read=read,
-        event=CellRegistrationRefused(
-            at=now, cell_id=msg.cell_id, reason=reason, aws_account_id=msg.aws_account_id
+        events=(
+            CellRegistrationRefused(
+                at=now, cell_id=msg.cell_id, reason=reason, aws_account_id=msg.aws_account_id
+            ),
         ),
         refusal=Refusal(
             at=now, reason=reason, aws_account_id=msg.aws_account_id, region=msg.region
@@ -239,7 +255,7 @@ def _refused(
 # -- heartbeats ---------------------------------------------------------------------------------
 
 
-_HEARTBEAT_READS = frozenset(ASSUMED_ONLINE)
+_HEARTBEAT_READS = frozenset(assumed_online(None))
 
 
 def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transition:
@@ -268,18 +284,24 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
     if confirmed:
         changes.update(credential_id=msg.credential_id, pending_credential_id=None,
                        rotation_started_at=None)  # fmt: skip
-    event: Event | None = None
+    events: list[Event] = []
     outcome = Outcome.APPLIED
     if record.status == "offline":
         changes["status"] = "online"
-        event = CellOnline(at=now, cell_id=msg.cell_id)
+        events.append(CellOnline(at=now, cell_id=msg.cell_id))
         outcome = Outcome.BACK_ONLINE
+    if msg.template_version != record.infra_template_version:
+        # The customer applied an infrastructure update (or this is the first word of it).
+        events.append(CellTemplateChanged(
+            at=now, cell_id=msg.cell_id, template_version=msg.template_version,
+            previous_version=record.infra_template_version,
+        ))  # fmt: skip
     return Transition(
         outcome,
         changes=changes,
         read=_HEARTBEAT_READS,
         newer=("last_seq", msg.seq),
-        event=event,
+        events=tuple(events),
         confirmed_rotation=confirmed,
     )
 
@@ -339,7 +361,7 @@ def go_offline(record: CellRecord, cell_id: str, cutoff: datetime, now: datetime
         Outcome.OFFLINE,
         changes={"status": "offline"},
         read=frozenset({"status", "last_heartbeat_at"}),
-        event=CellOffline(at=now, cell_id=cell_id, last_heartbeat_at=record.last_heartbeat_at),
+        events=(CellOffline(at=now, cell_id=cell_id, last_heartbeat_at=record.last_heartbeat_at),),
     )
 
 
@@ -384,5 +406,42 @@ def decommission(record: CellRecord, cell_id: str, now: datetime) -> Transition:
             "rotation_started_at": None,
         },
         read=frozenset({"status"}),
-        event=CellDecommissioned(at=now, cell_id=cell_id),
+        events=(CellDecommissioned(at=now, cell_id=cell_id),),
     )
+
+
+# -- what others tell the registry ---------------------------------------------------------------
+
+
+def compliance(record: CellRecord, msg: InfraComplianceChanged) -> Transition:
+    """The cell's infrastructure compliance as the compliance service decided it, shown with
+    the record; ordered by the service's event time."""
+    if record.status is None:
+        return Transition(Outcome.IGNORED)
+    at = msg.at.timestamp()
+    if record.compliance_at is not None and at <= record.compliance_at:
+        return Transition(Outcome.STALE)
+    return Transition(
+        Outcome.COMPLIANCE_RECORDED,
+        changes={
+            "compliance": msg.status,
+            "compliance_deadline": msg.deadline,
+            "compliance_at": at,
+        },
+        newer=("compliance_at", at),
+    )
+
+
+def debug_access(record: CellRecord, msg: CellDebugAccess) -> Transition:
+    """Debug access the customer opened or closed, kept as the cell's audit trail (the control
+    plane only records it: nothing here can open access)."""
+    if record.status is None:
+        return Transition(Outcome.UNKNOWN_CELL)
+    return Transition(
+        Outcome.AUDITED,
+        audit=AuditEntry(
+            seq=msg.seq, at=msg.occurred_at or msg.sent_at, action=msg.action,
+            role_arn=msg.role_arn,
+            expires_at=msg.expires_at, reason=msg.reason, granted_by=msg.granted_by,
+        ),
+    )  # fmt: skip

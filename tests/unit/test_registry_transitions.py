@@ -9,6 +9,7 @@ import pytest
 
 from common.messages import (
     CellCreated,
+    CellDebugAccess,
     CellDecommissioned,
     CellHeartbeat,
     CellMaintenance,
@@ -17,10 +18,12 @@ from common.messages import (
     CellRegister,
     CellRegistered,
     CellRegistrationRefused,
+    CellTemplateChanged,
+    InfraComplianceChanged,
 )
 from common.requests.registry import CellsCreate
 from services.registry import transitions as t
-from services.registry.transitions import ASSUMED_ONLINE, CellRecord, Outcome
+from services.registry.transitions import CellRecord, Outcome, assumed_online
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 ACCOUNT, OTHER = "123456789012", "210987654321"
@@ -57,7 +60,7 @@ def test_a_record_is_read_from_its_stored_fields_with_empty_as_absent() -> None:
                                 "last_heartbeat_at": NOW.isoformat()})  # fmt: skip
     assert (r.status, r.last_seq, r.incarnation, r.last_heartbeat_at) == ("offline", 7, None, NOW)
     assert CellRecord.from_fields({}).status is None
-    assert CellRecord.from_fields(ASSUMED_ONLINE) == CellRecord(status="online")
+    assert CellRecord.from_fields(assumed_online(None)) == CellRecord(status="online")
 
 
 # -- creating ------------------------------------------------------------------------------------
@@ -68,7 +71,8 @@ def test_create_writes_the_record_and_announces_it_once() -> None:
     done = t.create(CellRecord(), cell, "cred1", NOW)
     assert done.outcome is Outcome.CREATED and done.read == {"status"}
     assert done.changes["status"] == "created" and done.changes["credential_id"] == "cred1"
-    assert isinstance(done.event, CellCreated) and done.event.stage == "saas"
+    (created,) = done.events
+    assert isinstance(created, CellCreated) and created.stage == "saas"
     again = t.create(record(status="created"), cell, "cred2", NOW)
     assert again.outcome is Outcome.EXISTS and not again.writes
 
@@ -81,7 +85,8 @@ def test_a_first_registration_binds_the_account_and_brings_the_cell_online() -> 
     assert done.outcome is Outcome.REGISTERED
     assert done.changes["status"] == "online" and done.changes["aws_account_id"] == ACCOUNT
     assert done.changes["registered_at"] == NOW and done.changes["last_heartbeat_at"] == NOW
-    assert isinstance(done.event, CellRegistered) and done.event.org == "acme"
+    (registered,) = done.events
+    assert isinstance(registered, CellRegistered) and registered.org == "acme"
     assert done.read == {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
 
 
@@ -105,7 +110,7 @@ def test_an_unknown_or_decommissioned_cell_is_refused_and_the_refusal_kept(
     done = t.register(record(status=status), register(), NOW)
     assert done.outcome is outcome and not done.changes
     assert done.refusal is not None and done.refusal.reason == reason
-    assert isinstance(done.event, CellRegistrationRefused)
+    assert [type(e) for e in done.events] == [CellRegistrationRefused]
     assert done.read == {"status"}
 
 
@@ -130,11 +135,12 @@ def test_a_repeated_registration_is_stale_and_a_new_incarnation_starts_over() ->
 
 def test_a_heartbeat_records_what_the_cell_runs_on_the_registrys_clock() -> None:
     done = t.heartbeat(record(last_seq=4), heartbeat(installed_release="2026.11.2"), NOW)
-    assert done.outcome is Outcome.APPLIED and done.event is None
+    assert done.outcome is Outcome.APPLIED and done.events == ()
     assert done.changes["last_heartbeat_at"] == NOW, "never the cell's sent_at"
     assert done.changes["installed_release"] == "2026.11.2" and done.changes["last_seq"] == 5
     assert "status" not in done.changes
-    assert done.newer == ("last_seq", 5) and done.read == {"status", "pending_credential_id"}
+    assert done.newer == ("last_seq", 5)
+    assert done.read == {"status", "pending_credential_id", "infra_template_version"}
 
 
 @pytest.mark.parametrize(
@@ -155,7 +161,7 @@ def test_heartbeats_that_change_nothing(fields: dict[str, object], outcome: Outc
 def test_a_heartbeat_brings_an_offline_cell_back_and_announces_it() -> None:
     done = t.heartbeat(record(status="offline", last_seq=4), heartbeat(), NOW)
     assert done.outcome is Outcome.BACK_ONLINE and done.changes["status"] == "online"
-    assert isinstance(done.event, CellOnline) and done.event.at == NOW
+    assert [type(e) for e in done.events] == [CellOnline] and done.events[0].at == NOW
 
 
 def test_a_heartbeat_with_the_awaited_credential_confirms_the_rotation() -> None:
@@ -171,9 +177,10 @@ def test_a_heartbeat_with_the_awaited_credential_confirms_the_rotation() -> None
 def test_the_assumed_record_is_the_one_the_guard_checks() -> None:
     """The hot path decides on an assumed online record; the write is guarded on exactly the
     fields that assumption is about, so a different record is decided again."""
-    done = t.heartbeat(CellRecord.from_fields(ASSUMED_ONLINE), heartbeat(), NOW)
-    assert done.outcome is Outcome.APPLIED
-    assert done.read == set(ASSUMED_ONLINE) and done.newer == ("last_seq", 5)
+    assumed = assumed_online("2")
+    done = t.heartbeat(CellRecord.from_fields(assumed), heartbeat(template_version="2"), NOW)
+    assert done.outcome is Outcome.APPLIED and done.events == ()
+    assert done.read == set(assumed) and done.newer == ("last_seq", 5)
 
 
 # -- maintenance ---------------------------------------------------------------------------------
@@ -220,7 +227,8 @@ def test_a_silent_online_cell_goes_offline_and_is_kept() -> None:
     last = NOW - timedelta(seconds=100)
     done = t.go_offline(record(last_heartbeat_at=last), "acme", NOW - timedelta(seconds=90), NOW)
     assert done.outcome is Outcome.OFFLINE and done.changes == {"status": "offline"}
-    assert isinstance(done.event, CellOffline) and done.event.last_heartbeat_at == last
+    (offline,) = done.events
+    assert isinstance(offline, CellOffline) and offline.last_heartbeat_at == last
     assert done.read == {"status", "last_heartbeat_at"}
 
 
@@ -229,7 +237,7 @@ def test_a_heartbeat_after_the_cutoff_or_a_cell_not_online_is_not_taken_offline(
     fresh = t.go_offline(record(last_heartbeat_at=NOW), "acme", cutoff, NOW)
     assert fresh.outcome is Outcome.APPLIED and not fresh.writes
     gone = t.go_offline(record(status="decommissioned"), "acme", cutoff, NOW)
-    assert gone.outcome is Outcome.NOT_ONLINE and gone.event is None
+    assert gone.outcome is Outcome.NOT_ONLINE and gone.events == ()
     assert gone.changes == {"status": "decommissioned"}, "written as it is: only the index moves"
 
 
@@ -250,10 +258,44 @@ def test_a_rotation_starts_and_ends_with_the_new_credential_in_force() -> None:
 
 def test_decommissioning_keeps_the_record_and_happens_once() -> None:
     done = t.decommission(record(pending_credential_id="p"), "acme", NOW)
-    assert done.outcome is Outcome.DECOMMISSIONED and isinstance(done.event, CellDecommissioned)
+    assert done.outcome is Outcome.DECOMMISSIONED and [type(e) for e in done.events] == [
+        CellDecommissioned
+    ]
     assert done.changes["status"] == "decommissioned" and done.changes["decommissioned_at"] == NOW
     assert done.changes["pending_credential_id"] is None
     assert t.decommission(record(status="decommissioned"), "acme", NOW).outcome is (
         Outcome.ALREADY_DECOMMISSIONED
     )
     assert t.decommission(CellRecord(), "acme", NOW).outcome is Outcome.UNKNOWN_CELL
+
+
+def test_a_heartbeat_on_another_template_version_announces_it() -> None:
+    done = t.heartbeat(record(infra_template_version="1"), heartbeat(template_version="2"), NOW)
+    assert [type(e) for e in done.events] == [CellTemplateChanged]
+    changed = done.events[0]
+    assert isinstance(changed, CellTemplateChanged)
+    assert (changed.template_version, changed.previous_version) == ("2", "1")
+    back = t.heartbeat(record(status="offline", infra_template_version="1"),
+                       heartbeat(template_version="2"), NOW)  # fmt: skip
+    assert [type(e) for e in back.events] == [CellOnline, CellTemplateChanged]
+
+
+def test_compliance_is_recorded_in_the_order_it_was_decided() -> None:
+    later = InfraComplianceChanged(at=NOW, cell_id="acme", status="out_of_sla",
+                                   deadline=NOW, required_version="2")  # fmt: skip
+    done = t.compliance(record(), later)
+    assert done.changes["compliance"] == "out_of_sla" and done.newer is not None
+    seen = record(compliance_at=NOW.timestamp())
+    assert t.compliance(seen, later).outcome is Outcome.STALE
+    assert t.compliance(CellRecord(), later).outcome is Outcome.IGNORED
+
+
+def test_debug_access_reports_become_audit_lines_and_nothing_else() -> None:
+    msg = CellDebugAccess(cell_id="acme", seq=9, sent_at=NOW, action="granted",
+                          role_arn="arn:aws:iam::123456789012:role/substrate-debug/x",
+                          expires_at=NOW + timedelta(hours=2), reason="incident 42",
+                          granted_by="alice")  # fmt: skip
+    done = t.debug_access(record(), msg)
+    assert done.outcome is Outcome.AUDITED and not done.changes and done.events == ()
+    assert done.audit is not None and (done.audit.seq, done.audit.reason) == (9, "incident 42")
+    assert t.debug_access(CellRecord(), msg).outcome is Outcome.UNKNOWN_CELL
