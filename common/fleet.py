@@ -32,6 +32,7 @@ from common.messages import (
     CellOnline,
     CellRegistered,
     CellRegistrationRefused,
+    CellTemplateChanged,
     CellUpgrade,
     Delivery,
     Event,
@@ -45,7 +46,9 @@ from common.vocabulary import CellStatus, ComplianceState, Stage
 log = logging.getLogger(__name__)
 
 # The registry's events that change a cell's facts; each carries the time it happened.
-REGISTRY_FACTS = (CellCreated, CellRegistered, CellOffline, CellOnline, CellDecommissioned)
+REGISTRY_FACTS = (
+    CellCreated, CellRegistered, CellOffline, CellOnline, CellTemplateChanged, CellDecommissioned,
+)  # fmt: skip
 # How often a fact is applied again when the cell's entry changes under it (two services'
 # events for one cell rarely race; running out redelivers the message).
 CONFLICT_RETRIES = 8
@@ -123,7 +126,6 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
         return replace(
             current, compliance=msg.status, compliance_at=at,
             compliance_deadline=msg.deadline.isoformat() if msg.deadline else None,
-            template_version=msg.template_version or current.template_version,
         )  # fmt: skip
     if not isinstance(msg, REGISTRY_FACTS):
         return None
@@ -143,6 +145,8 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
         return replace(new, status="offline")
     if isinstance(msg, CellOnline):
         return replace(new, status="online")
+    if isinstance(msg, CellTemplateChanged):
+        return replace(new, template_version=msg.template_version)
     return replace(new, status="decommissioned")
 
 

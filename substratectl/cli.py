@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from common.bus import BusError, RemoteError, validation_summary
 from common.settings import ControlPlaneSettings, load
-from substratectl import cells, control_plane, flags, releases, rollouts
+from substratectl import cells, control_plane, flags, infra, releases, rollouts
 from substratectl.context import Ctl, FileProblem
 from substratectl.output import fail
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log bus activity")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)
-    for module in (control_plane, cells, releases, rollouts, flags):
+    for module in (control_plane, cells, releases, rollouts, flags, infra):
         module.add_commands(sub)
     return parser
 

@@ -90,6 +90,9 @@ async def preview(ctl: Ctl) -> int:
         return 0
     print(f"{result.key}: {result.flipping} of {result.cells} cells would change "
           "(nothing is written)")  # fmt: skip
+    if result.held:
+        print(f"{result.held} of the {result.cells} cells are held for their infrastructure"
+              " (out of SLA): they get no application update")  # fmt: skip
     if result.changes:
         rows = [c.model_dump(by_alias=True) for c in result.changes]
         print(table(rows, ["stage", "org", "from", "to", "cells"]))

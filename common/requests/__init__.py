@@ -92,7 +92,7 @@ class Status(Request[ServiceStatus]):
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of every method's request and response."""
-    for module in ("registry", "rollout", "flags"):
+    for module in ("registry", "rollout", "flags", "infra"):
         importlib.import_module(f"{__name__}.{module}")  # each registers its methods
     out: dict[str, Any] = {}
     for (service, method), cls in sorted(REQUESTS.items()):

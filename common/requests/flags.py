@@ -100,6 +100,9 @@ class Preview(Response):
     key: str
     cells: int
     flipping: int
+    # Cells among them held for their infrastructure (out of SLA): they get no application
+    # update, so a flag that needs a newer release stays off for them.
+    held: int = 0
     by_stage: dict[str, dict[str, int]]
     by_org: dict[str, dict[str, int]]
     changes: list[Flip]

@@ -176,6 +176,7 @@ class Explanation(Response):
     desired_generation: int | None
     pinned: str | None
     held: bool
+    hold_deadline: str | None = None
 
 
 class Pin(Response):

@@ -152,11 +152,12 @@ def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCe
     """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
     (stage, org, from variant, to variant) for every cell whose variant changes."""
     flips: Counter[tuple[str, str, str, str]] = Counter()
-    considered = 0
+    considered = held = 0
     for cell in cells:
         if cell.status == "decommissioned":
             continue
         considered += 1
+        held += cell.held
         attributes = cell.attributes()
         before = current.evaluate(key, attributes)
         after = proposed.evaluate(key, attributes)
@@ -172,6 +173,7 @@ def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCe
         key=key,
         cells=considered,
         flipping=sum(flips.values()),
+        held=held,
         by_stage={s: dict(c) for s, c in sorted(by_stage.items())},
         by_org={o: dict(c) for o, c in sorted(by_org.items())},
         changes=[

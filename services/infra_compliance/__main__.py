@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from common.runner import service_main
 from services.infra_compliance.bootstrap import setup
+from services.infra_compliance.settings import InfraSettings
 
 
 def main() -> None:
     service_main(
-        "infra_compliance", "Infrastructure template versions, deadlines and SLA holds.", setup
+        "infra_compliance",
+        "Infrastructure template versions, deadlines and SLA holds.",
+        setup,
+        InfraSettings,
     )
 
 

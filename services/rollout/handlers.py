@@ -230,7 +230,7 @@ async def rollout_explain(req: RolloutExplain, delivery: Delivery, deps: Deps) -
         cell=cell.id, stage=cell.stage, status=cell.status, reason=reason,
         explanation=sentence, release=version, installed_release=cell.installed_release,
         desired_release=cell.desired_version, desired_generation=cell.desired_generation,
-        pinned=cell.pinned, held=cell.held,
+        pinned=cell.pinned, held=cell.held, hold_deadline=cell.hold_deadline,
     )  # fmt: skip
 
 

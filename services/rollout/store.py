@@ -78,6 +78,7 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
     return CellFacts.model_construct(
         id=cell.id, stage=cell.stage, status=cell.status,
         installed_release=cell.installed_release, pinned=opt("pinned"), held=cell.held,
+        hold_deadline=cell.compliance_deadline if cell.held else None,
         desired_version=opt("desired_version"),
         desired_generation=int(gen) if gen else None,
         desired_at=datetime.fromtimestamp(float(own["desired_at"]), UTC)

@@ -24,6 +24,8 @@ class CellFacts(BaseModel):
     installed_release: str | None = None
     pinned: str | None = None
     held: bool = False
+    # When it was due to apply the infrastructure template it is held for (ISO 8601).
+    hold_deadline: str | None = None
     # The desired state last sent (generation None: never sent one; version None: nothing).
     desired_version: str | None = None
     desired_generation: int | None = None

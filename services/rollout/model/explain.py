@@ -144,8 +144,9 @@ CASES: tuple[Case, ...] = (
     Case("up_to_date", lambda s: at_least(s.cell.installed_release, s.v),
          lambda s: f"{s.cell.id} runs {s.installed}, the newest release.", _newest),
     Case("held", lambda s: s.cell.held,
-         lambda s: f"{s.cell.id} is held: its infrastructure template is past its deadline, so"
-                   " it gets no application update until the new template is applied.", _newest),
+         lambda s: f"{s.cell.id} is held: its infrastructure template is past its deadline"
+                   f"{f' ({s.cell.hold_deadline})' if s.cell.hold_deadline else ''}, so it gets"
+                   " no application update until the new template is applied.", _newest),
     Case("failed", lambda s: s.progress in ("failed", "timed_out"),
          lambda s: f"Updating {s.cell.id} to {s.in_flight} failed"
                    f" ({failure_of(s.cell, s.progress or 'failed', s.policy)});"
