@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from contextlib import suppress
 
+from cell_agent import customer
 from cell_agent.agent import AGENT_VERSION, Agent
 from cell_agent.aws import CellAws
 from cell_agent.flags import LocalFlags
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CELL_SYNC_SECONDS, CELL_STACK_NAME, CELL_METRICS_PORT and the standard AWS_* "
         "variables (see README).",
     )
+    parser.add_argument("--json", action="store_true", help="print JSON (infra, debug-access)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="connect out, register, heartbeat and reconcile until stopped")
     sub.add_parser("state", help="print what the agent keeps in CELL_STATE_DIR (no secrets)")
@@ -37,6 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("key")
     p.add_argument("--default", help="JSON value answered if the flag is not in the snapshot")
+
+    infra = sub.add_parser("infra", help="this cell's mandatory infrastructure update")
+    infra_sub = infra.add_subparsers(dest="infra_command", required=True, metavar="ACTION")
+    infra_sub.add_parser("status", help="the template version required, by when, and where")
+    infra_sub.add_parser(
+        "preview", help="a change set of the required template on the stack (not executed)"
+    )
+    infra_sub.add_parser("apply", help="update the stack to the required template and wait")
+
+    debug = sub.add_parser("debug-access", help="emergency read-only access for vendor support")
+    debug_sub = debug.add_subparsers(dest="debug_command", required=True, metavar="ACTION")
+    p = debug_sub.add_parser("grant", help="open access for N hours (capped), with a reason")
+    p.add_argument("--hours", type=float, required=True)
+    p.add_argument("--reason", required=True, help="kept in the control plane's audit trail")
+    p.add_argument("--by", help="who grants it (default: your AWS identity)")
+    debug_sub.add_parser("list", help="open debug access and when each expires")
+    p = debug_sub.add_parser("revoke", help="close debug access now (all, or one role)")
+    p.add_argument("role", nargs="?", help="the role's name (default: every open one)")
     return parser
 
 
@@ -61,6 +82,19 @@ def flags_eval(settings: AgentSettings, key: str, default: str | None) -> int:
     return 0
 
 
+def _customer_command(args: argparse.Namespace, settings: AgentSettings) -> Callable[[], None]:
+    as_json: bool = args.json
+    if args.command == "infra":
+        chosen = {"status": customer.infra_status, "preview": customer.infra_preview,
+                  "apply": customer.infra_apply}[args.infra_command]  # fmt: skip
+        return lambda: chosen(settings, as_json)
+    if args.debug_command == "grant":
+        return lambda: customer.debug_grant(settings, args.hours, args.reason, args.by, as_json)
+    if args.debug_command == "list":
+        return lambda: customer.debug_list(settings, as_json)
+    return lambda: customer.debug_revoke(settings, args.role, as_json)
+
+
 async def _run(settings: AgentSettings) -> None:
     agent = Agent(settings, StateStore(settings.state_dir), CellAws(settings.aws_region))
     stop = asyncio.Event()
@@ -81,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "flags":
         sys.exit(flags_eval(settings, args.key, args.default))
+    if args.command in ("infra", "debug-access"):
+        sys.exit(customer.run(settings, _customer_command(args, settings)))
     configure_logging(settings.log_level)
     try:
         run(_run(settings))

@@ -20,15 +20,19 @@ from prometheus_client import Counter, Gauge
 
 from cell_agent.appliers import Applier, CommandApplier, LocalApplier
 from cell_agent.aws import CellAws
+from cell_agent.debug_access import DebugAccess
 from cell_agent.flags import LocalFlags
+from cell_agent.infra import RequirementFile
 from cell_agent.journal import Journal
 from cell_agent.maintenance import MaintenanceGate
+from cell_agent.pending import PendingDebugAccess, PendingReports
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
 from common.bus import BusError, RabbitBus
 from common.clock import Clock, SystemClock
 from common.messages import (
+    CellDebugAccess,
     CellHeartbeat,
     CellMaintenance,
     CellRegister,
@@ -38,6 +42,7 @@ from common.messages import (
     Delivery,
     DesiredState,
     FlagsSnapshot,
+    InfraRequired,
     RotateCredentials,
     command_queue,
 )
@@ -93,6 +98,9 @@ class Agent:
             report_maintenance=self.report_maintenance,
         )
         self.flags = LocalFlags(settings.state_dir, self.own_attributes)
+        self.requirement = RequirementFile(settings.state_dir)
+        self.pending = PendingReports(settings.state_dir)
+        self.debug = DebugAccess(settings.aws_region)
         FLAGS_VERSION.set_function(lambda: self.flags.version)
         self.bus: RabbitBus | None = None
         self.account_id: str | None = None
@@ -186,6 +194,48 @@ class Agent:
             )
         )
 
+    async def send_pending(self) -> None:
+        """Reports the customer's commands left in the outbox, in order; one that cannot be
+        sent now stops the rest until the next try."""
+        for path, report in self.pending.waiting():
+            sent = await self._send(CellDebugAccess(
+                cell_id=self.settings.id, seq=self.state.next_seq(), sent_at=self.clock.now(),
+                **report.model_dump(),
+            ))  # fmt: skip
+            if not sent:
+                return
+            self.pending.sent(path)
+
+    async def expire_debug_access(self) -> None:
+        """Delete debug access past its time (also after a restart) and report it."""
+        try:
+            gone = await asyncio.to_thread(self.debug.expire)
+        except Exception as exc:
+            log.warning("could not check debug access for expiry (%r); next time", exc)
+            return
+        for grant in gone:
+            log.info("debug access %s expired and was deleted", grant.role_arn)
+            self.pending.add(PendingDebugAccess(
+                action="expired", role_arn=grant.role_arn, occurred_at=self.clock.now(),
+                expires_at=grant.expires_at, reason=grant.reason, granted_by=grant.granted_by,
+            ))  # fmt: skip
+        if gone:
+            await self.send_pending()
+
+    async def check_template(self) -> None:
+        """Read the stack's TemplateVersion again: the customer may have applied an update."""
+        if not self.settings.stack_name:
+            return
+        try:
+            version = await self.aws.template_version(self.settings.stack_name)
+        except Exception as exc:
+            log.warning("could not read the stack's template version (%r)", exc)
+            return
+        if version != self.template_version:
+            log.info("stack template version %s -> %s", self.template_version, version)
+            self.template_version = version
+            await self.heartbeat()
+
     async def register(self) -> bool:
         assert self.account_id is not None
         state = self.state.state
@@ -269,7 +319,11 @@ class Agent:
                 if not self._registered.is_set():
                     await self.register()
                 await self.heartbeat()
+                await self.send_pending()
+            elif tick == "debug":
+                await self.expire_debug_access()
             else:
+                await self.check_template()
                 await self.sync("periodic")
 
     async def _after_reconnect(self) -> None:
@@ -316,14 +370,23 @@ class Agent:
                 route(RotateCredentials, self.on_rotate_credentials),
                 route(DesiredState, self.upgrader.on_desired_state),
                 route(FlagsSnapshot, self.on_flags_snapshot),
+                route(InfraRequired, self.requirement.on_required),
             ],
+            # A cell may not publish to the dead-letter exchange: a command it cannot take is
+            # rejected into the queue's own (cell.commands.dead). Its queue is classic, which
+            # says only whether a delivery is a redelivery: a second failure dead-letters it.
+            reject_to_dead=True,
+            delivery_limit=2,
         )
         await self.register()
         await self.sync("start")
         await self.heartbeat()
+        await self.expire_debug_access()
+        await self.send_pending()
         loops = [
             asyncio.create_task(self._every(self.settings.heartbeat_seconds, "heartbeat", stop)),
             asyncio.create_task(self._every(self.settings.sync_seconds, "sync", stop)),
+            asyncio.create_task(self._every(self.settings.debug_check_seconds, "debug", stop)),
             asyncio.create_task(self.upgrader.run(stop)),
         ]
         log.info("cell agent %s running", self.settings.id)

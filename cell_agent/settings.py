@@ -34,6 +34,17 @@ class AgentSettings(BaseSettings):
     maintenance_minutes: float = Field(
         default=15.0, gt=0, description="maintenance window, renewed while an update runs"
     )
+    support_principal: str | None = Field(
+        default=None,
+        description="the vendor's support principal debug access is for, when the cell's "
+        "stack has no SupportPrincipal parameter (a stack's parameter wins)",
+    )
+    debug_max_hours: float = Field(
+        default=72.0, gt=0, description="the longest debug access a customer may grant"
+    )
+    debug_check_seconds: float = Field(
+        default=60.0, gt=0, description="how often expired debug access is deleted"
+    )
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
     aws_region: str = Field(

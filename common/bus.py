@@ -139,6 +139,9 @@ class _Routes:
     by_type: Mapping[str, tuple[type[Message], Handler]]
     delivery_limit: int
     max_body_bytes: int
+    # Dead-letter by rejecting (the queue's own dead-letter exchange) instead of republishing
+    # with the reason: for consumers that may not publish to the dead-letter exchange (cells).
+    reject: bool = False
 
 
 @dataclass(slots=True)
@@ -437,6 +440,7 @@ class RabbitBus:
         prefetch: int = 32,
         delivery_limit: int = DELIVERY_LIMIT,
         max_body_bytes: int = MAX_BODY_BYTES,
+        reject_to_dead: bool = False,
     ) -> None:
         """Consume ``queue``: each delivery is validated into the model its ``type`` names and
         handed to that model's handler; acked when the handler returns.
@@ -453,7 +457,8 @@ class RabbitBus:
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await channel.declare_queue(queue, passive=True)
         callback = partial(
-            self._on_delivery, _Routes(queue, by_type, delivery_limit, max_body_bytes)
+            self._on_delivery,
+            _Routes(queue, by_type, delivery_limit, max_body_bytes, reject_to_dead),
         )
         tag = await amqp_queue.consume(callback)
         self._consumers.append(_Consumer(channel, amqp_queue, tag))
@@ -486,17 +491,17 @@ class RabbitBus:
             return "requeued"
         if len(message.body) > max_body_bytes:
             return await self._dead(
-                queue, message, f"body of {len(message.body)} bytes exceeds {max_body_bytes}"
+                routes, message, f"body of {len(message.body)} bytes exceeds {max_body_bytes}"
             )
         entry = routes.by_type.get(message.type or "")
         if entry is None:
-            return await self._dead(queue, message, f"unknown type {message.type!r} on {queue}")
+            return await self._dead(routes, message, f"unknown type {message.type!r} on {queue}")
         model_cls, handler = entry
         try:
             model = model_cls.model_validate_json(message.body)
         except ValidationError as exc:
             return await self._dead(
-                queue, message, f"invalid {message.type}: {validation_summary(exc)}"
+                routes, message, f"invalid {message.type}: {validation_summary(exc)}"
             )
         headers = message.headers or {}
         raw_count = headers.get("x-delivery-count")
@@ -514,13 +519,13 @@ class RabbitBus:
         try:
             await handler(model, delivery)
         except Refused as exc:
-            return await self._dead(queue, message, f"refused: {exc}")
+            return await self._dead(routes, message, f"refused: {exc}")
         except Exception as exc:
             attempts = failures + 1
             if attempts >= routes.delivery_limit:
                 log.exception("handler for %s failed %d times; dead-lettering", queue, attempts)
                 return await self._dead(
-                    queue, message, f"handler failed {attempts} times, last: {exc!r}"
+                    routes, message, f"handler failed {attempts} times, last: {exc!r}"
                 )
             log.warning("handler for %s failed (attempt %d): %r", queue, attempts, exc)
             await self._nack(message)
@@ -544,14 +549,20 @@ class RabbitBus:
         await message.nack(requeue=True)
         self._acker(message).settled_otherwise(message.delivery_tag)
 
-    async def _dead(self, queue: str, message: AbstractIncomingMessage, reason: str) -> str:
+    async def _dead(self, routes: _Routes, message: AbstractIncomingMessage, reason: str) -> str:
         """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it.
 
         The broker's own dead-lettering (reject) cannot carry a reason, so we republish. The
         original sender goes in a header: ``user_id`` must be our own user on republish.
         """
+        queue = routes.queue
         reason = reason[:_MAX_REASON]
         log.warning("dead-lettering a message from %s: %s", queue, reason)
+        if routes.reject:
+            assert message.delivery_tag is not None
+            await message.reject(requeue=False)
+            self._acker(message).settled_otherwise(message.delivery_tag)
+            return "dead_lettered"
         headers = dict(message.headers or {})
         headers.update(
             {

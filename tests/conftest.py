@@ -168,13 +168,15 @@ async def wait_port(port: int, timeout: float = 30) -> None:
 
 @pytest.fixture(scope="session")
 async def moto(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """moto's server: the AWS API (STS, CloudFormation, ECR, S3, IAM) on loopback."""
+    """moto's server: the AWS API (STS, CloudFormation, ECR, S3, IAM, SNS, SQS) on loopback."""
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port),
             stdout=sink, stderr=sink,
+            # AWS managed policies (ReadOnlyAccess, for debug access) exist only with this.
+            env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
         )  # fmt: skip
     try:
         await wait_port(port)

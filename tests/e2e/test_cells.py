@@ -21,6 +21,8 @@ from tests.e2e.conftest import Proc, Processes, Registry, http_get, start_regist
 from tests.helpers import eventually, listening_addresses, new_cell_id, raw_publish
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "cell_agent" / "bootstrap" / "cell.yaml"
+# The first version of the template, kept to test updating a stack to the current one.
+TEMPLATE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "cell-v1.yaml"
 
 
 async def create_cell(procs: Processes, cell_id: str, stage: str = "dedicated") -> dict[str, Any]:
@@ -37,7 +39,9 @@ async def show(procs: Processes, cell_id: str) -> dict[str, Any]:
     return dict(record)
 
 
-def _create_stack(moto: str, name: str, parameters: dict[str, str]) -> None:
+def _create_stack(
+    moto: str, name: str, parameters: dict[str, str], template: Path = TEMPLATE_V1
+) -> None:
     cfn = boto3.client(
         "cloudformation",
         endpoint_url=moto,
@@ -47,9 +51,9 @@ def _create_stack(moto: str, name: str, parameters: dict[str, str]) -> None:
     )
     cfn.create_stack(
         StackName=name,
-        TemplateBody=TEMPLATE.read_text(),
+        TemplateBody=template.read_text(),
         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-        Capabilities=["CAPABILITY_IAM"],
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
     )
     cfn.get_waiter("stack_create_complete").wait(StackName=name, WaiterConfig={"Delay": 1})
 

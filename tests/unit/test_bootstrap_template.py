@@ -30,12 +30,35 @@ def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> object:
 _Loader.add_multi_constructor("!", _tag)
 
 
-def test_template_is_lint_clean() -> None:
+V1 = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "cell-v1.yaml"
+
+
+def test_both_template_versions_are_lint_clean() -> None:
     lint = Path(sys.executable).parent / "cfn-lint"
     done = subprocess.run(
-        [str(lint), str(TEMPLATE)], capture_output=True, text=True, timeout=120, check=False
-    )
+        [str(lint), str(TEMPLATE), str(V1)], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_current_template_is_the_next_version_with_the_support_principal() -> None:
+    current = yaml.load(TEMPLATE.read_text(), Loader=_Loader)
+    first = yaml.load(V1.read_text(), Loader=_Loader)
+    assert first["Outputs"]["TemplateVersion"]["Value"] == "1"
+    assert current["Outputs"]["TemplateVersion"]["Value"] == "2"
+    assert "SupportPrincipal" in current["Parameters"]
+    assert "Default" in current["Parameters"]["SupportPrincipal"], "an update needs no new input"
+    statements = current["Resources"]["AgentRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"]  # fmt: skip
+    iam = [s for s in statements if any(str(a).startswith("iam:") for a in
+                                        ([s["Action"]] if isinstance(s["Action"], str)
+                                         else s["Action"]))]  # fmt: skip
+    scoped = [s for s in iam if s["Resource"] != "*"]
+    assert all("role/substrate-debug/*" in str(s["Resource"]) for s in scoped)
+    attach = [s for s in iam if s["Action"] == "iam:AttachRolePolicy"]
+    assert "ReadOnlyAccess" in str(attach[0]["Condition"]), "only the read-only policy"
+    assert [s["Action"] for s in iam if s["Resource"] == "*"] == ["iam:ListRoles"]
 
 
 def test_create_supplies_every_parameter_without_a_default() -> None:
