@@ -27,13 +27,17 @@ start() {
 "$BIN/substratectl" topology apply
 echo "starting the local AWS emulator and the control plane:"
 MOTO_PORT=${MOTO_PORT:-5055}
-"$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >.dev/moto.log 2>&1 &
+# Managed policies (ReadOnlyAccess) exist in the emulator only with this: debug access needs it.
+MOTO_IAM_LOAD_MANAGED_POLICIES=true "$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" \
+  >.dev/moto.log 2>&1 &
 pids+=($!)
 echo "  moto (pid $!): AWS API on http://127.0.0.1:$MOTO_PORT, log .dev/moto.log"
 start registry 9101 "$BIN/substrate-registry"
 start rollout 9102 "$BIN/substrate-rollout"
 start flags 9103 "$BIN/substrate-flags"
-start infra_compliance 9104 "$BIN/substrate-infra-compliance"
+AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
+  AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
+  start infra_compliance 9104 "$BIN/substrate-infra-compliance"
 
 for _ in $(seq 1 40); do
   "$BIN/substratectl" status >/dev/null 2>&1 && break
@@ -53,8 +57,14 @@ if [ ! -s .dev/demo-cell.url ]; then
   fi
 fi
 if [ -s .dev/demo-cell.url ]; then
+  # Its bootstrap stack, from the template's first version (the emulator starts empty).
+  AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
+    AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
+    "$BIN/python" scripts/dev_infra.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev/null \
+    2>.dev/demo-stack.err || echo "(the demo cell's stack was not created; see .dev/demo-stack.err)"
   CELL_ID=demo-cell CELL_AMQP_URL=$(cat .dev/demo-cell.url) CELL_STATE_DIR=.dev/demo-cell-state \
-    CELL_HEARTBEAT_SECONDS=5 CELL_METRICS_PORT=9180 \
+    CELL_HEARTBEAT_SECONDS=5 CELL_SYNC_SECONDS=10 CELL_METRICS_PORT=9180 \
+    CELL_STACK_NAME=substrate-demo-cell \
     AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
     AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
     "$BIN/cell-agent" run >.dev/cell-agent.log 2>&1 &
@@ -66,8 +76,15 @@ if "$BIN/python" scripts/dev_release.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev
     && "$BIN/substratectl" rollout policy set .dev/dev-policy.yaml >/dev/null; then
   echo "  demo release file .dev/demo-release.yaml; rollout policy: 5 s soaks"
 fi
+# A demo infrastructure template: the current one, which the demo cell (on version 1) must
+# apply within an hour. Published once: a later `make dev` finds it published.
+if "$BIN/substratectl" infra publish 2 --template cell_agent/bootstrap/cell.yaml --grace 1h \
+    >/dev/null 2>.dev/demo-template.err; then
+  echo "  demo infrastructure template 2 published: the demo cell has an hour to apply it"
+fi
 echo
 echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell,"
+echo "     $BIN/substratectl infra status; (as the customer) CELL_ID=demo-cell ... $BIN/cell-agent infra status,"
 echo "     $BIN/substratectl release publish .dev/demo-release.yaml; $BIN/substratectl rollout watch,"
 echo "     $BIN/substratectl flags set .dev/demo-flag.yaml; curl -s 127.0.0.1:9180/flags/new-editor"
 echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest). Ctrl-C stops everything."
