@@ -80,6 +80,16 @@ def check_grant(hours: float, reason: str, max_hours: float) -> str:
     return reason
 
 
+def _expiry(tag: str | None) -> datetime:
+    """A role without a readable expiry was not made here; it counts as long expired (a role
+    under the path is debug access, and debug access never lasts)."""
+    try:
+        when = datetime.fromisoformat(tag) if tag else _LONG_AGO
+    except ValueError:
+        return _LONG_AGO
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 class DebugAccess:
     """The cell's debug roles, through IAM with the caller's credentials."""
 
@@ -117,9 +127,7 @@ class DebugAccess:
             for role in page["Roles"]:
                 tags = {t["Key"]: t["Value"] for t in self._iam.list_role_tags(
                     RoleName=role["RoleName"])["Tags"]}  # fmt: skip
-                # A role without the tag was not made here; it counts as long expired.
-                expires = tags.get(EXPIRES_TAG)
-                when = datetime.fromisoformat(expires) if expires else _LONG_AGO
+                when = _expiry(tags.get(EXPIRES_TAG))
                 reason, by = tags.get(REASON_TAG, ""), tags.get(GRANTED_BY_TAG, "")
                 found.append(Grant(role["RoleName"], role["Arn"], when, reason, by))
         return sorted(found, key=lambda g: g.expires_at)

@@ -17,7 +17,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from common.bus import BusError, RabbitBus, Unroutable
-from common.messages import MESSAGES, Event, Message
+from common.messages import MESSAGES, Message
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class Outbox:
         self.inflight_key = f"{key}:inflight"
         self._unheard: set[str] = set()
 
-    async def put(self, event: Event) -> None:
-        await self._redis.rpush(self.key, outbox_entry(event))
+    async def put(self, message: Message) -> None:
+        await self._redis.rpush(self.key, outbox_entry(message))
 
     async def pending(self) -> int:
         return int(await self._redis.llen(self.key)) + int(

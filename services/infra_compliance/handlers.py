@@ -15,6 +15,7 @@ from common.bus import RpcFailure
 from common.clock import Clock
 from common.fleet import REGISTRY_FACTS, FleetCell
 from common.messages import (
+    CellRegistered,
     CellRegistrationRefused,
     Delivery,
     Event,
@@ -75,8 +76,9 @@ async def templates(store: InfraStore) -> list[model.Template]:
 
 async def reconcile(
     deps: Deps, cell_id: str, published: list[model.Template] | None = None
-) -> None:
-    """Bring one cell's compliance up to date with what it runs and what is published."""
+) -> bool:
+    """Bring one cell's compliance up to date with what it runs and what is published; True if
+    anything changed (the cell was told)."""
     store = deps.store
     published = published if published is not None else await templates(store)
     for _ in range(CONFLICT_TRIES):
@@ -86,14 +88,14 @@ async def reconcile(
             if cell is None or cell.status == "decommissioned":
                 if raw:
                     await store.forget(cell_id, raw)
-                return
+                return False
             if cell.status == "created":
-                return  # not registered yet: what it runs is not known
+                return False  # not registered yet: what it runs is not known
             plan = model.reconcile(
                 record_of(raw), cell_id, cell.template_version, published, deps.clock.now()
             )
             if not plan.changed:
-                return
+                return False
             await store.save(
                 cell_id, raw, plan.record, timers=plan.timers, drop_timers=plan.drop_timers,
                 events=plan.events, command=plan.command,
@@ -104,7 +106,7 @@ async def reconcile(
             deps.wake_timers()
         log.info("cell %s: %s (template %s, required %s)", cell_id, plan.record.state,
                  cell.template_version, plan.record.required_version)  # fmt: skip
-        return
+        return True
     raise RuntimeError(f"cell {cell_id}'s compliance kept changing; the message is retried")
 
 
@@ -119,10 +121,16 @@ async def reconcile_fleet(deps: Deps) -> int:
 
 async def on_fact(msg: Event, delivery: Delivery, deps: Deps) -> None:
     """A cell registered, reported another template version, or was decommissioned."""
-    if await deps.store.fleet.apply(msg) is not None:
-        cell_id = getattr(msg, "cell_id", None)
-        assert isinstance(cell_id, str)
-        await reconcile(deps, cell_id)
+    cell_id = getattr(msg, "cell_id", None)
+    assert isinstance(cell_id, str)
+    told = await deps.store.fleet.apply(msg) is not None and await reconcile(deps, cell_id)
+    if isinstance(msg, CellRegistered) and not told:
+        # An agent registers at every start and reconnect; one that lost what it was told (a
+        # new state directory) hears it again.
+        again = model.required_now(cell_id, record_of(await deps.store.record(cell_id)),
+                                   deps.clock.now())  # fmt: skip
+        if again is not None:
+            await deps.store.announce(again)
 
 
 async def on_ignored(msg: Event, delivery: Delivery, deps: Deps) -> None:

@@ -157,6 +157,18 @@ def _changed_event(
     )  # fmt: skip
 
 
+def required_now(cell_id: str, record: Record, now: datetime) -> InfraRequired | None:
+    """What the cell is told again (it may have lost it: a new state directory), or None when
+    nothing was decided for it yet."""
+    if record.state is None:
+        return None
+    req = None
+    if record.required_version is not None and record.location and record.deadline:
+        req = Requirement(record.required_version, record.location, record.deadline,
+                          timedelta(0))  # fmt: skip
+    return _required(cell_id, record.state, req, now)
+
+
 def _required(cell_id: str, state: ComplianceState, req: Requirement | None,
               now: datetime) -> InfraRequired:  # fmt: skip
     return InfraRequired(

@@ -201,6 +201,9 @@ class InfraStore:
         if not (await self._changes.apply(change)).written:
             raise Conflict(cell_id)
 
+    async def announce(self, message: Message) -> None:
+        await self.outbox.put(message)
+
     # -- timers -------------------------------------------------------------------------------
 
     async def due(self, now: datetime, limit: int = 200) -> list[Timer]:

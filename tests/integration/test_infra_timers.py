@@ -179,3 +179,26 @@ async def test_publishing_refuses_a_template_that_is_not_newer_or_does_not_lint(
                 InfraPublish(version=version, template=template, grace=grace), DELIVERY, deps
             )
     assert [t.version for t in await store.templates()] == [3], "nothing else was stored"
+
+
+async def test_a_cell_that_registers_again_is_told_what_is_required_again(
+    redis: aioredis.Redis,
+) -> None:
+    """An agent with a new state directory has lost what it was told; it registers again."""
+    clock = FakeClock(T0)
+    store = InfraStore(redis)
+    deps = handlers.Deps(store=store, clock=clock, aws=FakeAws())
+    await handlers.on_fact(registered("c-1", clock), DELIVERY, deps)
+    await handlers.infra_publish(
+        InfraPublish(version="2", template="Resources: {}", grace="14s"), DELIVERY, deps
+    )
+    await handlers.reconcile_fleet(deps)
+    assert (await outbox_types(redis)).count("command.infra-required.v1") == 1
+    clock.advance(1)
+    await handlers.on_fact(registered("c-1", clock), DELIVERY, deps)
+    told = [json.loads(json.loads(e)["body"]) for e in await redis.lrange(OUTBOX, 0, -1)
+            if json.loads(e)["type"] == "command.infra-required.v1"]  # fmt: skip
+    assert [(t["cell_id"], t["status"], t["required_version"]) for t in told] == [
+        ("c-1", "pending", "2"),
+        ("c-1", "pending", "2"),
+    ]
