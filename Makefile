@@ -9,7 +9,7 @@ export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
 export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
 
-.PHONY: install services lint format test test-only dev bench clean
+.PHONY: install services lint format test test-only dev bench dashboards clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m observability.dashboards --check
+
+# The Grafana dashboards are generated from observability/dashboards.py.
+dashboards: install
+	$(BIN)/python -m observability.dashboards
 
 format: install
 	$(BIN)/ruff format .

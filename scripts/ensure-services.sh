@@ -46,4 +46,9 @@ if ! port_open 15672; then
   rabbitmq-plugins -q enable rabbitmq_management rabbitmq_prometheus >/dev/null
 fi
 wait_port 15672 "RabbitMQ management API" 120
-echo "RabbitMQ (5672, management 15672) and Redis (6379) are up"
+# Prometheus's promtool checks the alert rules; the observability tests run a real Prometheus.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "installing prometheus (for promtool and the dashboards' tests)"
+  apt_install --no-install-recommends prometheus
+fi
+echo "RabbitMQ (5672, management 15672) and Redis (6379) are up; prometheus is installed"

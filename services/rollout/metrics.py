@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES
+from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, TERMINAL_PHASES
 from services.rollout.model import CellFacts, Rollout
 
 CELLS_BY_RELEASE = Gauge(
@@ -29,6 +29,13 @@ UPGRADE_DURATION = Histogram(
     ["outcome"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
 )
+# Every stage's and outcome's series exist from the start, at 0: a dashboard's rate() and an
+# alert see "none yet" rather than "no data".
+for _stage in STAGES:
+    HALTS.labels(_stage)
+for _outcome in sorted(TERMINAL_PHASES):
+    UPGRADE_DURATION.labels(_outcome)
+
 # Only the newest rollouts get state series, so old releases do not pile up label sets.
 SHOWN_ROLLOUTS = 10
 

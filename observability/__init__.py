@@ -1,0 +1,1 @@
+"""What operators watch: dashboards as code and the Prometheus configuration."""

@@ -1,0 +1,45 @@
+"""Dashboards and alert rules as code: the dashboard files are what the code makes, and
+Prometheus's own tool accepts the configuration and the rules and passes the rules' tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from observability import dashboards, prometheus
+
+PROMETHEUS = Path(__file__).resolve().parents[2] / "compose" / "prometheus"
+
+
+def promtool(*args: str) -> str:
+    tool = shutil.which("promtool")
+    assert tool, "promtool is missing: make test installs Debian's prometheus package"
+    done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_dashboard_files_are_what_the_code_makes() -> None:
+    assert dashboards.main(["--check"]) == 0, "run `make dashboards`"
+    files = sorted(p.name for p in dashboards.OUT.glob("*.json"))
+    assert files == sorted(f"{b.uid}.json" for b in dashboards.BOARDS)
+
+
+def test_alert_rules_pass_promtool_and_their_unit_tests() -> None:
+    assert "SUCCESS: 9 rules found" in promtool("check", "rules", str(PROMETHEUS / "alerts.yml"))
+    assert "SUCCESS" in promtool("test", "rules", str(PROMETHEUS / "alerts_test.yml"))
+
+
+def test_the_prometheus_configurations_are_valid(tmp_path: Path) -> None:
+    # compose's file names the rules where its container mounts them.
+    compose = (PROMETHEUS / "prometheus.yml").read_text()
+    (tmp_path / "compose.yml").write_text(
+        compose.replace("/etc/prometheus/alerts.yml", str(PROMETHEUS / "alerts.yml"))
+    )
+    promtool("check", "config", str(tmp_path / "compose.yml"))
+    generated = prometheus.config({"substrate-registry": ["127.0.0.1:9101"]},
+                                  rabbitmq="127.0.0.1:15692", vhost="/")  # fmt: skip
+    (tmp_path / "generated.yml").write_text(generated)
+    promtool("check", "config", str(tmp_path / "generated.yml"))
