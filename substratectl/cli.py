@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sys
 
 from pydantic import ValidationError
 
@@ -48,6 +50,14 @@ async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings |
         await ctl.close()
 
 
+# Exit codes (README, "substratectl"): 0 done; 1 refused or failed (the reason on stderr, and
+# as {"error": ...} with --json; also a service down for `status`, a rollout that ended halted
+# for `rollout watch`); 2 a usage error or a missing setting; 130 interrupted; 141 the reader
+# of the output went away (`| head`), quietly, as a shell's own tools do.
+EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     # Settings are read before the event loop starts so a missing variable is one clean line.
     settings = None if args.offline else load(ControlPlaneSettings)
     try:
-        return asyncio.run(run_command(args, settings))
+        code = asyncio.run(run_command(args, settings))
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at nothing so the interpreter's last
+        # flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
 
 
 def plain(payload: object) -> object:
@@ -40,14 +43,33 @@ def _value(row: BaseModel | Mapping[str, object], column: str) -> object:
     return row.get(column)
 
 
+def on_terminal() -> bool:
+    """Colour and live redrawing only when a person is looking (not in a pipe or a file)."""
+    return sys.stdout.isatty()
+
+
+def console(buffer: io.StringIO | None = None) -> Console:
+    """A rich console: styled on a terminal, plain text everywhere else."""
+    return Console(
+        file=buffer or sys.stdout, width=None if buffer is None else 400,
+        color_system="auto" if on_terminal() else None, force_terminal=on_terminal(),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
 def table(rows: Sequence[BaseModel | Mapping[str, object]], columns: Sequence[str]) -> str:
+    """Rows as aligned columns with upper-case headers (bold on a terminal)."""
     if not rows:
         return "(none)"
-    cells = [[_cell(_value(row, col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
-    lines = ["  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
+    grid = Table(box=None, show_edge=False, pad_edge=False,
+                 header_style="bold" if on_terminal() else None)  # fmt: skip
+    for column in columns:
+        grid.add_column(column.upper(), no_wrap=True)
+    for row in rows:
+        grid.add_row(*(_cell(_value(row, col)) for col in columns))
+    buffer = io.StringIO()
+    console(buffer).print(grid)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
 def fields(record: Mapping[str, object]) -> str:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from rich.live import Live
+from rich.text import Text
 
 from common.requests import Request
 from common.requests.rollout import (
@@ -26,7 +29,7 @@ from common.requests.rollout import (
 )
 from common.vocabulary import FINISHED_STATES, STAGES
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import emit_json, fields, plain, table
+from substratectl.output import console, emit_json, fields, on_terminal, plain, table
 
 COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
@@ -108,10 +111,20 @@ def _progress_lines(r: RolloutView) -> list[str]:
 
 
 async def watch(ctl: Ctl) -> int:
-    """Live progress until the rollout finishes or halts (exit 0 completed, 1 otherwise)."""
+    """Live progress until the rollout finishes or halts (exit 0 completed, 1 otherwise). On a
+    terminal the frame is redrawn in place (rich's Live); elsewhere each changed frame is
+    printed, and with --json each change is one JSON line."""
+    if on_terminal() and not ctl.as_json:
+        with Live(console=console(), auto_refresh=False) as live:
+            return await _watch(ctl, lambda r: live.update(Text("\n".join(_progress_lines(r))),
+                                                           refresh=True))  # fmt: skip
+    if ctl.as_json:
+        return await _watch(ctl, lambda r: print(json.dumps(plain(r), sort_keys=True), flush=True))
+    return await _watch(ctl, lambda r: print("\n".join(_progress_lines(r)), flush=True))
+
+
+async def _watch(ctl: Ctl, show: Callable[[RolloutView], None]) -> int:
     version = ctl.args.version
-    tty = sys.stdout.isatty() and not ctl.as_json
-    drawn = 0
     last = None
     while True:
         r = await ctl.call(RolloutShow(version=version))
@@ -119,14 +132,7 @@ async def watch(ctl: Ctl) -> int:
         shown = r.model_dump(exclude={"updated_at"})
         if shown != last:
             last = shown
-            if ctl.as_json:
-                print(json.dumps(plain(r), sort_keys=True), flush=True)
-            else:
-                lines = _progress_lines(r)
-                if tty and drawn:
-                    sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # back over the previous frame
-                print("\n".join(lines), flush=True)
-                drawn = len(lines)
+            show(r)
         if r.state in (*FINISHED_STATES, "halted") or ctl.args.once:
             return 0 if r.state == "completed" or ctl.args.once else 1
         await asyncio.sleep(ctl.args.interval)

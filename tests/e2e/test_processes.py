@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 
 import pytest
@@ -68,3 +69,17 @@ async def test_cli_without_broker_url_fails_with_one_line(procs: Processes) -> N
     _, err = await process.communicate()
     assert process.returncode == 2
     assert err.decode().strip() == "error: setting SUBSTRATE_AMQP_URL is not set"
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`substratectl ... | head`: no BrokenPipe trace, the shell's own exit code (141)."""
+    reader, writer = os.pipe()
+    process = subprocess.Popen(
+        [str(BIN / "substratectl"), "--json", "schema"], stdout=writer, stderr=subprocess.PIPE
+    )
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        assert pipe.read(10)  # the reader takes a little of the 160 KB, then goes away
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141, err
+    assert err == b"", err.decode()
