@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# make dev: every part that exists so far, as local processes against the local broker and
-# Redis. Logs go to .dev/<part>.log; Ctrl-C (or SIGTERM) stops everything this script started.
+# make dev: the whole system as local processes against the local broker and Redis: the AWS
+# emulator, the four services, a demo fleet of five cells with their agents (one staging, one
+# saas, three dedicated, so a rollout shows every stage, the canary and the waves), and
+# Prometheus (Debian's package) scraping it all with the alert rules. Logs go to $DEV_DIR;
+# Ctrl-C (or SIGTERM) stops everything this script started.
+#
+# Ports and names can be moved (the tests do): DEV_DIR (.dev), DEV_METRICS_BASE (9100: the
+# services on +1..+4), DEV_AGENT_BASE (9180: the agents on +0..+4), MOTO_PORT (5055),
+# PROMETHEUS_PORT (9090), DEV_CELL_PREFIX (demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-mkdir -p .dev
+DEV_DIR=${DEV_DIR:-.dev}
+METRICS_BASE=${DEV_METRICS_BASE:-9100}
+AGENT_BASE=${DEV_AGENT_BASE:-9180}
+MOTO_PORT=${MOTO_PORT:-5055}
+PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
+PREFIX=${DEV_CELL_PREFIX:-demo}
+mkdir -p "$DEV_DIR"
 pids=()
 
 stop_all() {
@@ -16,77 +29,99 @@ stop_all() {
 trap "stop_all; exit 0" INT TERM
 trap stop_all EXIT
 
+remember() {
+  pids+=("$1")
+  echo "  $2 (pid $1): $3"
+}
+
 start() {
   local name=$1 port=$2
   shift 2
-  SUBSTRATE_METRICS_PORT=$port "$@" >".dev/$name.log" 2>&1 &
-  pids+=($!)
-  echo "  $name (pid $!): metrics http://127.0.0.1:$port/metrics, log .dev/$name.log"
+  SUBSTRATE_METRICS_PORT=$port "$@" >"$DEV_DIR/$name.log" 2>&1 &
+  remember $! "$name" "metrics http://127.0.0.1:$port/metrics, log $DEV_DIR/$name.log"
 }
 
+export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
+  AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1
+
 "$BIN/substratectl" topology apply
-echo "starting the local AWS emulator and the control plane:"
-MOTO_PORT=${MOTO_PORT:-5055}
+echo "starting the local AWS emulator, the control plane and Prometheus:"
 # Managed policies (ReadOnlyAccess) exist in the emulator only with this: debug access needs it.
 MOTO_IAM_LOAD_MANAGED_POLICIES=true "$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" \
-  >.dev/moto.log 2>&1 &
-pids+=($!)
-echo "  moto (pid $!): AWS API on http://127.0.0.1:$MOTO_PORT, log .dev/moto.log"
-start registry 9101 "$BIN/substrate-registry"
-start rollout 9102 "$BIN/substrate-rollout"
-start flags 9103 "$BIN/substrate-flags"
-AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
-  AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
-  start infra_compliance 9104 "$BIN/substrate-infra-compliance"
+  >"$DEV_DIR/moto.log" 2>&1 &
+remember $! moto "AWS API on http://127.0.0.1:$MOTO_PORT, log $DEV_DIR/moto.log"
+start registry $((METRICS_BASE + 1)) "$BIN/substrate-registry"
+start rollout $((METRICS_BASE + 2)) "$BIN/substrate-rollout"
+start flags $((METRICS_BASE + 3)) "$BIN/substrate-flags"
+start infra_compliance $((METRICS_BASE + 4)) "$BIN/substrate-infra-compliance"
 
-for _ in $(seq 1 40); do
+"$BIN/python" - "$DEV_DIR/prometheus.yml" "$METRICS_BASE" "$AGENT_BASE" "$(
+  "$BIN/python" -c 'import os, urllib.parse as u; print(u.unquote(u.urlsplit(os.environ["SUBSTRATE_AMQP_URL"]).path[1:]) or "/")'
+)" <<'EOF'
+import sys
+from pathlib import Path
+from observability.prometheus import config
+path, base, agents, vhost = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+jobs = {f"substrate-{name}": [f"127.0.0.1:{base + i}"]
+        for i, name in enumerate(("registry", "rollout", "flags", "infra-compliance"), 1)}
+jobs["cell-agent"] = [f"127.0.0.1:{agents + i}" for i in range(5)]
+Path(path).write_text(config(jobs, rabbitmq="127.0.0.1:15692", vhost=vhost, interval="5s"))
+EOF
+prometheus --config.file="$DEV_DIR/prometheus.yml" --storage.tsdb.path="$DEV_DIR/prometheus" \
+  --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" >"$DEV_DIR/prometheus.log" 2>&1 &
+remember $! prometheus "http://127.0.0.1:$PROMETHEUS_PORT (alerts: /alerts), log $DEV_DIR/prometheus.log"
+
+for _ in $(seq 1 60); do
   "$BIN/substratectl" status >/dev/null 2>&1 && break
   sleep 0.5
 done
-"$BIN/substratectl" status || echo "(some services are not up yet; see .dev/*.log)"
+"$BIN/substratectl" status || echo "(some services are not up yet; see $DEV_DIR/*.log)"
 
-# A demo cell with its agent, as a customer would run it. The agent URL is shown only once at
-# creation, so it is kept in .dev/ for the next `make dev`.
-if [ ! -s .dev/demo-cell.url ]; then
-  if "$BIN/substratectl" --json cells create demo-cell --stage staging --region eu-west-1 \
-      --org demo >.dev/demo-cell.json 2>.dev/demo-cell.err; then
-    "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
-      .dev/demo-cell.json >.dev/demo-cell.url
-  else
-    echo "(demo-cell exists but its URL is gone: rotate-credentials it and put the new URL in .dev/demo-cell.url)"
+# The demo fleet, as customers would run it: each cell created (its agent URL is shown only
+# once, so it is kept in $DEV_DIR for the next make dev), its bootstrap stack from the
+# template's first version (the emulator starts empty), and its agent.
+echo "the demo fleet:"
+n=0
+for spec in staging saas dedicated-1 dedicated-2 dedicated-3; do
+  cell="$PREFIX-$spec"
+  stage=${spec%%-*}
+  if [ ! -s "$DEV_DIR/$cell.url" ]; then
+    if "$BIN/substratectl" --json cells create "$cell" --stage "$stage" --region eu-west-1 \
+        --org "$PREFIX-org" >"$DEV_DIR/$cell.json" 2>"$DEV_DIR/$cell.err"; then
+      "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
+        "$DEV_DIR/$cell.json" >"$DEV_DIR/$cell.url"
+    else
+      echo "  ($cell exists but its URL is gone: rotate-credentials it, put the URL in $DEV_DIR/$cell.url)"
+      continue
+    fi
   fi
+  "$BIN/python" scripts/dev_infra.py "$AWS_ENDPOINT_URL" "$DEV_DIR" "$cell" >/dev/null \
+    2>"$DEV_DIR/$cell-stack.err" || echo "  ($cell's stack was not created; see $DEV_DIR/$cell-stack.err)"
+  port=$((AGENT_BASE + n))
+  CELL_ID=$cell CELL_AMQP_URL=$(cat "$DEV_DIR/$cell.url") CELL_STATE_DIR="$DEV_DIR/$cell-state" \
+    CELL_HEARTBEAT_SECONDS=5 CELL_SYNC_SECONDS=10 CELL_METRICS_PORT=$port \
+    CELL_STACK_NAME="substrate-$cell" \
+    "$BIN/cell-agent" run >"$DEV_DIR/$cell.log" 2>&1 &
+  remember $! "cell-agent $cell ($stage)" "health http://127.0.0.1:$port/healthz, log $DEV_DIR/$cell.log"
+  n=$((n + 1))
+done
+
+# A demo release (its image pushed to the emulator's ECR), short soaks, a demo flag file, and a
+# demo infrastructure template the cells (on version 1) must apply within the hour.
+if "$BIN/python" scripts/dev_release.py "$AWS_ENDPOINT_URL" "$DEV_DIR" >/dev/null 2>"$DEV_DIR/demo-release.err" \
+    && "$BIN/substratectl" rollout policy set "$DEV_DIR/dev-policy.yaml" >/dev/null; then
+  echo "  demo release file $DEV_DIR/demo-release.yaml; rollout policy: 5 s soaks"
 fi
-if [ -s .dev/demo-cell.url ]; then
-  # Its bootstrap stack, from the template's first version (the emulator starts empty).
-  AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
-    AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
-    "$BIN/python" scripts/dev_infra.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev/null \
-    2>.dev/demo-stack.err || echo "(the demo cell's stack was not created; see .dev/demo-stack.err)"
-  CELL_ID=demo-cell CELL_AMQP_URL=$(cat .dev/demo-cell.url) CELL_STATE_DIR=.dev/demo-cell-state \
-    CELL_HEARTBEAT_SECONDS=5 CELL_SYNC_SECONDS=10 CELL_METRICS_PORT=9180 \
-    CELL_STACK_NAME=substrate-demo-cell \
-    AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
-    AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1 \
-    "$BIN/cell-agent" run >.dev/cell-agent.log 2>&1 &
-  pids+=($!)
-  echo "  cell-agent demo-cell (pid $!): health http://127.0.0.1:9180/healthz, log .dev/cell-agent.log"
-fi
-# A demo release (its image pushed to the emulator's ECR) and short soaks for trying rollouts.
-if "$BIN/python" scripts/dev_release.py "http://127.0.0.1:$MOTO_PORT" .dev >/dev/null 2>.dev/demo-release.err \
-    && "$BIN/substratectl" rollout policy set .dev/dev-policy.yaml >/dev/null; then
-  echo "  demo release file .dev/demo-release.yaml; rollout policy: 5 s soaks"
-fi
-# A demo infrastructure template: the current one, which the demo cell (on version 1) must
-# apply within an hour. Published once: a later `make dev` finds it published.
 if "$BIN/substratectl" infra publish 2 --template cell_agent/bootstrap/cell.yaml --grace 1h \
-    >/dev/null 2>.dev/demo-template.err; then
-  echo "  demo infrastructure template 2 published: the demo cell has an hour to apply it"
+    >/dev/null 2>"$DEV_DIR/demo-template.err"; then
+  echo "  demo infrastructure template 2 published: the cells have an hour to apply it"
 fi
 echo
-echo "Try: $BIN/substratectl cells list, $BIN/substratectl cells show demo-cell,"
-echo "     $BIN/substratectl infra status; (as the customer) CELL_ID=demo-cell ... $BIN/cell-agent infra status,"
-echo "     $BIN/substratectl release publish .dev/demo-release.yaml; $BIN/substratectl rollout watch,"
-echo "     $BIN/substratectl flags set .dev/demo-flag.yaml; curl -s 127.0.0.1:9180/flags/new-editor"
-echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest). Ctrl-C stops everything."
+echo "Try: $BIN/substratectl cells list; $BIN/substratectl release publish $DEV_DIR/demo-release.yaml"
+echo "     $BIN/substratectl rollout watch   (staging, saas, then dedicated: canary and two waves)"
+echo "     $BIN/substratectl flags set $DEV_DIR/demo-flag.yaml; curl -s 127.0.0.1:$AGENT_BASE/flags/new-editor"
+echo "     $BIN/substratectl infra status"
+echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest); Prometheus: http://127.0.0.1:$PROMETHEUS_PORT"
+echo "Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
-echo "a process exited; see .dev/*.log"
+echo "a process exited; see $DEV_DIR/*.log"

@@ -1,0 +1,141 @@
+"""`make dev` as a user runs it: the script starts the system with its demo fleet of five cells,
+a published demo release goes through staging, saas and dedicated's canary and waves, Prometheus
+answers, and Ctrl-C leaves no process behind. Run on this test's vhost, Redis database and
+ports, so it touches nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Services, free_port
+from tests.e2e.conftest import BIN
+from tests.helpers import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_block(size: int) -> int:
+    """A base port whose next ``size`` ports are free now."""
+    for _ in range(50):
+        base = free_port()
+        if base + size < 65000 and all(_is_free(base + i) for i in range(size)):
+            return base
+    raise AssertionError("no block of free ports")
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.load(answer)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.e2e
+async def test_make_dev_shows_every_stage_and_stops_clean(
+    services: Services, control_plane: None, tmp_path: Path
+) -> None:
+    dev = tmp_path / "dev"
+    prefix = f"d{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "SUBSTRATE_AMQP_URL": services.amqp_url, "SUBSTRATE_REDIS_URL": services.redis_url,
+        "SUBSTRATE_RABBITMQ_API_URL": services.api_url, "DEV_DIR": str(dev),
+        "DEV_METRICS_BASE": str(_free_block(5)), "DEV_AGENT_BASE": str(_free_block(5)),
+        "MOTO_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
+        "DEV_CELL_PREFIX": prefix,
+    }  # fmt: skip
+    log = tmp_path / "make-dev.log"
+    with log.open("wb") as sink:
+        script = await asyncio.create_subprocess_exec(
+            "bash", "scripts/dev.sh", cwd=ROOT, env=env, stdout=sink,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        await eventually(lambda: "Ctrl-C stops everything" in log.read_text(), timeout=180,
+                         interval=0.5, what="make dev ready")  # fmt: skip
+        started = [int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())]
+        assert len(started) == 1 + 4 + 1 + 5, log.read_text()  # moto, services, prometheus, agents
+
+        async def ctl(*args: str) -> Any:
+            process = await asyncio.create_subprocess_exec(
+                str(BIN / "substratectl"), "--json", *args, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await process.communicate()
+            assert process.returncode == 0, err.decode()
+            return json.loads(out)
+
+        async def five_online() -> bool:
+            cells = await ctl("cells", "list", "--status", "online")
+            return len([c for c in cells if c["id"].startswith(prefix)]) == 5
+
+        await eventually(five_online, timeout=60, interval=0.5, what="five demo cells online")
+        release = await ctl("release", "publish", str(dev / "demo-release.yaml"))
+        seen: list[tuple[str, str, int | None]] = []
+
+        async def completed() -> bool:
+            r = await ctl("rollout", "status", release["version"])
+            if not seen or seen[-1] != (r["state"], r["stage"], r["wave"]):
+                seen.append((r["state"], r["stage"], r["wave"]))
+            return bool(r["state"] == "completed")
+
+        await eventually(completed, timeout=180, interval=0.3, what="the demo release completed")
+        stages = [s for _, s, _ in seen]
+        assert stages == sorted(stages, key=["staging", "saas", "dedicated"].index)
+        assert ("soaking", "staging", 1) in seen and ("soaking", "saas", 1) in seen
+        dedicated_waves = {w for _, s, w in seen if s == "dedicated"}
+        assert dedicated_waves == {1, 2, 3}, f"the canary and two waves: {seen}"
+
+        async def all_on_it() -> bool:
+            # The registry shows it from each agent's next heartbeat (every 5 s in make dev).
+            cells = await ctl("cells", "list")
+            mine = [c["installed_release"] for c in cells if c["id"].startswith(prefix)]
+            return mine == [release["version"]] * 5
+
+        await eventually(all_on_it, timeout=30, interval=0.5, what="the release on all five")
+
+        url = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?query=up"
+        up = (await asyncio.to_thread(_get_json, url))["data"]["result"]
+        assert {r["metric"]["job"] for r in up} >= {"substrate-registry", "substrate-rollout",
+                                                     "cell-agent", "rabbitmq"}  # fmt: skip
+    finally:
+        # Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
+        if script.returncode is None:
+            os.killpg(script.pid, signal.SIGINT)
+        try:
+            await asyncio.wait_for(script.wait(), 60)
+        finally:
+            left = [pid for pid in re.findall(r"\(pid (\d+)\)", log.read_text())
+                    if _alive(int(pid))]  # fmt: skip
+            for pid in left:
+                os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
