@@ -3,7 +3,8 @@
 URLs come from SUBSTRATE_AMQP_URL / SUBSTRATE_REDIS_URL / SUBSTRATE_RABBITMQ_API_URL (make test
 sets them for the local services). Where they are unset and Docker is present, testcontainers
 starts RabbitMQ and Redis; where neither, the run fails saying so. Each test session gets its
-own vhost (created and deleted through the management API) and its own empty Redis database.
+own vhost (created and deleted through the management API) and its own empty Redis database;
+a test that needs the fleet to itself takes `fresh_services`, a vhost and database of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -76,11 +78,13 @@ def service_urls() -> Iterator[tuple[str, str, str]]:
         )
 
 
-@pytest.fixture(scope="session")
-async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
+@asynccontextmanager
+async def _isolated(service_urls: tuple[str, str, str], label: str) -> AsyncIterator[Services]:
+    """A new vhost and an empty Redis database, removed (with the broker users granted on the
+    vhost) after."""
     amqp, api_url, redis_url = service_urls
     api = RabbitApi(api_url)
-    vhost = f"substrate-test-{uuid.uuid4().hex[:8]}"
+    vhost = f"substrate-{label}-{uuid.uuid4().hex[:8]}"
     user = urlsplit(amqp).username or "guest"
     await api.create_vhost(vhost)
     await api.set_permissions(vhost, user, configure=".*", write=".*", read=".*")
@@ -88,7 +92,7 @@ async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services
     try:
         yield Services(_with_vhost(amqp, vhost), api_url, _with_db(redis_url, db), vhost, api)
     finally:
-        # Broker users are not per vhost: remove the cells' users this session created (every
+        # Broker users are not per vhost: remove the cells' users this vhost saw created (every
         # user with permissions here but the one the tests connect as).
         granted = await api.call("GET", f"/vhosts/{quote(vhost, safe='')}/permissions")
         for grant in granted:
@@ -98,6 +102,20 @@ async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services
         client = aioredis.from_url(_with_db(redis_url, db))
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
+    async with _isolated(service_urls, "test") as session:
+        yield session
+
+
+@pytest.fixture
+async def fresh_services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
+    """For a test that needs the whole fleet to itself (the session's vhost holds the cells every
+    earlier test left): its own vhost and Redis database, nothing declared."""
+    async with _isolated(service_urls, "own") as own:
+        yield own
 
 
 CLAIM = "substrate-test:claimed"

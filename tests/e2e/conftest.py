@@ -8,12 +8,15 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common import topology
+from common.bus import RabbitBus
 from tests.conftest import Services, free_port
 from tests.helpers import eventually
 
@@ -80,14 +83,40 @@ class Processes:
         return process.returncode, parsed, err.decode()
 
 
+@asynccontextmanager
+async def _processes(services: Services, logs: Path) -> AsyncIterator[Processes]:
+    running = Processes(services, logs)
+    try:
+        yield running
+    finally:
+        for proc in reversed(running.running):
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+
+
 @pytest.fixture
 async def procs(services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
-    running = Processes(services, tmp_path)
-    yield running
-    for proc in reversed(running.running):
-        if proc.process.returncode is None:
-            proc.process.kill()
-            await proc.process.wait()
+    async with _processes(services, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def own_procs(fresh_services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
+    """Processes on a vhost and Redis database of the test's own, for a test whose rollout must
+    see only its own cells (the session's vhost keeps the cells of every earlier test)."""
+    bus = await RabbitBus.connect(fresh_services.amqp_url, name="test-own-topology")
+    await bus.declare(topology.control_plane())
+    await bus.close()
+    async with _processes(fresh_services, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def own_bus(own_procs: Processes) -> AsyncIterator[RabbitBus]:
+    b = await RabbitBus.connect(own_procs.services.amqp_url, name="test-own")
+    yield b
+    await b.close(drain_timeout=5)
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

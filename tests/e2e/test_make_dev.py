@@ -1,7 +1,7 @@
 """`make dev` as a user runs it: the script starts the system with its demo fleet of five cells,
 a published demo release goes through staging, saas and dedicated's canary and waves, Prometheus
-answers, and Ctrl-C leaves no process behind. Run on this test's vhost, Redis database and
-ports, so it touches nothing else."""
+answers, and Ctrl-C leaves no process behind. Run on a vhost, Redis database and ports of its
+own, so the cells earlier tests left do not join its rollout and it touches nothing else."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.e2e
 async def test_make_dev_shows_every_stage_and_stops_clean(
-    services: Services, control_plane: None, tmp_path: Path
+    fresh_services: Services, tmp_path: Path
 ) -> None:
+    services = fresh_services  # dev.sh declares the topology itself, as on a fresh broker
     dev = tmp_path / "dev"
     prefix = f"d{uuid.uuid4().hex[:6]}"
     env = {
