@@ -9,7 +9,7 @@ export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
 export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
 
-.PHONY: install services lint format test test-only dev bench dashboards clean
+.PHONY: install services lint format test test-only dev bench dashboards definitions clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,15 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m observability.dashboards --check
+	$(BIN)/python -m deploy.rabbitmq --check
 
 # The Grafana dashboards are generated from observability/dashboards.py.
 dashboards: install
 	$(BIN)/python -m observability.dashboards
+
+# compose's broker definitions (users, permissions, topology) come from deploy/rabbitmq.py.
+definitions: install
+	$(BIN)/python -m deploy.rabbitmq
 
 format: install
 	$(BIN)/ruff format .

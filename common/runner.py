@@ -73,14 +73,16 @@ def instance_name(service: str) -> str:
 
 
 async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asyncio.Event) -> None:
-    """Connect, declare the control-plane topology, let ``setup`` add consumers, serve metrics,
-    and run until ``stop`` is set. ``setup`` may return a cleanup coroutine function."""
+    """Connect, declare the control-plane topology (unless the broker's definitions hold it), let
+    ``setup`` add consumers, serve metrics, and run until ``stop`` is set. ``setup`` may return a
+    cleanup coroutine function."""
     bus = await RabbitBus.connect(
         settings.amqp_url,
         name=instance_name(service),
         publish_timeout=settings.publish_timeout_seconds,
     )
-    await bus.declare(topology.control_plane())
+    if settings.declare_topology:
+        await bus.declare(topology.control_plane())
     server = MetricsServer(
         lambda: {"ok": bus.is_connected, "service": service, "broker_connected": bus.is_connected},
         settings.metrics_host,

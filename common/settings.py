@@ -31,6 +31,11 @@ class ServiceSettings(ControlPlaneSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     metrics_host: str = "127.0.0.1"
     drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Where the broker's definitions already hold the topology (compose loads them at boot), a
+    # least-privileged service user has no configure permission to declare it again.
+    declare_topology: bool = Field(
+        default=True, description="declare the control-plane exchanges and queues at start"
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)
