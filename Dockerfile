@@ -6,5 +6,8 @@ COPY common ./common
 COPY services ./services
 COPY cell_agent ./cell_agent
 COPY substratectl ./substratectl
+COPY deploy ./deploy
 RUN pip install --no-cache-dir .
+# compose's demo job writes the cells' agent URLs here; a new volume takes this owner.
+RUN mkdir /demo && chown nobody /demo
 USER nobody

@@ -1,15 +1,20 @@
-"""compose/ checked statically (no Docker engine here): every process it runs is one of the
-project's console scripts, and every service gets the settings it cannot start without."""
+"""compose/ checked statically (the real run is tests/e2e/test_compose.py): every process is one
+of the project's console scripts, every service has the settings it cannot start without and
+its own broker user from the definitions, and Redis keeps what was acknowledged."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from deploy import rabbitmq
+
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("registry", "rollout", "flags", "infra_compliance")
 
 
 def _compose() -> dict[str, Any]:
@@ -25,18 +30,41 @@ def test_compose_runs_every_control_plane_service_from_a_console_script() -> Non
         "substrate-registry", "substrate-rollout", "substrate-flags", "substrate-infra-compliance"
     }  # fmt: skip
     assert expected <= commands
-    assert commands - {"redis-server"} <= set(scripts)
+    # Besides the console scripts: Redis, the demo job (python -m deploy.demo) and the agents'
+    # shell line that reads their URL.
+    assert commands - {"redis-server", "python", "sh"} <= set(scripts)
+    agents = [s for s in services.values() if s.get("command", [""])[0] == "sh"]
+    assert len(agents) == 5 and all("cell-agent run" in a["command"][-1] for a in agents)
 
 
-def test_every_service_has_its_required_settings_and_waits_for_its_dependencies() -> None:
+def test_each_service_runs_as_its_own_broker_user_with_its_settings() -> None:
     services = _compose()["services"]
-    for name, spec in services.items():
-        if not str(spec.get("command", [""])[0]).startswith("substrate-"):
-            continue
+    definitions = rabbitmq.definitions()
+    users = {u["name"]: u for u in definitions["users"]}  # type: ignore[attr-defined]
+    seen = set()
+    for name in SERVICES:
+        spec = services[name]
         env = spec["environment"]
-        for var in ("SUBSTRATE_AMQP_URL", "SUBSTRATE_REDIS_URL", "SUBSTRATE_RABBITMQ_API_URL"):
-            assert env.get(var), f"{name} lacks {var}"
-        assert set(spec["depends_on"]) == {"rabbitmq", "redis"}, name
+        assert env.get("SUBSTRATE_AMQP_URL") and env.get("SUBSTRATE_REDIS_URL"), name
+        assert {"rabbitmq", "redis"} <= set(spec["depends_on"]), name
+        url = urlsplit(env["SUBSTRATE_AMQP_URL"])
+        assert url.username and url.username.startswith("svc-"), name
+        assert (
+            rabbitmq.password_hash(url.username, url.password or "")
+            == users[url.username]["password_hash"]
+        ), f"{name}: the password in compose is not the one in the definitions"
+        seen.add(url.username)
+    assert len(seen) == len(SERVICES), "one user per service"
+    assert services["registry"]["environment"]["SUBSTRATE_RABBITMQ_API_URL"]
+
+
+def test_the_definitions_file_is_what_the_code_makes_and_holds_no_cell() -> None:
+    assert rabbitmq.main(["--check"]) == 0, "run `make definitions`"
+    definitions = rabbitmq.definitions()
+    names = [u["name"] for u in definitions["users"]]  # type: ignore[attr-defined]
+    assert all(n.startswith(("svc-", "op-")) for n in names)
+    queues = [q["name"] for q in definitions["queues"]]  # type: ignore[attr-defined]
+    assert not any(q.startswith("cell.") for q in queues)
 
 
 def test_redis_keeps_acknowledged_state_across_restarts() -> None:
