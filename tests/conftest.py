@@ -79,7 +79,9 @@ def service_urls() -> Iterator[tuple[str, str, str]]:
 
 
 @asynccontextmanager
-async def _isolated(service_urls: tuple[str, str, str], label: str) -> AsyncIterator[Services]:
+async def isolated_services(
+    service_urls: tuple[str, str, str], label: str
+) -> AsyncIterator[Services]:
     """A new vhost and an empty Redis database, removed (with the broker users granted on the
     vhost) after."""
     amqp, api_url, redis_url = service_urls
@@ -106,7 +108,7 @@ async def _isolated(service_urls: tuple[str, str, str], label: str) -> AsyncIter
 
 @pytest.fixture(scope="session")
 async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
-    async with _isolated(service_urls, "test") as session:
+    async with isolated_services(service_urls, "test") as session:
         yield session
 
 
@@ -114,7 +116,7 @@ async def services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services
 async def fresh_services(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
     """For a test that needs the whole fleet to itself (the session's vhost holds the cells every
     earlier test left): its own vhost and Redis database, nothing declared."""
-    async with _isolated(service_urls, "own") as own:
+    async with isolated_services(service_urls, "own") as own:
         yield own
 
 

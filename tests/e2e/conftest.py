@@ -84,7 +84,7 @@ class Processes:
 
 
 @asynccontextmanager
-async def _processes(services: Services, logs: Path) -> AsyncIterator[Processes]:
+async def running_processes(services: Services, logs: Path) -> AsyncIterator[Processes]:
     running = Processes(services, logs)
     try:
         yield running
@@ -97,7 +97,7 @@ async def _processes(services: Services, logs: Path) -> AsyncIterator[Processes]
 
 @pytest.fixture
 async def procs(services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
-    async with _processes(services, tmp_path) as running:
+    async with running_processes(services, tmp_path) as running:
         yield running
 
 
@@ -108,7 +108,7 @@ async def own_procs(fresh_services: Services, tmp_path: Path) -> AsyncIterator[P
     bus = await RabbitBus.connect(fresh_services.amqp_url, name="test-own-topology")
     await bus.declare(topology.control_plane())
     await bus.close()
-    async with _processes(fresh_services, tmp_path) as running:
+    async with running_processes(fresh_services, tmp_path) as running:
         yield running
 
 

@@ -3,24 +3,20 @@ registry (RELIABILITY 14, 7 and 16), and agents across a broker restart (RELIABI
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel
 
 from common.messages import CellHeartbeat, CellRegister
 from common.topology import dead_letter_name
 from tests.conftest import Services
 from tests.e2e.conftest import Processes, Registry, start_registry
-from tests.e2e.test_cells import create_cell, onboard, show, status_is
+from tests.e2e.test_cells import create_cell, show, status_is
 from tests.helpers import eventually, new_cell_id, raw_publish, read_all
 
 NOW = datetime.now(UTC)
@@ -228,67 +224,3 @@ async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_count
 async def _installed(procs: Processes, cell: str, release: str) -> dict[str, Any] | None:
     record = await show(procs, cell)
     return record if record["installed_release"] == release else None
-
-
-async def _rabbitmqctl(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-
-
-@pytest.mark.e2e
-async def test_agents_and_registry_come_back_after_a_broker_restart(
-    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
-) -> None:
-    cells = [c.cell_id for c in await onboard(procs, moto, tmp_path, n=3)]
-    await _rabbitmqctl("stop_app")
-    try:
-        await eventually(
-            lambda: _all_offline(services.redis_url, cells), timeout=30, interval=0.5,
-            what="the registry (on its own clock) sees every cell go silent",
-        )  # fmt: skip
-    finally:
-        await _rabbitmqctl("start_app")
-    await _rabbitmqctl("await_startup")
-    restarted = datetime.now(UTC)
-    await eventually(
-        lambda: _api_answers(services), timeout=30, interval=0.5, what="management API back"
-    )
-
-    # No process is restarted: each agent reconnects, re-registers and heartbeats again.
-    for cell in cells:
-        await eventually(
-            partial(_heartbeat_after, procs, cell, restarted), timeout=45, interval=0.5,
-            what=f"{cell} heartbeating after the restart",
-        )  # fmt: skip
-        record = await show(procs, cell)
-        assert record["status"] == "online", record
-    assert all(p.process.returncode is None for p in procs.running)
-
-
-async def _heartbeat_after(procs: Processes, cell: str, when: datetime) -> bool:
-    code, record, _ = await procs.ctl("cells", "show", cell)
-    if code != 0:
-        return False  # the registry may still be reconnecting
-    last = record["last_heartbeat_at"]
-    return last is not None and datetime.fromisoformat(last) > when
-
-
-async def _api_answers(services: Services) -> bool:
-    try:
-        await services.api.connections()
-    except OSError:
-        return False
-    return True
-
-
-async def _all_offline(redis_url: str, cells: list[str]) -> bool:
-    """While the broker is down the CLI cannot ask the registry; read its records directly."""
-    client = aioredis.from_url(redis_url, decode_responses=True)
-    try:
-        statuses = [await client.hget(f"registry:cell:{c}", "status") for c in cells]
-    finally:
-        await client.aclose()
-    return all(s == "offline" for s in statuses)

@@ -147,11 +147,11 @@ class Fleet:
         return dict(result)
 
 
-async def start_rollout(procs: Processes) -> Service:
+async def start_rollout(procs: Processes, **env: str) -> Service:
     port = free_port()
     proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
                              SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3",
-                             SUBSTRATE_METRICS_PORT=str(port))  # fmt: skip
+                             SUBSTRATE_METRICS_PORT=str(port), **env)  # fmt: skip
 
     async def answers() -> bool:
         code, _, _ = await procs.ctl("rollout", "policy", "show")

@@ -1,0 +1,78 @@
+"""Fault tests run on a RabbitMQ node and a Redis of their own (tests/faults/nodes.py), started
+once per module: each test gets a new vhost and Redis database on them, and may kill, stop,
+restart or pause either."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from common import topology
+from common.bus import RabbitBus
+from tests.conftest import Services, isolated_services
+from tests.e2e.conftest import Processes, running_processes, start_registry
+from tests.e2e.test_rollout import POLICY, Fleet, start_rollout
+from tests.faults.nodes import PrivateRabbit, PrivateRedis
+
+
+@pytest.fixture(scope="module")
+async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRabbit]:
+    node = PrivateRabbit(tmp_path_factory.mktemp("rabbit"))
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.kill()
+
+
+@pytest.fixture(scope="module")
+async def redis_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRedis]:
+    node = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.kill()
+
+
+@pytest.fixture
+async def private(rabbit: PrivateRabbit, redis_node: PrivateRedis) -> AsyncIterator[Services]:
+    """A vhost (with the control plane declared) and a Redis database on the private nodes."""
+    if not rabbit.child.running:  # an earlier test of the module left it down
+        await rabbit.start()
+    if not redis_node.child.running:
+        await redis_node.start()
+    async with isolated_services((rabbit.amqp_url, rabbit.api_url, redis_node.url), "fault") as own:
+        bus = await RabbitBus.connect(own.amqp_url, name="fault-topology")
+        await bus.declare(topology.control_plane())
+        await bus.close()
+        yield own
+
+
+@pytest.fixture
+async def fprocs(private: Services, tmp_path: Path) -> AsyncIterator[Processes]:
+    """Whole processes against the private nodes, killed by process id at teardown."""
+    async with running_processes(private, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def fbus(private: Services) -> AsyncIterator[RabbitBus]:
+    b = await RabbitBus.connect(private.amqp_url, name="fault-test")
+    yield b
+    await b.close(drain_timeout=1)
+
+
+@pytest.fixture
+async def fleet(fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus) -> Fleet:
+    """A registry, a rollout service with short soaks, and no cells yet, on the private nodes."""
+    await start_registry(fprocs, SUBSTRATE_OFFLINE_AFTER_SECONDS="20")
+    rollout = await start_rollout(fprocs)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    code, _, err = await fprocs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"))
+    assert code == 0, err
+    fleet = Fleet(fprocs, moto, tmp_path, fbus)
+    fleet.rollout = rollout
+    return fleet
