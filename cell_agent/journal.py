@@ -33,6 +33,8 @@ class Progress(BaseModel):
     error: str | None = None
     # The outcome was published; a restart must not report it again.
     reported: bool = False
+    # Components of this generation already applied: a restart mid-apply goes on from the next.
+    done: tuple[str, ...] = ()
 
 
 def write_atomically(path: Path, text: str) -> None:

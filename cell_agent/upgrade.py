@@ -22,6 +22,7 @@ from cell_agent.appliers import Applier
 from cell_agent.journal import Applied, Desired, Journal, Progress
 from cell_agent.maintenance import MaintenanceGate
 from common.clock import Clock
+from common.crashpoints import crash_point
 from common.messages import Component, Delivery, DesiredState, Release
 from common.runner import wait_any
 from common.vocabulary import TERMINAL_PHASES, UpgradePhase
@@ -140,6 +141,7 @@ class Upgrader:
     ) -> Progress:
         progress = progress.model_copy(update={"phase": phase, "error": error})
         self.journal.set_progress(progress)
+        crash_point("upgrade.phase", phase)
         if phase not in TERMINAL_PHASES:
             version = (
                 self.journal.desired.release.version
@@ -188,7 +190,12 @@ class Upgrader:
                 self.gate.enter(f"updating to {release.version}")
                 await self.report_maintenance(True, f"updating to {release.version}")
             for component in changed:
+                if component.name in progress.done:
+                    continue  # applied before a restart
                 await self.applier.apply(component, release)
+                progress = progress.model_copy(update={"done": (*progress.done, component.name)})
+                self.journal.set_progress(progress)
+                crash_point("upgrade.component", component.name)
                 self.gate.renew()
             if not await self.applier.healthy(release):
                 raise RuntimeError(f"release {release.version} is not healthy after applying")

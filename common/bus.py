@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from common.acks import BatchedAcks
+from common.crashpoints import crash_point
 from common.deadlines import Deadlines
 from common.messages import (
     DLX_EXCHANGE,
@@ -530,6 +531,7 @@ class RabbitBus:
             log.warning("handler for %s failed (attempt %d): %r", queue, attempts, exc)
             await self._nack(message)
             return "retried"
+        crash_point("bus.before-ack", message.type or "")
         self._ack(message)
         return "acked"
 

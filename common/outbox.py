@@ -17,6 +17,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from common.bus import BusError, RabbitBus, Unroutable
+from common.crashpoints import crash_point
 from common.messages import MESSAGES, Message
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Outbox:
         raw = str(raw)
         entry = json.loads(raw)
         event = MESSAGES[entry["type"]].model_validate_json(entry["body"])
+        crash_point("outbox.before-publish", entry["type"])
         try:
             await bus.publish(event, message_id=entry["id"])
         except Unroutable:
@@ -81,6 +83,7 @@ class Outbox:
             pipe.lpush(self.key, raw)
             await pipe.execute()
             raise
+        crash_point("outbox.after-publish", entry["type"])
         await self._redis.lrem(self.inflight_key, 1, raw)
         return True
 
