@@ -1,0 +1,76 @@
+"""Faults of Redis (RELIABILITY.md 10), on a private redis-server with AOF and `appendfsync
+always`, the setting compose runs: kill -9 right after an operator was told "done"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_cells import create_cell, show
+from tests.e2e.test_rollout import Fleet
+from tests.faults.ledger import Ledger, applier_env
+from tests.faults.nodes import PrivateRedis
+from tests.helpers import eventually, new_cell_id
+
+
+async def _answers(fleet: Fleet, *args: str) -> bool:
+    code, _, _ = await fleet.procs.ctl(*args)
+    return code == 0
+
+
+@pytest.mark.fault
+async def test_redis_killed_right_after_acknowledgement(
+    fleet: Fleet, redis_node: PrivateRedis, tmp_path: Path
+) -> None:
+    """10. Each write acknowledged to an operator (a cell's creation, a flag, a policy, a release)
+    survives kill -9 of Redis the moment the acknowledgement arrives; the services carry on
+    without a restart, the fleet view recovers from heartbeats, and the release reaches every
+    cell once."""
+    procs = fleet.procs
+    await procs.start("flags", "substrate-flags")
+    cells = await fleet.add("staging", 1, **applier_env())
+    cells += await fleet.add("dedicated", 2, **applier_env())
+
+    async def crash() -> None:
+        await redis_node.kill()
+        await redis_node.start()
+
+    made = new_cell_id()
+    await create_cell(procs, made, stage="dedicated")
+    await crash()
+    await eventually(lambda: _answers(fleet, "cells", "show", made), timeout=60, interval=0.5,
+                     what="the created cell after the crash")  # fmt: skip
+    assert (await show(procs, made))["status"] == "created"
+
+    flag = tmp_path / "flag.yaml"
+    flag.write_text("key: fault-flag\nowner: team\nrules:\n  - serve: on\n")
+    code, _, err = await procs.ctl("flags", "set", str(flag))
+    assert code == 0, err
+    policy = tmp_path / "quick.yaml"
+    policy.write_text("soak_seconds: {staging: 0, saas: 0, dedicated: 0}\n")
+    code, _, err = await procs.ctl("rollout", "policy", "set", str(policy))
+    assert code == 0, err
+    await crash()
+    await eventually(lambda: _answers(fleet, "flags", "show", "fault-flag"), timeout=60,
+                     interval=0.5, what="the flag after the crash")  # fmt: skip
+    code, shown, _ = await procs.ctl("rollout", "policy", "show")
+    assert shown["soak_seconds"]["dedicated"] == 0, shown
+
+    version = await fleet.publish(1)
+    await crash()
+    await eventually(lambda: _answers(fleet, "release", "show", version), timeout=60,
+                     interval=0.5, what="the release after the crash")  # fmt: skip
+
+    await fleet.wait_state(version, "completed", timeout=180)
+    await fleet.wait_installed(cells, version, timeout=60)
+    ledger = Ledger()
+    for cell in cells:
+        ledger.confirm(cell.id, version, ["server"])
+        ledger.read(cell.id, cell.state)
+    ledger.check()
+
+    # The fleet view came back from heartbeats: every running cell online.
+    for cell in cells:
+        assert (await show(procs, cell.id))["status"] == "online"
+    assert all(p.process.returncode is None for p in procs.running)
