@@ -70,3 +70,5 @@ def test_the_definitions_file_is_what_the_code_makes_and_holds_no_cell() -> None
 def test_redis_keeps_acknowledged_state_across_restarts() -> None:
     command = _compose()["services"]["redis"]["command"]
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    # Fsynced before the reply: an acknowledged write survives kill -9, not only a clean stop.
+    assert command[command.index("--appendfsync") + 1] == "always"
