@@ -112,6 +112,9 @@ async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) 
         msg.cell_id, msg.template_version, lambda r: transitions.heartbeat(r, msg, now)
     )
     metrics.heartbeat_outcome(t.outcome)
+    if t.maintenance_seconds is not None:
+        # The heartbeat ended a stay whose end the cell's maintenance report has not told.
+        metrics.MAINTENANCE_DURATION.observe(t.maintenance_seconds)
     if t.outcome is Outcome.BACK_ONLINE:
         metrics.TRANSITIONS.labels("online").inc()
         log.info("cell %s is back online", msg.cell_id)

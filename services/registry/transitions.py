@@ -120,7 +120,7 @@ def assumed_online(template_version: str | None) -> dict[str, str]:
     guarded on exactly these fields, so the hot path is one round trip; a record that differs
     is read back and decided again."""
     return {"status": "online", "pending_credential_id": "",
-            "infra_template_version": template_version or ""}  # fmt: skip
+            "infra_template_version": template_version or "", "maintenance_since": ""}  # fmt: skip
 
 
 class Refusal(BaseModel):
@@ -284,6 +284,22 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
     if confirmed:
         changes.update(credential_id=msg.credential_id, pending_credential_id=None,
                        rotation_started_at=None)  # fmt: skip
+    read: frozenset[str] = _HEARTBEAT_READS
+    add: Mapping[str, float] = _NO_SECONDS
+    took: float | None = None
+    if msg.maintenance != (record.maintenance_since is not None):
+        # The heartbeat shows the cell in (or out of) maintenance and the record does not: the
+        # maintenance report was lost or is late. The heartbeat is the cell's newer word, unless
+        # a maintenance report already said something newer.
+        read = _HEARTBEAT_READS | {"last_maintenance_seq"}
+        if record.last_maintenance_seq is None or msg.seq > record.last_maintenance_seq:
+            changes["last_maintenance_seq"] = msg.seq
+            if msg.maintenance:
+                changes["maintenance_since"] = now
+            else:
+                took = _stay(record, now)
+                changes.update(maintenance_since=None, maintenance_until=None)
+                add = {"maintenance_seconds_total": took}
     events: list[Event] = []
     outcome = Outcome.APPLIED
     if record.status == "offline":
@@ -299,10 +315,12 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
     return Transition(
         outcome,
         changes=changes,
-        read=_HEARTBEAT_READS,
+        read=read,
         newer=("last_seq", msg.seq),
         events=tuple(events),
         confirmed_rotation=confirmed,
+        add=add,
+        maintenance_seconds=took,
     )
 
 
@@ -325,9 +343,7 @@ def maintenance(record: CellRecord, msg: CellMaintenance, now: datetime) -> Tran
         if record.maintenance_since is None:
             changes["maintenance_since"] = now
         return Transition(Outcome.ENTERED_MAINTENANCE, changes=changes, read=read)
-    took = 0.0
-    if record.maintenance_since is not None:
-        took = max(0.0, (now - record.maintenance_since).total_seconds())
+    took = _stay(record, now)
     return Transition(
         Outcome.LEFT_MAINTENANCE,
         changes={
@@ -340,6 +356,13 @@ def maintenance(record: CellRecord, msg: CellMaintenance, now: datetime) -> Tran
         add={"maintenance_seconds_total": took},
         maintenance_seconds=took,
     )
+
+
+def _stay(record: CellRecord, now: datetime) -> float:
+    """How long the stay in maintenance that ends now lasted (on the registry's clock)."""
+    if record.maintenance_since is None:
+        return 0.0
+    return max(0.0, (now - record.maintenance_since).total_seconds())
 
 
 # -- liveness -----------------------------------------------------------------------------------

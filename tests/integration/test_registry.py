@@ -381,3 +381,33 @@ async def test_the_registry_records_how_long_each_cell_spent_in_maintenance(
     view = await deps.store.get(cell)
     assert view is not None and not view.maintenance and view.maintenance_since is None
     assert view.maintenance_seconds_total == 120
+
+
+async def test_heartbeats_end_a_stay_in_maintenance_whose_end_was_never_reported(
+    deps: handlers.Deps, clock: FakeClock
+) -> None:
+    """The 'left maintenance' report is lost: the next heartbeat (out of maintenance) ends the
+    stay, so the age metric and the index do not show a state the cell left long ago."""
+    cell = await registered(deps)
+    entered = CellMaintenance(cell_id=cell, seq=2, sent_at=clock.now(), enabled=True,
+                              enabled_until=clock.now() + timedelta(minutes=15))  # fmt: skip
+    await handlers.on_cell_maintenance(entered, delivery(cell, "maintenance"), deps=deps)
+    clock.advance(30)
+    during = CellHeartbeat(cell_id=cell, seq=3, sent_at=clock.now(), agent_version="0.1.0",
+                           maintenance=True)  # fmt: skip
+    await handlers.on_cell_heartbeat(during, delivery(cell, "heartbeat"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and view.maintenance_since is not None, "still in it"
+    clock.advance(30)
+    after = CellHeartbeat(cell_id=cell, seq=5, sent_at=clock.now(), agent_version="0.1.0",
+                          maintenance=False)  # fmt: skip
+    await handlers.on_cell_heartbeat(after, delivery(cell, "heartbeat"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and not view.maintenance and view.maintenance_since is None
+    assert view.maintenance_seconds_total == 60
+    assert await deps.store.oldest_maintenance_epoch() is None, "out of the maintenance index"
+    # The lost report arriving late changes nothing.
+    left = CellMaintenance(cell_id=cell, seq=4, sent_at=clock.now(), enabled=False)
+    await handlers.on_cell_maintenance(left, delivery(cell, "maintenance"), deps=deps)
+    view = await deps.store.get(cell)
+    assert view is not None and view.maintenance_seconds_total == 60

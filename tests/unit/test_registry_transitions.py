@@ -140,7 +140,9 @@ def test_a_heartbeat_records_what_the_cell_runs_on_the_registrys_clock() -> None
     assert done.changes["installed_release"] == "2026.11.2" and done.changes["last_seq"] == 5
     assert "status" not in done.changes
     assert done.newer == ("last_seq", 5)
-    assert done.read == {"status", "pending_credential_id", "infra_template_version"}
+    assert done.read == {"status", "pending_credential_id", "infra_template_version",
+                         "maintenance_since"}  # fmt: skip
+    assert "maintenance_since" not in done.changes, "a cell out of maintenance stays out"
 
 
 @pytest.mark.parametrize(
@@ -203,6 +205,36 @@ def test_leaving_maintenance_adds_the_stay_to_the_total() -> None:
     assert done.changes["maintenance_since"] is None and done.changes["maintenance"] is False
     never = t.maintenance(record(), maintenance(3, False), NOW)
     assert never.maintenance_seconds == 0
+
+
+def test_a_heartbeat_out_of_maintenance_ends_a_stay_whose_end_was_not_reported() -> None:
+    """The cell's 'left maintenance' report was lost: its next heartbeat ends the stay, adds it
+    to the total, and a late 'entered' report (older sequence) cannot start it again."""
+    stay = record(maintenance_since=NOW, last_maintenance_seq=2, last_seq=3)
+    done = t.heartbeat(stay, heartbeat(seq=6, maintenance=False), NOW + timedelta(seconds=90))
+    assert done.changes["maintenance_since"] is None and done.changes["maintenance"] is False
+    assert done.maintenance_seconds == 90 and done.add == {"maintenance_seconds_total": 90}
+    assert done.changes["last_maintenance_seq"] == 6
+    assert "last_maintenance_seq" in done.read, "decided on the maintenance sequence it read"
+    late = t.maintenance(record(last_maintenance_seq=6), maintenance(4, True), NOW)
+    assert late.outcome is Outcome.STALE
+
+
+def test_a_heartbeat_in_maintenance_starts_the_stay_a_lost_report_did_not() -> None:
+    done = t.heartbeat(record(last_seq=3), heartbeat(seq=5, maintenance=True), NOW)
+    assert done.changes["maintenance_since"] == NOW and done.maintenance_seconds is None
+    # A renewed stay is not restarted by the heartbeats during it.
+    staying = record(last_seq=5, maintenance_since=NOW, last_maintenance_seq=5)
+    during = t.heartbeat(staying, heartbeat(seq=6, maintenance=True), NOW + timedelta(minutes=1))
+    assert "maintenance_since" not in during.changes
+
+
+def test_a_late_heartbeat_does_not_undo_a_newer_maintenance_report() -> None:
+    """Left maintenance at seq 7 (reported); a heartbeat sent at seq 6, still in maintenance,
+    arrives after it: the stay is not started again."""
+    left = record(last_seq=5, last_maintenance_seq=7)
+    done = t.heartbeat(left, heartbeat(seq=6, maintenance=True), NOW)
+    assert "maintenance_since" not in done.changes and done.maintenance_seconds is None
 
 
 @pytest.mark.parametrize(
