@@ -25,7 +25,13 @@ from cell_agent.flags import LocalFlags
 from cell_agent.infra import RequirementFile
 from cell_agent.journal import Journal
 from cell_agent.maintenance import MaintenanceGate
-from cell_agent.pending import PendingDebugAccess, PendingReports
+from cell_agent.pending import (
+    Pending,
+    PendingDebugAccess,
+    PendingMaintenance,
+    PendingReports,
+    PendingUpgrade,
+)
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
@@ -106,6 +112,7 @@ class Agent:
         self.account_id: str | None = None
         self.template_version: str | None = None
         self._registered = asyncio.Event()
+        self._sending = asyncio.Lock()
         self._failing = False
         self._background: set[asyncio.Task[bool]] = set()
         CONNECTED.set_function(
@@ -170,41 +177,40 @@ class Agent:
     async def report_upgrade(
         self, generation: int, version: str | None, phase: UpgradePhase, error: str | None
     ) -> bool:
-        return await self._send(
-            CellUpgrade(
-                cell_id=self.settings.id,
-                seq=self.state.next_seq(),
-                sent_at=self.clock.now(),
-                generation=generation,
-                release_version=version,
-                phase=phase,
-                error=error,
-            )
-        )
+        """Kept in the outbox, then sent if the broker is there: True once it is kept (it goes
+        out, in order, when the link returns)."""
+        self.pending.add(PendingUpgrade(generation=generation, release_version=version,
+                                        phase=phase, error=error))  # fmt: skip
+        await self.send_pending()
+        return True
 
     async def report_maintenance(self, enabled: bool, reason: str) -> bool:
-        return await self._send(
-            CellMaintenance(
-                cell_id=self.settings.id,
-                seq=self.state.next_seq(),
-                sent_at=self.clock.now(),
-                enabled=enabled,
-                enabled_until=self.gate.state.enabled_until if enabled else None,
-                reason=reason,
-            )
-        )
+        until = self.gate.state.enabled_until if enabled else None
+        self.pending.add(PendingMaintenance(enabled=enabled, enabled_until=until, reason=reason))
+        await self.send_pending()
+        return True
 
-    async def send_pending(self) -> None:
-        """Reports the customer's commands left in the outbox, in order; one that cannot be
-        sent now stops the rest until the next try."""
-        for path, report in self.pending.waiting():
-            sent = await self._send(CellDebugAccess(
-                cell_id=self.settings.id, seq=self.state.next_seq(), sent_at=self.clock.now(),
-                **report.model_dump(),
-            ))  # fmt: skip
-            if not sent:
-                return
-            self.pending.sent(path)
+    def _numbered(self, report: Pending) -> CellReport:
+        """The wire report for a kept one, numbered now: sequence numbers follow sending order."""
+        fields = report.model_dump(exclude={"kind"})
+        head = {"cell_id": self.settings.id, "seq": self.state.next_seq(),
+                "sent_at": self.clock.now()}  # fmt: skip
+        if isinstance(report, PendingUpgrade):
+            return CellUpgrade(**head, **fields)
+        if isinstance(report, PendingMaintenance):
+            return CellMaintenance(**head, **fields)
+        return CellDebugAccess(**head, **fields)
+
+    async def send_pending(self) -> bool:
+        """The outbox's reports in the order they were made; one that cannot be sent now stops
+        the rest until the next try (the heartbeat tick, a reconnect, the next report). One
+        sender at a time, so the order holds. True if the outbox is empty after."""
+        async with self._sending:
+            for path, report in self.pending.waiting():
+                if not await self._send(self._numbered(report)):
+                    return False
+                self.pending.sent(path)
+        return True
 
     async def expire_debug_access(self) -> None:
         """Delete debug access past its time (also after a restart) and report it."""
@@ -318,8 +324,9 @@ class Agent:
             if tick == "heartbeat":
                 if not self._registered.is_set():
                     await self.register()
-                await self.heartbeat()
+                # Kept reports before the heartbeat: they happened before what it tells.
                 await self.send_pending()
+                await self.heartbeat()
             elif tick == "debug":
                 await self.expire_debug_access()
             else:
@@ -328,6 +335,7 @@ class Agent:
 
     async def _after_reconnect(self) -> None:
         await self.register()
+        await self.send_pending()
         await self.sync("reconnect")
         self.upgrader.wake()  # a finished upgrade may still need reporting
 
@@ -379,10 +387,10 @@ class Agent:
             delivery_limit=2,
         )
         await self.register()
+        await self.send_pending()
         await self.sync("start")
         await self.heartbeat()
         await self.expire_debug_access()
-        await self.send_pending()
         loops = [
             asyncio.create_task(self._every(self.settings.heartbeat_seconds, "heartbeat", stop)),
             asyncio.create_task(self._every(self.settings.sync_seconds, "sync", stop)),

@@ -95,7 +95,7 @@ class Fleet:
         return await start_agent(self.procs, self.moto, cell_id, url, state, **extra)
 
     async def publish(self, patch: int, *, missing_image: bool = False,
-                      reversible: bool = True) -> str:  # fmt: skip
+                      reversible: bool = True, maintenance: bool = False) -> str:  # fmt: skip
         version = self.version(patch)
         digest = push_image(self.moto, "substrate/server", version)
         if missing_image:
@@ -104,6 +104,7 @@ class Fleet:
         path.write_text(
             f"version: {version}\nreversible: {str(reversible).lower()}\ncomponents:\n"
             f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
+            f"    requires_maintenance: {str(maintenance).lower()}\n"
         )
         code, _, err = await self.procs.ctl("release", "publish", str(path))
         assert code == 0, err
