@@ -59,17 +59,31 @@ class Ctl:
             await self._bus.close(drain_timeout=1)
 
 
+# Releases, policies and flags are a few kilobytes; a bigger file is a mistake (or an attack on
+# whoever runs the command), refused before parsing.
+MAX_FILE_BYTES = 1024 * 1024
+
+
 def _parse(path: Path, loader: type[yaml.SafeLoader] | type[yaml.BaseLoader]) -> object:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise FileProblem(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise FileProblem(f"{path} is {len(raw):,} bytes; at most {MAX_FILE_BYTES:,} are read")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileProblem(f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         return yaml.load(text, Loader=loader)  # both loaders build plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise FileProblem(f"{path} is not valid YAML or JSON{where}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise FileProblem(f"{path} is nested too deeply") from None
 
 
 def read_mapping_file(path: Path, expected: str) -> dict[str, object]:
