@@ -28,7 +28,7 @@ from tests.e2e.conftest import BIN
 # More under make chaos (SUBSTRATE_FUZZ_EXAMPLES=2000).
 EXAMPLES = int(os.environ.get("SUBSTRATE_FUZZ_EXAMPLES", "150"))
 
-VALID = {
+VALID: dict[str, dict[str, Any]] = {
     "release": {"version": "2026.11.2", "components": [
         {"name": "server", "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/s",
          "digest": "sha256:" + "a" * 64}]},
