@@ -9,7 +9,7 @@ export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
 export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
 
-.PHONY: install services lint format test test-only dev bench dashboards definitions clean
+.PHONY: install services lint format test test-only chaos dev bench dashboards definitions clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ test: install services lint test-only
 
 test-only: install
 	$(BIN)/pytest
+
+# The fault suite at full size (make test runs it smaller): more cells in each faulted rollout
+# and 2,000 fuzz examples per message type and file.
+chaos: install services
+	SUBSTRATE_FAULT_CELLS=$${SUBSTRATE_FAULT_CELLS:-30} SUBSTRATE_FUZZ_EXAMPLES=$${SUBSTRATE_FUZZ_EXAMPLES:-2000} \
+		$(BIN)/pytest -m fault -p no:cacheprovider
 
 dev: install services
 	bash scripts/dev.sh

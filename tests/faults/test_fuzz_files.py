@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,8 @@ from common.requests.flags import FlagsSet
 from common.requests.rollout import PolicySet, ReleasePublish
 from substratectl.context import FileProblem, read_flag_file, read_mapping_file
 from tests.e2e.conftest import BIN
+
+pytestmark = pytest.mark.fault
 
 # More under make chaos (SUBSTRATE_FUZZ_EXAMPLES=2000).
 EXAMPLES = int(os.environ.get("SUBSTRATE_FUZZ_EXAMPLES", "150"))
