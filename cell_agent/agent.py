@@ -35,7 +35,7 @@ from cell_agent.pending import (
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
-from common.bus import BusError, RabbitBus
+from common.bus import BusError, QueueMissing, RabbitBus
 from common.clock import Clock, SystemClock
 from common.messages import (
     CellDebugAccess,
@@ -372,6 +372,10 @@ class Agent:
         if broker_user(url) != self.settings.id:
             log.warning("broker user %s is not the cell id %s", broker_user(url), self.settings.id)
         bus.on_reconnect(self._after_reconnect)
+        # Registering first: where the command queue is missing (deleted by someone), the
+        # registry declares it again on registration.
+        await self.register()
+        await self._wait_for_queue(bus, stop)
         await bus.consume(
             command_queue(self.settings.id),
             [
@@ -386,7 +390,6 @@ class Agent:
             reject_to_dead=True,
             delivery_limit=2,
         )
-        await self.register()
         await self.send_pending()
         await self.sync("start")
         await self.heartbeat()
@@ -403,6 +406,22 @@ class Agent:
         await bus.close(drain_timeout=30)
         await server.stop()
         log.info("cell agent %s stopped", self.settings.id)
+
+    async def _wait_for_queue(self, bus: RabbitBus, stop: asyncio.Event) -> None:
+        queue, delay = command_queue(self.settings.id), 0.5
+        while not stop.is_set():
+            try:
+                await bus.queue_state(queue)
+                return
+            except QueueMissing:
+                log.warning("command queue %s is missing; waiting for the registry to declare it "
+                            "again (retry in %.0fs)", queue, delay)  # fmt: skip
+            except BusError as exc:
+                log.warning("cannot check command queue %s (%s); retry in %.0fs", queue, exc,
+                            delay)  # fmt: skip
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30)
 
     def _health(self) -> dict[str, object]:
         connected = self.bus is not None and self.bus.is_connected

@@ -15,12 +15,21 @@ import logging
 import uuid
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from common.bus import BusError, RabbitBus, Unroutable
 from common.crashpoints import crash_point
-from common.messages import MESSAGES, Message
+from common.messages import COMMANDS_EXCHANGE, MESSAGES, Message
 
 log = logging.getLogger(__name__)
+
+# The newest commands kept per outbox when their cell's queue was missing.
+UNROUTABLE_KEPT = 1000
+UNROUTABLE_COMMANDS = Counter(
+    "substrate_outbox_unroutable_commands",
+    "Commands to a cell whose command queue was missing (kept, see <outbox>:unroutable)",
+    ["type"],
+)
 
 
 def outbox_entry(event: Message) -> str:
@@ -38,6 +47,7 @@ class Outbox:
         # Shared by replicas: one that starts moves everything here back to the list, so an
         # entry a crashed replica held is published again (perhaps twice, never not at all).
         self.inflight_key = f"{key}:inflight"
+        self.unroutable_key = f"{key}:unroutable"
         self._unheard: set[str] = set()
 
     async def put(self, message: Message) -> None:
@@ -68,6 +78,13 @@ class Outbox:
         try:
             await bus.publish(event, message_id=entry["id"])
         except Unroutable:
+            if event.exchange == COMMANDS_EXCHANGE:
+                # A command for a cell whose queue is missing: detected and kept for the
+                # operator, never silently dropped. The cell's desired state stays in the
+                # service's store; the cell gets it again on its next sync once its queue is
+                # back (the registry declares it again when the cell registers).
+                await self._park(raw, entry, event)
+                return True
             # No queue subscribes to this event: there is nobody to tell, and keeping it would
             # block every event behind it.
             if entry["type"] not in self._unheard:
@@ -86,6 +103,24 @@ class Outbox:
         crash_point("outbox.after-publish", entry["type"])
         await self._redis.lrem(self.inflight_key, 1, raw)
         return True
+
+    async def _park(self, raw: str, entry: dict[str, str], event: Message) -> None:
+        UNROUTABLE_COMMANDS.labels(entry["type"]).inc()
+        log.warning(
+            "outbox %s: %s for %s is unroutable (the cell's command queue is missing); kept in "
+            "%s", self.key, entry["type"], event.routing_key(), self.unroutable_key,
+        )  # fmt: skip
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.lpush(self.unroutable_key, raw)
+        pipe.ltrim(self.unroutable_key, 0, UNROUTABLE_KEPT - 1)
+        pipe.lrem(self.inflight_key, 1, raw)
+        await pipe.execute()
+
+    async def unroutable(self) -> list[Message]:
+        """Commands kept because their cell's queue was missing, newest first."""
+        raw = await self._redis.lrange(self.unroutable_key, 0, -1)
+        entries = [json.loads(r) for r in raw]
+        return [MESSAGES[e["type"]].model_validate_json(e["body"]) for e in entries]
 
     async def relay(self, bus: RabbitBus, stop: asyncio.Event) -> None:
         """Publish entries until ``stop`` is set."""

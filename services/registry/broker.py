@@ -46,6 +46,10 @@ class CellBroker:
         await self.api.set_user_limit(cell_id, "max-channels", CELL_MAX_CHANNELS)
         await self.bus.declare(cell_commands(cell_id))
 
+    async def ensure_queue(self, cell_id: str) -> None:
+        """Declare the command queue again (a no-op where it exists)."""
+        await self.bus.declare(cell_commands(cell_id))
+
     async def deprovision(self, cell_id: str) -> None:
         """Delete the user (the broker closes its connections) and the command queue."""
         await self.api.delete_user(cell_id)

@@ -68,6 +68,8 @@ class CellAccounts(Protocol):
 
     async def close_connections(self, cell_id: str, reason: str) -> int: ...
 
+    async def ensure_queue(self, cell_id: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Deps:
@@ -102,6 +104,9 @@ async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) ->
         raise Refused(f"registration refused: {t.refusal.reason}")
     if t.outcome is Outcome.REGISTERED:
         log.info("cell %s registered from account %s", msg.cell_id, msg.aws_account_id)
+        # An agent registers on every start and reconnect: its command queue comes back if
+        # someone deleted it (a command meanwhile was kept as unroutable, not dropped).
+        await deps.accounts.ensure_queue(msg.cell_id)
 
 
 async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) -> None:

@@ -34,6 +34,7 @@ class FakeAccounts:
         self.users: dict[str, str] = {}
         self.fail_provision = False
         self.closed: list[str] = []
+        self.queues_ensured: list[str] = []
 
     async def provision(self, cell_id: str, password: str) -> None:
         self.users[cell_id] = password
@@ -49,6 +50,9 @@ class FakeAccounts:
     async def close_connections(self, cell_id: str, reason: str) -> int:
         self.closed.append(cell_id)
         return 1
+
+    async def ensure_queue(self, cell_id: str) -> None:
+        self.queues_ensured.append(cell_id)
 
 
 class FakePublisher:
