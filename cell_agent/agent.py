@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import timedelta
@@ -73,6 +74,15 @@ FLAGS_VERSION = Gauge("cell_agent_flags_snapshot_version", "The flags snapshot t
 FLAG_EVALUATIONS = Counter(
     "cell_agent_flag_evaluations", "Local flag evaluations by flag and reason", ["flag", "reason"]
 )
+
+
+def _tls(settings: AgentSettings) -> ssl.SSLContext | None:
+    """For an amqps:// URL: verify the broker (certificate chain and host name) against
+    CELL_CA_FILE, or the system's CAs."""
+    if not settings.amqp_url.startswith("amqps://"):
+        return None
+    cafile = str(settings.ca_file) if settings.ca_file else None
+    return ssl.create_default_context(cafile=cafile)
 
 
 class Agent:
@@ -359,6 +369,9 @@ class Agent:
                 publish_timeout=self.settings.publish_timeout_seconds,
                 namespace="cell_agent",
                 max_backoff=30,
+                # A broker whose certificate does not verify is never spoken to: the connection
+                # attempt fails (and is logged with the reason) like an unreachable broker.
+                ssl_context=_tls(self.settings),
             )
         )
         stopping = asyncio.create_task(stop.wait())

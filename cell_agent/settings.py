@@ -16,6 +16,11 @@ class AgentSettings(BaseSettings):
 
     id: CellId
     amqp_url: str = Field(description="the URL `substratectl cells create` printed")
+    ca_file: Path | None = Field(
+        default=None,
+        description="the CA the broker's certificate must verify against (amqps:// only; "
+        "unset: the system's CAs)",
+    )
     state_dir: Path
     heartbeat_seconds: float = Field(default=30.0, gt=0)
     sync_seconds: float = Field(default=60.0, gt=0)
@@ -50,6 +55,14 @@ class AgentSettings(BaseSettings):
     aws_region: str = Field(
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
+
+    @model_validator(mode="after")
+    def _a_ca_needs_tls(self) -> AgentSettings:
+        if self.ca_file is not None and not self.amqp_url.startswith("amqps://"):
+            raise ValueError("CELL_CA_FILE is set but CELL_AMQP_URL is not amqps://")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"CELL_CA_FILE {self.ca_file} is not a readable file")
+        return self
 
     @model_validator(mode="after")
     def _command_applier_needs_a_command(self) -> AgentSettings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -221,6 +222,7 @@ class RabbitBus:
         namespace: str = "substrate",
         give_up_after: float | None = None,
         max_backoff: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> RabbitBus:
         """Connect, retrying the first connection with backoff.
 
@@ -237,6 +239,8 @@ class RabbitBus:
                     url,
                     timeout=10,
                     client_properties={"connection_name": name},
+                    # amqps:// URLs: verified against this context's CAs (None: the system's).
+                    ssl_context=ssl_context,
                 )
                 break
             except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:

@@ -90,6 +90,9 @@ class PrivateRabbit:
     api_port: int = field(default_factory=free_port)
     prometheus_port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
+    # A directory from scripts/certs.sh: the node also listens for AMQPS on ``amqps_port``.
+    tls: Path | None = None
+    amqps_port: int = field(default_factory=free_port)
     child: _Child = field(default_factory=_Child)
 
     @property
@@ -129,6 +132,15 @@ class PrivateRabbit:
             f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.api_port}\n"
             f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
             "loopback_users = none\n"
+            + (
+                f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
+                f"ssl_options.cacertfile = {self.tls / 'ca.pem'}\n"
+                f"ssl_options.certfile = {self.tls / 'broker.pem'}\n"
+                f"ssl_options.keyfile = {self.tls / 'broker.key'}\n"
+                "ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
+                if self.tls
+                else ""
+            )
         )
         (self.root / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
         self.child.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], self._env(),
