@@ -176,14 +176,21 @@ async def fleet(
     for queue in SERVICE_QUEUES["rollout"]:
         await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
     await start_registry(procs)
-    rollout = await start_rollout(procs)
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    code, _, err = await procs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"))
-    assert code == 0, err
-    f = Fleet(procs, moto, tmp_path, bus)
-    f.rollout = rollout
+    f = await quick_fleet(procs, moto, tmp_path, bus)
     await f.tap()
     yield f
+
+
+async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus) -> Fleet:
+    """A rollout service with the short soaks of POLICY (the registry is the caller's), and no
+    cells yet."""
+    rollout = await start_rollout(procs)
+    (root / "policy.yaml").write_text(POLICY)
+    code, _, err = await procs.ctl("rollout", "policy", "set", str(root / "policy.yaml"))
+    assert code == 0, err
+    f = Fleet(procs, moto, root, bus)
+    f.rollout = rollout
+    return f
 
 
 def stage_of(status: dict[str, Any]) -> tuple[str, str, int | None]:

@@ -5,7 +5,9 @@ restart or pause either."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -13,28 +15,32 @@ from common import topology
 from common.bus import RabbitBus
 from tests.conftest import Services, isolated_services
 from tests.e2e.conftest import Processes, running_processes, start_registry
-from tests.e2e.test_rollout import POLICY, Fleet, start_rollout
+from tests.e2e.test_rollout import Fleet, quick_fleet
 from tests.faults.nodes import PrivateRabbit, PrivateRedis
+
+N = TypeVar("N", PrivateRabbit, PrivateRedis)
+
+
+@asynccontextmanager
+async def running(node: N) -> AsyncIterator[N]:
+    """A private node, started, and killed after."""
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.kill()
 
 
 @pytest.fixture(scope="module")
 async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRabbit]:
-    node = PrivateRabbit(tmp_path_factory.mktemp("rabbit"))
-    await node.start()
-    try:
+    async with running(PrivateRabbit(tmp_path_factory.mktemp("rabbit"))) as node:
         yield node
-    finally:
-        await node.kill()
 
 
 @pytest.fixture(scope="module")
 async def redis_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRedis]:
-    node = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    await node.start()
-    try:
+    async with running(PrivateRedis(tmp_path_factory.mktemp("redis"))) as node:
         yield node
-    finally:
-        await node.kill()
 
 
 @pytest.fixture
@@ -69,10 +75,4 @@ async def fbus(private: Services) -> AsyncIterator[RabbitBus]:
 async def fleet(fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus) -> Fleet:
     """A registry, a rollout service with short soaks, and no cells yet, on the private nodes."""
     await start_registry(fprocs, SUBSTRATE_OFFLINE_AFTER_SECONDS="20")
-    rollout = await start_rollout(fprocs)
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    code, _, err = await fprocs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"))
-    assert code == 0, err
-    fleet = Fleet(fprocs, moto, tmp_path, fbus)
-    fleet.rollout = rollout
-    return fleet
+    return await quick_fleet(fprocs, moto, tmp_path, fbus)

@@ -14,6 +14,7 @@ import pytest
 from tests.e2e.conftest import Proc
 from tests.e2e.test_cells import create_cell, show, start_agent, status_is
 from tests.e2e.test_rollout import Fleet
+from tests.faults.conftest import running
 from tests.faults.nodes import PrivateRabbit
 from tests.helpers import eventually, new_cell_id
 
@@ -30,12 +31,8 @@ def _certs(directory: Path) -> Path:
 async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRabbit]:
     """This module's private node also listens for AMQPS."""
     tls = _certs(tmp_path_factory.mktemp("tls"))
-    node = PrivateRabbit(tmp_path_factory.mktemp("rabbit"), tls=tls)
-    await node.start()
-    try:
+    async with running(PrivateRabbit(tmp_path_factory.mktemp("rabbit"), tls=tls)) as node:
         yield node
-    finally:
-        await node.kill()
 
 
 def _with(url: str, scheme: str, port: int) -> str:
