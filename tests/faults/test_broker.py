@@ -16,7 +16,7 @@ from tests.faults.nodes import PrivateRabbit
 from tests.helpers import cell_queue, eventually, heartbeat, new_cell_id
 
 # Cells in the rollout a fault lands in: a few in make test, more under make chaos.
-CELLS = int(os.environ.get("SUBSTRATE_FAULT_CELLS", "6"))
+CELLS = int(os.environ.get("SUBSTRATE_FAULT_CELLS", "4"))
 
 
 async def _grow(fleet: Fleet, apply_seconds: float) -> None:

@@ -29,7 +29,7 @@ from tests.e2e.conftest import BIN
 pytestmark = pytest.mark.fault
 
 # More under make chaos (SUBSTRATE_FUZZ_EXAMPLES=2000).
-EXAMPLES = int(os.environ.get("SUBSTRATE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("SUBSTRATE_FUZZ_EXAMPLES", "60"))
 
 VALID: dict[str, dict[str, Any]] = {
     "release": {"version": "2026.11.2", "components": [
