@@ -6,8 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
+from common import redis_client
 from common.bus import BusError, RabbitBus, Unroutable
 from common.clock import Clock, SystemClock
 from common.flags import Snapshot
@@ -87,7 +86,7 @@ async def setup(
     bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
 ) -> Callable[[], Awaitable[None]]:
     clock = clock or SystemClock()
-    redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+    redis = redis_client.connect(settings.redis_url)
     store = FlagsStore(redis)
     pusher = Pusher(bus, store, clock)
     deps = handlers.Deps(

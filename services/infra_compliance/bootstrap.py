@@ -6,8 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
+from common import redis_client
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.lease import Lease
@@ -28,7 +27,7 @@ async def setup(
         **settings.model_dump()
     )  # fmt: skip
     clock = clock or SystemClock()
-    redis = aioredis.from_url(own.redis_url, decode_responses=True)
+    redis = redis_client.connect(own.redis_url)
     store = InfraStore(redis)
     aws = InfraAws(own.aws_region, own.templates_bucket)
     stop = asyncio.Event()

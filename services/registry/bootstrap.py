@@ -9,6 +9,7 @@ from contextlib import suppress
 
 import redis.asyncio as aioredis
 
+from common import redis_client
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.rabbitmq_api import RabbitApi
@@ -48,7 +49,7 @@ async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Even
 async def setup(
     bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None
 ) -> Callable[[], Awaitable[None]]:
-    redis = aioredis.from_url(settings.redis_url, decode_responses=True)
+    redis = redis_client.connect(settings.redis_url)
     deps = build_deps(bus, settings, redis, clock or SystemClock())
     await bus.consume("registry.cells", handlers.cell_routes(deps), prefetch=256)
     await bus.consume("registry.events", handlers.event_routes(deps))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
+from common import redis_client
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.fleet import FleetView
@@ -26,7 +25,7 @@ async def setup(
         **settings.model_dump()
     )  # fmt: skip
     clock = clock or SystemClock()
-    redis = aioredis.from_url(own.redis_url, decode_responses=True)
+    redis = redis_client.connect(own.redis_url)
     fleet = FleetView(redis, PREFIX, changed=DIRTY)
     store = RolloutStore(redis, fleet)
     controller = Controller(
