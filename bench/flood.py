@@ -1,0 +1,110 @@
+"""A flood from one cell: how long other cells' heartbeats wait behind it.
+
+    python -m bench.flood [--cells 100] [--flood 20000] [--rounds 3]
+
+N simulated cells (each with its own broker user and connection, made through the registry)
+and one more that floods: it publishes ``--flood`` heartbeats as fast as its connection takes
+them. Per round, measured in the same run:
+
+- baseline: every cell sends one heartbeat at once; the time until the registry applied all;
+- flood: the flooder's heartbeats are published first, then every cell sends one; the time
+  until the registry applied all of the others' (they wait in the same queue, behind it).
+
+It prints how many heartbeats per second the one flooding cell could publish, and the
+others' delay with and without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from datetime import UTC, datetime
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from bench.fleet import SimCell, bench_environment, gather_limited, until
+from common.messages import CELLS_EXCHANGE, CellHeartbeat
+from common.runner import run
+
+
+async def _applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
+    pipe = redis.pipeline(transaction=False)
+    for cell in cells:
+        pipe.hget(f"registry:cell:{cell.cell_id}", "last_seq")
+    seqs = await pipe.execute()
+    return all(s is not None and int(s) >= c.seq for s, c in zip(seqs, cells, strict=True))
+
+
+async def _everyone_beats(redis: aioredis.Redis, cells: list[SimCell]) -> float:
+    started = time.perf_counter()
+    await asyncio.gather(*(c.heartbeat() for c in cells))
+    await until(lambda: _applied(redis, cells), 0.01)
+    return time.perf_counter() - started
+
+
+async def _raw_flood(cell: SimCell, n: int) -> None:
+    """As a cell that does not wait for confirms would: as fast as the broker lets it."""
+    connection = await aio_pika.connect(cell.url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        exchange = await channel.get_exchange(CELLS_EXCHANGE, ensure=False)
+        for _ in range(n):
+            beat = CellHeartbeat(cell_id=cell.cell_id, seq=cell.next_seq(),
+                                 sent_at=datetime.now(UTC), agent_version="sim")  # fmt: skip
+            await exchange.publish(
+                aio_pika.Message(beat.model_dump_json().encode(), type=beat.wire_name,
+                                 user_id=cell.cell_id),
+                f"{cell.cell_id}.heartbeat",
+            )  # fmt: skip
+    finally:
+        await connection.close()
+
+
+async def flood(args: argparse.Namespace) -> None:
+    async with bench_environment(args.redis_db) as bench:
+        await bench.create_cells(args.cells + 1, "fl")
+        await bench.connect_cells()
+        await gather_limited(len(bench.cells), 100, lambda i: bench.cells[i].register())
+        flooder, others = bench.cells[0], bench.cells[1:]
+        redis = aioredis.from_url(bench.redis_url)
+        await until(lambda: _applied(redis, bench.cells), 0.1)
+        baselines, floods, rates = [], [], []
+        for r in range(args.rounds):
+            baselines.append(await _everyone_beats(redis, others))
+            started = time.perf_counter()
+            if args.raw:
+                await _raw_flood(flooder, args.flood)
+            else:
+                await gather_limited(args.flood, 256, lambda _: flooder.heartbeat())
+            rates.append(args.flood / (time.perf_counter() - started))
+            floods.append(await _everyone_beats(redis, others))
+            await until(lambda: _applied(redis, [flooder]), 0.05)
+            print(
+                f"round {r + 1}: baseline {baselines[-1]:.2f}s, behind the flood "
+                f"{floods[-1]:.2f}s (flooder published {rates[-1]:,.0f}/s)",
+                flush=True,
+            )
+        await redis.aclose()
+    print(f"\n{args.cells} cells, one more flooding with {args.flood:,} heartbeats per round, "
+          f"median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'every other cell applied, no flood':44}{statistics.median(baselines):>8.2f}s")
+    print(f"{'every other cell applied, behind the flood':44}{statistics.median(floods):>8.2f}s")
+    print(f"{'one cell publishing heartbeats':44}{statistics.median(rates):>8,.0f}/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--redis-db", type=int, default=14, help="an empty Redis database")
+    parser.add_argument("--cells", type=int, default=100)
+    parser.add_argument("--flood", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--raw", action="store_true",
+                        help="the flooder publishes without waiting for confirms")  # fmt: skip
+    run(flood(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
