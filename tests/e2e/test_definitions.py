@@ -13,7 +13,7 @@ import pytest
 from common import topology
 from common.bus import RabbitBus
 from deploy import rabbitmq
-from tests.conftest import Services, aws_env, free_port
+from tests.conftest import Services, aws_env
 from tests.e2e.conftest import Processes
 from tests.e2e.test_cells import start_agent
 from tests.e2e.test_rollout import HOST
@@ -52,7 +52,7 @@ async def test_the_services_run_on_the_definitions_as_their_own_users(
              "infra-compliance": "svc-infra"}  # fmt: skip
     for service, user in users.items():
         env = {"SUBSTRATE_AMQP_URL": _url(base, user, vhost), "SUBSTRATE_DECLARE_TOPOLOGY": "false",
-               "SUBSTRATE_REDIS_URL": loaded.redis_url, "SUBSTRATE_METRICS_PORT": str(free_port()),
+               "SUBSTRATE_REDIS_URL": loaded.redis_url, "SUBSTRATE_METRICS_PORT": "0",
                "SUBSTRATE_TICK_SECONDS": "0.2",
                **aws_env(moto)}  # fmt: skip
         if service == "registry":
