@@ -347,7 +347,8 @@ class Agent:
         await self.register()
         await self.send_pending()
         await self.sync("reconnect")
-        self.upgrader.wake()  # a finished upgrade may still need reporting
+        # Kept reports went out above; the upgrader looks again for work the outage held up.
+        self.upgrader.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
         self.account_id = await _retry("reading the AWS account (STS)", self.aws.account_id, stop)
