@@ -117,6 +117,7 @@ class Bench:
     workdir: Path
     registry: asyncio.subprocess.Process | None = None
     cells: list[SimCell] = field(default_factory=list)
+    registry_env: dict[str, str] = field(default_factory=dict)
 
     async def start_registry(self) -> None:
         env = {
@@ -127,6 +128,9 @@ class Bench:
             # The benchmark measures ingest; nobody should go offline during it.
             "SUBSTRATE_OFFLINE_AFTER_SECONDS": "3600",
             "SUBSTRATE_LOG_LEVEL": "WARNING",
+            # Each simulated cell beats far faster than an agent would: no per-cell limit.
+            "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0",
+            **self.registry_env,
         }
         log = (self.workdir / "registry.log").open("ab")
         self.registry = await asyncio.create_subprocess_exec(
@@ -198,7 +202,9 @@ class Bench:
 
 
 @asynccontextmanager
-async def bench_environment(redis_db: int) -> AsyncIterator[Bench]:
+async def bench_environment(
+    redis_db: int, registry_env: dict[str, str] | None = None
+) -> AsyncIterator[Bench]:
     api = RabbitApi(API_URL)
     nodes = await api.call("GET", "/nodes")
     # Absent for a few seconds after the broker starts.
@@ -218,7 +224,8 @@ async def bench_environment(redis_db: int) -> AsyncIterator[Bench]:
     control = await RabbitBus.connect(amqp_url, name="bench-control")
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / vhost
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(vhost, amqp_url, redis_url, api, control, workdir)
+    bench = Bench(vhost, amqp_url, redis_url, api, control, workdir,
+                  registry_env=registry_env or {})  # fmt: skip
     print(f"broker socket limit {sockets}; vhost {vhost}; Redis db {redis_db}", flush=True)
     try:
         await bench.start_registry()

@@ -10,24 +10,29 @@ them. Per round, measured in the same run:
 - flood: the flooder's heartbeats are published first, then every cell sends one; the time
   until the registry applied all of the others' (they wait in the same queue, behind it).
 
-It prints how many heartbeats per second the one flooding cell could publish, and the
-others' delay with and without it.
+It prints how many heartbeats per second the one flooding cell could publish, the others' delay
+with and without it, and how many of the flood the registry applied. The registry runs with its
+per-cell heartbeat limit (SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND, default 4/s) unless
+``--no-limit``: then every heartbeat of the flood costs a Redis round trip.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 import aio_pika
 import redis.asyncio as aioredis
 
-from bench.fleet import SimCell, bench_environment, gather_limited, until
+from bench.fleet import Bench, SimCell, bench_environment, gather_limited, until
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.runner import run
+from services.registry.settings import RegistrySettings
 
 
 async def _applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
@@ -43,6 +48,26 @@ async def _everyone_beats(redis: aioredis.Redis, cells: list[SimCell]) -> float:
     await asyncio.gather(*(c.heartbeat() for c in cells))
     await until(lambda: _applied(redis, cells), 0.01)
     return time.perf_counter() - started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _limited(port: int) -> int:
+    """Heartbeats the registry dropped unapplied (its own count)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    for line in text.splitlines():
+        if line.startswith('substrate_heartbeats_total{outcome="limited"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+async def _drained(bench: Bench) -> bool:
+    return (await bench.control.queue_state("registry.cells")).messages == 0
 
 
 async def _raw_flood(cell: SimCell, n: int) -> None:
@@ -64,7 +89,13 @@ async def _raw_flood(cell: SimCell, n: int) -> None:
 
 
 async def flood(args: argparse.Namespace) -> None:
-    async with bench_environment(args.redis_db) as bench:
+    port = _free_port()
+    default = RegistrySettings.model_fields["heartbeat_limit_per_second"].default
+    env = {
+        "SUBSTRATE_METRICS_PORT": str(port),
+        "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0" if args.no_limit else str(default),
+    }
+    async with bench_environment(args.redis_db, env) as bench:
         await bench.create_cells(args.cells + 1, "fl")
         await bench.connect_cells()
         await gather_limited(len(bench.cells), 100, lambda i: bench.cells[i].register())
@@ -81,18 +112,21 @@ async def flood(args: argparse.Namespace) -> None:
                 await gather_limited(args.flood, 256, lambda _: flooder.heartbeat())
             rates.append(args.flood / (time.perf_counter() - started))
             floods.append(await _everyone_beats(redis, others))
-            await until(lambda: _applied(redis, [flooder]), 0.05)
+            await until(lambda: _drained(bench), 0.05)
             print(
                 f"round {r + 1}: baseline {baselines[-1]:.2f}s, behind the flood "
                 f"{floods[-1]:.2f}s (flooder published {rates[-1]:,.0f}/s)",
                 flush=True,
             )
+        limited = await asyncio.to_thread(_limited, port)
         await redis.aclose()
     print(f"\n{args.cells} cells, one more flooding with {args.flood:,} heartbeats per round, "
           f"median of {args.rounds} rounds")  # fmt: skip
     print(f"{'every other cell applied, no flood':44}{statistics.median(baselines):>8.2f}s")
     print(f"{'every other cell applied, behind the flood':44}{statistics.median(floods):>8.2f}s")
     print(f"{'one cell publishing heartbeats':44}{statistics.median(rates):>8,.0f}/s")
+    total = args.flood * args.rounds
+    print(f"{'of the flood, dropped by the per-cell limit':44}{limited:>8,} of {total:,}")
 
 
 def main() -> None:
@@ -101,6 +135,8 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=100)
     parser.add_argument("--flood", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-limit", action="store_true",
+                        help="run the registry without its per-cell heartbeat limit")  # fmt: skip
     parser.add_argument("--raw", action="store_true",
                         help="the flooder publishes without waiting for confirms")  # fmt: skip
     run(flood(parser.parse_args()))

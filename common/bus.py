@@ -32,6 +32,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
+from common import crashpoints
 from common.acks import BatchedAcks
 from common.crashpoints import crash_point
 from common.deadlines import Deadlines
@@ -409,6 +410,10 @@ class RabbitBus:
                     await self._exchange(exchange).publish(
                         message, routing_key, mandatory=mandatory
                     )
+                    if crashpoints.DUPLICATES:
+                        await self._exchange(exchange).publish(
+                            message, routing_key, mandatory=mandatory
+                        )
             except TimeoutError:
                 outcome = "timeout"
                 raise PublishTimeout(

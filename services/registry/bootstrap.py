@@ -15,6 +15,7 @@ from common.clock import Clock, SystemClock
 from common.rabbitmq_api import RabbitApi
 from services.registry import handlers
 from services.registry.broker import CellBroker, vhost_of
+from services.registry.limits import PerCellLimit
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 
@@ -33,6 +34,7 @@ def build_deps(
         privatelink_service=settings.privatelink_service_name,
         offline_after=settings.offline_after_seconds,
         credential_grace=settings.credential_grace_seconds,
+        heartbeat_limit=PerCellLimit(settings.heartbeat_limit_per_second, settings.heartbeat_burst),
     )
 
 

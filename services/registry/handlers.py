@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.bus import Refused, RpcFailure
@@ -46,6 +46,7 @@ from common.requests.registry import (
 from common.routes import Route, route
 from common.vocabulary import REGISTERED
 from services.registry import metrics, transitions
+from services.registry.limits import PerCellLimit
 from services.registry.model import cell_amqp_url, offline_cutoff, stack_parameters
 from services.registry.store import RegistryStore
 from services.registry.transitions import Outcome
@@ -81,6 +82,7 @@ class Deps:
     privatelink_service: str
     offline_after: float
     credential_grace: float
+    heartbeat_limit: PerCellLimit = field(default_factory=lambda: PerCellLimit(0, 1))
 
 
 # -- cell reports -------------------------------------------------------------------------------
@@ -111,6 +113,10 @@ async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) ->
 
 async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) -> None:
     check_sender(msg, delivery)
+    if not deps.heartbeat_limit.allow(msg.cell_id, deps.clock.monotonic()):
+        # Acked unapplied: a later heartbeat carries everything this one did.
+        metrics.heartbeat_outcome("limited")
+        return
     # Liveness is judged by the registry's clock, never the cell's ``sent_at``.
     now = deps.clock.now()
     t = await deps.store.heartbeat(

@@ -17,6 +17,15 @@ class RegistrySettings(ServiceSettings):
     credential_grace_seconds: float = Field(
         default=600.0, gt=0, description="how long a rotated credential may go unconfirmed"
     )
+    heartbeat_limit_per_second: float = Field(
+        default=4.0,
+        ge=0,
+        description="heartbeats a second one cell may average before the rest are dropped "
+        "unapplied (0: no limit); an agent sends one every 30 s by default",
+    )
+    heartbeat_burst: float = Field(
+        default=20.0, ge=1, description="heartbeats one cell may send at once within its limit"
+    )
     cell_amqp_url: str | None = Field(
         default=None,
         description="the broker address cells connect to (scheme, host, port, vhost); "

@@ -23,6 +23,7 @@ from contextlib import suppress
 from datetime import datetime
 
 from common.clock import Clock
+from common.crashpoints import pause_point
 from common.lease import Lease
 from common.messages import DesiredState, Message, RolloutHalted
 from common.runner import wait_any
@@ -67,6 +68,7 @@ class Controller:
                 await self.tick()
             except FenceLost:
                 self._cells = None
+                metrics.FENCE_LOST.inc()
                 log.warning("controller lease lost mid-step; another replica leads now")
             except Exception:
                 log.exception("controller step failed; retrying")
@@ -77,6 +79,7 @@ class Controller:
     async def tick(self) -> bool:
         """One step over every rollout; False if another replica holds the lease."""
         fence = await self.lease.hold()
+        metrics.LEADER.set(fence is not None)
         if fence is None:
             self._cells = None
             return False
@@ -136,6 +139,7 @@ class Controller:
             )
             for a, g in zip(assign, generations, strict=True)
         ]
+        pause_point("controller.before-commit", "assign" if assign else "")
         try:
             written = await self.store.commit(
                 fence,

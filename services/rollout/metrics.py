@@ -22,6 +22,13 @@ WAVE = Gauge("substrate_rollout_wave", "The current wave of a release in its sta
 ACTIVE = Gauge("substrate_rollouts_active", "Rollouts in progress, soaking, halted or paused")
 HALTED = Gauge("substrate_rollouts_halted", "Rollouts halted and waiting for an operator")
 HALTS = Counter("substrate_rollout_halts", "Rollouts halted, by stage", ["stage"])
+LEADER = Gauge(
+    "substrate_rollout_leader", "1 while this replica holds the rollout controller's lease"
+)
+FENCE_LOST = Counter(
+    "substrate_rollout_fence_lost",
+    "Controller steps refused because another replica took the lease meanwhile",
+)
 ASSIGNED = Counter("substrate_rollout_desired_states", "Desired states sent to cells")
 UPGRADE_DURATION = Histogram(
     "substrate_upgrade_duration_seconds",
