@@ -69,6 +69,7 @@ class Controller:
             except FenceLost:
                 self._cells = None
                 metrics.FENCE_LOST.inc()
+                metrics.LEADER.set(0)
                 log.warning("controller lease lost mid-step; another replica leads now")
             except Exception:
                 log.exception("controller step failed; retrying")

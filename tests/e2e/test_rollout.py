@@ -181,10 +181,12 @@ async def fleet(
     yield f
 
 
-async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus) -> Fleet:
-    """A rollout service with the short soaks of POLICY (the registry is the caller's), and no
-    cells yet."""
-    rollout = await start_rollout(procs)
+async def quick_fleet(
+    procs: Processes, moto: str, root: Path, bus: RabbitBus, **env: str
+) -> Fleet:
+    """A rollout service (with ``env``) with the short soaks of POLICY (the registry is the
+    caller's), and no cells yet."""
+    rollout = await start_rollout(procs, **env)
     (root / "policy.yaml").write_text(POLICY)
     code, _, err = await procs.ctl("rollout", "policy", "set", str(root / "policy.yaml"))
     assert code == 0, err

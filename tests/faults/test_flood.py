@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 import aio_pika
 import pytest
@@ -36,7 +37,7 @@ async def test_a_flood_from_one_cell(fprocs: Processes) -> None:
         urls[cell] = (await create_cell(fprocs, cell))["amqp_url"]
         await register_as_cell(urls[cell], cell)
     for cell in ids:
-        await eventually(lambda c=cell: status_is(fprocs, c, "online"), timeout=30, interval=0.3)
+        await eventually(partial(status_is, fprocs, cell, "online"), timeout=30, interval=0.3)
     flooder, others = ids[0], ids[1:]
 
     # The flooder publishes as fast as its connection takes it, without waiting for confirms.

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellReport, CellUpgrade
 from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_cells import show
-from tests.e2e.test_rollout import Fleet, quick_fleet, start_rollout
+from tests.e2e.test_rollout import Fleet, quick_fleet
 from tests.faults.ledger import Ledger, applier_env
 from tests.helpers import eventually, raw_publish
 
@@ -20,17 +21,14 @@ TWICE = {"SUBSTRATE_FAULT_DUPLICATES": "1"}
 
 @pytest.mark.fault
 async def test_every_message_delivered_twice(
-    fprocs: Processes, moto: str, tmp_path: Path, fbus: object
+    fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus
 ) -> None:
     """5. The registry, the rollout service and every agent publish each message twice (the same
     message id, as a publisher retrying after a lost confirm would): commands, reports,
     heartbeats and events all arrive twice. The rollout ends as it would without: each cell on
     the release, one generation each, applied once, one outcome recorded per cell."""
     registry = await start_registry(fprocs, SUBSTRATE_OFFLINE_AFTER_SECONDS="20", **TWICE)
-    fleet = await quick_fleet(fprocs, moto, tmp_path, fbus)  # type: ignore[arg-type]
-    assert fleet.rollout is not None
-    await fprocs.stop(fleet.rollout.proc)
-    fleet.rollout = await start_rollout(fprocs, **TWICE)
+    fleet = await quick_fleet(fprocs, moto, tmp_path, fbus, **TWICE)
     await fleet.tap()
     cells = await fleet.add("staging", 1, **applier_env(), **TWICE)
     cells += await fleet.add("saas", 1, **applier_env(), **TWICE)
