@@ -93,6 +93,8 @@ class PrivateRabbit:
     # A directory from scripts/certs.sh: the node also listens for AMQPS on ``amqps_port``.
     tls: Path | None = None
     amqps_port: int = field(default_factory=free_port)
+    # More rabbitmq.conf lines (e.g. a short consumer_timeout).
+    config: str = ""
     child: _Child = field(default_factory=_Child)
 
     @property
@@ -141,6 +143,7 @@ class PrivateRabbit:
                 if self.tls
                 else ""
             )
+            + self.config
         )
         (self.root / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
         self.child.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], self._env(),
