@@ -23,7 +23,7 @@ _AT = os.environ.get("SUBSTRATE_CRASH_AT", "")
 # reaches that step, as a process frozen by a GC pause or a suspended VM would, until the test
 # sends SIGCONT: what a stale singleton leader looks like.
 _PAUSE_AT = os.environ.get("SUBSTRATE_PAUSE_AT", "")
-_paused = False
+_paused: set[str] = set()
 
 
 def crash_point(name: str, detail: str = "") -> None:
@@ -33,8 +33,7 @@ def crash_point(name: str, detail: str = "") -> None:
 
 
 def pause_point(name: str, detail: str = "") -> None:
-    global _paused
     if _PAUSE_AT in (name, f"{name}:{detail}") and _PAUSE_AT and not _paused:
-        _paused = True
+        _paused.add(_PAUSE_AT)
         os.write(2, f"pause point {name}:{detail} reached: stopping\n".encode())
         os.kill(os.getpid(), signal.SIGSTOP)

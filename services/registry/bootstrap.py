@@ -35,6 +35,7 @@ def build_deps(
         offline_after=settings.offline_after_seconds,
         credential_grace=settings.credential_grace_seconds,
         heartbeat_limit=PerCellLimit(settings.heartbeat_limit_per_second, settings.heartbeat_burst),
+        cell_ca=settings.cell_ca_file.read_text() if settings.cell_ca_file else "",
     )
 
 

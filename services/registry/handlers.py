@@ -83,6 +83,7 @@ class Deps:
     offline_after: float
     credential_grace: float
     heartbeat_limit: PerCellLimit = field(default_factory=lambda: PerCellLimit(0, 1))
+    cell_ca: str = ""  # PEM, for the cells' stacks
 
 
 # -- cell reports -------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ async def cells_create(req: CellsCreate, delivery: Delivery, deps: Deps) -> Crea
     view = await _must_get(req.id, deps)
     return CreatedCell(
         **dict(view), amqp_url=amqp_url,
-        stack_parameters=stack_parameters(req, amqp_url, deps.privatelink_service),
+        stack_parameters=stack_parameters(req, amqp_url, deps.privatelink_service, deps.cell_ca),
     )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ counts as offline."""
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import datetime, timedelta
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -58,9 +59,14 @@ def cell_amqp_url(base_url: str, cell_id: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
-def stack_parameters(cell: CellsCreate, amqp_url: str, privatelink_service: str) -> dict[str, str]:
-    """The CloudFormation parameters of ``cell_agent/bootstrap/cell.yaml`` for this cell."""
+def stack_parameters(
+    cell: CellsCreate, amqp_url: str, privatelink_service: str, ca_pem: str = ""
+) -> dict[str, str]:
+    """The CloudFormation parameters of ``cell_agent/bootstrap/cell.yaml`` for this cell; the
+    broker's CA (PEM, base64 in the parameter: a parameter holds no newlines) where one is
+    configured."""
     parts = urlsplit(amqp_url)
+    ca = {"ControlPlaneCaCertificate": base64.b64encode(ca_pem.encode()).decode()} if ca_pem else {}
     return {
         "CellId": cell.id,
         "Stage": cell.stage,
@@ -68,6 +74,7 @@ def stack_parameters(cell: CellsCreate, amqp_url: str, privatelink_service: str)
         "ControlPlaneVhost": unquote(parts.path[1:]) if len(parts.path) > 1 else "/",
         "ControlPlaneServiceName": privatelink_service,
         "AgentPassword": unquote(parts.password or ""),
+        **ca,
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from common.settings import ServiceSettings
@@ -32,6 +34,11 @@ class RegistrySettings(ServiceSettings):
         "default: the control plane's own broker URL",
     )
 
+    cell_ca_file: Path | None = Field(
+        default=None,
+        description="the CA certificate (PEM) cells verify the broker's certificate with, handed "
+        "to each new cell's stack (ControlPlaneCaCertificate) with its credentials",
+    )
     privatelink_service_name: str = Field(
         default="com.amazonaws.vpce.eu-west-1.vpce-svc-0substrate0dev00",
         description="the control plane's PrivateLink endpoint service, for cells' stacks",

@@ -181,9 +181,7 @@ async def fleet(
     yield f
 
 
-async def quick_fleet(
-    procs: Processes, moto: str, root: Path, bus: RabbitBus, **env: str
-) -> Fleet:
+async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus, **env: str) -> Fleet:
     """A rollout service (with ``env``) with the short soaks of POLICY (the registry is the
     caller's), and no cells yet."""
     rollout = await start_rollout(procs, **env)

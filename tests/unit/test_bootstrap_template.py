@@ -66,6 +66,7 @@ def test_create_supplies_every_parameter_without_a_default() -> None:
     declared = template["Parameters"]
     required = {name for name, spec in declared.items() if "Default" not in spec}
     cell = CellsCreate(id="acme", stage="dedicated", region="eu-west-1", org="acme")
-    params = stack_parameters(cell, "amqp://acme:secretsecretsecret@h:5672/", "svc")
+    params = stack_parameters(cell, "amqp://acme:secretsecretsecret@h:5672/", "svc", "PEM")
     assert required <= set(params) <= set(declared)
+    assert "ControlPlaneCaCertificate" in params
     assert "TemplateVersion" in template["Outputs"]

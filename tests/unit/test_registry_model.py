@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, datetime
 
@@ -73,6 +74,9 @@ def test_cell_url_and_stack_parameters() -> None:
         "ControlPlaneServiceName": "com.amazonaws.vpce.eu-west-1.vpce-svc-1",
         "AgentPassword": "p/w@",
     }
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    with_ca = stack_parameters(cell, url, "svc", pem)
+    assert base64.b64decode(with_ca["ControlPlaneCaCertificate"]).decode() == pem
 
 
 def test_offline_cutoff_uses_the_receivers_clock() -> None:
