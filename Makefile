@@ -52,7 +52,7 @@ test-only: install
 # The fault suite at full size (make test runs it smaller): more cells in each faulted rollout
 # and 2,000 fuzz examples per message type and file.
 chaos: install services
-	SUBSTRATE_FAULT_CELLS=$${SUBSTRATE_FAULT_CELLS:-30} SUBSTRATE_FUZZ_EXAMPLES=$${SUBSTRATE_FUZZ_EXAMPLES:-2000} \
+	SUBSTRATE_FAULT_CELLS=$${SUBSTRATE_FAULT_CELLS:-50} SUBSTRATE_FUZZ_EXAMPLES=$${SUBSTRATE_FUZZ_EXAMPLES:-2000} \
 		$(BIN)/pytest -m fault -p no:cacheprovider
 
 dev: install services

@@ -59,6 +59,7 @@ def _hb(cell: str, seq: int) -> aio_pika.Message:
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 async def test_a_cell_cannot_act_as_another_cell_or_the_control_plane(
     procs: Processes, control_plane: None, services: Services
 ) -> None:
@@ -178,6 +179,7 @@ async def _metric_at_least(registry: Registry, name: str, n: float, **labels: st
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_counted(
     procs: Processes, registry: Registry, services: Services
 ) -> None:

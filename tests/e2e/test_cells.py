@@ -173,6 +173,7 @@ async def test_offline_after_silence_and_online_again(
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 async def test_second_account_is_refused_and_reported(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
@@ -203,6 +204,7 @@ async def _refused(procs: Processes, cell: str) -> dict[str, Any] | None:
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 async def test_decommission_closes_the_agent_and_it_cannot_come_back(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
@@ -234,6 +236,7 @@ async def _no_connections(services: Services, cell: str) -> bool:
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_working(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:

@@ -37,6 +37,7 @@ async def _fleet(
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_clocks_that_disagree(
     fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus
 ) -> None:
@@ -68,6 +69,7 @@ async def proxy(rabbit: PrivateRabbit) -> AsyncIterator[Proxy]:
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_a_cell_away_for_days(
     fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus, proxy: Proxy
 ) -> None:

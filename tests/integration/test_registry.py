@@ -162,6 +162,7 @@ async def test_create_refuses_duplicates_and_undoes_a_failed_provision(
     assert await outbox_types(redis) == ["cell.created.v1", "cell.created.v1"]
 
 
+@pytest.mark.fault
 async def test_registration_binds_the_account_and_refuses_another(
     deps: handlers.Deps, redis: aioredis.Redis
 ) -> None:
@@ -182,6 +183,7 @@ async def test_registration_binds_the_account_and_refuses_another(
     ]
 
 
+@pytest.mark.fault
 async def test_concurrent_registrations_from_two_accounts_one_wins(deps: handlers.Deps) -> None:
     cell = new_cell_id()
     await create(deps, cell)
