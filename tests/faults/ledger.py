@@ -8,12 +8,16 @@ one line per applied component to ``applied.log`` in its state directory.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 APPLY_LOG = "applied.log"
+# Cells in the rollout a broker or Redis fault lands in: a few in make test, more under make
+# chaos.
+CELLS = int(os.environ.get("SUBSTRATE_FAULT_CELLS", "4"))
 # Run by the agent's command applier, once per component it applies (the delay keeps a rollout in
 # flight long enough for a fault to land in the middle of it).
 APPLY_COMMAND = (

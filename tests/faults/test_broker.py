@@ -3,7 +3,6 @@ in the middle of a rollout, restarted gracefully, and out of memory. Each ends w
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 import pytest
@@ -11,12 +10,9 @@ import pytest
 from common.bus import NotConnected, PublishTimeout, RabbitBus
 from tests.conftest import Services
 from tests.e2e.test_rollout import Fleet
-from tests.faults.ledger import Ledger, applied, applier_env
+from tests.faults.ledger import CELLS, Ledger, applied, applier_env
 from tests.faults.nodes import PrivateRabbit
 from tests.helpers import cell_queue, eventually, heartbeat, new_cell_id
-
-# Cells in the rollout a fault lands in: a few in make test, more under make chaos.
-CELLS = int(os.environ.get("SUBSTRATE_FAULT_CELLS", "4"))
 
 
 async def _grow(fleet: Fleet, apply_seconds: float) -> None:

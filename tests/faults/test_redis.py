@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common import redis_client
 from tests.e2e.test_cells import create_cell, show
 from tests.e2e.test_rollout import Fleet
-from tests.faults.ledger import Ledger, applier_env
+from tests.faults.ledger import CELLS, Ledger, applier_env
 from tests.faults.nodes import PrivateRedis
 from tests.helpers import new_cell_id
 
@@ -31,11 +31,12 @@ async def test_redis_killed_right_after_acknowledgement(
     release) survives kill -9 of Redis the moment the acknowledgement arrives, and the first
     request after each crash is answered (the services' pooled connections to the old Redis are
     dead; the client retries on a new one). The services carry on without a restart, the fleet
-    view recovers from heartbeats, and the release reaches every cell once."""
+    view recovers from heartbeats, and the release reaches every cell once (SUBSTRATE_FAULT_CELLS
+    cells; Redis is killed once more mid-rollout)."""
     procs = fleet.procs
     await procs.start("flags", "substrate-flags")
     cells = await fleet.add("staging", 1, **applier_env())
-    cells += await fleet.add("dedicated", 2, **applier_env())
+    cells += await fleet.add("dedicated", max(CELLS - 1, 2), **applier_env())
 
     async def crash() -> None:
         await redis_node.kill()
@@ -62,6 +63,9 @@ async def test_redis_killed_right_after_acknowledgement(
     version = await fleet.publish(1)
     await crash()
     assert await _answers(fleet, "release", "show", version)
+    # And again mid-rollout: staging done, dedicated to come.
+    await fleet.wait_installed(cells[:1], version, timeout=120)
+    await crash()
 
     await fleet.wait_state(version, "completed", timeout=180)
     await fleet.wait_installed(cells, version, timeout=60)
