@@ -7,6 +7,7 @@ test started (containers, network, volume, dockerd) is left behind."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -77,6 +78,16 @@ def _query(port: int, expr: str) -> list[Any]:
     return result
 
 
+def _connections(port: int) -> list[dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/connections")
+    user, password = OPERATOR.split(":")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        found: list[dict[str, Any]] = json.load(answer)
+    return found
+
+
 def _leftovers(project: str) -> list[str]:
     """Containers, networks and volumes compose labelled with this project."""
     label = f"label=com.docker.compose.project={project}"
@@ -99,6 +110,7 @@ async def test_compose_up_runs_the_demo_fleet_and_down_leaves_nothing(
     monkeypatch.setenv("COMPOSE_PROJECT_NAME", project)
     monkeypatch.setenv("SUBSTRATE_AMQP_PORT", str(amqp_port))
     monkeypatch.setenv("SUBSTRATE_CONSOLE_PORT", str(console_port))
+    monkeypatch.setenv("SUBSTRATE_AMQPS_PORT", str(free_port()))
     monkeypatch.setenv("SUBSTRATE_PROMETHEUS_PORT", str(prometheus_port))
     # No reaper (its image cannot be pulled); teardown below removes what the run made.
     monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -117,6 +129,10 @@ async def test_compose_up_runs_the_demo_fleet_and_down_leaves_nothing(
                 by_id.get(c, {}).get("status") == "online" for c in cells) else None  # fmt: skip
 
         await eventually(fleet, timeout=120, interval=1, what="the five demo cells online")
+        # Every cell's connection is AMQPS (the agents verified the broker against the demo CA).
+        connections = await asyncio.to_thread(_connections, console_port)
+        by_cell = {c["user"]: c["ssl"] for c in connections if c["user"] in cells}
+        assert by_cell == dict.fromkeys(cells, True), by_cell
 
         async def released() -> bool:
             status = await _ctl(operator, "rollout", "status", demo.VERSION)

@@ -30,9 +30,9 @@ def test_compose_runs_every_control_plane_service_from_a_console_script() -> Non
         "substrate-registry", "substrate-rollout", "substrate-flags", "substrate-infra-compliance"
     }  # fmt: skip
     assert expected <= commands
-    # Besides the console scripts: Redis, the demo job (python -m deploy.demo) and the agents'
-    # shell line that reads their URL.
-    assert commands - {"redis-server", "python", "sh"} <= set(scripts)
+    # Besides the console scripts: Redis, the demo job (python -m deploy.demo), the certs job
+    # (bash) and the agents' shell line that reads their URL.
+    assert commands - {"redis-server", "python", "sh", "bash"} <= set(scripts)
     agents = [s for s in services.values() if s.get("command", [""])[0] == "sh"]
     assert len(agents) == 5 and all("cell-agent run" in a["command"][-1] for a in agents)
 
@@ -72,3 +72,18 @@ def test_redis_keeps_acknowledged_state_across_restarts() -> None:
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
     # Fsynced before the reply: an acknowledged write survives kill -9, not only a clean stop.
     assert command[command.index("--appendfsync") + 1] == "always"
+
+
+def test_cells_reach_the_broker_over_tls_verified_against_the_demo_ca() -> None:
+    services = _compose()["services"]
+    conf = (ROOT / "compose" / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert "listeners.ssl.default = 5671" in conf
+    assert services["rabbitmq"]["depends_on"]["certs"]["condition"] == (
+        "service_completed_successfully"
+    )
+    registry = services["registry"]["environment"]
+    assert registry["SUBSTRATE_CELL_AMQP_URL"].startswith("amqps://rabbitmq:5671")
+    assert registry["SUBSTRATE_CELL_CA_FILE"] == "/tls/ca.pem"
+    agents = [s for n, s in services.items() if n.startswith("agent-")]
+    assert len(agents) == 5
+    assert all(a["environment"]["CELL_CA_FILE"] == "/tls/ca.pem" for a in agents)
