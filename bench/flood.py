@@ -102,7 +102,7 @@ async def flood(args: argparse.Namespace) -> None:
         flooder, others = bench.cells[0], bench.cells[1:]
         redis = aioredis.from_url(bench.redis_url)
         await until(lambda: _applied(redis, bench.cells), 0.1)
-        baselines, floods, rates = [], [], []
+        baselines, floods, rates, drains = [], [], [], []
         for r in range(args.rounds):
             baselines.append(await _everyone_beats(redis, others))
             started = time.perf_counter()
@@ -111,11 +111,14 @@ async def flood(args: argparse.Namespace) -> None:
             else:
                 await gather_limited(args.flood, 256, lambda _: flooder.heartbeat())
             rates.append(args.flood / (time.perf_counter() - started))
+            backlog = (await bench.control.queue_state("registry.cells")).messages
             floods.append(await _everyone_beats(redis, others))
+            drains.append(backlog / floods[-1])
             await until(lambda: _drained(bench), 0.05)
             print(
                 f"round {r + 1}: baseline {baselines[-1]:.2f}s, behind the flood "
-                f"{floods[-1]:.2f}s (flooder published {rates[-1]:,.0f}/s)",
+                f"{floods[-1]:.2f}s (flooder published {rates[-1]:,.0f}/s; the backlog it left "
+                f"drained at {drains[-1]:,.0f}/s)",
                 flush=True,
             )
         limited = await asyncio.to_thread(_limited, port)
@@ -125,6 +128,8 @@ async def flood(args: argparse.Namespace) -> None:
     print(f"{'every other cell applied, no flood':44}{statistics.median(baselines):>8.2f}s")
     print(f"{'every other cell applied, behind the flood':44}{statistics.median(floods):>8.2f}s")
     print(f"{'one cell publishing heartbeats':44}{statistics.median(rates):>8,.0f}/s")
+    drained = statistics.median(drains)
+    print(f"{'the backlog it left, drained by the registry':44}{drained:>8,.0f}/s")
     total = args.flood * args.rounds
     print(f"{'of the flood, dropped by the per-cell limit':44}{limited:>8,} of {total:,}")
 
