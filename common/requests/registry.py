@@ -80,6 +80,9 @@ class RotatedCredentials(Response):
 class RegistryServiceStatus(ServiceStatus):
     cells: dict[str, int]
     flags_behind: int
+    # The broker's socket limit (summed over its nodes), where the management API says.
+    broker_socket_limit: int | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 @rpc("registry", "cells.create")

@@ -63,3 +63,15 @@ class CellBroker:
         for conn in connections:
             await self.api.close_connection(str(conn["name"]), reason)
         return len(connections)
+
+    async def socket_limit(self) -> int | None:
+        """How many sockets the broker accepts (its open-files limit leaves room for about that
+        many connections), summed over a cluster's nodes; None if the API does not say (a
+        node just started, or a user without the monitoring tag)."""
+        try:
+            nodes = await self.api.call("GET", "/nodes")
+        except Exception as exc:
+            log.debug("could not read the broker's socket limit: %r", exc)
+            return None
+        limits = [int(n["sockets_total"]) for n in nodes if n.get("sockets_total")]
+        return sum(limits) if limits else None

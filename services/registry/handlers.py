@@ -53,6 +53,10 @@ from services.registry.transitions import Outcome
 
 log = logging.getLogger(__name__)
 
+# Warn once the cells would take this share of the broker's sockets (the services, the
+# operators and reconnects need the rest).
+SOCKET_HEADROOM = 0.9
+
 
 class Publisher(Protocol):
     async def publish(self, message: Message) -> None: ...
@@ -70,6 +74,8 @@ class CellAccounts(Protocol):
     async def close_connections(self, cell_id: str, reason: str) -> int: ...
 
     async def ensure_queue(self, cell_id: str) -> None: ...
+
+    async def socket_limit(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -259,9 +265,23 @@ async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     for (_, state), n in counts.items():
         by_status[state] = by_status.get(state, 0) + n
     behind = await deps.store.flags_behind()
+    limit = await deps.accounts.socket_limit()
+    cells = sum(n for state, n in by_status.items() if state != "decommissioned")
     return RegistryServiceStatus(
-        service="registry", ready=True, cells=by_status, flags_behind=len(behind)
-    )
+        service="registry", ready=True, cells=by_status, flags_behind=len(behind),
+        broker_socket_limit=limit, warnings=socket_warnings(cells, limit),
+    )  # fmt: skip
+
+
+def socket_warnings(cells: int, limit: int | None) -> list[str]:
+    """Each cell's agent holds a connection: a broker that cannot open that many sockets turns
+    cells away long before any service is busy."""
+    if limit is None or cells <= SOCKET_HEADROOM * limit:
+        return []
+    return [
+        f"{cells} cells are registered and the broker accepts at most {limit} sockets: raise "
+        "its open-files limit (README: Running the broker for a fleet)"
+    ]
 
 
 async def cells_audit(req: CellsAudit, delivery: Delivery, deps: Deps) -> list[AuditEntry]:

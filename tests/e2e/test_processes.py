@@ -45,6 +45,9 @@ async def test_services_start_answer_status_and_stop_cleanly(
     # Each service's own counts come through the one status method.
     assert "cells" in details["registry"] and "releases" in details["rollout"]
     assert "snapshot_version" in details["flags"]
+    # The broker's socket limit, read by the registry through the management API.
+    limit = details["registry"]["broker_socket_limit"]
+    assert isinstance(limit, int) and limit > 0, details["registry"]
 
     codes = await asyncio.gather(*(procs.stop(p) for p in started))
     assert codes == [0, 0, 0, 0], [p.output() for p in started]

@@ -14,11 +14,13 @@ import redis.asyncio as aioredis
 from common.bus import Refused, RpcFailure
 from common.clock import FakeClock
 from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
+from common.requests import Status
 from common.requests.registry import (
     CellsCreate,
     CellsDecommission,
     CellsList,
     CellsRotateCredentials,
+    RegistryServiceStatus,
 )
 from services.registry import handlers, metrics
 from services.registry.store import OUTBOX, RegistryStore
@@ -50,6 +52,9 @@ class FakeAccounts:
     async def close_connections(self, cell_id: str, reason: str) -> int:
         self.closed.append(cell_id)
         return 1
+
+    async def socket_limit(self) -> int | None:
+        return 1000
 
     async def ensure_queue(self, cell_id: str) -> None:
         self.queues_ensured.append(cell_id)
@@ -246,6 +251,19 @@ async def test_a_reinstalled_agent_starts_a_new_sequence(deps: handlers.Deps) ->
     )
     view = await deps.store.get(cell)
     assert view is not None and view.installed_release == "2026.12.1"
+
+
+async def test_status_warns_when_the_cells_would_fill_the_brokers_sockets(
+    deps: handlers.Deps,
+) -> None:
+    await create(deps, new_cell_id())
+    status = await handlers.status(Status(), delivery("operator", "rpc"), deps)
+    assert isinstance(status, RegistryServiceStatus)
+    assert status.broker_socket_limit == 1000 and status.warnings == []
+    assert handlers.socket_warnings(900, 1000) == []
+    [warning] = handlers.socket_warnings(901, 1000)
+    assert "901 cells" in warning and "1000 sockets" in warning and "open-files" in warning
+    assert handlers.socket_warnings(10**6, None) == [], "no limit known: no guess"
 
 
 async def test_heartbeat_from_an_unregistered_cell_changes_nothing(deps: handlers.Deps) -> None:
