@@ -130,8 +130,13 @@ async def test_compose_up_runs_the_demo_fleet_and_down_leaves_nothing(
 
         await eventually(fleet, timeout=120, interval=1, what="the five demo cells online")
         # Every cell's connection is AMQPS (the agents verified the broker against the demo CA).
-        connections = await asyncio.to_thread(_connections, console_port)
-        by_cell = {c["user"]: c["ssl"] for c in connections if c["user"] in cells}
+        # The management API lists connections from statistics it collects every few seconds.
+        async def over_tls() -> dict[str, bool] | None:
+            connections = await asyncio.to_thread(_connections, console_port)
+            by_cell = {c["user"]: c.get("ssl") for c in connections if c.get("user") in cells}
+            return by_cell if set(by_cell) == set(cells) else None
+
+        by_cell = await eventually(over_tls, timeout=60, interval=1, what="cells' connections")
         assert by_cell == dict.fromkeys(cells, True), by_cell
 
         async def released() -> bool:

@@ -45,6 +45,7 @@ async def test_broker_killed_mid_rollout(fleet: Fleet, rabbit: PrivateRabbit) ->
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_broker_restarted_gracefully(fleet: Fleet, rabbit: PrivateRabbit) -> None:
     """2. A graceful restart: every agent and service is back on its own (no process restarted),
     heartbeating, and a release published after it reaches every cell once."""

@@ -54,6 +54,7 @@ async def test_service_killed_between_its_redis_write_and_its_ack(fleet: Fleet) 
 
 @pytest.mark.fault
 @pytest.mark.parametrize("point", ["outbox.before-publish", "outbox.after-publish"])
+@pytest.mark.chaos
 async def test_service_killed_between_its_state_write_and_the_publish(
     fleet: Fleet, point: str
 ) -> None:

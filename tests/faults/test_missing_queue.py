@@ -17,6 +17,7 @@ from tests.helpers import eventually
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_a_command_for_a_cell_whose_queue_is_missing_is_kept_and_counted(
     fleet: Fleet,
 ) -> None:

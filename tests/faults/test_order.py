@@ -20,6 +20,7 @@ TWICE = {"SUBSTRATE_FAULT_DUPLICATES": "1"}
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_every_message_delivered_twice(
     fprocs: Processes, moto: str, tmp_path: Path, fbus: RabbitBus
 ) -> None:

@@ -30,6 +30,7 @@ async def _leads(service: Service) -> bool:
 
 
 @pytest.mark.fault
+@pytest.mark.chaos
 async def test_two_replicas_of_the_controller_and_a_stale_leader(fleet: Fleet) -> None:
     await fleet.tap()
     cells = await fleet.add("staging", 1, **applier_env())
