@@ -129,11 +129,12 @@ async def test_compose_up_runs_the_demo_fleet_and_down_leaves_nothing(
                 by_id.get(c, {}).get("status") == "online" for c in cells) else None  # fmt: skip
 
         await eventually(fleet, timeout=120, interval=1, what="the five demo cells online")
+
         # Every cell's connection is AMQPS (the agents verified the broker against the demo CA).
         # The management API lists connections from statistics it collects every few seconds.
-        async def over_tls() -> dict[str, bool] | None:
+        async def over_tls() -> dict[str, object] | None:
             connections = await asyncio.to_thread(_connections, console_port)
-            by_cell = {c["user"]: c.get("ssl") for c in connections if c.get("user") in cells}
+            by_cell = {str(c["user"]): c.get("ssl") for c in connections if c.get("user") in cells}
             return by_cell if set(by_cell) == set(cells) else None
 
         by_cell = await eventually(over_tls, timeout=60, interval=1, what="cells' connections")
