@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.bus import RabbitBus
-from common.messages import CELLS_EXCHANGE, CellUpgrade
+from common.messages import CELLS_EXCHANGE, EVENTS_EXCHANGE, CellUpgrade, RolloutProgressed
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
 from tests.conftest import Services, free_port
 from tests.e2e.conftest import Proc, Processes, Service, start_registry
@@ -193,10 +193,6 @@ async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus, *
     return f
 
 
-def stage_of(status: dict[str, Any]) -> tuple[str, str, int | None]:
-    return status["state"], status["stage"], status["wave"]
-
-
 @pytest.mark.e2e
 async def test_a_release_goes_through_every_stage_and_a_new_cell_gets_it_first(
     fleet: Fleet,
@@ -204,17 +200,22 @@ async def test_a_release_goes_through_every_stage_and_a_new_cell_gets_it_first(
     await fleet.add("staging")
     await fleet.add("saas")
     await fleet.add("dedicated", 3)
+    # Every step the controller takes is an event: kept in a queue of the test's own, so that
+    # seeing a 1 s soak does not depend on polling faster than it lasts.
+    steps = f"{fleet.reports}.steps"
+    await fleet.bus.declare(Topology((), consuming_queue(
+        steps, Binding(EVENTS_EXCHANGE, RolloutProgressed.event_key))))  # fmt: skip
     version = await fleet.publish(1)
 
+    await fleet.wait_state(version, "completed", timeout=90)
+    events = [RolloutProgressed.model_validate_json(m.body)
+              for m in await read_all(fleet.procs.services.amqp_url, steps)]  # fmt: skip
     seen: list[tuple[str, str, int | None]] = []
-
-    async def watched() -> bool:
-        status = await fleet.status(version)
-        if not seen or seen[-1] != stage_of(status):
-            seen.append(stage_of(status))
-        return bool(status["state"] == "completed")
-
-    await eventually(watched, timeout=90, interval=0.2, what="rollout completed")
+    for e in events:
+        if e.version == version and e.stage is not None:
+            step = (e.state, e.stage, None if e.wave is None else e.wave + 1)
+            if not seen or seen[-1] != step:
+                seen.append(step)
     await fleet.wait_installed(fleet.cells, version)
     final = await fleet.status(version)
     assert final["stages"]["dedicated"]["updated"] == 3
