@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 import urllib.request
@@ -33,6 +32,7 @@ from bench.fleet import Bench, SimCell, bench_environment, gather_limited, until
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.runner import run
 from services.registry.settings import RegistrySettings
+from tests.conftest import free_port
 
 
 async def _applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
@@ -48,12 +48,6 @@ async def _everyone_beats(redis: aioredis.Redis, cells: list[SimCell]) -> float:
     await asyncio.gather(*(c.heartbeat() for c in cells))
     await until(lambda: _applied(redis, cells), 0.01)
     return time.perf_counter() - started
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _limited(port: int) -> int:
@@ -89,7 +83,7 @@ async def _raw_flood(cell: SimCell, n: int) -> None:
 
 
 async def flood(args: argparse.Namespace) -> None:
-    port = _free_port()
+    port = free_port()
     default = RegistrySettings.model_fields["heartbeat_limit_per_second"].default
     env = {
         "SUBSTRATE_METRICS_PORT": str(port),

@@ -58,6 +58,7 @@ from common.rabbitmq_api import RabbitApi
 from common.routes import route
 from common.runner import run
 from common.vocabulary import UpgradePhase
+from services.registry.store import LIVENESS
 from tests.faults.nodes import PrivateRabbit, PrivateRedis
 
 PHASES: tuple[UpgradePhase, ...] = ("accepted", "verifying", "applying", "succeeded")
@@ -90,7 +91,6 @@ class SoakCell:
     work: asyncio.Event = field(default_factory=asyncio.Event)
     sending: asyncio.Lock = field(default_factory=asyncio.Lock)
     where: str = "new"
-    task: asyncio.Task[None] | None = None
 
     @property
     def id(self) -> str:
@@ -317,7 +317,7 @@ class Soak:
         """(p99, max) age of the online cells' last heartbeats, on the registry's clock."""
         redis = aioredis.from_url(self.redis_node.url)
         try:
-            online = await redis.zrange("registry:liveness", 0, -1, withscores=True)
+            online = await redis.zrange(LIVENESS, 0, -1, withscores=True)
             scores = [float(pair[1]) for pair in online]
         finally:
             await redis.aclose()
@@ -382,8 +382,8 @@ async def soak(args: argparse.Namespace) -> None:
         s = Soak(args, rabbit, redis_node, services, control)
         await s.start_fleet()
         for cell in s.cells:
-            cell.task = asyncio.create_task(cell.upgrade(stop))
-            tasks += [cell.task, asyncio.create_task(cell.beat(args.heartbeat, stop))]
+            tasks += [asyncio.create_task(cell.upgrade(stop)),
+                      asyncio.create_task(cell.beat(args.heartbeat, stop))]  # fmt: skip
         s.started = time.monotonic()
         await s.publish_release()
         faulting = asyncio.Event()

@@ -1,6 +1,6 @@
 """Named crash and pause points, for the fault tests: with ``SUBSTRATE_CRASH_AT=<name>`` (or
 ``<name>:<detail>``, e.g. a message type) a process exits at once, with no cleanup, as under
-kill -9, when it reaches that step. Unset, a crash point is one comparison.
+kill -9, when it reaches that step. Unset, a crash point costs a call and one test.
 
 The points sit where a crash is hardest to survive: after a handler's writes and before the
 ack, after an outbox entry is taken and before it is published, and between an upgrade's phases.
@@ -26,14 +26,18 @@ _PAUSE_AT = os.environ.get("SUBSTRATE_PAUSE_AT", "")
 _paused: set[str] = set()
 
 
+def _reached(setting: str, name: str, detail: str) -> bool:
+    return bool(setting) and setting in (name, f"{name}:{detail}")
+
+
 def crash_point(name: str, detail: str = "") -> None:
-    if _AT in (name, f"{name}:{detail}") and _AT:
+    if _reached(_AT, name, detail):
         os.write(2, f"crash point {name}:{detail} reached: exiting\n".encode())
         os._exit(CRASH_EXIT)
 
 
 def pause_point(name: str, detail: str = "") -> None:
-    if _PAUSE_AT in (name, f"{name}:{detail}") and _PAUSE_AT and not _paused:
+    if _reached(_PAUSE_AT, name, detail) and not _paused:
         _paused.add(_PAUSE_AT)
         os.write(2, f"pause point {name}:{detail} reached: stopping\n".encode())
         os.kill(os.getpid(), signal.SIGSTOP)
