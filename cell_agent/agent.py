@@ -15,7 +15,6 @@ from contextlib import suppress
 from datetime import timedelta
 from importlib.metadata import version
 from typing import TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from prometheus_client import Counter, Gauge
 
@@ -36,6 +35,7 @@ from cell_agent.pending import (
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
+from common import broker_urls
 from common.bus import BusError, QueueMissing, RabbitBus
 from common.clock import Clock, SystemClock
 from common.messages import (
@@ -79,7 +79,7 @@ FLAG_EVALUATIONS = Counter(
 def _tls(settings: AgentSettings) -> ssl.SSLContext | None:
     """For an amqps:// URL: verify the broker (certificate chain and host name) against
     CELL_CA_FILE, or the system's CAs."""
-    if not settings.amqp_url.startswith("amqps://"):
+    if not broker_urls.is_tls(settings.amqp_url):
         return None
     cafile = str(settings.ca_file) if settings.ca_file else None
     return ssl.create_default_context(cafile=cafile)
@@ -315,7 +315,7 @@ class Agent:
         assert self.bus is not None
         await self.bus.update_secret(msg.password)
         current = self.state.broker_url(env_url)
-        new_url = _with_password(current, msg.password)
+        new_url = broker_urls.with_password(current, msg.password)
         self.state.rotate(env_url, new_url, msg.credential_id)
         log.info("credentials rotated to %s", msg.credential_id)
         # Confirm after this handler returns (and the command is acked).
@@ -447,15 +447,6 @@ def _applier(settings: AgentSettings) -> Applier:
         assert settings.apply_command is not None
         return CommandApplier(settings.apply_command)
     return LocalApplier(settings.state_dir)
-
-
-def _with_password(url: str, password: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:{quote(password, safe='')}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _retry(what: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:

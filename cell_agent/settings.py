@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common import broker_urls
 from common.messages import CellId
 
 
@@ -15,7 +16,10 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELL_", extra="ignore", frozen=True)
 
     id: CellId
-    amqp_url: str = Field(description="the URL `substratectl cells create` printed")
+    amqp_url: str = Field(
+        description="the URL `substratectl cells create` printed (for a cluster, several "
+        "separated by commas)"
+    )
     ca_file: Path | None = Field(
         default=None,
         description="the CA the broker's certificate must verify against (amqps:// only; "
@@ -56,9 +60,15 @@ class AgentSettings(BaseSettings):
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _broker_urls(cls, value: str) -> str:
+        broker_urls.split(value)
+        return value
+
     @model_validator(mode="after")
     def _a_ca_needs_tls(self) -> AgentSettings:
-        if self.ca_file is not None and not self.amqp_url.startswith("amqps://"):
+        if self.ca_file is not None and not broker_urls.is_tls(self.amqp_url):
             raise ValueError("CELL_CA_FILE is set but CELL_AMQP_URL is not amqps://")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"CELL_CA_FILE {self.ca_file} is not a readable file")

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -32,8 +33,9 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
-from common import crashpoints
+from common import broker_urls, crashpoints
 from common.acks import BatchedAcks
+from common.cluster_connection import ClusterConnection
 from common.crashpoints import crash_point
 from common.deadlines import Deadlines
 from common.messages import (
@@ -50,7 +52,6 @@ from common.messages import (
 from common.metrics import bus_metrics
 from common.requests import Request
 from common.routes import Handler, Route, routes_for
-from common.settings import broker_user
 from common.topology import DELIVERY_LIMIT, Topology, dead_letter_name
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,8 @@ def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
 
 
 def redact(url: str) -> str:
-    """A broker URL fit for a log line: the password replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A broker setting (one URL or several) fit for a log line: the passwords replaced."""
+    return broker_urls.redact(url)
 
 
 def validation_summary(exc: ValidationError) -> str:
@@ -202,6 +199,7 @@ class RabbitBus:
         self._pending: dict[str, asyncio.Future[RpcReply]] = {}
         self._reply_queue: AbstractQueue | None = None
         self._reply_lock = asyncio.Lock()
+        self._renew_lock = asyncio.Lock()
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -227,22 +225,27 @@ class RabbitBus:
     ) -> RabbitBus:
         """Connect, retrying the first connection with backoff.
 
+        ``url`` is one broker URL or the comma-separated URLs of a cluster's nodes; each attempt
+        goes to the next node, and so does every reconnect after a node is lost.
         ``connect_robust`` only recovers a connection that once succeeded; a broker that is not
         up yet at start would otherwise be a crash. ``give_up_after`` (seconds) bounds the wait.
         """
+        urls = broker_urls.split(url)
         started = time.monotonic()
         delay = 0.25
         attempt = 0
+        first_node = random.randrange(len(urls))
         while True:
             attempt += 1
+            connection = ClusterConnection(
+                urls,
+                first_node=first_node + attempt - 1,
+                client_properties={"connection_name": name},
+                # amqps:// URLs: verified against this context's CAs (None: the system's).
+                ssl_context=ssl_context,
+            )
             try:
-                connection = await aio_pika.connect_robust(
-                    url,
-                    timeout=10,
-                    client_properties={"connection_name": name},
-                    # amqps:// URLs: verified against this context's CAs (None: the system's).
-                    ssl_context=ssl_context,
-                )
+                await connection.connect(timeout=10)
                 break
             except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
                 waited = time.monotonic() - started
@@ -252,20 +255,23 @@ class RabbitBus:
                     ) from exc
                 log.warning(
                     "waiting for the broker at %s (attempt %d, %r); retrying in %.1fs",
-                    redact(url),
+                    redact(str(connection.url)),
                     attempt,
                     exc,
                     delay,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_backoff)
+                # Every node of a cluster tried once without a pause, then the backoff.
+                if attempt % len(urls) == 0:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, max_backoff)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         assert isinstance(channel, aio_pika.RobustChannel)
-        log.info("connected to %s as %s", redact(url), broker_user(url))
+        user = broker_urls.user(url)
+        log.info("connected to %s as %s", redact(str(connection.url)), user)
         return cls(
             connection,
             channel,
-            user=broker_user(url),
+            user=user,
             name=name,
             publish_timeout=publish_timeout,
             namespace=namespace,
@@ -282,6 +288,12 @@ class RabbitBus:
     @property
     def is_connected(self) -> bool:
         return not self._conn.is_closed and self._conn.connected.is_set()
+
+    @property
+    def node(self) -> str:
+        """host:port of the broker node this connection uses (of a cluster's, the current one)."""
+        assert isinstance(self._conn, ClusterConnection)
+        return self._conn.node
 
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after every reconnect, once the channels are restored."""
@@ -348,6 +360,25 @@ class RabbitBus:
 
     # -- publishing ---------------------------------------------------------------------------
 
+    async def _renew_publish_channel(self, nacked: AbstractRobustChannel) -> None:
+        """Publish on a new channel from now on.
+
+        Seen on a RabbitMQ 3.10 cluster: a channel whose first publish to a quorum queue lands
+        while the queue elects a new leader (a client that reconnected to another node within
+        milliseconds of losing its own) has every later publish nacked, for as long as the
+        channel lives. A nack is rare otherwise (a queue refusing publishes when full), and a new
+        channel costs one round trip.
+        """
+        async with self._renew_lock:
+            if self._pub is not nacked or not self.is_connected:
+                return
+            fresh = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(fresh, aio_pika.RobustChannel)
+            self._pub, self._exchanges = fresh, {}
+            log.warning("the broker nacked a publish; publishing on a new channel")
+            with suppress(Exception):
+                await nacked.close()
+
     def _exchange(self, name: str) -> aio_pika.Exchange:
         exchange = self._exchanges.get(name)
         if exchange is None:
@@ -399,8 +430,9 @@ class RabbitBus:
         self, message: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
     ) -> None:
         outcome = "error"
+        channel = self._pub
         try:
-            if self._pub.is_closed or not self.is_connected:
+            if channel.is_closed or not self.is_connected:
                 raise NotConnected(
                     f"cannot publish {_what(message, exchange, routing_key)}: "
                     "not connected to the broker"
@@ -427,6 +459,7 @@ class RabbitBus:
             except aio_pika.exceptions.DeliveryError as exc:
                 outcome = "refused"
                 what = _what(message, exchange, routing_key)
+                await self._renew_publish_channel(channel)
                 raise PublishRefused(f"broker refused {what}: {exc}") from None
             except aiormq.exceptions.ChannelInvalidStateError as exc:
                 what = _what(message, exchange, routing_key)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common import broker_urls
 
 
 class ControlPlaneSettings(BaseSettings):
@@ -16,10 +17,19 @@ class ControlPlaneSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SUBSTRATE_", extra="ignore", frozen=True)
 
-    amqp_url: str = Field(description="broker URL, e.g. amqp://svc-registry:...@host:5672/")
+    amqp_url: str = Field(
+        description="broker URL, e.g. amqp://svc-registry:...@host:5672/, or a cluster's node "
+        "URLs separated by commas"
+    )
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     rpc_timeout_seconds: float = Field(default=5.0, gt=0)
     log_level: str = "INFO"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _broker_urls(cls, value: str) -> str:
+        broker_urls.split(value)
+        return value
 
 
 class ServiceSettings(ControlPlaneSettings):
@@ -61,4 +71,4 @@ def load(settings_cls: type[S]) -> S:
 
 def broker_user(amqp_url: str) -> str:
     """The user a broker URL authenticates as: what the broker will insist on as ``user_id``."""
-    return unquote(urlsplit(amqp_url).username or "guest")
+    return broker_urls.user(amqp_url)

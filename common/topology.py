@@ -148,19 +148,25 @@ def control_plane() -> Topology:
 CELL_COMMANDS_DEAD = "cell.commands.dead"
 
 
-def cell_commands(cell_id: str) -> Topology:
-    """A cell's command queue, declared by the control plane when the cell is created."""
+def cell_commands(cell_id: str, *, quorum: bool = False) -> Topology:
+    """A cell's command queue, declared by the control plane when the cell is created.
+
+    Classic by default: one Raft group per cell costs a cluster memory and work for every cell.
+    On a cluster (``SUBSTRATE_CELL_QUEUES=quorum``) a classic queue lives on one node and is
+    unreachable while that node is down, so there each cell's queue is a quorum queue too. A
+    queue's type cannot change once declared: choose before the first cell is created.
+    """
     queue = QueueSpec(
         command_queue(cell_id),
         (Binding(COMMANDS_EXCHANGE, cell_id),),
-        quorum=False,
+        quorum=quorum,
         dead_letter_queue=CELL_COMMANDS_DEAD,
         delivery_limit=None,
     )
     dead = QueueSpec(
         CELL_COMMANDS_DEAD,
         (Binding(DLX_EXCHANGE, CELL_COMMANDS_DEAD),),
-        quorum=False,
+        quorum=quorum,
         delivery_limit=None,
     )
     return Topology((), (dead, queue))

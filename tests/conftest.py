@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 import redis.asyncio as aioredis
 
-from common import topology
+from common import broker_urls, topology
 from common.bus import RabbitBus
 from common.rabbitmq_api import RabbitApi
 
@@ -38,8 +38,9 @@ class Services:
 
 
 def _with_vhost(amqp_url: str, vhost: str) -> str:
-    parts = urlsplit(amqp_url)
-    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+    """The URL (every node's URL, for a cluster) with this vhost."""
+    path = "/" + quote(vhost, safe="")
+    return broker_urls.each(amqp_url, lambda url: urlunsplit(urlsplit(url)._replace(path=path)))
 
 
 def _with_db(redis_url: str, db: int) -> str:
@@ -87,7 +88,7 @@ async def isolated_services(
     amqp, api_url, redis_url = service_urls
     api = RabbitApi(api_url)
     vhost = f"substrate-{label}-{uuid.uuid4().hex[:8]}"
-    user = urlsplit(amqp).username or "guest"
+    user = broker_urls.user(amqp)
     await api.create_vhost(vhost)
     await api.set_permissions(vhost, user, configure=".*", write=".*", read=".*")
     db = await _free_redis_db(redis_url)

@@ -28,7 +28,12 @@ def build_deps(
     return handlers.Deps(
         store=RegistryStore(redis),
         clock=clock,
-        accounts=CellBroker(RabbitApi(settings.rabbitmq_api_url), bus, vhost_of(settings.amqp_url)),
+        accounts=CellBroker(
+            RabbitApi(settings.rabbitmq_api_url),
+            bus,
+            vhost_of(settings.amqp_url),
+            quorum_queues=settings.cell_queues == "quorum",
+        ),
         publisher=bus,
         cell_broker_url=settings.cell_amqp_url or settings.amqp_url,
         privatelink_service=settings.privatelink_service_name,

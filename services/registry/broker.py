@@ -5,8 +5,8 @@ the broker re-applies those on every boot and would overwrite runtime changes.""
 from __future__ import annotations
 
 import logging
-from urllib.parse import unquote, urlsplit
 
+from common import broker_urls
 from common.bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 
 
 def vhost_of(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
+    return broker_urls.vhost(amqp_url)
 
 
 class CellBroker:
-    def __init__(self, api: RabbitApi, bus: RabbitBus, vhost: str) -> None:
+    def __init__(
+        self, api: RabbitApi, bus: RabbitBus, vhost: str, *, quorum_queues: bool = False
+    ) -> None:
         self.api = api
         self.bus = bus
         self.vhost = vhost
+        self.quorum_queues = quorum_queues
 
     async def provision(self, cell_id: str, password: str) -> None:
         """User, permissions, topic permissions, limits, command queue. The caller undoes a
@@ -44,11 +46,11 @@ class CellBroker:
         )
         await self.api.set_user_limit(cell_id, "max-connections", CELL_MAX_CONNECTIONS)
         await self.api.set_user_limit(cell_id, "max-channels", CELL_MAX_CHANNELS)
-        await self.bus.declare(cell_commands(cell_id))
+        await self.bus.declare(cell_commands(cell_id, quorum=self.quorum_queues))
 
     async def ensure_queue(self, cell_id: str) -> None:
         """Declare the command queue again (a no-op where it exists)."""
-        await self.bus.declare(cell_commands(cell_id))
+        await self.bus.declare(cell_commands(cell_id, quorum=self.quorum_queues))
 
     async def deprovision(self, cell_id: str) -> None:
         """Delete the user (the broker closes its connections) and the command queue."""

@@ -7,10 +7,11 @@ from __future__ import annotations
 import base64
 import re
 from datetime import datetime, timedelta
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from common import broker_urls
 from common.messages import CELL_REPORT_KINDS, CELLS_EXCHANGE, command_queue
 from common.requests.registry import CellsCreate
 
@@ -47,16 +48,9 @@ def broker_grant(cell_id: str) -> BrokerGrant:
 
 
 def cell_amqp_url(base_url: str, cell_id: str, password: str) -> str:
-    """The URL a cell's agent connects with: the cell-facing broker address, the cell's own
-    user and password, and the control plane's vhost."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{quote(cell_id, safe='')}:{quote(password, safe='')}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    """The URL a cell's agent connects with: the cell-facing broker address (every node's, for
+    a cluster), the cell's own user and password, and the control plane's vhost."""
+    return broker_urls.with_credentials(base_url, cell_id, password)
 
 
 def stack_parameters(
@@ -64,8 +58,9 @@ def stack_parameters(
 ) -> dict[str, str]:
     """The CloudFormation parameters of ``cell_agent/bootstrap/cell.yaml`` for this cell; the
     broker's CA (PEM, base64 in the parameter: a parameter holds no newlines) where one is
-    configured."""
-    parts = urlsplit(amqp_url)
+    configured. The stack reaches the broker through one PrivateLink endpoint (in AWS a load
+    balancer in front of a cluster's nodes), so it takes the first address."""
+    parts = urlsplit(broker_urls.first(amqp_url))
     ca = {"ControlPlaneCaCertificate": base64.b64encode(ca_pem.encode()).decode()} if ca_pem else {}
     return {
         "CellId": cell.id,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from common import broker_urls
 from common.settings import ServiceSettings
 
 
@@ -30,9 +32,22 @@ class RegistrySettings(ServiceSettings):
     )
     cell_amqp_url: str | None = Field(
         default=None,
-        description="the broker address cells connect to (scheme, host, port, vhost); "
-        "default: the control plane's own broker URL",
+        description="the broker address cells connect to (scheme, host, port, vhost; a "
+        "cluster's node URLs separated by commas); default: the control plane's own broker URL",
     )
+
+    cell_queues: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="the type of each cell's command queue: quorum on a RabbitMQ cluster, so a "
+        "node's loss leaves every cell its queue (fixed once the first cell exists)",
+    )
+
+    @field_validator("cell_amqp_url")
+    @classmethod
+    def _cell_broker_urls(cls, value: str | None) -> str | None:
+        if value is not None:
+            broker_urls.split(value)
+        return value
 
     cell_ca_file: Path | None = Field(
         default=None,

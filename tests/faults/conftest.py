@@ -16,9 +16,9 @@ from common.bus import RabbitBus
 from tests.conftest import Services, isolated_services
 from tests.e2e.conftest import Processes, running_processes, start_registry
 from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.nodes import PrivateRabbit, PrivateRedis
+from tests.faults.nodes import PrivateCluster, PrivateRabbit, PrivateRedis
 
-N = TypeVar("N", PrivateRabbit, PrivateRedis)
+N = TypeVar("N", PrivateRabbit, PrivateRedis, PrivateCluster)
 
 
 @asynccontextmanager

@@ -95,6 +95,8 @@ class PrivateRabbit:
     amqps_port: int = field(default_factory=free_port)
     # More rabbitmq.conf lines (e.g. a short consumer_timeout).
     config: str = ""
+    # HOME holds the Erlang cookie: the nodes of one cluster share it (default: ``root``).
+    home: Path | None = None
     child: _Child = field(default_factory=_Child)
 
     @property
@@ -113,7 +115,7 @@ class PrivateRabbit:
         return {
             **os.environ,
             # Its own cookie: HOME is where the Erlang cookie lives.
-            "HOME": str(self.root),
+            "HOME": str(self.home or self.root),
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
@@ -191,6 +193,48 @@ class PrivateRabbit:
 
     def resume(self) -> None:
         self.child.signal(signal.SIGCONT)
+
+
+@dataclass
+class PrivateCluster:
+    """Three (``size``) private RabbitMQ nodes joined in one cluster, each with its own name,
+    ports and data directory, sharing a cookie. The control plane's service queues, declared
+    once the cluster is formed, are quorum queues with a replica on every node."""
+
+    root: Path
+    size: int = 3
+    nodes: list[PrivateRabbit] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.nodes = [
+                PrivateRabbit(self.root / f"node{i}", home=self.root) for i in range(self.size)
+            ]
+
+    @property
+    def amqp_url(self) -> str:
+        """Every node's URL, comma-separated: the form SUBSTRATE_AMQP_URL takes for a cluster."""
+        return ",".join(node.amqp_url for node in self.nodes)
+
+    def api_url(self, exclude: PrivateRabbit | None = None) -> str:
+        return next(n.api_url for n in self.nodes if n is not exclude and n.child.running)
+
+    async def start(self, timeout: float = 180) -> None:
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            await node.ctl("stop_app")
+            await node.ctl("join_cluster", first.node)
+            await node.ctl("start_app")
+        members = await first.ctl("eval", "length(rabbit_mnesia:cluster_nodes(running)).")
+        assert members == str(self.size), f"cluster has {members} running nodes"
+
+    async def kill(self) -> None:
+        await asyncio.gather(*(node.kill() for node in self.nodes))
+
+    def by_name(self, erlang_node: str) -> PrivateRabbit:
+        return next(n for n in self.nodes if n.node == erlang_node)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -22,7 +23,7 @@ from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellOnline, CellSync,
 from common.requests import Request, Response
 from common.routes import route
 from common.topology import DELIVERY_LIMIT, control_plane, dead_letter_name
-from tests.conftest import Services
+from tests.conftest import Services, free_port
 from tests.helpers import (
     cell_queue,
     eventually,
@@ -303,3 +304,16 @@ async def test_acks_never_cover_a_handler_that_is_still_running(
     finally:
         release.set()
     assert {seq for seq, _ in handled} == {1, 2, 3, 4, 5}
+
+
+async def test_a_cluster_url_connects_to_a_node_that_answers(services: Services) -> None:
+    """Of a cluster's URLs, a node that refuses is skipped: the bus connects to the next."""
+    dead = services.amqp_url.replace(f":{urlsplit(services.amqp_url).port}/", f":{free_port()}/")
+    setting = f"{dead},{services.amqp_url}"
+    for _ in range(3):  # whichever node it starts with (a random one)
+        bus = await RabbitBus.connect(setting, name="cluster-url", give_up_after=10)
+        try:
+            assert bus.is_connected
+            assert bus.node == f"127.0.0.1:{urlsplit(services.amqp_url).port}"
+        finally:
+            await bus.close(drain_timeout=1)
