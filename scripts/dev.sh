@@ -6,8 +6,9 @@
 # Ctrl-C (or SIGTERM) stops everything this script started.
 #
 # Ports and names can be moved (the tests do): DEV_DIR (.dev), DEV_METRICS_BASE (9100: the
-# services on +1..+4), DEV_AGENT_BASE (9180: the agents on +0..+4), MOTO_PORT (5055),
-# PROMETHEUS_PORT (9090), DEV_CELL_PREFIX (demo).
+# services on +1..+4, a second replica on +11..+14), DEV_AGENT_BASE (9180: the agents on
+# +0..+4), MOTO_PORT (5055), PROMETHEUS_PORT (9090), DEV_CELL_PREFIX (demo). SUBSTRATE_REPLICAS
+# (1) runs that many replicas of every service (at most 9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -17,6 +18,8 @@ AGENT_BASE=${DEV_AGENT_BASE:-9180}
 MOTO_PORT=${MOTO_PORT:-5055}
 PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 PREFIX=${DEV_CELL_PREFIX:-demo}
+REPLICAS=${SUBSTRATE_REPLICAS:-1}
+[[ $REPLICAS =~ ^[1-9]$ ]] || { echo "error: SUBSTRATE_REPLICAS must be 1 to 9, not '$REPLICAS'" >&2; exit 2; }
 mkdir -p "$DEV_DIR"
 pids=()
 
@@ -50,19 +53,25 @@ echo "starting the local AWS emulator, the control plane and Prometheus:"
 MOTO_IAM_LOAD_MANAGED_POLICIES=true "$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" \
   >"$DEV_DIR/moto.log" 2>&1 &
 remember $! moto "AWS API on http://127.0.0.1:$MOTO_PORT, log $DEV_DIR/moto.log"
-start registry $((METRICS_BASE + 1)) "$BIN/substrate-registry"
-start rollout $((METRICS_BASE + 2)) "$BIN/substrate-rollout"
-start flags $((METRICS_BASE + 3)) "$BIN/substrate-flags"
-start infra_compliance $((METRICS_BASE + 4)) "$BIN/substrate-infra-compliance"
+# Replica r of service i serves its metrics on METRICS_BASE + 10 * (r - 1) + i; the replicas
+# share the service's queues (competing consumers) and its leases.
+for ((r = 1; r <= REPLICAS; r++)); do
+  suffix=$([ "$r" -gt 1 ] && echo "-$r" || true)
+  offset=$((10 * (r - 1)))
+  start "registry$suffix" $((METRICS_BASE + offset + 1)) "$BIN/substrate-registry"
+  start "rollout$suffix" $((METRICS_BASE + offset + 2)) "$BIN/substrate-rollout"
+  start "flags$suffix" $((METRICS_BASE + offset + 3)) "$BIN/substrate-flags"
+  start "infra_compliance$suffix" $((METRICS_BASE + offset + 4)) "$BIN/substrate-infra-compliance"
+done
 
-"$BIN/python" - "$DEV_DIR/prometheus.yml" "$METRICS_BASE" "$AGENT_BASE" "$(
-  "$BIN/python" -c 'import os, urllib.parse as u; print(u.unquote(u.urlsplit(os.environ["SUBSTRATE_AMQP_URL"]).path[1:]) or "/")'
+"$BIN/python" - "$DEV_DIR/prometheus.yml" "$METRICS_BASE" "$AGENT_BASE" "$REPLICAS" "$(
+  "$BIN/python" -c 'import os; from common import broker_urls; print(broker_urls.vhost(os.environ["SUBSTRATE_AMQP_URL"]))'
 )" <<'EOF'
 import sys
 from pathlib import Path
 from observability.prometheus import config
-path, base, agents, vhost = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-jobs = {f"substrate-{name}": [f"127.0.0.1:{base + i}"]
+path, base, agents, replicas, vhost = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
+jobs = {f"substrate-{name}": [f"127.0.0.1:{base + 10 * r + i}" for r in range(replicas)]
         for i, name in enumerate(("registry", "rollout", "flags", "infra-compliance"), 1)}
 jobs["cell-agent"] = [f"127.0.0.1:{agents + i}" for i in range(5)]
 Path(path).write_text(config(jobs, rabbitmq="127.0.0.1:15692", vhost=vhost, interval="5s"))

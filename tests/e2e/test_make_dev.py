@@ -1,5 +1,5 @@
-"""`make dev` as a user runs it: the script starts the system with its demo fleet of five cells,
-a published demo release goes through staging, saas and dedicated's canary and waves, Prometheus
+"""`make dev` as a user runs it, with two replicas of every service (SUBSTRATE_REPLICAS=2): the
+script starts the system with its demo fleet of five cells, a published demo release goes through staging, saas and dedicated's canary and waves, Prometheus
 answers, and Ctrl-C leaves no process behind. Run on a vhost, Redis database and ports of its
 own, so the cells earlier tests left do not join its rollout and it touches nothing else."""
 
@@ -70,9 +70,9 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         **os.environ,
         "SUBSTRATE_AMQP_URL": services.amqp_url, "SUBSTRATE_REDIS_URL": services.redis_url,
         "SUBSTRATE_RABBITMQ_API_URL": services.api_url, "DEV_DIR": str(dev),
-        "DEV_METRICS_BASE": str(_free_block(5)), "DEV_AGENT_BASE": str(_free_block(5)),
+        "DEV_METRICS_BASE": str(_free_block(15)), "DEV_AGENT_BASE": str(_free_block(5)),
         "MOTO_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
-        "DEV_CELL_PREFIX": prefix,
+        "DEV_CELL_PREFIX": prefix, "SUBSTRATE_REPLICAS": "2",
     }  # fmt: skip
     log = tmp_path / "make-dev.log"
     with log.open("wb") as sink:
@@ -84,7 +84,8 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         await eventually(lambda: "Ctrl-C stops everything" in log.read_text(), timeout=180,
                          interval=0.5, what="make dev ready")  # fmt: skip
         started = [int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())]
-        assert len(started) == 1 + 4 + 1 + 5, log.read_text()  # moto, services, prometheus, agents
+        # moto, two replicas of four services, prometheus, agents
+        assert len(started) == 1 + 2 * 4 + 1 + 5, log.read_text()
 
         async def ctl(*args: str) -> Any:
             process = await asyncio.create_subprocess_exec(
@@ -128,6 +129,8 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         up = (await asyncio.to_thread(_get_json, url))["data"]["result"]
         assert {r["metric"]["job"] for r in up} >= {"substrate-registry", "substrate-rollout",
                                                      "cell-agent", "rabbitmq"}  # fmt: skip
+        for job in ("substrate-registry", "substrate-rollout", "substrate-flags"):
+            assert len([r for r in up if r["metric"]["job"] == job]) == 2, up
     finally:
         # Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
         if script.returncode is None:
