@@ -1,5 +1,6 @@
 """`make dev` as a user runs it, with two replicas of every service (SUBSTRATE_REPLICAS=2): the
-script starts the system with its demo fleet of five cells, a published demo release goes through staging, saas and dedicated's canary and waves, Prometheus
+script starts the system with its demo fleet of five cells, a published demo release goes
+through staging, saas and dedicated's canary and waves, Prometheus
 answers, and Ctrl-C leaves no process behind. Run on a vhost, Redis database and ports of its
 own, so the cells earlier tests left do not join its rollout and it touches nothing else."""
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Service
+from tests.conftest import free_port
+from tests.e2e.conftest import Processes, Service, start_registry
+from tests.e2e.test_cells import show
+from tests.e2e.test_flags import write
 from tests.e2e.test_rollout import Fleet, start_rollout
-from tests.faults.ledger import Ledger, applier_env
+from tests.faults.ledger import CELLS, Ledger, applied, applier_env
 from tests.helpers import eventually
 
 LEASE_SECONDS = 3  # start_rollout's SUBSTRATE_LEASE_SECONDS
@@ -27,6 +30,87 @@ def _stopped(pid: int) -> bool:
 
 async def _leads(service: Service) -> bool:
     return await service.metric("substrate_rollout_leader") == 1
+
+
+async def _start_flags(procs: Processes) -> Service:
+    port = free_port()
+    proc = await procs.start(f"flags-{port}", "substrate-flags", SUBSTRATE_METRICS_PORT=str(port))
+    service = Service(proc, port)
+    await eventually(lambda: _answers(service), timeout=30, interval=0.3, what="flags up")
+    return service
+
+
+async def _answers(service: Service) -> bool:
+    try:
+        await service.metrics()
+    except OSError:
+        return False
+    return True
+
+
+FLAG = """
+key: {key}
+owner: team-replicas
+description: A flag changed with two replicas of every service
+rules:
+  - name: everyone
+    serve: on
+"""
+
+
+@pytest.mark.fault
+async def test_two_replicas_of_every_service_and_one_killed(fleet: Fleet) -> None:
+    """Two registries, two rollout services, two flags services: one release and one flag
+    change go to every cell once. The rollout replica leading the controller is killed with -9
+    mid-rollout; the other takes the lease over and finishes the rollout; every cell is assigned
+    one generation and applies the release once, and the flag change is pushed once per cell."""
+    assert fleet.rollout is not None
+    await start_registry(fleet.procs, SUBSTRATE_OFFLINE_AFTER_SECONDS="20")
+    rollouts = [fleet.rollout, await start_rollout(fleet.procs)]
+    flags = [await _start_flags(fleet.procs), await _start_flags(fleet.procs)]
+    await fleet.tap()
+    env = applier_env(0.5)
+    await fleet.add("staging", 1, **env)
+    await fleet.add("saas", 1, **env)
+    await fleet.add("dedicated", max(CELLS - 2, 1), **env)
+    cells = fleet.cells
+
+    version = await fleet.publish(1)
+    await eventually(lambda: any(applied(c.state) for c in cells), timeout=60, interval=0.05,
+                     what="a first cell applying")  # fmt: skip
+    leading = [r for r in rollouts if await _leads(r)]
+    assert len(leading) == 1, "exactly one rollout replica leads"
+    leader, survivor = leading[0], next(r for r in rollouts if r is not leading[0])
+    leader.proc.process.kill()
+    killed_at = time.monotonic()
+    await eventually(lambda: _leads(survivor), timeout=60, interval=0.1,
+                     what="the surviving replica leading")  # fmt: skip
+    print(f"the surviving replica led {time.monotonic() - killed_at:.1f}s after the leader was "
+          f"killed (lease {LEASE_SECONDS}s)")  # fmt: skip
+    fleet.rollout = survivor
+
+    await fleet.wait_state(version, "completed", timeout=180)
+    await fleet.wait_installed(cells, version, timeout=60)
+    Ledger.of([(c.id, c.state) for c in cells], version).check()
+    accepted = [r for r in await fleet.upgrades() if r.phase == "accepted"]
+    for cell in cells:
+        assert len({r.generation for r in accepted if r.cell_id == cell.id}) == 1, accepted
+
+    key = f"replicas-{fleet.minor}"
+    code, result, err = await fleet.procs.ctl(
+        "flags", "set", write(fleet.root / "flag.yaml", FLAG.format(key=key))
+    )
+    assert code == 0 and result["changed"], err
+
+    async def every_cell_has_it() -> bool:
+        shown = [await show(fleet.procs, c.id) for c in cells]
+        return all(s.get("flags_snapshot_version") == result["snapshot_version"] for s in shown)
+
+    await eventually(every_cell_has_it, timeout=60, interval=0.5,
+                     what="every cell on the new flags snapshot")  # fmt: skip
+    pushed = [await f.metric("substrate_flags_snapshots_sent_total", why="change",
+                             outcome="sent") for f in flags]  # fmt: skip
+    assert sum(pushed) == len(cells), f"pushed per replica: {pushed}"
 
 
 @pytest.mark.fault
