@@ -632,10 +632,18 @@ class RabbitBus:
 
     # -- request/reply ------------------------------------------------------------------------
 
-    async def serve(self, service: str, routes: Sequence[Route]) -> None:
+    async def serve(
+        self,
+        service: str,
+        routes: Sequence[Route],
+        *,
+        before_reply: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Answer requests to ``service``: each route's model is a Request, validated from the
         envelope's params; the handler's result is its response. RpcFailure and
-        ValidationError become error replies the caller raises."""
+        ValidationError become error replies the caller raises. ``before_reply`` runs after a
+        handler succeeded and before its answer goes out (e.g. waiting for Redis replicas); an
+        RpcFailure from it is the answer instead."""
         methods: dict[str, tuple[type[Request[Any]], Handler]] = {}
         for model, handler in routes_for(routes).items():
             assert issubclass(model, Request), f"{model.__name__} is not a request"
@@ -654,6 +662,8 @@ class RabbitBus:
                     )
                 model, handler = found
                 result = await handler(model.model_validate(request.params), delivery)
+                if before_reply is not None:
+                    await before_reply()
                 # As any: a response may be a subclass of the declared one (each service's
                 # status), and its own fields are part of the answer.
                 answer = model.response.dump_python(result, mode="json", serialize_as_any=True)

@@ -32,8 +32,39 @@ class ControlPlaneSettings(BaseSettings):
         return value
 
 
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` -> [(host, port)]; ValueError naming the bad part."""
+    addresses = []
+    for part in (p.strip() for p in value.split(",")):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{part!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    if not addresses:
+        raise ValueError("no sentinel given")
+    return addresses
+
+
 class ServiceSettings(ControlPlaneSettings):
-    redis_url: str = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    redis_url: str = Field(
+        description="Redis URL, e.g. redis://127.0.0.1:6379/0 (with Sentinel: its database "
+        "and password; the host comes from the sentinels)"
+    )
+    redis_sentinels: str | None = Field(
+        default=None,
+        description="host:port of each Redis Sentinel, comma-separated: the primary is found "
+        "through them and followed across a failover",
+    )
+    redis_sentinel_master: str = Field(
+        default="substrate", description="the name the sentinels monitor the primary under"
+    )
+    redis_wait_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description="replicas that must have an operator's write before it is answered (Redis "
+        "WAIT); default 1 with Sentinel, 0 without",
+    )
+    redis_wait_timeout_ms: int = Field(default=1000, gt=0)
     rabbitmq_api_url: str = Field(
         default="http://guest:guest@127.0.0.1:15672",
         description="RabbitMQ management API with credentials",
@@ -46,6 +77,19 @@ class ServiceSettings(ControlPlaneSettings):
     declare_topology: bool = Field(
         default=True, description="declare the control-plane exchanges and queues at start"
     )
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str | None) -> str | None:
+        if value is not None:
+            sentinel_addresses(value)
+        return value
+
+    @property
+    def wait_replicas(self) -> int:
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinels else 0
 
 
 S = TypeVar("S", bound=BaseSettings)

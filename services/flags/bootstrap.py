@@ -86,7 +86,7 @@ async def setup(
     bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
 ) -> Callable[[], Awaitable[None]]:
     clock = clock or SystemClock()
-    redis = redis_client.connect(settings.redis_url)
+    redis = redis_client.from_settings(settings)
     store = FlagsStore(redis)
     pusher = Pusher(bus, store, clock)
     deps = handlers.Deps(
@@ -95,7 +95,11 @@ async def setup(
     metrics.SNAPSHOT_VERSION.set(await store.version())
     await bus.consume("flags.events", store.fleet.event_routes())
     await bus.consume("flags.cells", handlers.cell_routes(deps))
-    await bus.serve("flags", handlers.rpc_routes(deps))
+    await bus.serve(
+        "flags",
+        handlers.rpc_routes(deps),
+        before_reply=redis_client.Durability.of(redis, settings).wait,
+    )
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(store.outbox.relay(bus, stop), name="flags-outbox"),

@@ -27,7 +27,7 @@ async def setup(
         **settings.model_dump()
     )  # fmt: skip
     clock = clock or SystemClock()
-    redis = redis_client.connect(own.redis_url)
+    redis = redis_client.from_settings(own)
     store = InfraStore(redis)
     aws = InfraAws(own.aws_region, own.templates_bucket)
     stop = asyncio.Event()
@@ -46,7 +46,11 @@ async def setup(
         store=store, clock=clock, aws=aws, wake_timers=timers.wake, reconcile_all=reconcile_all
     )
     await bus.consume("infra_compliance.events", handlers.event_routes(deps))
-    await bus.serve("infra_compliance", handlers.rpc_routes(deps))
+    await bus.serve(
+        "infra_compliance",
+        handlers.rpc_routes(deps),
+        before_reply=redis_client.Durability.of(redis, own).wait,
+    )
     tasks = [
         asyncio.create_task(store.outbox.relay(bus, stop), name="infra-outbox"),
         asyncio.create_task(timers.run(stop), name="infra-timers"),

@@ -57,11 +57,15 @@ async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Even
 async def setup(
     bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None
 ) -> Callable[[], Awaitable[None]]:
-    redis = redis_client.connect(settings.redis_url)
+    redis = redis_client.from_settings(settings)
     deps = build_deps(bus, settings, redis, clock or SystemClock())
     await bus.consume("registry.cells", handlers.cell_routes(deps), prefetch=256)
     await bus.consume("registry.events", handlers.event_routes(deps))
-    await bus.serve("registry", handlers.rpc_routes(deps))
+    await bus.serve(
+        "registry",
+        handlers.rpc_routes(deps),
+        before_reply=redis_client.Durability.of(redis, settings).wait,
+    )
     stop = asyncio.Event()
     loops = [
         asyncio.create_task(deps.store.outbox.relay(bus, stop), name="registry-outbox"),

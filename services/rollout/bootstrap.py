@@ -25,7 +25,7 @@ async def setup(
         **settings.model_dump()
     )  # fmt: skip
     clock = clock or SystemClock()
-    redis = redis_client.connect(own.redis_url)
+    redis = redis_client.from_settings(own)
     fleet = FleetView(redis, PREFIX, changed=DIRTY)
     store = RolloutStore(redis, fleet)
     controller = Controller(
@@ -40,7 +40,11 @@ async def setup(
     deps = handlers.Deps(store=store, clock=clock, wake=controller.wake, send=send)
     await bus.consume("rollout.events", fleet.event_routes())
     await bus.consume("rollout.cells", handlers.cell_routes(deps))
-    await bus.serve("rollout", handlers.rpc_routes(deps))
+    await bus.serve(
+        "rollout",
+        handlers.rpc_routes(deps),
+        before_reply=redis_client.Durability.of(redis, own).wait,
+    )
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(store.outbox.relay(bus, stop), name="rollout-outbox"),

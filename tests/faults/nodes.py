@@ -245,6 +245,8 @@ class PrivateRedis:
     root: Path
     fsync: str = "always"
     port: int = field(default_factory=free_port)
+    # More redis-server arguments (e.g. --replicaof HOST PORT).
+    args: tuple[str, ...] = ()
     child: _Child = field(default_factory=_Child)
 
     @property
@@ -258,7 +260,7 @@ class PrivateRedis:
         self.child.spawn(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.root),
              "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "",
-             "--daemonize", "no"],
+             "--daemonize", "no", *self.args],
             dict(os.environ), self.root / "redis.log", self.root,
         )  # fmt: skip
         await _until(self._answers, timeout, f"private Redis on {self.port} up")
@@ -285,3 +287,49 @@ class PrivateRedis:
 
     def resume(self) -> None:
         self.child.signal(signal.SIGCONT)
+
+
+@dataclass
+class PrivateSentinel:
+    """A Redis Sentinel of the test's own, monitoring ``primary`` as ``master`` (quorum 2 of the
+    three a test starts) and declaring it down after one second of silence."""
+
+    root: Path
+    primary: PrivateRedis
+    master: str = "substrate"
+    port: int = field(default_factory=free_port)
+    child: _Child = field(default_factory=_Child)
+
+    async def start(self, timeout: float = 30) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: make test installs Debian's package"
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Sentinel rewrites its file as it learns the replicas and the sentinels.
+        (self.root / "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.root}\n"
+            f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel down-after-milliseconds {self.master} 1000\n"
+            f"sentinel failover-timeout {self.master} 10000\n"
+        )
+        self.child.spawn([binary, str(self.root / "sentinel.conf"), "--sentinel"],
+                         dict(os.environ), self.root / "sentinel.log", self.root)  # fmt: skip
+        await _until(self._answers, timeout, f"private Sentinel on {self.port} up")
+
+    def _answers(self) -> bool:
+        if not self.child.running:
+            raise AssertionError(f"Sentinel exited: {(self.root / 'sentinel.log').read_text()}")
+        return self.primary_port() == self.primary.port
+
+    def primary_port(self) -> int | None:
+        """The port of the primary this sentinel names now."""
+        try:
+            out = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "sentinel", "get-master-addr-by-name",
+                 self.master], capture_output=True, text=True, timeout=5, check=False,
+            ).stdout.split()  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return None
+        return int(out[1]) if len(out) == 2 and out[1].isdigit() else None
+
+    async def kill(self) -> None:
+        await self.child.kill()

@@ -1,4 +1,5 @@
-"""A broker setting is one URL or a cluster's node URLs separated by commas."""
+"""Connection settings: a broker setting is one URL or a cluster's node URLs separated by commas;
+Redis Sentinel addresses are host:port pairs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from common import broker_urls
 from common.requests.registry import CellsCreate
+from common.settings import ServiceSettings, sentinel_addresses
 from services.registry.model import cell_amqp_url, stack_parameters
 from tests.helpers import new_cell_id
 
@@ -59,3 +61,24 @@ def test_the_cell_stack_reaches_the_first_node() -> None:
     assert params["ControlPlaneEndpoint"] == "node1:5672"
     assert params["ControlPlaneVhost"] == "vh"
     assert params["AgentPassword"] == "pw"
+
+
+def test_sentinels_are_host_port_pairs() -> None:
+    assert sentinel_addresses("10.0.0.1:26379, sentinel-b:26380") == [
+        ("10.0.0.1", 26379), ("sentinel-b", 26380),
+    ]  # fmt: skip
+    for bad in ("10.0.0.1", "host:port", ":26379"):
+        with pytest.raises(ValueError, match="is not host:port"):
+            sentinel_addresses(bad)
+
+
+def test_with_sentinels_answers_wait_for_one_replica_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SUBSTRATE_AMQP_URL", "amqp://u:p@node1/")
+    monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://127.0.0.1:6379/3")
+    assert ServiceSettings().wait_replicas == 0
+    monkeypatch.setenv("SUBSTRATE_REDIS_SENTINELS", "127.0.0.1:26379")
+    assert ServiceSettings().wait_replicas == 1
+    monkeypatch.setenv("SUBSTRATE_REDIS_WAIT_REPLICAS", "0")
+    assert ServiceSettings().wait_replicas == 0
