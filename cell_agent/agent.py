@@ -48,6 +48,7 @@ from common.messages import (
     CellUpgrade,
     Delivery,
     DesiredState,
+    FlagsBroadcast,
     FlagsSnapshot,
     InfraRequired,
     RotateCredentials,
@@ -177,7 +178,18 @@ class Agent:
                                 answer.reason).inc()  # fmt: skip
         return Response.json(200, answer.as_json())
 
-    async def on_flags_snapshot(self, msg: FlagsSnapshot, delivery: Delivery) -> None:
+    async def on_flags_broadcast(self, msg: FlagsBroadcast, delivery: Delivery) -> None:
+        """A snapshot for every cell. Without attributes of its own yet (a new cell whose first
+        sync has not been answered), the agent asks for its own snapshot instead."""
+        if not self.flags.has_attributes:
+            if msg.version > self.flags.version:
+                await self.sync("flags")
+            return
+        await self.on_flags_snapshot(msg, delivery)
+
+    async def on_flags_snapshot(
+        self, msg: FlagsSnapshot | FlagsBroadcast, delivery: Delivery
+    ) -> None:
         if self.flags.apply(msg):
             # Tell the control plane at once which snapshot this cell holds.
             confirm = asyncio.get_running_loop().create_task(self.heartbeat())
@@ -396,6 +408,7 @@ class Agent:
                 route(RotateCredentials, self.on_rotate_credentials),
                 route(DesiredState, self.upgrader.on_desired_state),
                 route(FlagsSnapshot, self.on_flags_snapshot),
+                route(FlagsBroadcast, self.on_flags_broadcast),
                 route(InfraRequired, self.requirement.on_required),
             ],
             # A cell may not publish to the dead-letter exchange: a command it cannot take is

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from cell_agent.journal import write_atomically
 from common.flags import EMPTY, Evaluation, Snapshot
-from common.messages import Delivery, FlagsSnapshot
+from common.messages import Delivery, FlagsBroadcast, FlagsSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,24 @@ class LocalFlags:
     def version(self) -> int:
         return self.snapshot.version
 
-    def apply(self, msg: FlagsSnapshot) -> bool:
-        """Keep a snapshot newer than the one held: on disk first, then in memory."""
+    @property
+    def has_attributes(self) -> bool:
+        """A snapshot addressed to this cell was kept: the broadcast ones can be applied."""
+        return self.path.exists()
+
+    def apply(self, msg: FlagsSnapshot | FlagsBroadcast) -> bool:
+        """Keep a snapshot newer than the one held: on disk first, then in memory. A broadcast
+        keeps the cell's attributes from the last snapshot addressed to it."""
         if msg.version <= self.snapshot.version and self.path.exists():
             return False
+        cell = dict(msg.cell) if isinstance(msg, FlagsSnapshot) else self.cell
         snapshot = Snapshot.from_wire(msg.version, msg.flags)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(
             self.path,
-            json.dumps({"version": msg.version, "flags": list(msg.flags), "cell": msg.cell}),
+            json.dumps({"version": msg.version, "flags": list(msg.flags), "cell": cell}),
         )
-        self.snapshot, self.cell = snapshot, dict(msg.cell)
+        self.snapshot, self.cell = snapshot, cell
         log.info("flags snapshot %d: %d flags", msg.version, len(snapshot.flags))
         return True
 

@@ -31,6 +31,8 @@ EVENTS_EXCHANGE = "substrate.events"
 COMMANDS_EXCHANGE = "substrate.commands"
 RPC_EXCHANGE = "substrate.rpc"
 DLX_EXCHANGE = "substrate.dlx"
+# Fanout, bound to every cell's command queue: one publish reaches the whole fleet.
+BROADCAST_EXCHANGE = "substrate.broadcast"
 
 CELL_ID_PATTERN = r"^[a-z][a-z0-9-]{1,40}[a-z0-9]$"
 # Service and operator broker users take these prefixes; a cell id never may, so a cell can
@@ -455,6 +457,22 @@ class FlagsSnapshot(Command):
     # The cell's attributes as the control plane knows them (stage, region, org), which the
     # agent cannot know by itself; it adds its id, installed release and agent version.
     cell: dict[str, str] = Field(default_factory=dict)
+
+
+@wire("command.flags-broadcast.v1")
+class FlagsBroadcast(Message):
+    """A new flags snapshot for every cell at once, published once and fanned out by the broker
+    to every command queue. It carries no cell's attributes: each agent evaluates with those of
+    the last snapshot addressed to it (FlagsSnapshot, on sync)."""
+
+    exchange: ClassVar[str] = BROADCAST_EXCHANGE
+
+    issued_at: AwareDatetime
+    version: int = Field(ge=0)
+    flags: tuple[dict[str, Any], ...] = ()
+
+    def routing_key(self) -> str:
+        return ""
 
 
 @wire("command.infra-required.v1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.messages import (
+    BROADCAST_EXCHANGE,
     CELLS_EXCHANGE,
     COMMANDS_EXCHANGE,
     DLX_EXCHANGE,
@@ -75,6 +76,7 @@ EXCHANGES = (
     ExchangeSpec(COMMANDS_EXCHANGE, "direct"),
     ExchangeSpec(RPC_EXCHANGE, "direct"),
     ExchangeSpec(DLX_EXCHANGE, "direct"),
+    ExchangeSpec(BROADCAST_EXCHANGE, "fanout"),
 )
 
 
@@ -158,7 +160,10 @@ def cell_commands(cell_id: str, *, quorum: bool = False) -> Topology:
     """
     queue = QueueSpec(
         command_queue(cell_id),
-        (Binding(COMMANDS_EXCHANGE, cell_id),),
+        # Its own commands, and what goes to every cell (a cell created before the broadcast
+        # exchange existed gets the binding when it next registers: the registry declares its
+        # queue again then).
+        (Binding(COMMANDS_EXCHANGE, cell_id), Binding(BROADCAST_EXCHANGE, "")),
         quorum=quorum,
         dead_letter_queue=CELL_COMMANDS_DEAD,
         delivery_limit=None,

@@ -47,6 +47,6 @@ ExplainReason = Literal[
 ]  # fmt: skip
 
 # Why an agent asks for its desired state again.
-SyncReason = Literal["start", "reconnect", "periodic"]
+SyncReason = Literal["start", "reconnect", "periodic", "flags"]
 
 DebugAccessAction = Literal["granted", "revoked", "expired"]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from common import topology
-from common.messages import COMMANDS_EXCHANGE, DLX_EXCHANGE, EVENTS_EXCHANGE
+from common.messages import BROADCAST_EXCHANGE, COMMANDS_EXCHANGE, DLX_EXCHANGE, EVENTS_EXCHANGE
 
 OUT = Path(__file__).resolve().parents[1] / "compose" / "rabbitmq" / "definitions.json"
 VHOST = "/"
@@ -53,7 +53,7 @@ def _either(*patterns: str) -> str:
 
 # The exchanges services publish to; a request's reply goes through the default exchange.
 PUBLISHED = [re.escape(n) for n in (EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DLX_EXCHANGE,
-                                    "amq.default")]  # fmt: skip
+                                    BROADCAST_EXCHANGE, "amq.default")]  # fmt: skip
 
 
 def _service_permissions(service: str) -> dict[str, str]:
@@ -77,7 +77,13 @@ def definitions(vhost: str = VHOST) -> dict[str, object]:
     registry = {
         "configure": _either(CELL_QUEUES),
         "write": _either(*PUBLISHED, CELL_QUEUES),
-        "read": _either(*own, CELL_QUEUES, re.escape(COMMANDS_EXCHANGE), re.escape(DLX_EXCHANGE)),
+        "read": _either(
+            *own,
+            CELL_QUEUES,
+            re.escape(COMMANDS_EXCHANGE),
+            re.escape(DLX_EXCHANGE),
+            re.escape(BROADCAST_EXCHANGE),
+        ),
     }
     permissions = {
         "op-admin": {"configure": ".*", "write": ".*", "read": ".*"},

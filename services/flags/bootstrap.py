@@ -11,7 +11,7 @@ from common.bus import BusError, RabbitBus, Unroutable
 from common.clock import Clock, SystemClock
 from common.flags import Snapshot
 from common.fleet import FleetCell
-from common.messages import FlagsSnapshot
+from common.messages import FlagsBroadcast, FlagsSnapshot
 from common.runner import wait_any
 from common.settings import ServiceSettings
 from services.flags import handlers, metrics
@@ -19,14 +19,12 @@ from services.flags.store import FlagsStore
 
 log = logging.getLogger(__name__)
 
-# Snapshots in flight at once when a change goes out to the fleet.
-PUSH_CONCURRENCY = 200
-
 
 class Pusher:
-    """Sends the current snapshot to every online cell after a change. Changes that arrive
-    while a push runs are folded into the next one; a cell that misses a push (offline, or a
-    failed publish) gets the snapshot when it next syncs."""
+    """Broadcasts the current snapshot after a change, and answers a cell's sync with a snapshot
+    of its own (with its attributes). Changes that arrive while a push runs are folded into the
+    next one; a cell that misses a push (a failed publish) gets the snapshot when it next
+    syncs."""
 
     def __init__(self, bus: RabbitBus, store: FlagsStore, clock: Clock) -> None:
         self.bus, self.store, self.clock = bus, store, clock
@@ -69,17 +67,25 @@ class Pusher:
                 log.exception("pushing the flags snapshot failed; cells get it when they sync")
 
     async def push_all(self) -> None:
+        """One publish for the whole fleet: the broker fans the snapshot out to every cell's
+        command queue (an offline cell's waits there). Its attributes stay out of it; each
+        agent keeps those of the last snapshot addressed to it."""
         snapshot = await self.store.snapshot()
         metrics.SNAPSHOT_VERSION.set(snapshot.version)
-        cells = [c for c in await self.store.fleet.all() if c.status == "online"]
-        gate = asyncio.Semaphore(PUSH_CONCURRENCY)
-
-        async def one(cell: FleetCell) -> None:
-            async with gate:
-                await self._publish(cell.id, cell, snapshot, "change")
-
-        await asyncio.gather(*(one(c) for c in cells))
-        log.info("flags snapshot %d sent to %d online cells", snapshot.version, len(cells))
+        msg = FlagsBroadcast(issued_at=self.clock.now(), version=snapshot.version,
+                             flags=tuple(snapshot.to_wire()))  # fmt: skip
+        try:
+            await self.bus.publish(msg)
+        except Unroutable:
+            metrics.PUSHED.labels("change", "no_queue").inc()  # no cell yet
+            return
+        except BusError as exc:
+            metrics.PUSHED.labels("change", "failed").inc()
+            log.warning("snapshot %d not broadcast (%s); cells get it on their next sync",
+                        snapshot.version, exc)  # fmt: skip
+            return
+        metrics.PUSHED.labels("change", "sent").inc()
+        log.info("flags snapshot %d broadcast to every cell", snapshot.version)
 
 
 async def setup(

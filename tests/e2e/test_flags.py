@@ -175,6 +175,39 @@ async def _flags_held(procs: Processes, cell: str, version: int) -> dict[str, An
     return record if record.get("flags_snapshot_version") == version else None
 
 
+STAGED = """
+key: {key}
+owner: team-editor
+description: Dedicated cells only
+rules:
+  - name: dedicated
+    when: [{{attribute: stage, op: in, values: [dedicated]}}]
+    serve: on
+"""
+
+
+@pytest.mark.e2e
+async def test_a_broadcast_change_is_evaluated_with_the_cells_own_attributes(
+    procs: Processes, flags_service: Proc, moto: str, tmp_path: Path
+) -> None:
+    """A change goes out as one broadcast without any cell's attributes; the agent evaluates it
+    with the stage the control plane told it in its own snapshot (on its first sync)."""
+    await start_registry(procs)
+    cell = new_cell_id()
+    created = await create_cell(procs, cell, stage="dedicated")
+    port = free_port()
+    await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / "state",
+                      metrics_port=port, CELL_SYNC_SECONDS="3600")  # fmt: skip
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=20, interval=0.3)
+    key = f"staged-{cell}"
+    code, result, err = await procs.ctl("flags", "set", write(tmp_path / "f.yaml",
+                                                              STAGED.format(key=key)))  # fmt: skip
+    assert code == 0 and result["changed"], err
+    answer = await eventually(lambda: _reason_is(port, key, "RULE_MATCH"), timeout=15,
+                              interval=0.05, what="the broadcast at the agent")  # fmt: skip
+    assert answer["value"] is True and answer["snapshot_version"] == result["snapshot_version"]
+
+
 @pytest.mark.e2e
 async def test_a_kill_switch_flipped_while_a_cell_is_offline_applies_when_it_syncs(
     procs: Processes, flags_service: Proc, moto: str, tmp_path: Path

@@ -65,12 +65,12 @@ def test_every_consuming_queue_is_quorum_with_a_delivery_limit_and_a_dead_letter
     assert set(SERVICE_QUEUES) == {"registry", "rollout", "flags", "infra_compliance"}
 
 
-def test_a_cell_command_queue_is_bound_to_its_own_id_only() -> None:
+def test_a_cell_command_queue_is_bound_to_its_own_id_and_the_broadcast_only() -> None:
     topo = cell_commands("acme-prod")
     queue = next(q for q in topo.queues if q.name == "cell.acme-prod.commands")
     assert [(b.exchange, b.routing_key) for b in queue.bindings] == [
-        ("substrate.commands", "acme-prod")
-    ]
+        ("substrate.commands", "acme-prod"), ("substrate.broadcast", ""),
+    ]  # fmt: skip
     assert queue.arguments()["x-dead-letter-routing-key"] == "cell.commands.dead"
 
 
