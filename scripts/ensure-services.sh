@@ -36,8 +36,19 @@ wait_port 6379 "Redis"
 # --- RabbitMQ --------------------------------------------------------------------------------
 if ! port_open 5672; then
   command -v rabbitmq-server >/dev/null || { echo "installing rabbitmq-server"; apt_install rabbitmq-server; }
-  echo "starting rabbitmq-server"
-  rabbitmq-server -detached
+  # A socket per cell: Debian's wrapper would start the broker with 1,024 open files (about 830
+  # connections); started as its user directly, it gets SUBSTRATE_BROKER_NOFILE (20,000, or the
+  # hard limit where that is lower).
+  nofile=${SUBSTRATE_BROKER_NOFILE:-20000}
+  hard=$(ulimit -Hn)
+  [ "$hard" != unlimited ] && [ "$hard" -lt "$nofile" ] && nofile=$hard
+  if id rabbitmq >/dev/null 2>&1 && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    echo "starting rabbitmq-server (open files $nofile)"
+    su rabbitmq -s /bin/sh -c "ulimit -n $nofile; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached"
+  else
+    echo "starting rabbitmq-server"
+    rabbitmq-server -detached
+  fi
   wait_port 5672 "RabbitMQ" 240
   rabbitmqctl -q await_startup
 fi
