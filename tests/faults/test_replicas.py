@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from tests.e2e.conftest import Processes, Service, start_registry
 from tests.e2e.test_cells import show
 from tests.e2e.test_flags import write
-from tests.e2e.test_rollout import Fleet, start_rollout
+from tests.e2e.test_rollout import Cell, Fleet, start_rollout
 from tests.faults.ledger import CELLS, Ledger, applied, applier_env
 from tests.helpers import eventually
 
@@ -30,6 +30,17 @@ def _stopped(pid: int) -> bool:
 
 async def _leads(service: Service) -> bool:
     return await service.metric("substrate_rollout_leader") == 1
+
+
+async def _completed_once_each(fleet: Fleet, cells: list[Cell], version: str) -> None:
+    """The rollout completed, every cell applied the release once, and each was assigned one
+    generation (no replica's decision reached a cell twice)."""
+    await fleet.wait_state(version, "completed", timeout=180)
+    await fleet.wait_installed(cells, version, timeout=60)
+    Ledger.of([(c.id, c.state) for c in cells], version).check()
+    accepted = [r for r in await fleet.upgrades() if r.phase == "accepted"]
+    for cell in cells:
+        assert len({r.generation for r in accepted if r.cell_id == cell.id}) == 1, accepted
 
 
 async def _start_flags(procs: Processes) -> Service:
@@ -89,12 +100,7 @@ async def test_two_replicas_of_every_service_and_one_killed(fleet: Fleet) -> Non
           f"killed (lease {LEASE_SECONDS}s)")  # fmt: skip
     fleet.rollout = survivor
 
-    await fleet.wait_state(version, "completed", timeout=180)
-    await fleet.wait_installed(cells, version, timeout=60)
-    Ledger.of([(c.id, c.state) for c in cells], version).check()
-    accepted = [r for r in await fleet.upgrades() if r.phase == "accepted"]
-    for cell in cells:
-        assert len({r.generation for r in accepted if r.cell_id == cell.id}) == 1, accepted
+    await _completed_once_each(fleet, cells, version)
 
     key = f"replicas-{fleet.minor}"
     code, result, err = await fleet.procs.ctl(
@@ -151,12 +157,7 @@ async def test_two_replicas_of_the_controller_and_a_stale_leader(fleet: Fleet) -
     print(f"the second replica led {took_over:.1f}s after the first froze "
           f"(lease {LEASE_SECONDS}s)")  # fmt: skip
 
-    await fleet.wait_state(version, "completed", timeout=180)
-    await fleet.wait_installed(cells, version, timeout=60)
-    Ledger.of([(c.id, c.state) for c in cells], version).check()
     # One generation per cell: the stale leader's decision never reached one.
-    accepted = [r for r in await fleet.upgrades() if r.phase == "accepted"]
-    for cell in cells:
-        assert len({r.generation for r in accepted if r.cell_id == cell.id}) == 1, accepted
+    await _completed_once_each(fleet, cells, version)
     # And, both awake, still exactly one leads.
     assert [await _leads(first), await _leads(second)] == [False, True]
