@@ -19,7 +19,7 @@ from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_flags import write
 from tests.e2e.test_rollout import Fleet, quick_fleet
 from tests.faults.ledger import CELLS, Ledger, applied, applier_env
-from tests.faults.nodes import PrivateRabbit, PrivateRedis, PrivateSentinel
+from tests.faults.nodes import PrivateRedis, PrivateSentinel
 from tests.helpers import eventually
 
 
@@ -60,11 +60,11 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 @pytest.fixture
 async def private(
-    rabbit: PrivateRabbit, redis_node: PrivateRedis, replicated: Replicated
+    service_urls: tuple[str, str, str], replicated: Replicated
 ) -> AsyncIterator[Services]:
-    """A vhost on the private broker; Redis is the replicated pair (database 0, found through
-    the sentinels by the services)."""
-    async with isolated_services((rabbit.amqp_url, rabbit.api_url, redis_node.url), "sen") as own:
+    """A vhost on the machine's broker (Redis is what this module faults); Redis is the
+    replicated pair (database 0, found through the sentinels by the services)."""
+    async with isolated_services(service_urls, "sentinel") as own:
         bus = await RabbitBus.connect(own.amqp_url, name="sentinel-topology")
         await bus.declare(topology.control_plane())
         await bus.close()
