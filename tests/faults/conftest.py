@@ -1,6 +1,8 @@
 """Fault tests run on a RabbitMQ node and a Redis of their own (tests/faults/nodes.py), started
 once per module: each test gets a new vhost and Redis database on them, and may kill, stop,
-restart or pause either."""
+restart or pause either. A module that faults only processes runs on the machine's services
+instead (its ``private`` fixture returns ``machine``): starting a private node costs each
+module about ten seconds."""
 
 from __future__ import annotations
 
@@ -43,6 +45,16 @@ async def redis_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         yield node
 
 
+@asynccontextmanager
+async def declared(service_urls: tuple[str, str, str], label: str) -> AsyncIterator[Services]:
+    """A vhost (with the control plane declared) and a Redis database on these services."""
+    async with isolated_services(service_urls, label) as own:
+        bus = await RabbitBus.connect(own.amqp_url, name=f"{label}-topology")
+        await bus.declare(topology.control_plane())
+        await bus.close()
+        yield own
+
+
 @pytest.fixture
 async def private(rabbit: PrivateRabbit, redis_node: PrivateRedis) -> AsyncIterator[Services]:
     """A vhost (with the control plane declared) and a Redis database on the private nodes."""
@@ -50,10 +62,15 @@ async def private(rabbit: PrivateRabbit, redis_node: PrivateRedis) -> AsyncItera
         await rabbit.start()
     if not redis_node.child.running:
         await redis_node.start()
-    async with isolated_services((rabbit.amqp_url, rabbit.api_url, redis_node.url), "fault") as own:
-        bus = await RabbitBus.connect(own.amqp_url, name="fault-topology")
-        await bus.declare(topology.control_plane())
-        await bus.close()
+    async with declared((rabbit.amqp_url, rabbit.api_url, redis_node.url), "fault") as own:
+        yield own
+
+
+@pytest.fixture
+async def machine(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
+    """For a module that faults processes, not the broker or Redis: a vhost and database on the
+    machine's services (no private node to start); such a module's ``private`` returns it."""
+    async with declared(service_urls, "fault") as own:
         yield own
 
 

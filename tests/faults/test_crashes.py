@@ -9,10 +9,18 @@ import pytest
 from common.crashpoints import CRASH_EXIT
 from common.messages import CellUpgrade, DesiredState
 from common.vocabulary import TERMINAL_PHASES
+from tests.conftest import Services
 from tests.e2e.conftest import Proc
 from tests.e2e.test_rollout import Cell, Fleet, start_rollout
 from tests.faults.ledger import Ledger, applier_env
 from tests.helpers import eventually
+
+
+@pytest.fixture
+async def private(machine: Services) -> Services:
+    """This module faults processes only: the machine's broker and Redis serve it."""
+    return machine
+
 
 CRASH = "SUBSTRATE_CRASH_AT"
 

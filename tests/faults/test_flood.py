@@ -13,10 +13,18 @@ import pytest
 
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from services.registry.settings import RegistrySettings
+from tests.conftest import Services
 from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_cell_security import register_as_cell
 from tests.e2e.test_cells import create_cell, show, status_is
 from tests.helpers import eventually, new_cell_id
+
+
+@pytest.fixture
+async def private(machine: Services) -> Services:
+    """This module faults processes only: the machine's broker and Redis serve it."""
+    return machine
+
 
 FLOOD = 3_000
 LIMIT = RegistrySettings.model_fields["heartbeat_limit_per_second"].default

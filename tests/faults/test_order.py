@@ -10,11 +10,19 @@ import pytest
 
 from common.bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellReport, CellUpgrade
+from tests.conftest import Services
 from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_cells import show
 from tests.e2e.test_rollout import Fleet, quick_fleet
 from tests.faults.ledger import Ledger, applier_env
 from tests.helpers import eventually, raw_publish
+
+
+@pytest.fixture
+async def private(machine: Services) -> Services:
+    """This module faults processes only: the machine's broker and Redis serve it."""
+    return machine
+
 
 TWICE = {"SUBSTRATE_FAULT_DUPLICATES": "1"}
 

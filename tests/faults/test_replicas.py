@@ -7,14 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from common import topology
-from common.bus import RabbitBus
-from tests.conftest import Services, free_port, isolated_services
+from tests.conftest import Services, free_port
 from tests.e2e.conftest import Processes, Service, start_registry
 from tests.e2e.test_cells import show
 from tests.e2e.test_flags import write
@@ -26,14 +23,9 @@ LEASE_SECONDS = 3  # start_rollout's SUBSTRATE_LEASE_SECONDS
 
 
 @pytest.fixture
-async def private(service_urls: tuple[str, str, str]) -> AsyncIterator[Services]:
-    """Processes are what this module faults, not the broker or Redis: a vhost and database on
-    the machine's (no private node to start)."""
-    async with isolated_services(service_urls, "replicas") as own:
-        bus = await RabbitBus.connect(own.amqp_url, name="replicas-topology")
-        await bus.declare(topology.control_plane())
-        await bus.close()
-        yield own
+async def private(machine: Services) -> Services:
+    """This module faults processes only: the machine's broker and Redis serve it."""
+    return machine
 
 
 def _stopped(pid: int) -> bool:

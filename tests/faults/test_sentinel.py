@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from common import redis_client, topology
+from common import redis_client
 from common.bus import RabbitBus, RpcFailure
-from tests.conftest import Services, isolated_services
+from tests.conftest import Services
 from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_flags import write
 from tests.e2e.test_rollout import Fleet, quick_fleet
@@ -59,16 +59,10 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 
 @pytest.fixture
-async def private(
-    service_urls: tuple[str, str, str], replicated: Replicated
-) -> AsyncIterator[Services]:
+async def private(machine: Services, replicated: Replicated) -> Services:
     """A vhost on the machine's broker (Redis is what this module faults); Redis is the
     replicated pair (database 0, found through the sentinels by the services)."""
-    async with isolated_services(service_urls, "sentinel") as own:
-        bus = await RabbitBus.connect(own.amqp_url, name="sentinel-topology")
-        await bus.declare(topology.control_plane())
-        await bus.close()
-        yield dataclasses.replace(own, redis_url=f"redis://127.0.0.1:{replicated.primary.port}/0")
+    return dataclasses.replace(machine, redis_url=f"redis://127.0.0.1:{replicated.primary.port}/0")
 
 
 @pytest.fixture
