@@ -56,7 +56,6 @@ from common.messages import (
 )
 from common.metrics import MetricsServer, Response
 from common.routes import route
-from common.settings import broker_user
 from common.vocabulary import SyncReason, UpgradePhase
 
 log = logging.getLogger(__name__)
@@ -395,8 +394,10 @@ class Agent:
             return
         stopping.cancel()
         self.bus = bus = connecting.result()
-        if broker_user(url) != self.settings.id:
-            log.warning("broker user %s is not the cell id %s", broker_user(url), self.settings.id)
+        if broker_urls.user(url) != self.settings.id:
+            log.warning(
+                "broker user %s is not the cell id %s", broker_urls.user(url), self.settings.id
+            )
         bus.on_reconnect(self._after_reconnect)
         # Registering first: where the command queue is missing (deleted by someone), the
         # registry declares it again on registration.

@@ -30,12 +30,13 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
+    UnderlayConnection,
 )
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from common import broker_urls, crashpoints
 from common.acks import BatchedAcks
-from common.cluster_connection import ClusterConnection
 from common.crashpoints import crash_point
 from common.deadlines import Deadlines
 from common.messages import (
@@ -159,11 +160,6 @@ def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
     return f"{message.type} to {exchange or '(default)'}/{routing_key}"
 
 
-def redact(url: str) -> str:
-    """A broker setting (one URL or several) fit for a log line: the passwords replaced."""
-    return broker_urls.redact(url)
-
-
 def validation_summary(exc: ValidationError) -> str:
     """One line naming each field and its problem."""
     problems = []
@@ -172,6 +168,52 @@ def validation_summary(exc: ValidationError) -> str:
         problems.append(f"{where}: {err['msg']}")
     more = exc.error_count() - len(problems)
     return "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")
+
+
+class ClusterConnection(aio_pika.RobustConnection):
+    """A robust connection over the nodes of a RabbitMQ cluster.
+
+    aio-pika's ``RobustConnection`` reconnects to the one URL it was given; a client of a
+    cluster whose node dies must go to another node. This one keeps every node's URL and gives
+    each connection attempt the next one in turn, from ``first_node``. Everything else
+    (restoring channels, consumers and reconnect callbacks) is aio-pika's own.
+    """
+
+    def __init__(self, urls: list[str], first_node: int, **kwargs: Any) -> None:
+        self._urls = [URL(url) for url in urls]
+        first = first_node % len(urls)
+        # Every attempt, the first included, moves to the next node; start one before.
+        self._node = (first - 1) % len(self._urls)
+        self._transport: UnderlayConnection | None = None
+        super().__init__(self._urls[first], **kwargs)
+
+    # aio-pika's robust connection clears ``transport`` at the start of every connection attempt,
+    # and also in its constructor and when closing (both before or while ``_close_in_progress``
+    # is set); the attempts are where the next node is chosen. Connecting then reads ``url``.
+    @property
+    def transport(self) -> UnderlayConnection | None:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: UnderlayConnection | None) -> None:
+        if value is None and getattr(self, "_close_in_progress", True) is False:
+            self._node = (self._node + 1) % len(self._urls)
+        self._transport = value
+
+    @property
+    def url(self) -> URL:
+        return self._urls[self._node]
+
+    @url.setter
+    def url(self, value: URL) -> None:
+        # Set by aio-pika's constructor and again by update_secret with the new password: the
+        # nodes of a cluster share users, so the credentials apply to every node.
+        self._urls = [url.with_user(value.user).with_password(value.password) for url in self._urls]
+
+    @property
+    def node(self) -> str:
+        """host:port of the node this connection uses (or tries next)."""
+        return f"{self.url.host}:{self.url.port}"
 
 
 class RabbitBus:
@@ -250,12 +292,13 @@ class RabbitBus:
             except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
                 waited = time.monotonic() - started
                 if give_up_after is not None and waited + delay > give_up_after:
+                    where = broker_urls.redact(url)
                     raise NotConnected(
-                        f"broker at {redact(url)} not reachable after {waited:.1f}s: {exc!r}"
+                        f"broker at {where} not reachable after {waited:.1f}s: {exc!r}"
                     ) from exc
                 log.warning(
                     "waiting for the broker at %s (attempt %d, %r); retrying in %.1fs",
-                    redact(str(connection.url)),
+                    broker_urls.redact(str(connection.url)),
                     attempt,
                     exc,
                     delay,
@@ -267,7 +310,7 @@ class RabbitBus:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         assert isinstance(channel, aio_pika.RobustChannel)
         user = broker_urls.user(url)
-        log.info("connected to %s as %s", redact(str(connection.url)), user)
+        log.info("connected to %s as %s", broker_urls.redact(str(connection.url)), user)
         return cls(
             connection,
             channel,

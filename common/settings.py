@@ -111,8 +111,3 @@ def load(settings_cls: type[S]) -> S:
             problem = "is not set" if err["type"] == "missing" else f"is invalid: {err['msg']}"
             print(f"error: setting {name} {problem}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def broker_user(amqp_url: str) -> str:
-    """The user a broker URL authenticates as: what the broker will insist on as ``user_id``."""
-    return broker_urls.user(amqp_url)

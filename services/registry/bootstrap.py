@@ -9,12 +9,12 @@ from contextlib import suppress
 
 import redis.asyncio as aioredis
 
-from common import redis_client
+from common import broker_urls, redis_client
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.rabbitmq_api import RabbitApi
 from services.registry import handlers
-from services.registry.broker import CellBroker, vhost_of
+from services.registry.broker import CellBroker
 from services.registry.limits import PerCellLimit
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
@@ -31,7 +31,7 @@ def build_deps(
         accounts=CellBroker(
             RabbitApi(settings.rabbitmq_api_url),
             bus,
-            vhost_of(settings.amqp_url),
+            broker_urls.vhost(settings.amqp_url),
             quorum_queues=settings.cell_queues == "quorum",
         ),
         publisher=bus,

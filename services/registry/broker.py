@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-from common import broker_urls
 from common.bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
@@ -14,10 +13,6 @@ from common.topology import cell_commands
 from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, broker_grant
 
 log = logging.getLogger(__name__)
-
-
-def vhost_of(amqp_url: str) -> str:
-    return broker_urls.vhost(amqp_url)
 
 
 class CellBroker:

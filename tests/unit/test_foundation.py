@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from common import broker_urls
 from common.clock import FakeClock
 from common.metrics import MetricsServer, Response
-from common.settings import ServiceSettings, broker_user, load
+from common.settings import ServiceSettings, load
 from common.topology import (
     DELIVERY_LIMIT,
     SERVICE_QUEUES,
@@ -35,8 +36,8 @@ def test_missing_setting_exits_naming_the_variable(
 
 
 def test_broker_user_is_read_from_the_url() -> None:
-    assert broker_user("amqp://svc-registry:pw@host/") == "svc-registry"
-    assert broker_user("amqp://acme%2Dprod:p%40ss@host/vh") == "acme-prod"
+    assert broker_urls.user("amqp://svc-registry:pw@host/") == "svc-registry"
+    assert broker_urls.user("amqp://acme%2Dprod:p%40ss@host/vh") == "acme-prod"
 
 
 def test_fake_clock_moves_only_when_told() -> None:
