@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common.requests.registry import (
+    MAX_PAGE,
     CellsAudit,
     CellsCreate,
     CellsDecommission,
@@ -12,12 +14,15 @@ from common.requests.registry import (
     CellsRotateCredentials,
     CellsShow,
     CellView,
+    ListedCell,
 )
 from common.requests.rollout import CellsPin, CellsUnpin
 from common.vocabulary import CELL_STATUSES, STAGES
 from substratectl.context import Ctl
 from substratectl.output import emit_json, fields, table
 
+# A page an operator reads on a screen; --all (or --limit) for more.
+DEFAULT_PAGE = 1000
 LIST_COLUMNS = [
     "id", "stage", "region", "org", "status", "last_heartbeat_at", "agent_version",
     "installed_release", "flags_behind",
@@ -54,12 +59,39 @@ async def create(ctl: Ctl) -> int:
 
 
 async def list_cells(ctl: Ctl) -> int:
-    cells = await ctl.call(CellsList(stage=ctl.args.stage, status=ctl.args.status))
+    """One page of cells (``--limit`` after ``--after``), or with ``--all`` every page."""
+    args = ctl.args
+    limit = MAX_PAGE if args.all else args.limit
+    cells: list[ListedCell] = []
+    after = args.after
+    while True:
+        page = await ctl.call(CellsList(stage=args.stage, status=args.status, after=after,
+                                        limit=limit))  # fmt: skip
+        cells.extend(page)
+        if not args.all or len(page) < limit:
+            break
+        after = page[-1].id
+        if not ctl.as_json:
+            print(f"read {len(cells):,} cells ...", file=sys.stderr, flush=True)
     if ctl.as_json:
         emit_json(cells)
-    else:
-        print(table(cells, LIST_COLUMNS))
+        return 0
+    print(table(cells, LIST_COLUMNS))
+    if not args.all and len(cells) == limit:
+        print(f"\n{limit} cells shown; the next page: --after {cells[-1].id} (or --all)",
+              file=sys.stderr)  # fmt: skip
     return 0
+
+
+def page_size(text: str) -> int:
+    """``--limit``: a page of 1 to MAX_PAGE cells."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and {MAX_PAGE}")
+    return n
 
 
 async def show(ctl: Ctl) -> int:
@@ -133,6 +165,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("list", help="list cells")
     p.add_argument("--stage", choices=STAGES)
     p.add_argument("--status", choices=CELL_STATUSES)
+    p.add_argument("--limit", type=page_size, default=DEFAULT_PAGE,
+                   help=f"at most this many cells, by id (default {DEFAULT_PAGE}, at most "
+                        f"{MAX_PAGE})")  # fmt: skip
+    p.add_argument(
+        "--after", metavar="CELL_ID", help="the cells after this id (the last of the previous page)"
+    )
+    p.add_argument("--all", action="store_true", help="every cell, read page by page")
     p.set_defaults(run=list_cells)
 
     p = cmds.add_parser("show", help="show one cell")

@@ -85,6 +85,11 @@ class RegistryServiceStatus(ServiceStatus):
     warnings: list[str] = Field(default_factory=list)
 
 
+# The most cells one `cells.list` answer holds: a page of 100,000 would be a reply of tens of
+# megabytes, over the broker's default frame and the operator's patience.
+MAX_PAGE = 5000
+
+
 @rpc("registry", "cells.create")
 class CellsCreate(Request[CreatedCell]):
     """Create a cell: its record, its broker user and its command queue."""
@@ -98,8 +103,13 @@ class CellsCreate(Request[CreatedCell]):
 
 @rpc("registry", "cells.list")
 class CellsList(Request[list[ListedCell]]):
+    """One page of cells, by id: those after ``after`` (a cell id; the last of the previous
+    page), at most ``limit`` of them. A page shorter than ``limit`` is the last."""
+
     stage: Stage | None = None
     status: CellStatus | None = None
+    after: str | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = MAX_PAGE
 
 
 @rpc("registry", "cells.show")

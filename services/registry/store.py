@@ -25,6 +25,7 @@ here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -212,14 +213,25 @@ class RegistryStore:
         return _view(raw, refusals) if raw else None
 
     async def find(
-        self, stage: str | None = None, status: CellStatus | None = None
+        self,
+        stage: str | None = None,
+        status: CellStatus | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
     ) -> list[CellView]:
+        """Cells by id, those after ``after``, at most ``limit``: only the page's records are
+        read (the ids of every matching cell are, to sort them)."""
         sets = [CELLS]
         if stage:
             sets.append(STAGE + stage)
         if status:
             sets.append(STATUS + status)
         ids = sorted(str(i) for i in await self.redis.sinter(sets))
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after) :]
+        if limit is not None:
+            ids = ids[:limit]
         records = await self._hashes(CELL, ids=ids) if ids else []
         return [_view(raw, []) for _, raw in records if raw]
 

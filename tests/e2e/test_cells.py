@@ -298,6 +298,8 @@ async def test_cli_refuses_bad_input_and_creates_nothing(
         assert not await services.api.user_exists(user)
     code, _, err = await procs.ctl("cells", "show", "no-such-cell")
     assert code == 1 and "does not exist" in err
+    code, _, err = await procs.ctl("cells", "list", "--limit", "0")
+    assert code == 2 and "--limit: 0 is not between 1 and 5000" in err, err
 
 
 @pytest.mark.e2e
@@ -311,3 +313,13 @@ async def test_a_restarted_registry_loses_no_cell(
     for cell in cells:
         record = await eventually(partial(status_is, procs, cell, "online"), timeout=20)
         assert record["aws_account_id"] == "123456789012"
+    # Page by page, by id (the session's registry holds earlier tests' cells too): each page
+    # starts after the id it is given, and --all reads every page.
+    code, every, _ = await procs.ctl("cells", "list", "--all")
+    ids = [c["id"] for c in every]
+    assert code == 0 and ids == sorted(set(ids)) and set(cells) <= set(ids)
+    code, first, _ = await procs.ctl("cells", "list", "--limit", "2")
+    assert code == 0 and [c["id"] for c in first] == ids[:2]
+    after = sorted(cells)[0]
+    code, page, _ = await procs.ctl("cells", "list", "--limit", "2", "--after", after)
+    assert code == 0 and [c["id"] for c in page] == [i for i in ids if i > after][:2]

@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from common.bus import Refused, RpcFailure
 from common.clock import FakeClock
 from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
 from common.requests import Status
 from common.requests.registry import (
+    MAX_PAGE,
     CellsCreate,
     CellsDecommission,
     CellsList,
@@ -355,6 +357,31 @@ async def test_decommissioned_cells_are_kept_and_refused(
         CellsList(status="decommissioned"), delivery(cell, "rpc"), deps=deps
     )
     assert [c.id for c in listed] == [cell]
+
+
+async def test_cells_are_listed_page_by_page_in_id_order(deps: handlers.Deps) -> None:
+    """A page holds at most ``limit`` cells by id, those after ``after``; following each page's
+    last id reads every cell once, and a filter applies before the page is cut."""
+    ids = [f"page-{i:02d}" for i in range(7)]
+    for cell in reversed(ids):
+        await create(deps, cell, stage="saas" if cell.endswith(("1", "4")) else "dedicated")
+    seen: list[list[str]] = []
+    after = None
+    while True:
+        page = await handlers.cells_list(
+            CellsList(after=after, limit=3), delivery(ids[0], "rpc"), deps=deps
+        )
+        seen.append([c.id for c in page])
+        if len(page) < 3:
+            break
+        after = page[-1].id
+    assert seen == [ids[0:3], ids[3:6], ids[6:7]]
+    saas = await handlers.cells_list(
+        CellsList(stage="saas", after="page-01", limit=5), delivery(ids[0], "rpc"), deps=deps
+    )
+    assert [c.id for c in saas] == ["page-04"]
+    with pytest.raises(ValidationError, match="limit"):
+        CellsList(limit=MAX_PAGE + 1)
 
 
 async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_period(
