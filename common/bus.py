@@ -242,6 +242,8 @@ class RabbitBus:
         self._reply_queue: AbstractQueue | None = None
         self._reply_lock = asyncio.Lock()
         self._renew_lock = asyncio.Lock()
+        self._inspect: AbstractRobustChannel | None = None
+        self._inspect_lock = asyncio.Lock()
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -386,6 +388,20 @@ class RabbitBus:
             await channel.queue_delete(name)
         finally:
             await channel.close()
+
+    async def queue_exists(self, name: str) -> bool:
+        """Whether queue ``name`` exists: one passive declaration on a channel kept for it
+        (a queue_state or a declare costs opening and closing a channel besides). Callers are
+        served one at a time, as a channel carries one such request at a time."""
+        async with self._inspect_lock:
+            if self._inspect is None or self._inspect.is_closed:
+                self._inspect = await self._conn.channel()
+            try:
+                await self._inspect.declare_queue(name, passive=True, robust=False)
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self._inspect = None  # the broker closed the channel with its answer
+                return False
 
     async def queue_state(self, name: str) -> QueueState:
         """Messages ready and consumers attached, straight from the broker (not the

@@ -5,6 +5,7 @@ declaring the same objects with the same arguments twice changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from common.messages import (
@@ -68,6 +69,11 @@ class QueueSpec:
 class Topology:
     exchanges: tuple[ExchangeSpec, ...]
     queues: tuple[QueueSpec, ...]
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything declared changes (a binding added, an argument): what was
+        declared with an older one is declared again."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
 
 
 EXCHANGES = (

@@ -9,7 +9,7 @@ import logging
 from common.bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
-from common.topology import cell_commands
+from common.topology import Topology, cell_commands
 from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, broker_grant
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,21 @@ class CellBroker:
         )
         await self.api.set_user_limit(cell_id, "max-connections", CELL_MAX_CONNECTIONS)
         await self.api.set_user_limit(cell_id, "max-channels", CELL_MAX_CHANNELS)
-        await self.bus.declare(cell_commands(cell_id, quorum=self.quorum_queues))
+        await self.bus.declare(self._commands(cell_id))
+
+    def _commands(self, cell_id: str) -> Topology:
+        return cell_commands(cell_id, quorum=self.quorum_queues)
+
+    def queue_fingerprint(self, cell_id: str) -> str:
+        """What ``provision`` and ``ensure_queue`` declare for the cell, as a fingerprint."""
+        return self._commands(cell_id).fingerprint()
+
+    async def queue_exists(self, cell_id: str) -> bool:
+        return await self.bus.queue_exists(command_queue(cell_id))
 
     async def ensure_queue(self, cell_id: str) -> None:
-        """Declare the command queue again (a no-op where it exists)."""
-        await self.bus.declare(cell_commands(cell_id, quorum=self.quorum_queues))
+        """Declare the command queue and its bindings again (a no-op where they exist)."""
+        await self.bus.declare(self._commands(cell_id))
 
     async def deprovision(self, cell_id: str) -> None:
         """Delete the user (the broker closes its connections) and the command queue."""

@@ -73,6 +73,10 @@ class CellAccounts(Protocol):
 
     async def close_connections(self, cell_id: str, reason: str) -> int: ...
 
+    def queue_fingerprint(self, cell_id: str) -> str: ...
+
+    async def queue_exists(self, cell_id: str) -> bool: ...
+
     async def ensure_queue(self, cell_id: str) -> None: ...
 
     async def socket_limit(self) -> int | None: ...
@@ -113,9 +117,23 @@ async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) ->
         raise Refused(f"registration refused: {t.refusal.reason}")
     if t.outcome is Outcome.REGISTERED:
         log.info("cell %s registered from account %s", msg.cell_id, msg.aws_account_id)
-        # An agent registers on every start and reconnect: its command queue comes back if
-        # someone deleted it (a command meanwhile was kept as unroutable, not dropped).
-        await deps.accounts.ensure_queue(msg.cell_id)
+        await ensure_queue(deps, msg.cell_id)
+
+
+async def ensure_queue(deps: Deps, cell_id: str) -> None:
+    """An agent registers on every start and reconnect: its command queue comes back if
+    someone deleted it (a command meanwhile was kept as unroutable, not dropped), and a queue
+    declared by an older registry gets the bindings this one declares. Declared in full only
+    then: a full declaration costs the broker seven round trips, which in a storm of
+    registrations were most of the registry's work (bench/RESULTS.md); a queue known to be
+    declared as now costs one (does it still exist)."""
+    fingerprint = deps.accounts.queue_fingerprint(cell_id)
+    if await deps.store.queue_declared(cell_id) == fingerprint:
+        if await deps.accounts.queue_exists(cell_id):
+            return
+        log.warning("cell %s's command queue was missing; declaring it again", cell_id)
+    await deps.accounts.ensure_queue(cell_id)
+    await deps.store.set_queue_declared(cell_id, fingerprint)
 
 
 async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) -> None:
@@ -184,6 +202,7 @@ async def cells_create(req: CellsCreate, delivery: Delivery, deps: Deps) -> Crea
     try:
         await deps.accounts.provision(req.id, password)
         await deps.store.create(req, deps.clock.now(), credential_id)
+        await deps.store.set_queue_declared(req.id, deps.accounts.queue_fingerprint(req.id))
     except Exception:
         # Nothing half-created: undo the broker side, then free the id.
         log.exception("creating cell %s failed; undoing", req.id)

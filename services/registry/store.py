@@ -14,6 +14,8 @@
     registry:creating:<id>        string: a create in progress (expires)
     registry:outbox               list: events not yet published (common.outbox)
     registry:flags_version        string: the newest flags snapshot version announced
+    registry:queues               hash: cell id -> the fingerprint of the command queue topology
+                                  last declared for it (common.topology.Topology.fingerprint)
 
 A transition is written as one Change (common.scripts): its fields, the index sets and sorted
 sets that follow from them, and its event into the outbox, all only if the fields the decision
@@ -57,6 +59,7 @@ REFUSALS = PREFIX + "refusals:"
 AUDIT = PREFIX + "audit:"
 CREATING = PREFIX + "creating:"
 FLAGS_VERSION = PREFIX + "flags_version"
+QUEUES = PREFIX + "queues"
 REFUSALS_KEPT = 20
 # How often a transition is decided again when the record keeps changing under it. The writers
 # of one cell's record are few (its own reports, the sweep, an operator), so a second try
@@ -202,6 +205,14 @@ class RegistryStore:
 
     async def release(self, cell_id: str) -> None:
         await self.redis.delete(CREATING + cell_id)
+
+    async def queue_declared(self, cell_id: str) -> str | None:
+        """The fingerprint of the command queue topology last declared for the cell."""
+        found = await self.redis.hget(QUEUES, cell_id)
+        return None if found is None else str(found)
+
+    async def set_queue_declared(self, cell_id: str, fingerprint: str) -> None:
+        await self.redis.hset(QUEUES, cell_id, fingerprint)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -268,6 +268,20 @@ async def test_request_to_a_service_that_is_not_running_times_out_naming_it(
         await bus.request("infra_compliance", "status", timeout=0.5)
 
 
+async def test_queue_exists_answers_on_one_channel_after_a_missing_queue_too(
+    bus: RabbitBus,
+) -> None:
+    """A missing queue makes the broker close the channel that asked: the next question gets a
+    channel again, and concurrent questions are each answered."""
+    queue = await cell_queue(bus, new_cell_id())
+    missing = f"no-such-queue-{new_cell_id()}"
+    answers = await asyncio.gather(*(bus.queue_exists(q) for q in [queue, missing] * 5))
+    assert answers == [True, False] * 5
+    await bus.delete_queue(queue)
+    assert await bus.queue_exists(queue) is False
+    assert await bus.queue_exists("registry.cells") is True
+
+
 async def test_declaring_the_topology_twice_changes_nothing(bus: RabbitBus) -> None:
     before = await bus.queue_state("registry.cells")
     await bus.declare(control_plane())

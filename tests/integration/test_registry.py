@@ -39,14 +39,19 @@ class FakeAccounts:
         self.fail_provision = False
         self.closed: list[str] = []
         self.queues_ensured: list[str] = []
+        self.queues: set[str] = set()
+        # Stands for the registry's command queue topology: a new one is declared again.
+        self.topology = "v1"
 
     async def provision(self, cell_id: str, password: str) -> None:
         self.users[cell_id] = password
         if self.fail_provision:
             raise RuntimeError("management API down")
+        self.queues.add(cell_id)
 
     async def deprovision(self, cell_id: str) -> None:
         self.users.pop(cell_id, None)
+        self.queues.discard(cell_id)
 
     async def set_password(self, cell_id: str, password: str) -> None:
         self.users[cell_id] = password
@@ -60,6 +65,13 @@ class FakeAccounts:
 
     async def ensure_queue(self, cell_id: str) -> None:
         self.queues_ensured.append(cell_id)
+        self.queues.add(cell_id)
+
+    def queue_fingerprint(self, cell_id: str) -> str:
+        return f"{self.topology}:{cell_id}"
+
+    async def queue_exists(self, cell_id: str) -> bool:
+        return cell_id in self.queues
 
 
 class FakePublisher:
@@ -357,6 +369,35 @@ async def test_decommissioned_cells_are_kept_and_refused(
         CellsList(status="decommissioned"), delivery(cell, "rpc"), deps=deps
     )
     assert [c.id for c in listed] == [cell]
+
+
+async def test_a_registration_declares_the_command_queue_only_when_missing_or_out_of_date(
+    deps: handlers.Deps,
+) -> None:
+    """Declared at creation; a registration then only checks it exists. Deleted, or declared
+    by a registry with another topology (a binding added since), it is declared again."""
+    accounts = deps.accounts
+    assert isinstance(accounts, FakeAccounts)
+    cell = await registered(deps)
+    assert accounts.queues_ensured == []
+    seq = 1
+
+    async def register_again() -> None:
+        nonlocal seq
+        seq += 1
+        await handlers.on_cell_register(
+            register_msg(cell, seq), delivery(cell, "register"), deps=deps
+        )
+
+    accounts.queues.discard(cell)  # someone deleted it
+    await register_again()
+    assert accounts.queues_ensured == [cell] and cell in accounts.queues
+    await register_again()
+    assert accounts.queues_ensured == [cell]
+    accounts.topology = "v2"  # a newer registry declares more
+    await register_again()
+    await register_again()
+    assert accounts.queues_ensured == [cell, cell]
 
 
 async def test_cells_are_listed_page_by_page_in_id_order(deps: handlers.Deps) -> None:
