@@ -29,7 +29,8 @@ import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, gather_limited
+from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path
+from bench.simulator import gather_limited
 from common.bus import RabbitBus
 from common.clock import SystemClock
 from common.messages import FlagsSnapshot, command_queue

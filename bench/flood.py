@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 import aio_pika
 import redis.asyncio as aioredis
 
-from bench.fleet import Bench, SimCell, bench_environment, gather_limited, until
+from bench.fleet import Bench, bench_environment, until
+from bench.simulator import SimCell, gather_limited
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.runner import run
 from services.registry.settings import RegistrySettings

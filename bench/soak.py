@@ -43,8 +43,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.fleet import BIN, SimCell, gather_limited
+from bench.fleet import BIN
 from bench.rollout import release
+from bench.simulator import SimCell, gather_limited
 from common.bus import RabbitBus
 from common.messages import (
     CellHeartbeat,
