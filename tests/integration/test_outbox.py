@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import RabbitBus
-from common.messages import EVENTS_EXCHANGE, CellOnline, Delivery, RolloutCompleted
+from common.bus import NotConnected, RabbitBus
+from common.messages import EVENTS_EXCHANGE, CellOffline, CellOnline, Delivery, RolloutCompleted
 from common.outbox import Outbox, outbox_entry
 from common.routes import route
 from common.topology import Binding, Topology, consuming_queue
@@ -72,3 +72,74 @@ async def test_events_are_published_after_a_crash_and_unroutable_ones_do_not_blo
 
 async def _empty(outbox: Outbox) -> bool:
     return await outbox.pending() == 0
+
+
+async def test_a_batch_keeps_each_destinations_order(bus: RabbitBus, redis: aioredis.Redis) -> None:
+    """Entries go out a batch at a time; those for one routing key arrive in the order they
+    were written, whatever the batch size."""
+    key = f"test:outbox:{uuid.uuid4().hex[:6]}"
+    outbox = Outbox(redis, key)
+    received: dict[str, list[str]] = {"cell.online": [], "cell.offline": []}
+    done = asyncio.Event()
+    total = 250
+
+    async def on_event(msg: CellOnline | CellOffline, delivery: Delivery) -> None:
+        received[delivery.routing_key].append(msg.cell_id)
+        if sum(map(len, received.values())) == total:
+            done.set()
+
+    for event_key in received:
+        queue = f"test.outbox.{event_key}.{uuid.uuid4().hex[:6]}"
+        await bus.declare(Topology((), consuming_queue(queue, Binding(EVENTS_EXCHANGE, event_key))))
+        await bus.consume(queue, [route(CellOnline, on_event), route(CellOffline, on_event)])
+    written: dict[str, list[str]] = {"cell.online": [], "cell.offline": []}
+    for i in range(total):
+        event = CellOnline if i % 3 else CellOffline
+        await outbox.put(event(at=NOW, cell_id=f"cell-{i:03d}"))
+        written[event.event_key].append(f"cell-{i:03d}")
+
+    assert await outbox.publish_batch(bus, limit=100) == 100
+    stop = asyncio.Event()
+    relay = asyncio.create_task(outbox.relay(bus, stop))
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        stop.set()
+        await relay
+    assert received == written
+    assert await outbox.pending() == 0
+
+
+class FailingBus:
+    """Publishes everything but the messages of one cell (a pure test of the failure path)."""
+
+    def __init__(self, failing_cell: str) -> None:
+        self.failing_cell = failing_cell
+        self.published: list[str] = []
+
+    async def publish(self, message: CellOnline | CellOffline, message_id: str) -> None:
+        if message.cell_id == self.failing_cell:
+            raise NotConnected("the broker went away")
+        self.published.append(message.cell_id)
+
+
+async def test_a_failed_publish_goes_back_to_the_head_with_what_follows_it(
+    redis: aioredis.Redis,
+) -> None:
+    """In a batch, the entry whose publish failed and the later entries for the same routing
+    key go back to the head of the list, in order; the rest of the batch is published."""
+    outbox = Outbox(redis, f"test:outbox:{uuid.uuid4().hex[:6]}")
+    order = [(CellOnline, "cell-a"), (CellOffline, "cell-b"), (CellOnline, "cell-bad"),
+             (CellOffline, "cell-c"), (CellOnline, "cell-d"), (CellOnline, "cell-e")]  # fmt: skip
+    for event, cell in order:
+        await outbox.put(event(at=NOW, cell_id=cell))
+    failing = FailingBus("cell-bad")
+    with pytest.raises(NotConnected):
+        await outbox.publish_batch(failing, limit=10)  # type: ignore[arg-type]
+    assert sorted(failing.published) == ["cell-a", "cell-b", "cell-c"]
+    left = [
+        json.loads(json.loads(raw)["body"])["cell_id"]
+        for raw in await redis.lrange(outbox.key, 0, -1)
+    ]
+    assert left == ["cell-bad", "cell-d", "cell-e"]
+    assert await redis.llen(outbox.inflight_key) == 0
