@@ -64,6 +64,7 @@ class Controller:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
+            started = self.clock.monotonic()
             try:
                 await self.tick()
             except FenceLost:
@@ -73,6 +74,11 @@ class Controller:
                 log.warning("controller lease lost mid-step; another replica leads now")
             except Exception:
                 log.exception("controller step failed; retrying")
+            # Over a large fleet a step is mostly computing, which holds the event loop; woken
+            # by every report, steps would follow each other and starve the outbox relay and
+            # the consumers of this process. Resting as long as the step took leaves them at
+            # least half of it.
+            await wait_any(stop, timeout=self.clock.monotonic() - started)
             await wait_any(stop, self._wake, timeout=self.tick_seconds)
         with suppress(Exception):
             await self.lease.release()
