@@ -249,11 +249,12 @@ class Simulators:
             path = workdir / f"simulator-{w}.jsonl"
             path.write_text("".join(json.dumps({"cell_id": c, "url": u}) + "\n"
                                     for c, u in cells[w::n]))  # fmt: skip
-            log = (workdir / f"simulator-{w}.log").open("ab")
-            processes.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.simulator", str(path),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-            ))  # fmt: skip
+            # The worker writes to its own copy of the file; ours is closed at once.
+            with (workdir / f"simulator-{w}.log").open("ab") as log:
+                processes.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.simulator", str(path),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                ))  # fmt: skip
         sims = cls(processes, [asyncio.Queue() for _ in processes])
         sims.readers = [asyncio.create_task(sims._read(i)) for i in range(n)]
         await sims._replies("ready")

@@ -5,12 +5,15 @@ node. The node leading the service queues is killed with -9 in the middle of a r
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from bench.simulator import Simulators, gather_limited
 from common import topology
 from common.bus import RabbitBus
 from common.messages import command_queue
@@ -111,4 +114,62 @@ async def test_node_leading_the_service_queues_killed_mid_rollout(
     assert all(p.process.returncode is None for p in fleet.procs.running)
     after = await _leaders(private, SERVICE_QUEUES)
     assert victim.node not in after.values(), after
+    assert not victim.child.running, "the rollout completed without the killed node"
+
+
+# The issue's fleet for the cluster failover: simulated cells (bench/simulator.py, one process
+# of their own), each with its own broker user, connection and quorum command queue.
+SIMULATED = int(os.environ.get("SUBSTRATE_FAULT_SIMULATED_CELLS", "200"))
+
+
+@pytest.mark.fault
+@pytest.mark.chaos
+async def test_node_leading_the_service_queues_killed_while_200_cells_take_a_rollout(
+    fleet: Fleet, cluster: PrivateCluster, private: Services, fbus: RabbitBus, tmp_path: Path
+) -> None:
+    """The same kill with 200 simulated cells (an instant applier each) spread over the waves:
+    the rollout completes, every cell applied the release, and none applied it twice (a second
+    generation of the same release would be a second application)."""
+
+    async def create(i: int) -> tuple[str, str]:
+        cell_id = f"sim-{i:03d}"
+        record = await fbus.request("registry", "cells.create", {
+            "id": cell_id, "stage": "dedicated", "region": "eu-west-1", "org": "sim",
+        }, timeout=60)  # fmt: skip
+        return cell_id, str(record["amqp_url"])
+
+    cells = await gather_limited(SIMULATED, 8, create)
+    victim = cluster.nodes[0]
+    assert set((await _leaders(private, SERVICE_QUEUES)).values()) == {victim.node}
+    sims = await Simulators.start(cells, 1, tmp_path)
+    try:
+        await sims.command("connect", "connected")
+        await sims.command("answer", "answering")
+        await sims.command("register", "registered")
+        await sims.command("beat", "beating")
+
+        async def all_online() -> bool:
+            status = await fbus.request("registry", "status", timeout=30)
+            return bool(status["cells"].get("online", 0) == SIMULATED)
+
+        await eventually(all_online, timeout=60, interval=0.5, what="every cell online")
+        version = await fleet.publish(1)
+
+        async def a_wave_done() -> bool:
+            return bool((await fleet.status(version))["stages"]["dedicated"]["updated"] >= 1)
+
+        await eventually(a_wave_done, timeout=60, interval=0.1, what="the canary updated")
+        await victim.kill()
+        try:
+            await fleet.wait_state(version, "completed", timeout=240)
+            await asyncio.wait_for(sims.all_updated(version), 60)
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc!r}; queues: {await _queues(private)}") from None
+        ledger = await sims.ledger()
+    finally:
+        await sims.stop()
+    lost = [c for c, _ in cells if not ledger.get(c, {}).get(version)]
+    twice = {c: g[version] for c, g in ledger.items() if len(g.get(version, [])) > 1}
+    assert (lost, twice) == ([], {}), f"lost: {lost}; applied twice: {twice}"
+    assert (await fleet.status(version))["stages"]["dedicated"]["updated"] == SIMULATED
     assert not victim.child.running, "the rollout completed without the killed node"
