@@ -32,7 +32,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 
 from bench.baseline import raw_drain
-from bench.simulator import SimCell, Simulators, gather_limited
+from bench.simulator import CELLS_PER_PROCESS, SimCell, Simulators, gather_limited
 from common.bus import QueueMissing, RabbitBus
 from common.messages import CELLS_EXCHANGE
 from common.rabbitmq_api import RabbitApi
@@ -45,8 +45,6 @@ API_URL = os.environ.get("SUBSTRATE_RABBITMQ_API_URL", "http://guest:guest@127.0
 REDIS_URL = os.environ.get("SUBSTRATE_REDIS_URL", "redis://127.0.0.1:6379/0")
 BIN = Path(sys.executable).parent
 ONLINE = STATUS + "online"
-# One Python process opens about this many AMQP connections in reasonable time.
-CELLS_PER_PROCESS = 2000
 REGISTRY_CMD = os.environ.get("BENCH_REGISTRY_CMD", str(BIN / "substrate-registry")).split()
 
 
@@ -131,6 +129,11 @@ class Bench:
 
         self.cells = await gather_limited(n, 24, create)
         print(f"  {n} cells created in {time.perf_counter() - started:.1f}s", flush=True)
+
+    async def simulate(self, processes: int) -> Simulators:
+        """The benchmark's cells in ``processes`` simulator workers (0: the default number)."""
+        return await Simulators.start([(c.cell_id, c.url) for c in self.cells], processes,
+                                      self.workdir)  # fmt: skip
 
     async def connect_cells(self, limit: int = 100) -> float:
         started = time.perf_counter()
@@ -303,9 +306,8 @@ async def storm(args: argparse.Namespace) -> None:
     the registry starts, and they arrive again, timed until the registry has every one online."""
     async with bench_environment(args.redis_db) as bench:
         await bench.create_cells(args.cells, "st")
-        processes = args.processes or -(-args.cells // CELLS_PER_PROCESS)
-        sims = await Simulators.start([(c.cell_id, c.url) for c in bench.cells], processes,
-                                      bench.workdir)  # fmt: skip
+        sims = await bench.simulate(args.processes)
+        processes = len(sims.processes)
         try:
             print(f"{args.cells} cells connecting and registering at once, from {processes} "
                   "processes ...", flush=True)  # fmt: skip

@@ -31,13 +31,12 @@ import redis.asyncio as aioredis
 from bench.fleet import (
     API_URL,
     BIN,
-    CELLS_PER_PROCESS,
     Bench,
     bench_environment,
     cpu_seconds,
     until,
 )
-from bench.simulator import Simulators, gather_limited
+from bench.simulator import CELLS_PER_PROCESS, Simulators, gather_limited
 from common.messages import Component, DesiredState, Release
 from common.runner import run
 
@@ -121,9 +120,8 @@ async def rollout_round(
 async def main(args: argparse.Namespace) -> None:
     async with bench_environment(args.redis_db) as bench:
         await bench.create_cells(args.cells, "ro")
-        processes = args.processes or -(-args.cells // CELLS_PER_PROCESS)
-        sims = await Simulators.start([(c.cell_id, c.url) for c in bench.cells], processes,
-                                      bench.workdir)  # fmt: skip
+        sims = await bench.simulate(args.processes)
+        processes = len(sims.processes)
         try:
             started = time.perf_counter()
             await sims.command("connect", "connected")

@@ -41,6 +41,8 @@ from common.routes import route
 from common.runner import run
 from common.vocabulary import UpgradePhase
 
+# One Python process opens about this many AMQP connections in reasonable time.
+CELLS_PER_PROCESS = 2000
 # Connections a worker opens at once: more only queues them in the broker's accept loop.
 CONNECT_CONCURRENCY = 50
 # With ``beat``: often enough that no cell goes offline under a registry's short test settings.
@@ -243,7 +245,8 @@ class Simulators:
 
     @classmethod
     async def start(cls, cells: list[tuple[str, str]], n: int, workdir: Path) -> Simulators:
-        n = max(1, min(n, len(cells)))
+        """``n`` workers (0: one per CELLS_PER_PROCESS cells) for ``cells`` (id, URL)."""
+        n = max(1, min(n or -(-len(cells) // CELLS_PER_PROCESS), len(cells)))
         processes = []
         for w in range(n):
             path = workdir / f"simulator-{w}.jsonl"
@@ -257,7 +260,7 @@ class Simulators:
                 ))  # fmt: skip
         sims = cls(processes, [asyncio.Queue() for _ in processes])
         sims.readers = [asyncio.create_task(sims._read(i)) for i in range(n)]
-        await sims._replies("ready")
+        sims.check(await sims._answers(), "ready")
         return sims
 
     async def _read(self, i: int) -> None:
@@ -271,17 +274,18 @@ class Simulators:
                 await self.replies[i].put(line)
         await self.replies[i].put(f"exited with {await self.processes[i].wait()}")
 
-    async def _replies(self, expected: str) -> None:
-        for i, replies in enumerate(self.replies):
-            got = await replies.get()
+    @staticmethod
+    def check(answers: list[str], expected: str) -> None:
+        for i, got in enumerate(answers):
             if got != expected:
                 raise RuntimeError(f"simulator {i} answered {got!r}, not {expected!r}")
 
+    async def _answers(self) -> list[str]:
+        return [await replies.get() for replies in self.replies]
+
     async def command(self, command: str, expected: str) -> None:
         """Every worker does ``command``; returns once all have answered."""
-        for i, got in enumerate(await self.ask(command)):
-            if got != expected:
-                raise RuntimeError(f"simulator {i} answered {got!r}, not {expected!r}")
+        self.check(await self.ask(command), expected)
 
     async def ask(self, command: str) -> list[str]:
         """Every worker's answer to ``command``."""
@@ -289,7 +293,7 @@ class Simulators:
             assert process.stdin is not None
             process.stdin.write(f"{command}\n".encode())
             await process.stdin.drain()
-        return [await replies.get() for replies in self.replies]
+        return await self._answers()
 
     async def ledger(self) -> dict[str, dict[str, list[int]]]:
         """What every cell applied: cell -> release -> generations."""
