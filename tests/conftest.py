@@ -166,12 +166,21 @@ async def other_bus(services: Services, control_plane: None) -> AsyncIterator[Ra
     await b.close(drain_timeout=5)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port nobody listens on now, and not one this test run handed out before: the kernel
+    may give the same free port twice, and two private nodes must never be given one."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 async def wait_port(port: int, timeout: float = 30) -> None:

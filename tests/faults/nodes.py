@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +24,12 @@ from pathlib import Path
 from tests.conftest import free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class PortTaken(AssertionError):
+    """A private node stopped at start because one of its ports was in use."""
+
+
 # The most open files this kind of machine lets a process have (its hard limit): the broker
 # needs a socket per cell, and Debian's wrapper would reset it to 1,024.
 NOFILE = 20_000
@@ -98,6 +105,8 @@ class PrivateRabbit:
     # HOME holds the Erlang cookie: the nodes of one cluster share it (default: ``root``).
     home: Path | None = None
     child: _Child = field(default_factory=_Child)
+    _started: bool = False
+    _log_from: int = 0
 
     @property
     def node(self) -> str:
@@ -129,6 +138,23 @@ class PrivateRabbit:
         assert (RABBITMQ_BIN / "rabbitmq-server").exists(), (
             "rabbitmq-server is missing: make test installs Debian's package"
         )
+        for attempt in range(3):
+            try:
+                await self._start(timeout)
+                break
+            except PortTaken:
+                # A port free when chosen was taken before the node bound it (an outgoing
+                # connection's ephemeral port, say). Only a first start may move: after one,
+                # clients hold these ports, and a restart must come back on them.
+                if self._started or attempt == 2:
+                    raise
+                await self.child.kill()
+                self.amqp_port, self.api_port = free_port(), free_port()
+                self.prometheus_port, self.dist_port = free_port(), free_port()
+                self.amqps_port = free_port()
+        self._started = True
+
+    async def _start(self, timeout: float) -> None:
         for sub in ("mnesia", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "rabbitmq.conf").write_text(
@@ -148,19 +174,28 @@ class PrivateRabbit:
             + self.config
         )
         (self.root / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
+        server_log = self.root / "server.log"
+        self._log_from = server_log.stat().st_size if server_log.exists() else 0
         self.child.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], self._env(),
                          self.root / "server.log", self.root)  # fmt: skip
         await _until(self._answers, timeout, f"private RabbitMQ {self.node} up")
 
     def _answers(self) -> bool:
+        """Up: the management API answers and the AMQP listener accepts (the API starts first,
+        and a node whose AMQP port is taken stops after it)."""
         if not self.child.running:
-            log = (self.root / "server.log").read_text(errors="replace")[-2000:]
-            raise AssertionError(f"private RabbitMQ {self.node} exited:\n{log}")
+            log = (self.root / "server.log").read_text(errors="replace")
+            if "eaddrinuse" in log[self._log_from :]:
+                raise PortTaken(f"private RabbitMQ {self.node}: a port was taken")
+            raise AssertionError(f"private RabbitMQ {self.node} exited:\n{log[-2000:]}")
         request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}/api/overview")
         request.add_header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")  # guest:guest
         try:
             with urllib.request.urlopen(request, timeout=2) as answer:
-                return bool(answer.status == 200)
+                if answer.status != 200:
+                    return False
+            with socket.create_connection(("127.0.0.1", self.amqp_port), timeout=2):
+                return True
         except OSError:
             return False
 
