@@ -15,9 +15,9 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from aio_pika.abc import (
     DeliveryMode,
     UnderlayConnection,
 )
+from aiormq.abc import DeliveredMessage
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
@@ -65,6 +66,8 @@ DEAD_REASON_HEADER = "x-substrate-dead-reason"
 # snapshot) is a few tens of KiB; anything larger from a cell is abuse or a bug.
 MAX_BODY_BYTES = 256 * 1024
 _MAX_REASON = 1000
+# How often a consumer the broker cancelled (its queue was deleted) looks for the queue again.
+CONSUMER_RETRY_SECONDS = 1.0
 
 
 class BusError(Exception):
@@ -151,9 +154,66 @@ class _Routes:
 
 @dataclass(slots=True)
 class _Consumer:
+    """A consumer issued on the underlying channel, not through aio-pika's queue object, so
+    deliveries skip aio-pika's message object (see ``_Delivered``). The bus reissues it when
+    the robust channel reopens and when the broker cancels it (``_keep_consuming``)."""
+
     channel: AbstractRobustChannel
-    queue: AbstractQueue
-    tag: str
+    queue: str
+    callback: Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
+    underlay: aiormq.Channel | None = None
+    tag: str | None = None
+    # A reopen and a cancel may both reissue it: one at a time, or it would consume twice.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _Delivered:
+    """A delivery as the broker sent it, its properties read when asked.
+
+    aio-pika's IncomingMessage decodes every property up front (about 16 us a message here,
+    a tenth of the registry's whole cost per heartbeat: bench/RESULTS.md); the bus reads
+    only a few of them, and most only when something goes wrong.
+    """
+
+    __slots__ = ("_props", "body", "channel", "delivery_tag", "redelivered", "routing_key")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        self.body = message.body
+        self.channel = message.channel
+        deliver = message.delivery
+        assert isinstance(deliver, aiormq.spec.Basic.Deliver)
+        self.delivery_tag: int = deliver.delivery_tag or 0
+        self.redelivered = bool(deliver.redelivered)
+        self.routing_key: str = deliver.routing_key or ""
+        self._props = message.header.properties
+
+    @property
+    def type(self) -> str | None:
+        return self._props.message_type
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self._props.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        return self._props.message_id
+
+    @property
+    def user_id(self) -> str | None:
+        return self._props.user_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._props.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._props.reply_to
+
+    @property
+    def content_type(self) -> str | None:
+        return self._props.content_type
 
 
 def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
@@ -238,6 +298,7 @@ class RabbitBus:
         self._metrics = bus_metrics(namespace)
         self._exchanges: dict[str, aio_pika.Exchange] = {}
         self._consumers: list[_Consumer] = []
+        self._recovering: dict[str, asyncio.Task[None]] = {}
         self._pending: dict[str, asyncio.Future[RpcReply]] = {}
         self._reply_queue: AbstractQueue | None = None
         self._reply_lock = asyncio.Lock()
@@ -557,17 +618,70 @@ class RabbitBus:
         channel = await self._conn.channel()
         assert isinstance(channel, aio_pika.RobustChannel)
         await channel.set_qos(prefetch_count=prefetch)
-        amqp_queue = await channel.declare_queue(queue, passive=True)
-        callback = partial(
-            self._on_delivery,
-            _Routes(queue, by_type, delivery_limit, max_body_bytes, reject_to_dead),
-        )
-        tag = await amqp_queue.consume(callback)
-        self._consumers.append(_Consumer(channel, amqp_queue, tag))
+        # Passive: the robust channel checks the queue again whenever it reopens.
+        await channel.declare_queue(queue, passive=True)
+        handling = _Routes(queue, by_type, delivery_limit, max_body_bytes, reject_to_dead)
+        consumer = _Consumer(channel, queue, partial(self._on_delivery, handling))
+        await self._start_consumer(consumer)
+        channel.reopen_callbacks.add(partial(self._restart_consumer, consumer))
+        self._consumers.append(consumer)
         log.info("consuming %s (%s)", queue, ", ".join(sorted(by_type)))
 
-    async def _on_delivery(self, routes: _Routes, message: AbstractIncomingMessage) -> None:
+    async def _start_consumer(self, consumer: _Consumer) -> None:
+        """Issue ``consumer`` on its channel as it is now, unless it already consumes there."""
+        async with consumer.lock:
+            underlay = await consumer.channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)
+            if underlay is consumer.underlay and consumer.tag in underlay.consumers:
+                return
+            if underlay is not consumer.underlay:
+                underlay.on_consumer_cancel_callbacks.add(partial(self._on_cancelled, consumer))
+            consumer.underlay = underlay
+            ok = await underlay.basic_consume(consumer.queue, consumer.callback)
+            consumer.tag = ok.consumer_tag
+
+    async def _restart_consumer(self, consumer: _Consumer, *_: Any) -> None:
+        # The robust channel reopened (a reconnect, or the channel closed on an error) and
+        # restored its qos and the passive declare; the consumer is ours to reissue.
+        if self._stopping:
+            return
+        try:
+            await self._start_consumer(consumer)
+            log.info("consuming %s again after its channel reopened", consumer.queue)
+        except Exception as exc:
+            log.warning("could not consume %s after a reopen: %r", consumer.queue, exc)
+            self._keep_consuming(consumer)
+
+    def _on_cancelled(self, consumer: _Consumer, frame: Any) -> None:
+        if self._stopping or frame.consumer_tag != consumer.tag:
+            return
+        # The broker cancels a consumer whose queue went away (deleted, or its node lost).
+        log.warning(
+            "the broker cancelled the consumer of %s; waiting for the queue", consumer.queue
+        )
+        self._keep_consuming(consumer)
+
+    def _keep_consuming(self, consumer: _Consumer) -> None:
+        if consumer.queue in self._recovering:
+            return
+        task = asyncio.get_running_loop().create_task(self._recover(consumer))
+        self._recovering[consumer.queue] = task
+        task.add_done_callback(lambda _: self._recovering.pop(consumer.queue, None))
+
+    async def _recover(self, consumer: _Consumer) -> None:
+        while not self._stopping:
+            try:
+                if await self.queue_exists(consumer.queue):
+                    await self._start_consumer(consumer)
+                    log.info("consuming %s again", consumer.queue)
+                    return
+            except Exception as exc:
+                log.warning("could not consume %s yet: %r", consumer.queue, exc)
+            await asyncio.sleep(CONSUMER_RETRY_SECONDS)
+
+    async def _on_delivery(self, routes: _Routes, delivered: DeliveredMessage) -> None:
         queue = routes.queue
+        message = _Delivered(delivered)
         started = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
@@ -585,7 +699,7 @@ class RabbitBus:
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _handle(self, routes: _Routes, message: AbstractIncomingMessage) -> str:
+    async def _handle(self, routes: _Routes, message: _Delivered) -> str:
         queue, max_body_bytes = routes.queue, routes.max_body_bytes
         if self._stopping:
             # Shutting down: hand it back to the queue for another replica or our next start.
@@ -605,15 +719,14 @@ class RabbitBus:
             return await self._dead(
                 routes, message, f"invalid {message.type}: {validation_summary(exc)}"
             )
-        headers = message.headers or {}
-        raw_count = headers.get("x-delivery-count")
+        raw_count = message.headers.get("x-delivery-count")
         # Quorum queues count deliveries; a classic queue only says whether this is a redelivery.
-        failures = raw_count if isinstance(raw_count, int) else int(bool(message.redelivered))
+        failures = raw_count if isinstance(raw_count, int) else int(message.redelivered)
         delivery = Delivery(
             message_id=message.message_id,
             user_id=message.user_id,
-            routing_key=message.routing_key or "",
-            redelivered=bool(message.redelivered),
+            routing_key=message.routing_key,
+            redelivered=message.redelivered,
             delivery_count=failures,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
@@ -636,23 +749,21 @@ class RabbitBus:
         self._ack(message)
         return "acked"
 
-    def _acker(self, message: AbstractIncomingMessage) -> BatchedAcks:
+    def _acker(self, message: _Delivered) -> BatchedAcks:
         channel = message.channel
         acker = self._ackers.get(id(channel))
         if acker is None or acker.channel is not channel:
             acker = self._ackers[id(channel)] = BatchedAcks(channel)
         return acker
 
-    def _ack(self, message: AbstractIncomingMessage) -> None:
-        assert message.delivery_tag is not None
+    def _ack(self, message: _Delivered) -> None:
         self._acker(message).ack(message.delivery_tag)
 
-    async def _nack(self, message: AbstractIncomingMessage) -> None:
-        assert message.delivery_tag is not None
-        await message.nack(requeue=True)
+    async def _nack(self, message: _Delivered) -> None:
+        await message.channel.basic_nack(message.delivery_tag, requeue=True)
         self._acker(message).settled_otherwise(message.delivery_tag)
 
-    async def _dead(self, routes: _Routes, message: AbstractIncomingMessage, reason: str) -> str:
+    async def _dead(self, routes: _Routes, message: _Delivered, reason: str) -> str:
         """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it.
 
         The broker's own dead-lettering (reject) cannot carry a reason, so we republish. The
@@ -662,16 +773,15 @@ class RabbitBus:
         reason = reason[:_MAX_REASON]
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         if routes.reject:
-            assert message.delivery_tag is not None
-            await message.reject(requeue=False)
+            await message.channel.basic_reject(message.delivery_tag, requeue=False)
             self._acker(message).settled_otherwise(message.delivery_tag)
             return "dead_lettered"
-        headers = dict(message.headers or {})
+        headers = dict(message.headers)
         headers.update(
             {
                 DEAD_REASON_HEADER: reason,
                 "x-substrate-original-queue": queue,
-                "x-substrate-original-routing-key": message.routing_key or "",
+                "x-substrate-original-routing-key": message.routing_key,
                 "x-substrate-original-user-id": message.user_id or "",
             }
         )
@@ -842,14 +952,18 @@ class RabbitBus:
         Returns False if handlers were still running after ``drain_timeout``.
         """
         self._stopping = True
+        for task in list(self._recovering.values()):
+            task.cancel()
         for consumer in self._consumers:
+            if consumer.underlay is None or consumer.tag is None or consumer.underlay.is_closed:
+                continue
             try:
-                # Bounded: with the broker unreachable a robust channel waits for a restore
-                # that may never come, and shutdown must not wait with it.
+                # Bounded: with the broker unreachable the answer may never come, and shutdown
+                # must not wait for it.
                 async with asyncio.timeout(5):
-                    await consumer.queue.cancel(consumer.tag)
+                    await consumer.underlay.basic_cancel(consumer.tag)
             except Exception as exc:
-                log.warning("could not cancel consumer on %s: %r", consumer.queue.name, exc)
+                log.warning("could not cancel consumer on %s: %r", consumer.queue, exc)
         try:
             async with asyncio.timeout(drain_timeout):
                 await self._idle.wait()

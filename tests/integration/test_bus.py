@@ -22,7 +22,14 @@ from common.bus import (
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellOnline, CellSync, Delivery
 from common.requests import Request, Response
 from common.routes import route
-from common.topology import DELIVERY_LIMIT, control_plane, dead_letter_name
+from common.topology import (
+    DELIVERY_LIMIT,
+    Binding,
+    Topology,
+    consuming_queue,
+    control_plane,
+    dead_letter_name,
+)
 from tests.conftest import Services, free_port
 from tests.helpers import (
     cell_queue,
@@ -204,6 +211,36 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(
 
     # The proof is the consumer, not only the connection: count it at the broker.
     await eventually(lambda: _consumers_are(bus, queue, 1), what="consumer restored", timeout=20)
+    await bus.publish(heartbeat(cell, seq=2))
+    await asyncio.wait_for(second.wait(), 10)
+    assert seqs == [2]
+
+
+async def test_consumer_comes_back_when_its_deleted_queue_is_declared_again(
+    bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    """Deleting a classic queue (a cell's command queue is one) makes the broker cancel its
+    consumers; the bus waits for the queue and consumes it again, without a reconnect. (RabbitMQ
+    3.10 sends no cancel when a quorum queue is deleted: its consumers learn nothing.)"""
+    cell = new_cell_id()
+    queue = f"test.{cell}"
+    topology = Topology((), consuming_queue(queue, Binding(CELLS_EXCHANGE, f"{cell}.heartbeat"),
+                                            quorum=False))  # fmt: skip
+    await bus.declare(topology)
+    seqs: list[int] = []
+    second = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        seqs.append(msg.seq)
+        if msg.seq == 2:
+            second.set()
+
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
+    await bus.delete_queue(queue)
+    await bus.declare(topology)
+
+    await eventually(lambda: _consumers_are(bus, queue, 1), what="consumer restored", timeout=20)
+    assert other_bus.is_connected
     await bus.publish(heartbeat(cell, seq=2))
     await asyncio.wait_for(second.wait(), 10)
     assert seqs == [2]
