@@ -187,20 +187,27 @@ async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
     assert seen == [bus.user]
 
 
+class Seen:
+    """The sequence numbers of the heartbeats a consumer handled, and whether ``until`` came."""
+
+    def __init__(self, until: int) -> None:
+        self.until = until
+        self.seqs: list[int] = []
+        self.reached = asyncio.Event()
+
+    async def on_heartbeat(self, msg: CellHeartbeat, delivery: Delivery) -> None:
+        self.seqs.append(msg.seq)
+        if msg.seq == self.until:
+            self.reached.set()
+
+
 async def test_consumer_comes_back_after_the_broker_closes_its_connection(
     services: Services, bus: RabbitBus, other_bus: RabbitBus
 ) -> None:
     cell = new_cell_id()
     queue = await cell_queue(bus, cell)
-    seqs: list[int] = []
-    second = asyncio.Event()
-
-    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
-        seqs.append(msg.seq)
-        if msg.seq == 2:
-            second.set()
-
-    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
+    seen = Seen(until=2)
+    await other_bus.consume(queue, [route(CellHeartbeat, seen.on_heartbeat)])
     assert (await bus.queue_state(queue)).consumers == 1
 
     conn_name = await eventually(
@@ -212,8 +219,8 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(
     # The proof is the consumer, not only the connection: count it at the broker.
     await eventually(lambda: _consumers_are(bus, queue, 1), what="consumer restored", timeout=20)
     await bus.publish(heartbeat(cell, seq=2))
-    await asyncio.wait_for(second.wait(), 10)
-    assert seqs == [2]
+    await asyncio.wait_for(seen.reached.wait(), 10)
+    assert seen.seqs == [2]
 
 
 async def test_consumer_comes_back_when_its_deleted_queue_is_declared_again(
@@ -227,23 +234,16 @@ async def test_consumer_comes_back_when_its_deleted_queue_is_declared_again(
     topology = Topology((), consuming_queue(queue, Binding(CELLS_EXCHANGE, f"{cell}.heartbeat"),
                                             quorum=False))  # fmt: skip
     await bus.declare(topology)
-    seqs: list[int] = []
-    second = asyncio.Event()
-
-    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
-        seqs.append(msg.seq)
-        if msg.seq == 2:
-            second.set()
-
-    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
+    seen = Seen(until=2)
+    await other_bus.consume(queue, [route(CellHeartbeat, seen.on_heartbeat)])
     await bus.delete_queue(queue)
     await bus.declare(topology)
 
     await eventually(lambda: _consumers_are(bus, queue, 1), what="consumer restored", timeout=20)
     assert other_bus.is_connected
     await bus.publish(heartbeat(cell, seq=2))
-    await asyncio.wait_for(second.wait(), 10)
-    assert seqs == [2]
+    await asyncio.wait_for(seen.reached.wait(), 10)
+    assert seen.seqs == [2]
 
 
 async def _connection_of(services: Services, bus: RabbitBus) -> str | None:
