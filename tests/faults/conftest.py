@@ -25,9 +25,10 @@ N = TypeVar("N", PrivateRabbit, PrivateRedis, PrivateCluster)
 
 @asynccontextmanager
 async def running(node: N) -> AsyncIterator[N]:
-    """A private node, started, and killed after."""
-    await node.start()
+    """A private node, started, and killed after: also when the start fails (a cluster whose
+    third node did not come up leaves the other two running otherwise)."""
     try:
+        await node.start()
         yield node
     finally:
         await node.kill()
