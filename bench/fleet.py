@@ -182,7 +182,11 @@ class Bench:
             await self.api.delete_vhost(self.vhost)
         except OSError as exc:
             print(f"  deleting the vhost: {exc!r}; waiting for it to be gone", flush=True)
-        await until(self._vhost_gone, 1.0)
+        try:
+            async with asyncio.timeout(600):
+                await until(self._vhost_gone, 1.0)
+        except TimeoutError:
+            print(f"  vhost {self.vhost} is still there: rabbitmqctl delete_vhost {self.vhost}")
 
     async def _vhost_gone(self) -> bool:
         vhosts = await self.api.call("GET", "/vhosts?columns=name")
