@@ -165,6 +165,8 @@ class _Consumer:
     tag: str | None = None
     # A reopen and a cancel may both reissue it: one at a time, or it would consume twice.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Waiting for its queue to come back (``_recover``), if it is.
+    recovering: asyncio.Task[None] | None = None
 
 
 class _Delivered:
@@ -299,7 +301,6 @@ class RabbitBus:
         self._metrics = bus_metrics(namespace)
         self._exchanges: dict[str, aio_pika.Exchange] = {}
         self._consumers: list[_Consumer] = []
-        self._recovering: dict[str, asyncio.Task[None]] = {}
         self._pending: dict[str, asyncio.Future[RpcReply]] = {}
         self._reply_queue: AbstractQueue | None = None
         self._reply_lock = asyncio.Lock()
@@ -663,11 +664,8 @@ class RabbitBus:
         self._keep_consuming(consumer)
 
     def _keep_consuming(self, consumer: _Consumer) -> None:
-        if consumer.queue in self._recovering:
-            return
-        task = asyncio.get_running_loop().create_task(self._recover(consumer))
-        self._recovering[consumer.queue] = task
-        task.add_done_callback(lambda _: self._recovering.pop(consumer.queue, None))
+        if consumer.recovering is None or consumer.recovering.done():
+            consumer.recovering = asyncio.get_running_loop().create_task(self._recover(consumer))
 
     async def _recover(self, consumer: _Consumer) -> None:
         while not self._stopping:
@@ -953,9 +951,9 @@ class RabbitBus:
         Returns False if handlers were still running after ``drain_timeout``.
         """
         self._stopping = True
-        for task in list(self._recovering.values()):
-            task.cancel()
         for consumer in self._consumers:
+            if consumer.recovering is not None:
+                consumer.recovering.cancel()
             if consumer.underlay is None or consumer.tag is None or consumer.underlay.is_closed:
                 continue
             try:
