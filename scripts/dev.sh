@@ -47,6 +47,11 @@ start() {
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
   AWS_SECRET_ACCESS_KEY=testing AWS_REGION=eu-west-1
 
+# The setup's own requests wait longer than an operator's (5 s): on a loaded machine the
+# services just started may take that long to answer, and a cell created but not recorded
+# here would need its credentials rotated. compose's demo waits as long.
+setup_ctl() { SUBSTRATE_RPC_TIMEOUT_SECONDS=${SUBSTRATE_RPC_TIMEOUT_SECONDS:-20} "$BIN/substratectl" "$@"; }
+
 "$BIN/substratectl" topology apply
 echo "starting the local AWS emulator, the control plane and Prometheus:"
 # Managed policies (ReadOnlyAccess) exist in the emulator only with this: debug access needs it.
@@ -95,7 +100,7 @@ for spec in staging saas dedicated-1 dedicated-2 dedicated-3; do
   cell="$PREFIX-$spec"
   stage=${spec%%-*}
   if [ ! -s "$DEV_DIR/$cell.url" ]; then
-    if "$BIN/substratectl" --json cells create "$cell" --stage "$stage" --region eu-west-1 \
+    if setup_ctl --json cells create "$cell" --stage "$stage" --region eu-west-1 \
         --org "$PREFIX-org" >"$DEV_DIR/$cell.json" 2>"$DEV_DIR/$cell.err"; then
       "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
         "$DEV_DIR/$cell.json" >"$DEV_DIR/$cell.url"
@@ -118,10 +123,10 @@ done
 # A demo release (its image pushed to the emulator's ECR), short soaks, a demo flag file, and a
 # demo infrastructure template the cells (on version 1) must apply within the hour.
 if "$BIN/python" scripts/dev_release.py "$AWS_ENDPOINT_URL" "$DEV_DIR" >/dev/null 2>"$DEV_DIR/demo-release.err" \
-    && "$BIN/substratectl" rollout policy set "$DEV_DIR/dev-policy.yaml" >/dev/null; then
+    && setup_ctl rollout policy set "$DEV_DIR/dev-policy.yaml" >/dev/null; then
   echo "  demo release file $DEV_DIR/demo-release.yaml; rollout policy: 5 s soaks"
 fi
-if "$BIN/substratectl" infra publish 2 --template cell_agent/bootstrap/cell.yaml --grace 1h \
+if setup_ctl infra publish 2 --template cell_agent/bootstrap/cell.yaml --grace 1h \
     >/dev/null 2>"$DEV_DIR/demo-template.err"; then
   echo "  demo infrastructure template 2 published: the cells have an hour to apply it"
 fi

@@ -45,6 +45,9 @@ class Processes:
             "SUBSTRATE_AMQP_URL": self.services.amqp_url,
             "SUBSTRATE_REDIS_URL": self.services.redis_url,
             "SUBSTRATE_RABBITMQ_API_URL": self.services.api_url,
+            # substratectl's wait for an answer: the flows are under test, not the speed of a
+            # loaded machine (a test of the timeout itself sets its own).
+            "SUBSTRATE_RPC_TIMEOUT_SECONDS": "30",
             **extra,
         }
 

@@ -50,6 +50,15 @@ def _get_json(url: str) -> Any:
         return json.load(answer)
 
 
+def _tails(dev: Path, lines: int = 15) -> str:
+    """The last lines of each service's log, for a failure's message."""
+    return "\n".join(
+        f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        for log in sorted(dev.glob("*.log"))
+        if not log.name.startswith(("moto", "prometheus"))
+    )
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,6 +83,9 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         "DEV_METRICS_BASE": str(_free_block(15)), "DEV_AGENT_BASE": str(_free_block(5)),
         "MOTO_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
         "DEV_CELL_PREFIX": prefix, "SUBSTRATE_REPLICAS": "2",
+        # The flow is under test, not the speed: services just started on a loaded machine
+        # may take more than the operator's default 5 s to answer.
+        "SUBSTRATE_RPC_TIMEOUT_SECONDS": "30",
     }  # fmt: skip
     log = tmp_path / "make-dev.log"
     with log.open("wb") as sink:
@@ -94,7 +106,7 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             out, err = await process.communicate()
-            assert process.returncode == 0, err.decode()
+            assert process.returncode == 0, f"{err.decode()}\n{_tails(dev)}"
             return json.loads(out)
 
         async def five_online() -> bool:
