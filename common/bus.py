@@ -522,11 +522,13 @@ class RabbitBus:
         headers: dict[str, Any] | None = None,
         user_id: str | None = None,
         mandatory: bool = True,
+        confirm_timeout: float | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm.
 
         The exchange and routing key default to the message's own. Raises Unroutable,
-        PublishRefused, PublishTimeout or NotConnected; on return the message is on disk.
+        PublishRefused, PublishTimeout (after ``confirm_timeout``, default the bus's
+        ``publish_timeout``) or NotConnected; on return the message is on disk.
         """
         amqp_message = aio_pika.Message(
             message.model_dump_json().encode(),
@@ -546,10 +548,17 @@ class RabbitBus:
             message.exchange if exchange is None else exchange,
             message.routing_key() if routing_key is None else routing_key,
             mandatory=mandatory,
+            timeout=confirm_timeout,
         )
 
     async def _publish_raw(
-        self, message: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
+        self,
+        message: aio_pika.Message,
+        exchange: str,
+        routing_key: str,
+        *,
+        mandatory: bool,
+        timeout: float | None = None,
     ) -> None:
         outcome = "error"
         channel = self._pub
@@ -560,7 +569,7 @@ class RabbitBus:
                     "not connected to the broker"
                 )
             try:
-                async with self._deadlines.guard():
+                async with self._deadlines.guard(timeout):
                     await self._exchange(exchange).publish(
                         message, routing_key, mandatory=mandatory
                     )
@@ -572,7 +581,8 @@ class RabbitBus:
                 outcome = "timeout"
                 raise PublishTimeout(
                     f"broker did not confirm {_what(message, exchange, routing_key)} within "
-                    f"{self.publish_timeout}s (is it blocked by a memory or disk alarm?)"
+                    f"{timeout or self.publish_timeout}s (is it blocked by a memory or disk "
+                    "alarm?)"
                 ) from None
             except aio_pika.exceptions.PublishError:
                 outcome = "unroutable"

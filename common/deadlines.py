@@ -25,13 +25,15 @@ class Deadlines:
         self._watchdog: asyncio.Task[None] | None = None
 
     @asynccontextmanager
-    async def guard(self) -> AsyncIterator[None]:
+    async def guard(self, seconds: float | None = None) -> AsyncIterator[None]:
+        """Raise TimeoutError if the block takes longer than ``seconds`` (default: the
+        period's); a longer one fires up to a quarter of the period late."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         self._next += 1
         token = self._next
-        self._running[token] = (loop.time() + self.seconds, task)
+        self._running[token] = (loop.time() + (seconds or self.seconds), task)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch())
         try:

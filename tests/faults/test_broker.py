@@ -3,6 +3,7 @@ in the middle of a rollout, restarted gracefully, and out of memory. Each ends w
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -72,8 +73,10 @@ async def test_broker_restarted_gracefully(fleet: Fleet, rabbit: PrivateRabbit) 
 @pytest.mark.fault
 async def test_broker_memory_alarm(private: Services, rabbit: PrivateRabbit) -> None:
     """17. Under a memory alarm the broker blocks publishers: a publish times out visibly (no
-    hang), and publishing works again once the alarm clears; the confirmed messages are there."""
+    hang), and publishing works again once the alarm clears; the confirmed messages are there.
+    A publish given a longer confirm timeout (the flags broadcast's) waits the alarm out."""
     bus = await RabbitBus.connect(private.amqp_url, name="fault-alarm", publish_timeout=1.0)
+    patient: asyncio.Task[None] | None = None
     try:
         cell = new_cell_id()
         queue = await cell_queue(bus, cell)
@@ -83,8 +86,14 @@ async def test_broker_memory_alarm(private: Services, rabbit: PrivateRabbit) -> 
             await rabbit.ctl("set_vm_memory_high_watermark", "0.000001")
             with pytest.raises(PublishTimeout, match="memory or disk alarm"):
                 await bus.publish(heartbeat(cell, seq=2))
+            patient = asyncio.create_task(bus.publish(heartbeat(cell, seq=4), confirm_timeout=60))
+            # Past the bus's own timeout (which fires by 1.25 s), it is still waiting.
+            await asyncio.wait({patient}, timeout=2.5)
+            assert not patient.done(), patient
         finally:
             await rabbit.ctl("set_vm_memory_high_watermark", before)
+        assert patient is not None
+        await asyncio.wait_for(patient, 30)  # confirmed once the alarm cleared
 
         async def publishes() -> bool:
             try:
@@ -94,7 +103,9 @@ async def test_broker_memory_alarm(private: Services, rabbit: PrivateRabbit) -> 
             return True
 
         await eventually(publishes, timeout=30, interval=0.5, what="publishing after the alarm")
-        # Confirmed: 1 and 3 (and 2, if the broker took it after the alarm cleared).
-        assert (await bus.queue_state(queue)).messages >= 2
+        # Confirmed: 1, 3 and 4 (and 2, if the broker took it after the alarm cleared).
+        assert (await bus.queue_state(queue)).messages >= 3
     finally:
+        if patient is not None and not patient.done():
+            patient.cancel()
         await bus.close(drain_timeout=1)
