@@ -1,39 +1,50 @@
 """A flag change reaching N cells: the flags service's one broadcast (fanned out by the broker to
 every cell's command queue) next to the per-cell publishes it replaced, in the same run.
 
-    python -m bench.broadcast [--cells 10000] [--connections 20] [--rounds 3]
+    python -m bench.broadcast [--cells 10000] [--connections 20] [--processes 2] [--rounds 3]
 
 N cell command queues (the registry's topology, broadcast binding included) are declared on a
-vhost of the bench's own, each with a consumer (spread over a few connections, as the agents'
-would be over theirs). A round times from the start of the push until every cell has its
-message, for:
+vhost of the bench's own, each with a consumer. The consumers run in worker processes of their
+own (``--processes``), over a few connections each: agents are processes apart from the flags
+service, and a consumer sharing the pusher's process would add its CPU to the time. A round
+times from the start of the push until every cell has its message, for:
 
 - broadcast: ``Pusher.push_all`` of the flags service, counting what it published;
+- raw fan-out: one persistent message published with raw aio-pika to the broadcast exchange,
+  the broker's own floor for the same delivery;
 - per cell: one confirmed FlagsSnapshot per cell through RabbitBus, 200 in flight (the previous
   push), the baseline.
 
-The vhost, its queues and the Redis database (14) are removed at the end.
+The queues, the vhost and the Redis database (14) are removed at the end, also on Ctrl-C or
+SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
+import signal
 import statistics
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import quote
 
 import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path
+from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, remove_vhost
 from bench.simulator import gather_limited
 from common.bus import RabbitBus
 from common.clock import SystemClock
-from common.messages import FlagsSnapshot, command_queue
+from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, command_queue
 from common.rabbitmq_api import RabbitApi
 from common.topology import cell_commands, control_plane
 from services.flags import metrics
@@ -44,8 +55,8 @@ REDIS_DB = 14
 
 
 class Cells:
-    """N command queues with a consumer each; ``arrived`` is set once every cell has one more
-    message than at ``expect``."""
+    """A worker's share of the command queues, with a consumer each; ``arrived`` is set once
+    every one of them has one more message than at ``expect``."""
 
     def __init__(self, ids: list[str]) -> None:
         self.ids = ids
@@ -84,75 +95,184 @@ async def consume(
     return opened
 
 
-async def timed(cells: Cells, push: asyncio.Future[None] | asyncio.Task[None]) -> float:
-    started = time.perf_counter()
-    await push
-    await asyncio.wait_for(cells.arrived.wait(), 300)
-    return time.perf_counter() - started
+async def worker(url: str, ids_file: str, connections: int) -> None:
+    """A consumer process: answers ``ready`` once consuming, ``expecting`` to each ``expect``
+    line on stdin, and prints ``arrived`` once each of its cells has had its message."""
+    cells = Cells(json.loads(await asyncio.to_thread(Path(ids_file).read_text)))
+    opened = await consume(url, cells, connections)
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print("ready", flush=True)
+    try:
+        while (await reader.readline()).strip() == b"expect":
+            cells.expect()
+            print("expecting", flush=True)
+            await cells.arrived.wait()
+            print("arrived", flush=True)
+    finally:
+        for connection in opened:
+            await connection.close()
+
+
+class Workers:
+    """The consumer processes, from the pusher's side."""
+
+    def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
+        self.processes = processes
+
+    @classmethod
+    async def start(cls, url: str, ids: list[str], n: int, connections: int, workdir: Path
+                    ) -> Workers:  # fmt: skip
+        processes = []
+        for w in range(n):
+            path = workdir / f"cells-{w}.json"
+            path.write_text(json.dumps(ids[w::n]))
+            processes.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.broadcast", "worker", url, str(path),
+                str(max(1, connections // n)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            ))  # fmt: skip
+        workers = cls(processes)
+        await workers.each("ready")
+        return workers
+
+    async def each(self, expected: str) -> None:
+        for i, process in enumerate(self.processes):
+            assert process.stdout is not None
+            line = (await process.stdout.readline()).decode().strip()
+            if line != expected:
+                raise RuntimeError(f"consumer process {i} said {line!r}, not {expected!r}")
+
+    async def timed(self, push: Callable[[], Awaitable[None]]) -> float:
+        """Seconds from the start of ``push`` until every cell has one more message."""
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(b"expect\n")
+            await process.stdin.drain()
+        await self.each("expecting")
+        started = time.perf_counter()
+        await push()
+        await asyncio.wait_for(self.each("arrived"), 300)
+        return time.perf_counter() - started
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                assert process.stdin is not None
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def measure(
+    args: argparse.Namespace,
+    bus: RabbitBus,
+    *,
+    raw: AbstractConnection,
+    redis: aioredis.Redis,
+    workers: Workers,
+    ids: list[str],
+) -> None:
+    """The rounds: the flags service's broadcast, raw aio-pika's, and the per-cell baseline."""
+    pusher = Pusher(bus, FlagsStore(redis), SystemClock())
+    sent = metrics.PUSHED.labels("change", "sent")
+    snapshot = await FlagsStore(redis).snapshot()
+    raw_channel = await raw.channel(publisher_confirms=True)
+    exchange = await raw_channel.get_exchange(BROADCAST_EXCHANGE, ensure=False)
+    message = FlagsBroadcast(
+        issued_at=datetime.now(UTC), version=snapshot.version, flags=tuple(snapshot.to_wire())
+    )
+    body = message.model_dump_json().encode()
+
+    async def fan_out() -> None:
+        persistent = aio_pika.DeliveryMode.PERSISTENT
+        await exchange.publish(
+            aio_pika.Message(body, type=FlagsBroadcast.wire_name, delivery_mode=persistent),
+            routing_key="",
+        )
+
+    async def per_cell() -> None:
+        async def one(i: int) -> None:
+            await bus.publish(FlagsSnapshot(
+                cell_id=ids[i], issued_at=datetime.now(UTC), version=snapshot.version,
+                flags=tuple(snapshot.to_wire()), cell={"stage": "dedicated"}))  # fmt: skip
+
+        await gather_limited(args.cells, 200, one)
+
+    times: dict[str, list[float]] = {"broadcast": [], "raw": [], "per-cell": []}
+    for _ in range(args.rounds):
+        before = sent._value.get()
+        times["broadcast"].append(await workers.timed(pusher.push_all))
+        published = sent._value.get() - before
+        times["raw"].append(await workers.timed(fan_out))
+        times["per-cell"].append(await workers.timed(per_cell))
+        print(f"  broadcast {times['broadcast'][-1]:.2f}s ({published:.0f} message "
+              f"published); raw fan-out {times['raw'][-1]:.2f}s; per cell "
+              f"{times['per-cell'][-1]:.2f}s ({args.cells} messages published)",
+              flush=True)  # fmt: skip
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"a flag change reaching {args.cells} cells, median of {args.rounds}: broadcast "
+          f"{median['broadcast']:.2f}s (1 message published); raw aio-pika fan-out of one "
+          f"persistent message (floor) {median['raw']:.2f}s; per-cell publishes (baseline) "
+          f"{median['per-cell']:.2f}s ({args.cells} messages published)")  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
-    # Deleting a vhost of 10,000 queues takes longer than the API client's default 10 s.
     api = RabbitApi(API_URL, timeout=300)
+    redis = aioredis.from_url(_with_path(REDIS_URL, f"/{REDIS_DB}"), decode_responses=True)
+    if await redis.dbsize():
+        await redis.aclose()
+        raise SystemExit(f"Redis database {REDIS_DB} is not empty (another benchmark running?)")
     vhost = f"substrate-bench-{uuid.uuid4().hex[:6]}"
     await api.create_vhost(vhost)
     await api.set_permissions(vhost, "guest", configure=".*", write=".*", read=".*")
     url = _with_path(AMQP_URL, "/" + quote(vhost, safe=""))
-    redis = aioredis.from_url(_with_path(REDIS_URL, f"/{REDIS_DB}"), decode_responses=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{vhost}-"))
+    # Stopped with SIGTERM (or Ctrl-C), it cleans up like a run that finished.
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+    ids = [f"b{i:06d}" for i in range(args.cells)]
     bus = await RabbitBus.connect(url, name="bench-broadcast")
-    opened: list[AbstractConnection] = []
+    raw = await aio_pika.connect(url)
+    workers: Workers | None = None
     try:
         await bus.declare(control_plane())
-        cells = Cells([f"b{i:06d}" for i in range(args.cells)])
         started = time.perf_counter()
-        await gather_limited(args.cells, 32, lambda i: bus.declare(cell_commands(cells.ids[i])))
+        await gather_limited(args.cells, 32, lambda i: bus.declare(cell_commands(ids[i])))
         print(f"{args.cells} command queues declared in {time.perf_counter() - started:.1f}s",
               flush=True)  # fmt: skip
-        opened = await consume(url, cells, args.connections)
-        pusher = Pusher(bus, FlagsStore(redis), SystemClock())
-        sent = metrics.PUSHED.labels("change", "sent")
-        snapshot = await FlagsStore(redis).snapshot()
-
-        async def per_cell() -> None:
-            async def one(i: int) -> None:
-                await bus.publish(FlagsSnapshot(
-                    cell_id=cells.ids[i], issued_at=datetime.now(UTC), version=snapshot.version,
-                    flags=tuple(snapshot.to_wire()), cell={"stage": "dedicated"}))  # fmt: skip
-
-            await gather_limited(args.cells, 200, one)
-
-        broadcast_times, per_cell_times = [], []
-        for _ in range(args.rounds):
-            cells.expect()
-            before = sent._value.get()
-            broadcast_times.append(await timed(cells, asyncio.ensure_future(pusher.push_all())))
-            published = sent._value.get() - before
-            cells.expect()
-            per_cell_times.append(await timed(cells, asyncio.ensure_future(per_cell())))
-            print(f"  broadcast {broadcast_times[-1]:.2f}s ({published:.0f} message published); "
-                  f"per cell {per_cell_times[-1]:.2f}s ({args.cells} messages published)",
-                  flush=True)  # fmt: skip
-        print(f"a flag change reaching {args.cells} cells, median of {args.rounds}: broadcast "
-              f"{statistics.median(broadcast_times):.2f}s (1 message published); per-cell "
-              f"publishes (baseline) {statistics.median(per_cell_times):.2f}s "
-              f"({args.cells} messages published)")  # fmt: skip
+        workers = await Workers.start(url, ids, args.processes, args.connections, workdir)
+        await measure(args, bus, raw=raw, redis=redis, workers=workers, ids=ids)
     finally:
-        for connection in opened:
-            await connection.close()
+        if workers is not None:
+            await workers.stop()
+        await raw.close()
         await bus.close(drain_timeout=1)
-        await api.delete_vhost(vhost)
+        await remove_vhost(api, url, vhost)
         await redis.flushdb()
         await redis.aclose()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def cli() -> None:
+    if sys.argv[1:2] == ["worker"]:
+        url, ids_file, connections = sys.argv[2:5]
+        asyncio.run(worker(url, ids_file, int(connections)))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=10_000)
-    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=20, help="over all processes")
+    parser.add_argument("--processes", type=int, default=2, help="consumer processes")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if args.cells < 1 or args.connections < 1 or args.rounds < 1:
-        parser.error("--cells, --connections and --rounds must be at least 1")
+    if min(args.cells, args.connections, args.processes, args.rounds) < 1:
+        parser.error("--cells, --connections, --processes and --rounds must be at least 1")
     asyncio.run(main(args))
 
 

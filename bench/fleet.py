@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aio_pika
 import redis.asyncio as aioredis
 
 from bench.baseline import raw_drain
@@ -176,21 +177,46 @@ class Bench:
         print(f"  removed {len(users)} cell users", flush=True)
 
     async def _delete_vhost(self) -> None:
-        # With thousands of queues the broker may take longer than its HTTP server waits, and
-        # the request ends without an answer while the deletion goes on: wait for it to be gone.
-        try:
-            await self.api.delete_vhost(self.vhost)
-        except OSError as exc:
-            print(f"  deleting the vhost: {exc!r}; waiting for it to be gone", flush=True)
-        try:
-            async with asyncio.timeout(600):
-                await until(self._vhost_gone, 1.0)
-        except TimeoutError:
-            print(f"  vhost {self.vhost} is still there: rabbitmqctl delete_vhost {self.vhost}")
+        await remove_vhost(self.api, self.amqp_url, self.vhost)
 
-    async def _vhost_gone(self) -> bool:
-        vhosts = await self.api.call("GET", "/vhosts?columns=name")
-        return all(v["name"] != self.vhost for v in vhosts)
+
+async def remove_vhost(api: RabbitApi, amqp_url: str, vhost: str) -> None:
+    """Delete ``vhost``, its queues first. With thousands of queues in it, the broker takes
+    minutes over the vhost's deletion (longer than its HTTP server waits: the request ends
+    unanswered while it goes on, and once it left the broker unanswering for as long):
+    deleting the queues over AMQP, 32 at a time, takes seconds. Bounded; says what is left."""
+    try:
+        names = [q["name"] for q in await api.call(
+            "GET", f"/queues/{quote(vhost, safe='')}?columns=name")]  # fmt: skip
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+
+            async def delete(i: int) -> None:
+                await channel.queue_delete(names[i])
+
+            started = time.perf_counter()
+            await gather_limited(len(names), 32, delete)
+            print(f"  {len(names)} queues deleted in {time.perf_counter() - started:.1f}s",
+                  flush=True)  # fmt: skip
+        finally:
+            await connection.close()
+    except Exception as exc:
+        print(f"  deleting the queues: {exc!r}", flush=True)
+    try:
+        await api.delete_vhost(vhost)
+    except OSError as exc:
+        print(f"  deleting the vhost: {exc!r}; waiting for it to be gone", flush=True)
+
+    async def gone() -> bool:
+        vhosts = await api.call("GET", "/vhosts?columns=name")
+        return all(v["name"] != vhost for v in vhosts)
+
+    try:
+        async with asyncio.timeout(600):
+            await until(gone, 1.0)
+    except TimeoutError:
+        print(f"  vhost {vhost} is still there: rabbitmqctl delete_vhost {vhost}", flush=True)
 
 
 @asynccontextmanager
