@@ -2,6 +2,7 @@
 every cell's command queue) next to the per-cell publishes it replaced, in the same run.
 
     python -m bench.broadcast [--cells 10000] [--connections 20] [--processes 2] [--rounds 3]
+                              [--queue-version 1|2]
 
 N cell command queues (the registry's topology, broadcast binding included) are declared on a
 vhost of the bench's own, each with a consumer. The consumers run in worker processes of their
@@ -41,7 +42,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, remove_vhost
-from bench.simulator import gather_limited
+from bench.simulator import gather_limited, stop_workers
 from common.bus import RabbitBus
 from common.clock import SystemClock
 from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, command_queue
@@ -157,16 +158,7 @@ class Workers:
         return time.perf_counter() - started
 
     async def stop(self) -> None:
-        for process in self.processes:
-            if process.returncode is None:
-                assert process.stdin is not None
-                process.stdin.close()
-        for process in self.processes:
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_workers(self.processes)
 
 
 async def measure(
@@ -231,6 +223,11 @@ async def main(args: argparse.Namespace) -> None:
     vhost = f"substrate-bench-{uuid.uuid4().hex[:6]}"
     await api.create_vhost(vhost)
     await api.set_permissions(vhost, "guest", configure=".*", write=".*", read=".*")
+    if args.queue_version != 1:
+        # A policy, as an operator would give an existing fleet: a queue's arguments are fixed.
+        await api.call("PUT", f"/policies/{quote(vhost, safe='')}/cell-queue-version", {
+            "pattern": r"^cell\..*\.commands$", "apply-to": "queues",
+            "definition": {"queue-version": args.queue_version}})  # fmt: skip
     url = _with_path(AMQP_URL, "/" + quote(vhost, safe=""))
     workdir = Path(tempfile.mkdtemp(prefix=f"{vhost}-"))
     # Stopped with SIGTERM (or Ctrl-C), it cleans up like a run that finished.
@@ -270,6 +267,10 @@ def cli() -> None:
     parser.add_argument("--connections", type=int, default=20, help="over all processes")
     parser.add_argument("--processes", type=int, default=2, help="consumer processes")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--queue-version", type=int, choices=(1, 2), default=1,
+        help="classic queue version of the cells' queues (2: by a policy)",
+    )  # fmt: skip
     args = parser.parse_args()
     if min(args.cells, args.connections, args.processes, args.rounds) < 1:
         parser.error("--cells, --connections, --processes and --rounds must be at least 1")

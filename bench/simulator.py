@@ -309,17 +309,22 @@ class Simulators:
             await self.changed.wait()
 
     async def stop(self) -> None:
-        for process in self.processes:
-            if process.returncode is None and process.stdin is not None:
-                process.stdin.close()
-        for process in self.processes:
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_workers(self.processes)
         for reader in self.readers:
             reader.cancel()
+
+
+async def stop_workers(processes: list[asyncio.subprocess.Process]) -> None:
+    """Close each worker's stdin (its cue to leave) and wait for it; kill one that lingers."""
+    for process in processes:
+        if process.returncode is None and process.stdin is not None:
+            process.stdin.close()
+    for process in processes:
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 def main() -> None:
