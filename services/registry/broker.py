@@ -4,7 +4,9 @@ the broker re-applies those on every boot and would overwrite runtime changes.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from common.bus import RabbitBus
 from common.messages import command_queue
@@ -14,15 +16,30 @@ from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, bro
 
 log = logging.getLogger(__name__)
 
+# `status` shows the broker's socket limit; reading it must not make the registry look down when
+# the management API is slow (its client waits 10 s, an operator's request 5 s), and a limit
+# changes only when a node restarts.
+SOCKET_LIMIT_WAIT_SECONDS = 2.0
+SOCKET_LIMIT_TTL_SECONDS = 30.0
+
 
 class CellBroker:
     def __init__(
-        self, api: RabbitApi, bus: RabbitBus, vhost: str, *, quorum_queues: bool = False
+        self,
+        api: RabbitApi,
+        bus: RabbitBus,
+        vhost: str,
+        *,
+        quorum_queues: bool = False,
+        socket_limit_wait: float = SOCKET_LIMIT_WAIT_SECONDS,
     ) -> None:
         self.api = api
         self.bus = bus
         self.vhost = vhost
         self.quorum_queues = quorum_queues
+        self.socket_limit_wait = socket_limit_wait
+        # (when read, monotonic; the limit read)
+        self._socket_limit: tuple[float, int] | None = None
 
     async def provision(self, cell_id: str, password: str) -> None:
         """User, permissions, topic permissions, limits, command queue. The caller undoes a
@@ -74,11 +91,20 @@ class CellBroker:
     async def socket_limit(self) -> int | None:
         """How many sockets the broker accepts (its open-files limit leaves room for about that
         many connections), summed over a cluster's nodes; None if the API does not say (a
-        node just started, or a user without the monitoring tag)."""
+        node just started, or a user without the monitoring tag). Read at most every
+        SOCKET_LIMIT_TTL_SECONDS; an answer slower than ``socket_limit_wait`` gives the last
+        one read."""
+        now, last = time.monotonic(), self._socket_limit
+        if last is not None and now - last[0] < SOCKET_LIMIT_TTL_SECONDS:
+            return last[1]
         try:
-            nodes = await self.api.call("GET", "/nodes")
+            async with asyncio.timeout(self.socket_limit_wait):
+                nodes = await self.api.call("GET", "/nodes")
         except Exception as exc:
             log.debug("could not read the broker's socket limit: %r", exc)
-            return None
+            return last[1] if last is not None else None
         limits = [int(n["sockets_total"]) for n in nodes if n.get("sockets_total")]
-        return sum(limits) if limits else None
+        if not limits:
+            return None
+        self._socket_limit = (now, sum(limits))
+        return sum(limits)
