@@ -581,8 +581,8 @@ class RabbitBus:
                 outcome = "timeout"
                 raise PublishTimeout(
                     f"broker did not confirm {_what(message, exchange, routing_key)} within "
-                    f"{timeout or self.publish_timeout}s (is it blocked by a memory or disk "
-                    "alarm?)"
+                    f"{self.publish_timeout if timeout is None else timeout}s (is it blocked by "
+                    "a memory or disk alarm?)"
                 ) from None
             except aio_pika.exceptions.PublishError:
                 outcome = "unroutable"

@@ -33,7 +33,7 @@ class Deadlines:
         loop = asyncio.get_running_loop()
         self._next += 1
         token = self._next
-        self._running[token] = (loop.time() + (seconds or self.seconds), task)
+        self._running[token] = (loop.time() + (self.seconds if seconds is None else seconds), task)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch())
         try:

@@ -50,9 +50,7 @@ class Pusher:
         msg = FlagsSnapshot(cell_id=cell_id, issued_at=self.clock.now(), version=snapshot.version,
                             flags=tuple(snapshot.to_wire()), cell=attributes)  # fmt: skip
         try:
-            await self.bus.publish(
-                msg, confirm_timeout=max(BROADCAST_CONFIRM_SECONDS, self.bus.publish_timeout)
-            )
+            await self.bus.publish(msg)
         except Unroutable:
             metrics.PUSHED.labels(why, "no_queue").inc()  # decommissioned meanwhile
             return

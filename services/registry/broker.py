@@ -106,5 +106,5 @@ class CellBroker:
         limits = [int(n["sockets_total"]) for n in nodes if n.get("sockets_total")]
         if not limits:
             return None
-        self._socket_limit = (now, sum(limits))
-        return sum(limits)
+        self._socket_limit = (now, limit := sum(limits))
+        return limit
