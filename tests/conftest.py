@@ -166,21 +166,48 @@ async def other_bus(services: Services, control_plane: None) -> AsyncIterator[Ra
     await b.close(drain_timeout=5)
 
 
+# Ports for private nodes and processes come from below the kernel's ephemeral range (32768 and
+# up on Linux, where outgoing connections take theirs), each pytest-xdist worker from a block of
+# its own: the kernel may give the same free port to two processes, and two private nodes must
+# never be given one.
+PORTS_FROM = 20000
+PORTS_PER_WORKER = 1200
 _HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A port nobody listens on now, and not one this test run handed out before: the kernel
-    may give the same free port twice, and two private nodes must never be given one."""
+def _port_block() -> range:
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    start = PORTS_FROM + worker * PORTS_PER_WORKER
+    assert start + PORTS_PER_WORKER <= 30000, f"no block of ports for xdist worker {worker}"
+    return range(start, start + PORTS_PER_WORKER)
+
+
+def _is_free(port: int) -> bool:
     import socket
 
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports nobody listens on now and that this worker
+    never handed out before."""
+    block = _port_block()
+    for base in range(block.start, block.stop - count + 1):
+        wanted = range(base, base + count)
+        if not _HANDED_OUT.intersection(wanted) and all(_is_free(p) for p in wanted):
+            _HANDED_OUT.update(wanted)
+            return base
+    raise AssertionError(f"no {count} free ports left in {block}")
+
+
+def free_port() -> int:
+    """A port nobody listens on now, and not one this test run handed out before."""
+    return free_ports(1)
 
 
 async def wait_port(port: int, timeout: float = 30) -> None:

@@ -18,31 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Services, free_port
+from tests.conftest import Services, free_port, free_ports
 from tests.e2e.conftest import BIN
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_block(size: int) -> int:
-    """A base port whose next ``size`` ports are free now."""
-    for _ in range(50):
-        base = free_port()
-        if base + size < 65000 and all(_is_free(base + i) for i in range(size)):
-            return base
-    raise AssertionError("no block of free ports")
-
-
-def _is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _get_json(url: str) -> Any:
@@ -80,7 +60,7 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         **os.environ,
         "SUBSTRATE_AMQP_URL": services.amqp_url, "SUBSTRATE_REDIS_URL": services.redis_url,
         "SUBSTRATE_RABBITMQ_API_URL": services.api_url, "DEV_DIR": str(dev),
-        "DEV_METRICS_BASE": str(_free_block(15)), "DEV_AGENT_BASE": str(_free_block(5)),
+        "DEV_METRICS_BASE": str(free_ports(15)), "DEV_AGENT_BASE": str(free_ports(5)),
         "MOTO_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
         "DEV_CELL_PREFIX": prefix, "SUBSTRATE_REPLICAS": "2",
         # The flow is under test, not the speed: services just started on a loaded machine
