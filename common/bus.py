@@ -68,6 +68,8 @@ MAX_BODY_BYTES = 256 * 1024
 _MAX_REASON = 1000
 # How often a consumer the broker cancelled (its queue was deleted) looks for the queue again.
 CONSUMER_RETRY_SECONDS = 1.0
+# A read the broker nacked is sent again after this long, until its timeout.
+NACKED_RETRY_SECONDS = 0.25
 
 
 class BusError(Exception):
@@ -84,6 +86,11 @@ class Unroutable(BusError):
 
 class PublishRefused(BusError):
     """The broker refused a publish (nack, forged user_id, missing permission)."""
+
+
+class PublishNacked(PublishRefused):
+    """The broker nacked a publish: a queue it routes to could not take it (a quorum queue
+    between leaders while a node is lost, a full queue that rejects publishes)."""
 
 
 class PublishTimeout(BusError):
@@ -497,6 +504,10 @@ class RabbitBus:
             fresh = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
             assert isinstance(fresh, aio_pika.RobustChannel)
             self._pub, self._exchanges = fresh, {}
+            # Direct reply-to is consumed on the channel that publishes the requests: the next
+            # request consumes it again on the new one (replies due on the old one are lost,
+            # and their requests time out).
+            self._reply_queue = None
             log.warning("the broker nacked a publish; publishing on a new channel")
             with suppress(Exception):
                 await nacked.close()
@@ -592,7 +603,7 @@ class RabbitBus:
                 outcome = "refused"
                 what = _what(message, exchange, routing_key)
                 await self._renew_publish_channel(channel)
-                raise PublishRefused(f"broker refused {what}: {exc}") from None
+                raise PublishNacked(f"broker refused {what}: {exc}") from None
             except aiormq.exceptions.ChannelInvalidStateError as exc:
                 what = _what(message, exchange, routing_key)
                 raise NotConnected(f"cannot publish {what}: {exc}") from exc
@@ -941,9 +952,26 @@ class RabbitBus:
         self, request: Request[R], *, service: str | None = None, timeout: float = 5.0
     ) -> R:
         """Send a typed request and return its typed response. ``service`` is needed only for
-        a request every service answers (``Status``)."""
+        a request every service answers (``Status``).
+
+        A request that only reads is sent again while the broker nacks it, within ``timeout``:
+        a service queue between leaders (a cluster node just lost) nacks for a few seconds. A
+        write is not: the caller decides.
+        """
         to = service or request.service
-        result = await self.request(to, request.method, request, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                result = await self.request(
+                    to, request.method, request, timeout=max(deadline - loop.time(), 0.1)
+                )
+                break
+            except PublishNacked:
+                if not request.read_only or loop.time() + NACKED_RETRY_SECONDS >= deadline:
+                    raise
+                log.info("%s.%s nacked by the broker; asking again", to, request.method)
+                await asyncio.sleep(NACKED_RETRY_SECONDS)
         try:
             answer: R = request.response.validate_python(result)
         except ValidationError as exc:

@@ -30,6 +30,8 @@ class Request(BaseModel, Generic[R]):
     # answers (status) leaves ``service`` empty and the caller names the service.
     service: ClassVar[str]
     method: ClassVar[str]
+    # A request that only reads: safe to send again when the broker refused it (bus.call does).
+    read_only: ClassVar[bool] = False
     response_type: ClassVar[Any]
     response: ClassVar[TypeAdapter[Any]]
 
@@ -61,14 +63,16 @@ class Response(BaseModel):
 REQUESTS: dict[tuple[str, str], type[Request[Any]]] = {}
 
 
-def rpc(service: str, method: str) -> Callable[[type[Q]], type[Q]]:
-    """Register a request model as ``service``'s method ``method``."""
+def rpc(service: str, method: str, *, read_only: bool = False) -> Callable[[type[Q]], type[Q]]:
+    """Register a request model as ``service``'s method ``method``; ``read_only`` for a method
+    that changes nothing."""
 
     def register(cls: type[Q]) -> type[Q]:
         if (service, method) in REQUESTS:
             raise ValueError(f"method {service}/{method} registered twice")
         cls.service = service
         cls.method = method
+        cls.read_only = read_only
         REQUESTS[(service, method)] = cls
         return cls
 
@@ -85,7 +89,7 @@ class ServiceStatus(Response):
     ready: bool
 
 
-@rpc("", "status")
+@rpc("", "status", read_only=True)
 class Status(Request[ServiceStatus]):
     """Is the service up, and what does it hold?"""
 

@@ -125,22 +125,22 @@ class FlagsDelete(Request[FlagDeleted]):
     key: str = Field(pattern=KEY_PATTERN)
 
 
-@rpc("flags", "flags.list")
+@rpc("flags", "flags.list", read_only=True)
 class FlagsList(Request[list[FlagSummary]]):
     pass
 
 
-@rpc("flags", "flags.show")
+@rpc("flags", "flags.show", read_only=True)
 class FlagsShow(Request[FlagView]):
     key: str = Field(pattern=KEY_PATTERN)
 
 
-@rpc("flags", "flags.history")
+@rpc("flags", "flags.history", read_only=True)
 class FlagsHistory(Request[list[HistoryEntry]]):
     key: str = Field(pattern=KEY_PATTERN)
 
 
-@rpc("flags", "flags.eval")
+@rpc("flags", "flags.eval", read_only=True)
 class FlagsEval(Request[Answer]):
     """``cell``: a cell the service knows; or ``attributes``: a context given in full."""
 
@@ -150,12 +150,12 @@ class FlagsEval(Request[Answer]):
     default: Any = None
 
 
-@rpc("flags", "flags.snapshot")
+@rpc("flags", "flags.snapshot", read_only=True)
 class FlagsSnapshotShow(Request[SnapshotView]):
     pass
 
 
-@rpc("flags", "flags.preview")
+@rpc("flags", "flags.preview", read_only=True)
 class FlagsPreview(Request[Preview]):
     """Which cells would flip if this flag were set; nothing is written."""
 

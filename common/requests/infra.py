@@ -64,12 +64,12 @@ class InfraPublish(Request[PublishedTemplate]):
     grace: str = "14d"
 
 
-@rpc("infra_compliance", "infra.list")
+@rpc("infra_compliance", "infra.list", read_only=True)
 class InfraList(Request[list[PublishedTemplate]]):
     pass
 
 
-@rpc("infra_compliance", "infra.status")
+@rpc("infra_compliance", "infra.status", read_only=True)
 class InfraStatus(Request[ComplianceView]):
     """Every cell's compliance (or one cell's), and how many breach soon."""
 

@@ -101,7 +101,7 @@ class CellsCreate(Request[CreatedCell]):
     aws_account: Annotated[str | None, Field(pattern=r"^[0-9]{12}$")] = None
 
 
-@rpc("registry", "cells.list")
+@rpc("registry", "cells.list", read_only=True)
 class CellsList(Request[list[ListedCell]]):
     """One page of cells, by id: those after ``after`` (a cell id; the last of the previous
     page), at most ``limit`` of them. A page shorter than ``limit`` is the last."""
@@ -112,7 +112,7 @@ class CellsList(Request[list[ListedCell]]):
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = MAX_PAGE
 
 
-@rpc("registry", "cells.show")
+@rpc("registry", "cells.show", read_only=True)
 class CellsShow(Request[ListedCell]):
     id: str
 
@@ -127,7 +127,7 @@ class CellsDecommission(Request[CellView]):
     id: str
 
 
-@rpc("registry", "cells.audit")
+@rpc("registry", "cells.audit", read_only=True)
 class CellsAudit(Request[list[AuditEntry]]):
     """The cell's audit trail, in the order its agent reported it."""
 

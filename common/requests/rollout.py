@@ -201,31 +201,31 @@ class ReleasePublish(Request[ReleaseRecord]):
     release: ReleaseFile
 
 
-@rpc("rollout", "release.list")
+@rpc("rollout", "release.list", read_only=True)
 class ReleaseList(Request[list[ReleaseSummary]]):
     pass
 
 
-@rpc("rollout", "release.show")
+@rpc("rollout", "release.show", read_only=True)
 class ReleaseShow(Request[ReleaseRecord]):
     version: str
 
 
-@rpc("rollout", "rollout.plan")
+@rpc("rollout", "rollout.plan", read_only=True)
 class RolloutPlan(Request[Plan]):
     """Dry run: which cells a release would reach in which stage and wave (nothing is sent)."""
 
     version: str
 
 
-@rpc("rollout", "rollout.status")
+@rpc("rollout", "rollout.status", read_only=True)
 class RolloutShow(Request[RolloutView]):
     """One rollout; with no version, the newest release's."""
 
     version: str | None = None
 
 
-@rpc("rollout", "rollout.list")
+@rpc("rollout", "rollout.list", read_only=True)
 class RolloutList(Request[list[RolloutView]]):
     pass
 
@@ -245,12 +245,12 @@ class RolloutAbort(Request[RolloutView]):
     version: str
 
 
-@rpc("rollout", "rollout.explain")
+@rpc("rollout", "rollout.explain", read_only=True)
 class RolloutExplain(Request[Explanation]):
     id: str
 
 
-@rpc("rollout", "rollout.policy.show")
+@rpc("rollout", "rollout.policy.show", read_only=True)
 class PolicyShow(Request[RolloutPolicy]):
     pass
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 
 from common.bus import (
     DEAD_REASON_HEADER,
+    PublishNacked,
     PublishRefused,
     RabbitBus,
     RemoteError,
@@ -19,7 +20,16 @@ from common.bus import (
     RpcFailure,
     Unroutable,
 )
-from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellOnline, CellSync, Delivery
+from common.messages import (
+    CELLS_EXCHANGE,
+    RPC_EXCHANGE,
+    CellHeartbeat,
+    CellOnline,
+    CellSync,
+    Delivery,
+    RpcRequest,
+    rpc_queue,
+)
 from common.requests import Request, Response
 from common.routes import route
 from common.topology import (
@@ -296,6 +306,60 @@ async def test_request_reply_many_in_flight(bus: RabbitBus, other_bus: RabbitBus
 
     with pytest.raises(RemoteError, match="no method 'nope'"):
         await bus.request("flags", "nope")
+
+
+class Peek(Request[Doubled]):
+    n: int
+
+
+class Poke(Request[Doubled]):
+    n: int
+
+
+async def test_a_read_the_broker_nacks_is_asked_again_a_write_is_not(
+    bus: RabbitBus, other_bus: RabbitBus, services: Services
+) -> None:
+    """While the service's queue refuses publishes (as a quorum queue between leaders does, here
+    by a policy rejecting every publish), a read is sent again until it is taken and answered;
+    a write fails at once with the nack."""
+    service = f"nacking{new_cell_id()}"
+    Peek.service = Poke.service = service
+    Peek.method, Poke.method, Peek.read_only = "peek", "poke", True
+    queue = rpc_queue(service)
+    await bus.declare(Topology((), consuming_queue(queue, Binding(RPC_EXCHANGE, service),
+                                                   quorum=False)))  # fmt: skip
+
+    async def answer(req: Peek | Poke, delivery: Delivery) -> Doubled:
+        return Doubled(n=req.n * 2)
+
+    await other_bus.serve(service, [route(Peek, answer), route(Poke, answer)])
+    policy = f"/policies/{quote(services.vhost, safe='')}/refuse-{service}"
+    await services.api.call("PUT", policy, {
+        "pattern": f"^{queue}$", "apply-to": "queues",
+        "definition": {"max-length": 0, "overflow": "reject-publish"}})  # fmt: skip
+    refused = bus._metrics.published.labels(RpcRequest.wire_name, "refused")
+
+    async def write_nacked() -> bool:
+        try:
+            await bus.call(Poke(n=1), timeout=30)
+        except PublishNacked:
+            return True
+        return False  # answered: the policy is not in force yet
+
+    await eventually(write_nacked, timeout=20, interval=0.1, what="the policy refusing publishes")
+    before = refused._value.get()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(PublishNacked):
+        await bus.call(Poke(n=1), timeout=30)
+    assert refused._value.get() == before + 1, "a write is sent once"
+    assert asyncio.get_running_loop().time() - started < 15, "a write does not wait its timeout"
+
+    read = asyncio.create_task(bus.call(Peek(n=21), timeout=60))
+    await eventually(lambda: refused._value.get() >= before + 3, timeout=20,
+                     what="the read sent again after nacks")  # fmt: skip
+    assert not read.done()
+    await services.api.call("DELETE", policy)
+    assert (await asyncio.wait_for(read, 50)).n == 42
 
 
 async def test_request_to_a_service_that_is_not_running_times_out_naming_it(

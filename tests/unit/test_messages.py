@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from common import requests
 from common.messages import (
     CELL_REPORT_KINDS,
     MESSAGES,
@@ -120,3 +121,16 @@ def test_json_schema_documents_every_message() -> None:
         assert model in schema["$defs"], name
     heartbeat = schema["$defs"]["CellHeartbeat"]
     assert {"cell_id", "seq", "sent_at", "agent_version"} <= set(heartbeat["required"])
+
+
+def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None:
+    """bus.call sends a read-only request again while the broker nacks it; a request that
+    changes something must never be one (a new method is a write until marked otherwise)."""
+    requests.json_schema()  # imports every service's methods
+    writes = {method for (_, method), cls in requests.REQUESTS.items() if not cls.read_only}
+    assert writes == {
+        "cells.create", "cells.rotate_credentials", "cells.decommission", "cells.pin",
+        "cells.unpin", "release.publish", "rollout.pause", "rollout.resume", "rollout.abort",
+        "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
+    }  # fmt: skip
+    assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
