@@ -115,20 +115,10 @@ class Fleet:
         assert code == 0, err
         return dict(result)
 
-    async def polled(self, *args: str) -> dict[str, Any] | None:
-        """``substratectl ARGS`` in a poll: None where the broker refused the request. A request
-        that meets a service queue between leaders (its broker node just killed) is refused;
-        the operator, like a poll, asks again. Any other failure fails the test."""
-        code, result, err = await self.procs.ctl(*args)
-        if code != 0 and "broker refused" in err:
-            return None
-        assert code == 0, err
-        return dict(result)
-
     async def wait_state(self, version: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         async def reached() -> dict[str, Any] | None:
-            status = await self.polled("rollout", "status", version)
-            return status if status is not None and status["state"] in states else None
+            status = await self.status(version)
+            return status if status["state"] in states else None
 
         result: dict[str, Any] = await eventually(
             reached, timeout=timeout, interval=0.3, what=f"{version} {'/'.join(states)}"
@@ -139,12 +129,8 @@ class Fleet:
         return (await show(self.procs, cell.id)).get("installed_release")
 
     async def wait_installed(self, cells: list[Cell], version: str, timeout: float = 30) -> None:
-        async def there(cell: Cell) -> bool:
-            record = await self.polled("cells", "show", cell.id)
-            return record is not None and record.get("installed_release") == version
-
         async def all_there() -> bool:
-            return all([await there(c) for c in cells])
+            return all([await self.installed(c) == version for c in cells])
 
         await eventually(all_there, timeout=timeout, interval=0.3,
                          what=f"{len(cells)} cells on {version}")  # fmt: skip
