@@ -30,7 +30,7 @@ class Request(BaseModel, Generic[R]):
     # answers (status) leaves ``service`` empty and the caller names the service.
     service: ClassVar[str]
     method: ClassVar[str]
-    # A request that only reads: safe to send again when the broker refused it (bus.call does).
+    # A request that only reads: safe to send again when the broker nacked it (bus.call does).
     read_only: ClassVar[bool] = False
     response_type: ClassVar[Any]
     response: ClassVar[TypeAdapter[Any]]
