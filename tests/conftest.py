@@ -171,14 +171,23 @@ async def other_bus(services: Services, control_plane: None) -> AsyncIterator[Ra
 # its own: the kernel may give the same free port to two processes, and two private nodes must
 # never be given one.
 PORTS_FROM = 20000
-PORTS_PER_WORKER = 1200
-_HANDED_OUT: set[int] = set()
+PORTS_PER_WORKER = 2000
+
+
+# Ports are handed out in rising order through the worker's block, wrapping at its end: a port
+# comes round again only after the block's other ports did, long after its test finished.
+@dataclass
+class _PortCursor:
+    at: int | None = None
+
+
+_PORTS = _PortCursor()
 
 
 def _port_block() -> range:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     start = PORTS_FROM + worker * PORTS_PER_WORKER
-    assert start + PORTS_PER_WORKER <= 30000, f"no block of ports for xdist worker {worker}"
+    assert start + PORTS_PER_WORKER <= 32000, f"no block of ports for xdist worker {worker}"
     return range(start, start + PORTS_PER_WORKER)
 
 
@@ -194,19 +203,20 @@ def _is_free(port: int) -> bool:
 
 
 def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive ports nobody listens on now and that this worker
-    never handed out before."""
+    """The first of ``count`` consecutive ports nobody listens on now, from this worker's
+    block, none handed out recently."""
     block = _port_block()
-    for base in range(block.start, block.stop - count + 1):
-        wanted = range(base, base + count)
-        if not _HANDED_OUT.intersection(wanted) and all(_is_free(p) for p in wanted):
-            _HANDED_OUT.update(wanted)
+    start = block.start if _PORTS.at is None else _PORTS.at
+    bases: list[int] = [*range(start, block.stop - count + 1), *range(block.start, start)]
+    for base in bases:
+        if all(_is_free(p) for p in range(base, base + count)):
+            _PORTS.at = base + count if base + 2 * count <= block.stop else block.start
             return base
-    raise AssertionError(f"no {count} free ports left in {block}")
+    raise AssertionError(f"no {count} consecutive free ports in {block}")
 
 
 def free_port() -> int:
-    """A port nobody listens on now, and not one this test run handed out before."""
+    """A port nobody listens on now, and not one this worker handed out recently."""
     return free_ports(1)
 
 
