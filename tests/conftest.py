@@ -206,11 +206,12 @@ def free_ports(count: int) -> int:
     """The first of ``count`` consecutive ports nobody listens on now, from this worker's
     block, none handed out recently."""
     block = _port_block()
+    last = block.stop - count  # the highest base whose ports all lie in the block
     start = block.start if _PORTS.at is None else _PORTS.at
-    bases: list[int] = [*range(start, block.stop - count + 1), *range(block.start, start)]
+    bases: list[int] = [*range(start, last + 1), *range(block.start, min(start, last + 1))]
     for base in bases:
         if all(_is_free(p) for p in range(base, base + count)):
-            _PORTS.at = base + count if base + 2 * count <= block.stop else block.start
+            _PORTS.at = base + count
             return base
     raise AssertionError(f"no {count} consecutive free ports in {block}")
 
