@@ -261,6 +261,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def broker_and_redis_pids(bench: Bench) -> dict[str, list[int]]:
+    """The broker's and Redis's processes where they run on this machine (empty where they do
+    not, e.g. in a container: their CPU is then not counted)."""
+    nodes = await bench.api.call("GET", "/nodes")
+    redis = aioredis.from_url(bench.redis_url)
+    info = await redis.info("server")
+    await redis.aclose()
+    brokers = [int(n["os_pid"]) for n in nodes if n.get("os_pid")]
+    redis_pid = int(info["process_id"])
+    return {
+        "broker": [pid for pid in brokers if _runs_here(pid, "beam.smp")],
+        "redis": [redis_pid] if _runs_here(redis_pid, "redis-server") else [],
+    }
+
+
+def _runs_here(pid: int, command: str) -> bool:
+    """A process id another machine (or container) reported is this machine's ``command``."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == command
+    except OSError:
+        return False
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds each part of the run spent on this machine between two readings: where a
+    benchmark's time goes when every part shares the same cores."""
+
+    parts: dict[str, list[int]]
+
+    def read(self) -> dict[str, float]:
+        return {part: sum(cpu_seconds(p) for p in pids) for part, pids in self.parts.items()}
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        return {part: now - before[part] for part, now in self.read().items()}
+
+    @staticmethod
+    def line(spent: dict[str, float], elapsed: float) -> str:
+        """E.g. ``broker 40.1s, simulators 52.0s, ... = 121.0s of 136.0s (2 cores)``."""
+        cores = os.cpu_count() or 1
+        parts = ", ".join(f"{part} {s:.1f}s" for part, s in spent.items())
+        return f"{parts} = {sum(spent.values()):.1f}s of {elapsed * cores:.1f}s ({cores} cores)"
+
+
 async def until(check: Callable[[], Awaitable[bool]], interval: float) -> None:
     """Poll state outside this process (the broker, Redis) until ``check`` holds."""
     while not await check():  # noqa: ASYNC110 - the state is in another process
