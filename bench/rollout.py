@@ -48,6 +48,7 @@ from common.runner import run
 
 DIGEST = "sha256:" + "b" * 64
 ROLLOUT_GENERATIONS = 10_000_000
+IDLE_SECONDS = 20.0
 
 
 def release(version: str) -> Release:
@@ -203,6 +204,12 @@ async def rounds(
         return bool(int(status["cells"].get("online", 0)) >= args.cells)
 
     await until(all_online, 0.2)
+    # What holding the fleet costs with nothing happening (connections' heartbeats, the
+    # management plugin's statistics): a share of every round below.
+    before = meter.read()
+    await asyncio.sleep(IDLE_SECONDS)
+    print(f"at rest for {IDLE_SECONDS:.0f}s: {CpuMeter.line(meter.since(before), IDLE_SECONDS)}",
+          flush=True)  # fmt: skip
     baselines, rollouts = [], []
     for n in range(args.rounds):
         base, base_cpu = await baseline_round(bench, sims, n + 1, meter)
