@@ -51,7 +51,7 @@ from common.messages import (
     rpc_queue,
     sender_problem,
 )
-from common.metrics import bus_metrics
+from common.metrics import bus_metrics, cell_messages_refused
 from common.requests import Request
 from common.routes import Handler, Route, routes_for
 from common.topology import DELIVERY_LIMIT, Topology, dead_letter_name
@@ -125,9 +125,10 @@ class Refused(Exception):
 
 
 def refuse_foreign_sender(msg: CellReport, delivery: Delivery) -> None:
-    """Dead-letter (never retry) a cell report that speaks for another cell."""
+    """Dead-letter (never retry) and count a cell report that speaks for another cell."""
     problem = sender_problem(msg, delivery)
     if problem is not None:
+        cell_messages_refused().labels(problem[0]).inc()
         raise Refused(problem[1])
 
 
@@ -449,6 +450,9 @@ class RabbitBus:
                 )
                 for binding in spec.bindings:
                     await queue.bind(binding.exchange, binding.routing_key, robust=False)
+                # The broker answers an unbind of a binding it does not have with unbind-ok.
+                for binding in spec.retired:
+                    await queue.unbind(binding.exchange, binding.routing_key)
         finally:
             await channel.close()
 

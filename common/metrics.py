@@ -134,6 +134,17 @@ class BusMetrics:
 
 
 @cache
+def cell_messages_refused() -> Counter:
+    """Cell reports dead-lettered because they speak for another cell, in whichever service
+    consumed them (made on first use, so a process that never checks a sender shows none)."""
+    return Counter(
+        "substrate_cell_messages_refused",
+        "Cell messages dead-lettered for their sender, by reason",
+        ["reason"],
+    )
+
+
+@cache
 def bus_metrics(namespace: str) -> BusMetrics:
     """The bus's counters, named for the process kind (``substrate`` or ``cell_agent``)."""
     return BusMetrics(

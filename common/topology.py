@@ -45,6 +45,9 @@ class QueueSpec:
     quorum: bool = True
     dead_letter_queue: str | None = field(default=None)
     delivery_limit: int | None = DELIVERY_LIMIT
+    # Bindings an earlier version declared and this one removes: declaring a queue never drops
+    # a binding by itself, so a deployment that upgrades would keep routing there.
+    retired: tuple[Binding, ...] = ()
 
     def arguments(self) -> dict[str, str | int]:
         args: dict[str, str | int] = {}
@@ -90,11 +93,13 @@ def dead_letter_name(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def consuming_queue(name: str, *bindings: Binding, quorum: bool = True) -> tuple[QueueSpec, ...]:
+def consuming_queue(
+    name: str, *bindings: Binding, quorum: bool = True, retired: tuple[Binding, ...] = ()
+) -> tuple[QueueSpec, ...]:
     """A consuming queue and the ``.dead`` queue it dead-letters into."""
     dead = dead_letter_name(name)
     return (
-        QueueSpec(name, bindings, quorum=quorum, dead_letter_queue=dead),
+        QueueSpec(name, bindings, quorum=quorum, dead_letter_queue=dead, retired=retired),
         QueueSpec(dead, (Binding(DLX_EXCHANGE, dead),), quorum=quorum, delivery_limit=None),
     )
 
@@ -111,16 +116,19 @@ def _rpc(service: str) -> tuple[QueueSpec, ...]:
     return consuming_queue(rpc_queue(service), Binding(RPC_EXCHANGE, service))
 
 
-# What each service consumes. The registry owns what cells report about themselves; rollout
-# follows upgrades and answers a cell's sync with its desired state; flags answers sync with a
-# snapshot and follows upgrades (the installed release is a flag attribute); every service keeps
-# the cell facts it needs from the registry's events. The registry hears of flag changes to tell
-# which cells hold an old snapshot.
+# What each service consumes. The registry owns what cells report about themselves, except
+# upgrade progress: rollout follows upgrades and answers a cell's sync with its desired state;
+# flags answers sync with a snapshot and follows upgrades (the installed release is a flag
+# attribute); every service keeps the cell facts it needs from the registry's events. The
+# registry hears of flag changes to tell which cells hold an old snapshot.
 SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
     "registry": (
         *consuming_queue(
             "registry.cells",
-            *_cells("register", "heartbeat", "upgrade", "maintenance", "debug-access"),
+            *_cells("register", "heartbeat", "maintenance", "debug-access"),
+            # The registry once took upgrade reports only to check their sender, which rollout
+            # and flags check too: four deliveries a cell per release for nothing.
+            retired=_cells("upgrade"),
         ),
         *consuming_queue("registry.events", *_events("flags.changed", "infra.compliance-changed")),
         *_rpc("registry"),

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from common.bus import Refused, RpcFailure
+from common.bus import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import (
     CellDebugAccess,
@@ -26,7 +26,6 @@ from common.messages import (
     InfraComplianceChanged,
     Message,
     RotateCredentials,
-    sender_problem,
 )
 from common.requests import ServiceStatus, Status
 from common.requests.registry import (
@@ -99,16 +98,8 @@ class Deps:
 # -- cell reports -------------------------------------------------------------------------------
 
 
-def check_sender(msg: CellReport, delivery: Delivery) -> None:
-    """Refuse (dead-letter) and count a report that speaks for another cell."""
-    problem = sender_problem(msg, delivery)
-    if problem is not None:
-        metrics.REFUSED.labels(problem[0]).inc()
-        raise Refused(problem[1])
-
-
 async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) -> None:
-    check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     now = deps.clock.now()
     t = await deps.store.transition(msg.cell_id, lambda r: transitions.register(r, msg, now))
     metrics.REGISTRATIONS.labels(t.outcome).inc()
@@ -137,7 +128,7 @@ async def ensure_queue(deps: Deps, cell_id: str) -> None:
 
 
 async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) -> None:
-    check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     if not deps.heartbeat_limit.allow(msg.cell_id, deps.clock.monotonic()):
         # Acked unapplied: a later heartbeat carries everything this one did.
         metrics.heartbeat_outcome("limited")
@@ -161,7 +152,7 @@ async def on_cell_heartbeat(msg: CellHeartbeat, delivery: Delivery, deps: Deps) 
 
 async def on_cell_maintenance(msg: CellMaintenance, delivery: Delivery, deps: Deps) -> None:
     """Track when a cell entered maintenance and how long each stay lasted."""
-    check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     now = deps.clock.now()
     t = await deps.store.transition(msg.cell_id, lambda r: transitions.maintenance(r, msg, now))
     if t.maintenance_seconds is not None:
@@ -170,15 +161,16 @@ async def on_cell_maintenance(msg: CellMaintenance, delivery: Delivery, deps: De
 
 
 async def on_cell_report(msg: CellReport, delivery: Delivery, deps: Deps) -> None:
-    """Reports the registry does not record (upgrade progress is rollout's): the sender is
-    still checked, so a forged one is dead-lettered and counted."""
-    check_sender(msg, delivery)
+    """Reports the registry does not record (upgrade progress is rollout's, and the registry's
+    queue is no longer bound to it): only while an earlier version's replica still binds it
+    during an upgrade do some arrive, and they are acked (the sender checked, as ever)."""
+    refuse_foreign_sender(msg, delivery)
 
 
 async def on_cell_debug_access(msg: CellDebugAccess, delivery: Delivery, deps: Deps) -> None:
     """Debug access a customer opened, closed, or that expired: kept as the cell's audit
     trail. Recording is all the control plane does with it."""
-    check_sender(msg, delivery)
+    refuse_foreign_sender(msg, delivery)
     t = await deps.store.transition(msg.cell_id, lambda r: transitions.debug_access(r, msg))
     if t.audit is not None:
         log.info("cell %s: debug access %s (%s)", msg.cell_id, msg.action, msg.role_arn)

@@ -24,11 +24,6 @@ def heartbeat_outcome(outcome: str) -> None:
 
 
 REGISTRATIONS = Counter("substrate_registrations", "Registrations by outcome", ["outcome"])
-REFUSED = Counter(
-    "substrate_cell_messages_refused",
-    "Cell messages dead-lettered by the registry, by reason",
-    ["reason"],
-)
 TRANSITIONS = Counter(
     "substrate_cell_liveness_transitions", "Cells marked offline or online", ["to"]
 )

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import UTC, datetime
 from urllib.parse import quote, urlsplit
 
+import aio_pika
 import pytest
 
 from common.bus import (
@@ -35,6 +37,8 @@ from common.routes import route
 from common.topology import (
     DELIVERY_LIMIT,
     Binding,
+    ExchangeSpec,
+    QueueSpec,
     Topology,
     consuming_queue,
     control_plane,
@@ -388,6 +392,28 @@ async def test_declaring_the_topology_twice_changes_nothing(bus: RabbitBus) -> N
     await bus.declare(control_plane())
     await bus.declare(control_plane())
     assert await bus.queue_state("registry.cells") == before
+
+
+async def test_a_retired_binding_is_removed_when_the_topology_is_declared(
+    services: Services, bus: RabbitBus
+) -> None:
+    """Declaring a queue never drops a binding by itself: one the topology lists as retired is
+    unbound, the others stay, and declaring again (nothing left to unbind) is no error."""
+    exchange = ExchangeSpec(f"test.retired.{uuid.uuid4().hex[:8]}", "topic")
+    queue = f"{exchange.name}.q"
+    kept, old = Binding(exchange.name, "*.heartbeat"), Binding(exchange.name, "*.upgrade")
+    await bus.declare(Topology((exchange,), (QueueSpec(queue, (kept, old), quorum=False),)))
+    await raw_publish(services.amqp_url, exchange.name, "a.upgrade", b"{}")
+    now = Topology((exchange,), (QueueSpec(queue, (kept,), quorum=False, retired=(old,)),))
+    await bus.declare(now)
+    await bus.declare(now)
+    with pytest.raises(aio_pika.exceptions.DeliveryError):  # returned: routed nowhere
+        await raw_publish(services.amqp_url, exchange.name, "a.upgrade", b"{}")
+    await raw_publish(services.amqp_url, exchange.name, "a.heartbeat", b"{}")
+    try:
+        assert (await bus.queue_state(queue)).messages == 2
+    finally:
+        await bus.delete_queue(queue)
 
 
 async def test_acks_never_cover_a_handler_that_is_still_running(

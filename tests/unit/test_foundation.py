@@ -9,11 +9,13 @@ import pytest
 
 from common import broker_urls
 from common.clock import FakeClock
+from common.messages import CELLS_EXCHANGE
 from common.metrics import MetricsServer, Response
 from common.settings import ServiceSettings, load
 from common.topology import (
     DELIVERY_LIMIT,
     SERVICE_QUEUES,
+    Binding,
     cell_commands,
     control_plane,
     dead_letter_name,
@@ -64,6 +66,16 @@ def test_every_consuming_queue_is_quorum_with_a_delivery_limit_and_a_dead_letter
         assert dead_letter_name(queue.name) in names
     assert {"registry.rpc", "rollout.rpc", "flags.rpc", "infra_compliance.rpc"} <= names
     assert set(SERVICE_QUEUES) == {"registry", "rollout", "flags", "infra_compliance"}
+
+
+def test_upgrade_reports_go_to_the_services_that_use_them_only() -> None:
+    """Rollout and flags follow upgrades; the registry's queue no longer takes them (an earlier
+    version bound it, so declaring the topology removes that binding)."""
+    upgrade = Binding(CELLS_EXCHANGE, "*.upgrade")
+    queues = {q.name: q for q in control_plane().queues}
+    bound = {name for name, q in queues.items() if upgrade in q.bindings}
+    assert bound == {"rollout.cells", "flags.cells"}
+    assert queues["registry.cells"].retired == (upgrade,)
 
 
 def test_a_cell_command_queue_is_bound_to_its_own_id_and_the_broadcast_only() -> None:

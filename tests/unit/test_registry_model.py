@@ -7,12 +7,12 @@ import re
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from common.bus import Refused
+from common.bus import Refused, refuse_foreign_sender
 from common.messages import CellHeartbeat, Delivery
 from common.requests.registry import CellsCreate
-from services.registry.handlers import check_sender
 from services.registry.model import (
     broker_grant,
     cell_amqp_url,
@@ -93,21 +93,31 @@ def _delivery(user_id: str | None, routing_key: str) -> Delivery:
     )
 
 
+def _refused(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value("substrate_cell_messages_refused_total", {"reason": reason}) or 0
+    )
+
+
 @pytest.mark.parametrize(
-    ("user_id", "routing_key", "problem"),
+    ("user_id", "routing_key", "problem", "reason"),
     [
-        ("acme", "acme.heartbeat", None),
-        (None, "acme.heartbeat", "no user_id"),
-        ("other", "acme.heartbeat", "user 'other'"),
-        ("acme", "acme.sync", "routing key"),
+        ("acme", "acme.heartbeat", None, None),
+        (None, "acme.heartbeat", "no user_id", "missing_user_id"),
+        ("other", "acme.heartbeat", "user 'other'", "user_mismatch"),
+        ("acme", "acme.sync", "routing key", "routing_key_mismatch"),
     ],
 )
 def test_a_cell_may_speak_only_for_itself(
-    user_id: str | None, routing_key: str, problem: str | None
+    user_id: str | None, routing_key: str, problem: str | None, reason: str | None
 ) -> None:
+    """Every service that consumes cell reports refuses and counts a forged one the same way."""
     msg = CellHeartbeat(cell_id="acme", seq=1, sent_at=NOW, agent_version="1")
+    reasons = ("missing_user_id", "user_mismatch", "routing_key_mismatch")
+    before = {r: _refused(r) for r in reasons}
     if problem is None:
-        check_sender(msg, _delivery(user_id, routing_key))
+        refuse_foreign_sender(msg, _delivery(user_id, routing_key))
     else:
         with pytest.raises(Refused, match=problem):
-            check_sender(msg, _delivery(user_id, routing_key))
+            refuse_foreign_sender(msg, _delivery(user_id, routing_key))
+    assert {r: _refused(r) - before[r] for r in reasons} == {r: int(r == reason) for r in reasons}
