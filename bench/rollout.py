@@ -49,6 +49,7 @@ from common.runner import run
 DIGEST = "sha256:" + "b" * 64
 ROLLOUT_GENERATIONS = 10_000_000
 IDLE_SECONDS = 20.0
+SERVICE_INPUTS = ("registry.cells", "registry.events", "rollout.cells", "rollout.events")
 
 
 def release(version: str) -> Release:
@@ -204,6 +205,14 @@ async def rounds(
         return bool(int(status["cells"].get("online", 0)) >= args.cells)
 
     await until(all_online, 0.2)
+
+    # Until the services have taken in the registrations' events (rollout starts with them
+    # all queued), so that the fleet is at rest below.
+    async def drained() -> bool:
+        states = [await bench.control.queue_state(q) for q in SERVICE_INPUTS]
+        return all(s.messages == 0 for s in states)
+
+    await until(drained, 0.5)
     # What holding the fleet costs with nothing happening (connections' heartbeats, the
     # management plugin's statistics): a share of every round below.
     before = meter.read()
