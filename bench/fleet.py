@@ -315,8 +315,12 @@ async def _online_at_least(bench: Bench, n: int) -> bool:
     return await bench.online_count() >= n
 
 
-async def _queue_empty(bus: RabbitBus, queue: str) -> bool:
-    return (await bus.queue_state(queue)).messages == 0
+async def queues_empty(bus: RabbitBus, *queues: str) -> bool:
+    """No message waits in any of ``queues`` (delivered ones may still be in hand)."""
+    for queue in queues:
+        if (await bus.queue_state(queue)).messages:
+            return False
+    return True
 
 
 async def all_applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
@@ -350,7 +354,7 @@ async def ingest_round(
     pids = bench.registry_pids
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
     started = time.perf_counter()
-    await until(lambda: _queue_empty(bench.control, "registry.cells"), 0.1)
+    await until(lambda: queues_empty(bench.control, "registry.cells"), 0.1)
     # The last deliveries (up to the prefetch) are still in flight: done when every cell's
     # newest heartbeat is in Redis.
     redis = aioredis.from_url(bench.redis_url, decode_responses=True)

@@ -17,7 +17,14 @@ import argparse
 import asyncio
 import time
 
-from bench.fleet import Bench, CpuMeter, bench_environment, broker_and_redis_pids, until
+from bench.fleet import (
+    Bench,
+    CpuMeter,
+    bench_environment,
+    broker_and_redis_pids,
+    queues_empty,
+    until,
+)
 from bench.simulator import Simulators
 from common.runner import run
 
@@ -53,10 +60,9 @@ async def settle(bench: Bench, sims: Simulators, cells: int) -> None:
           flush=True)  # fmt: skip
 
     async def settled() -> bool:
-        if await bench.online_count() < cells:
-            return False
-        states = [await bench.control.queue_state(q) for q in ("registry.cells", "registry.events")]
-        return all(s.messages == 0 for s in states)
+        return await bench.online_count() >= cells and await queues_empty(
+            bench.control, "registry.cells", "registry.events"
+        )
 
     await until(settled, 0.5)
 

@@ -40,6 +40,7 @@ from bench.fleet import (
     CpuMeter,
     bench_environment,
     broker_and_redis_pids,
+    queues_empty,
     until,
 )
 from bench.simulator import CELLS_PER_PROCESS, Simulators, gather_limited
@@ -208,11 +209,7 @@ async def rounds(
 
     # Until the services have taken in the registrations' events (rollout starts with them
     # all queued), so that the fleet is at rest below.
-    async def drained() -> bool:
-        states = [await bench.control.queue_state(q) for q in SERVICE_INPUTS]
-        return all(s.messages == 0 for s in states)
-
-    await until(drained, 0.5)
+    await until(lambda: queues_empty(bench.control, *SERVICE_INPUTS), 0.5)
     # What holding the fleet costs with nothing happening (connections' heartbeats, the
     # management plugin's statistics): a share of every round below.
     before = meter.read()
