@@ -297,6 +297,12 @@ class CpuMeter:
     def since(self, before: dict[str, float]) -> dict[str, float]:
         return {part: now - before[part] for part, now in self.read().items()}
 
+    async def over(self, seconds: float) -> dict[str, float]:
+        """What each part spends in the next ``seconds`` (the fleet at rest, say)."""
+        before = self.read()
+        await asyncio.sleep(seconds)
+        return self.since(before)
+
     @staticmethod
     def line(spent: dict[str, float], elapsed: float) -> str:
         """E.g. ``broker 40.1s, simulators 52.0s, ... = 121.0s of 136.0s (2 cores)``."""

@@ -14,7 +14,6 @@ figure again (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
 from bench.fleet import (
@@ -34,9 +33,8 @@ async def main(args: argparse.Namespace) -> None:
         meter = CpuMeter({**await broker_and_redis_pids(bench), "registry": bench.registry_pids})
 
         async def at_rest(label: str, parts: CpuMeter) -> None:
-            before = parts.read()
-            await asyncio.sleep(args.seconds)
-            print(f"{label:34}{CpuMeter.line(parts.since(before), args.seconds)}", flush=True)
+            spent = await parts.over(args.seconds)
+            print(f"{label:34}{CpuMeter.line(spent, args.seconds)}", flush=True)
 
         await at_rest("baseline: no cell connected", meter)
         await bench.create_cells(args.cells, "rest")

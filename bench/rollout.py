@@ -212,10 +212,8 @@ async def rounds(
     await until(lambda: queues_empty(bench.control, *SERVICE_INPUTS), 0.5)
     # What holding the fleet costs with nothing happening (connections' heartbeats, the
     # management plugin's statistics): a share of every round below.
-    before = meter.read()
-    await asyncio.sleep(IDLE_SECONDS)
-    print(f"at rest for {IDLE_SECONDS:.0f}s: {CpuMeter.line(meter.since(before), IDLE_SECONDS)}",
-          flush=True)  # fmt: skip
+    spent = await meter.over(IDLE_SECONDS)
+    print(f"at rest for {IDLE_SECONDS:.0f}s: {CpuMeter.line(spent, IDLE_SECONDS)}", flush=True)
     baselines, rollouts = [], []
     for n in range(args.rounds):
         base, base_cpu = await baseline_round(bench, sims, n + 1, meter)
