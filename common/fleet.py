@@ -159,7 +159,7 @@ def _cell_id(msg: Message) -> str:
 class FleetView:
     """A service's view of the fleet under ``prefix``. ``changed``: a set every changed cell id
     is added to, in the same write (a controller's "what to read again"). ``on_change`` is
-    called with each cell after a change was written."""
+    called with each cell after a change was written, and the fact that changed it."""
 
     def __init__(
         self,
@@ -167,7 +167,7 @@ class FleetView:
         prefix: str,
         *,
         changed: str | None = None,
-        on_change: Callable[[FleetCell], None] | None = None,
+        on_change: Callable[[FleetCell, Message], None] | None = None,
     ) -> None:
         self.redis = redis
         self.key = prefix + "fleet"
@@ -232,7 +232,7 @@ class FleetView:
             if applied.written:
                 self._last[cell_id] = encoded
                 if self.on_change is not None:
-                    self.on_change(new)
+                    self.on_change(new, msg)
                 return new
             raw = applied.read.get(cell_id)
             if raw is not None:

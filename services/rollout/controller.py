@@ -53,6 +53,10 @@ class Controller:
         self.lease = lease
         self.tick_seconds = tick_seconds
         self._wake = asyncio.Event()
+        # Outcomes reported since the last step began, and how many the waves in progress
+        # wait for (0: none is waiting on outcomes).
+        self._outcomes = 0
+        self._awaiting = 0
         self._cells: dict[str, CellFacts] | None = None
         self._cells_fence: str | None = None
         self._loaded_at = 0.0
@@ -61,9 +65,26 @@ class Controller:
         """Step soon: something a step depends on changed."""
         self._wake.set()
 
+    @property
+    def woken(self) -> bool:
+        """Whether a step is due before the next tick."""
+        return self._wake.is_set()
+
+    def outcome_reported(self, *, failed: bool) -> None:
+        """A cell reported how its upgrade ended. A failure may halt a wave: step soon. A
+        success only matters once the waves in progress may be done, that is once as many
+        outcomes came in as their cells still waited for; until then the tick looks. (Over a
+        large fleet, a step on every report held a core half busy for the whole rollout,
+        taken from the broker that carries it.) Counting any outcome, of any cell, can only
+        make the step come early, never late."""
+        self._outcomes += 1
+        if failed or self._outcomes >= self._awaiting:
+            self._wake.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
+            self._outcomes = 0
             started = self.clock.monotonic()
             try:
                 await self.tick()
@@ -89,6 +110,7 @@ class Controller:
         metrics.LEADER.set(fence is not None)
         if fence is None:
             self._cells = None
+            self._awaiting = 0
             return False
         policy = await self.store.policy()
         rollouts = {r.version: r for r in await self.store.rollouts()}
@@ -101,10 +123,13 @@ class Controller:
             rollouts[version] = await self._write(fence, r, new, assign=[], events=[], now=now) or r
             log.info("rollout %s superseded by a newer release", version)
 
+        awaiting = []
         for r in sorted(rollouts.values(), key=lambda r: r.semver):
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             decision = step(r, list(by_id.values()), policy, now)
+            if decision.awaiting:
+                awaiting.append(decision.awaiting)
             if decision.rollout == r and not decision.changed:
                 continue
             written = await self._write(
@@ -122,6 +147,10 @@ class Controller:
         if extra:
             await self._write(fence, None, None, assign=extra, events=[], now=now)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
+        # The first wave that can be done decides; with none waiting, every outcome wakes.
+        self._awaiting = min(awaiting, default=0)
+        if self._outcomes >= max(self._awaiting, 1):
+            self._wake.set()  # those that came in during this step may already finish it
         return True
 
     async def _write(

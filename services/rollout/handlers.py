@@ -38,7 +38,7 @@ from common.requests.rollout import (
     StageCounts,
 )
 from common.routes import Route, route
-from common.vocabulary import ACTIVE_STATES, TERMINAL_PHASES
+from common.vocabulary import ACTIVE_STATES, FAILED_PHASES, TERMINAL_PHASES
 from services.rollout import metrics
 from services.rollout.model import (
     ActionRefused,
@@ -61,12 +61,18 @@ def _nothing() -> None:
     pass
 
 
+def _no_count(*, failed: bool) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Deps:
     store: RolloutStore
     clock: Clock
     # Wakes the controller when something it decides on changed.
     wake: Callable[[], None] = _nothing
+    # Counts a cell's upgrade outcome towards the wave it may finish (failed: step soon).
+    outcome: Callable[..., None] = _no_count
     # Publishes a command to a cell (a desired state re-sent on sync).
     send: Callable[[Message], Awaitable[None]] | None = None
 
@@ -129,7 +135,7 @@ async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, deps: Deps) -> N
     if recorded.desired_at is not None:
         took = (deps.clock.now() - recorded.desired_at).total_seconds()
         metrics.UPGRADE_DURATION.labels(msg.phase).observe(max(took, 0.0))
-    deps.wake()
+    deps.outcome(failed=msg.phase in FAILED_PHASES)
 
 
 async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:

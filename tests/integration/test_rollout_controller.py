@@ -20,6 +20,7 @@ from services.rollout.controller import Controller
 from services.rollout.model import RolloutPolicy, SoakTimes, new_rollout
 from services.rollout.store import GENERATION, LEASE, OUTBOX, FenceLost, RolloutStore, Stale
 from tests.conftest import Services
+from tests.helpers import eventually
 
 RELEASE = Release.model_validate({
     "version": "2026.11.5",
@@ -118,6 +119,56 @@ async def test_a_step_is_written_whole_and_a_new_controller_repeats_nothing(
     dedicated = await store.cell("c-2")
     assert dedicated and dedicated.desired_generation == 3
     assert await redis.get(GENERATION) == "3"
+
+
+async def test_outcomes_wake_the_controller_once_the_wave_may_be_done(
+    redis: aioredis.Redis,
+) -> None:
+    """A step on every outcome report kept a core half busy through a large rollout; an
+    outcome now wakes the controller only when enough have come in to finish the wave (or at
+    once when it is a failure, which may halt it), and the controller carries on to the end."""
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    await _fleet(store, clock)
+    # Ticks far apart: only a wake makes it step within the test.
+    controller = Controller(store, clock, Lease(redis, LEASE, 120), tick_seconds=60)
+    assert await controller.tick()  # staging's wave: c-0 and c-1 sent
+    assert not controller.woken
+
+    controller.outcome_reported(failed=False)
+    assert not controller.woken, "one of the wave's two outcomes cannot finish it"
+    controller.outcome_reported(failed=False)
+    assert controller.woken, "the second may"
+
+    # What counts is what came in since a step began: a step resets the count.
+    stop = asyncio.Event()
+    run = asyncio.create_task(controller.run(stop))
+    try:
+        await eventually(lambda: not controller.woken, interval=0.01, what="the first step")
+        controller.outcome_reported(failed=False)
+        assert not controller.woken
+        controller.outcome_reported(failed=True)
+        assert controller.woken, "a failure may halt the wave: step soon"
+
+        # The two cells succeed; their outcomes wake the controller, which finishes the wave
+        # (soaking: staging soaks 60 s) long before its tick.
+        for cell_id in ("c-0", "c-1"):
+            cell = await store.cell(cell_id)
+            assert cell and cell.desired_generation
+            await store.upgrade(
+                _report(cell_id, cell.desired_generation, "succeeded", RELEASE.version),
+                clock.now(),
+            )
+            controller.outcome_reported(failed=False)
+
+        async def soaking() -> bool:
+            r = await store.rollout(RELEASE.version)
+            return r is not None and r.state == "soaking"
+
+        await eventually(soaking, what="staging's wave finished (a 60-s tick away otherwise)")
+    finally:
+        stop.set()
+        await run
 
 
 async def test_only_the_lease_holder_steps_and_a_stale_holder_is_refused(

@@ -208,6 +208,29 @@ def test_a_step_written_and_taken_again_changes_nothing() -> None:
         fleet.now += timedelta(seconds=1)
 
 
+def test_a_step_says_how_many_outcomes_its_wave_waits_for() -> None:
+    """The controller steps again once that many outcomes came in (controller.py)."""
+    fleet = standard_fleet()
+    fleet.publish(V2)
+    first = step(fleet.r(V2), list(fleet.cells.values()), fleet.policy, fleet.now)
+    assert len(first.assign) == 2 and first.awaiting == 2  # staging's two cells, just sent
+    fleet.rollouts[V2] = first.rollout
+    fleet._assign(first.assign)
+    staging = sorted(a.cell_id for a in first.assign)
+    fleet.set(staging[0], installed_release=V2)
+    again = step(fleet.r(V2), list(fleet.cells.values()), fleet.policy, fleet.now)
+    assert again.awaiting == 1 and not again.assign
+    fleet.set(staging[1], installed_release=V2)
+    # The wave done, the step moves on through saas to dedicated's canary, and waits for it.
+    on = step(fleet.r(V2), list(fleet.cells.values()), fleet.policy, fleet.now)
+    assert on.rollout.stage == "saas" and on.awaiting == 1
+    fleet.rollouts[V2] = on.rollout
+    fleet._assign(on.assign)
+    fleet.run()
+    done = step(fleet.r(V2), list(fleet.cells.values()), fleet.policy, fleet.now)
+    assert fleet.r(V2).state == "completed" and done.awaiting == 0
+
+
 # -- failures, halts, resume and abort ------------------------------------------------------------
 
 

@@ -43,6 +43,9 @@ class Decision:
     rollout: Rollout
     assign: list[Assign] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    # Cells of the current wave whose outcome the rollout now waits for: until that many
+    # outcomes are reported, another step cannot finish the wave.
+    awaiting: int = 0
 
     @property
     def changed(self) -> bool:
@@ -89,6 +92,7 @@ class _Stepper:
         self.now = now
         self.assign: list[Assign] = []
         self.events: list[Event] = []
+        self.awaiting = 0
 
     @property
     def cells(self) -> list[CellFacts]:
@@ -107,10 +111,11 @@ class _Stepper:
         quiet = any(isinstance(e, RolloutHalted | RolloutCompleted) for e in self.events)
         if self.r != start and not quiet:
             self.events.append(_progressed(self.r, self.cells, self.policy, self.now))
-        return Decision(self.r, self.assign, self.events)
+        return Decision(self.r, self.assign, self.events, self.awaiting)
 
     def one(self) -> None:
         r = self.r
+        self.awaiting = 0  # what the last move left waiting is what counts
         if r.state == "aborted" and not r.reverted:
             self.revert()
         elif r.state == "soaking" and r.soak_until is not None and self.now >= r.soak_until:
@@ -176,8 +181,10 @@ class _Stepper:
             if progress == "pending":
                 self.send(cell, r.version)
                 waiting = True
+                self.awaiting += 1
             elif progress == "in_progress":
                 waiting = True
+                self.awaiting += 1
             elif progress == "offline" and policy.offline_cells == "wait":
                 started = r.wave_started_at or self.now
                 if self.now - started > deadline:
