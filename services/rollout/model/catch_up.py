@@ -8,32 +8,38 @@ from services.rollout.model.cells import CellFacts, at_least
 from services.rollout.model.rollout import Rollout
 from services.rollout.model.step import Assign
 
+_STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES)}
+
 
 class _Reach:
-    """Which cells a rollout has reached, for many cells (its wave sets computed once)."""
+    """Which cells a rollout has reached, for many cells: everything that depends on the
+    rollout alone is worked out once (this runs for every cell on every controller step)."""
 
     def __init__(self, r: Rollout) -> None:
-        self.r = r
         self.version = r.version
+        # A halted, paused or aborted rollout reaches no one; a completed one everyone.
+        self.everyone = r.state == "completed"
+        self.no_one = not self.everyone and r.state not in (*RUNNING_STATES, "superseded")
+        self.stage = _STAGE_INDEX[r.stage]
+        self.stage_reached = r.stage in r.reached
         self.started = r.started_cells()
         self.waiting = r.waiting_cells()
 
     def reaches(self, cell: CellFacts) -> bool:
         """The cell's stage is past, or its wave has started, or (a cell that was in no wave)
-        its stage's first wave is done. A halted, paused or aborted rollout reaches no one."""
-        r = self.r
-        if r.state == "completed":
+        its stage's first wave is done."""
+        if self.everyone:
             return True
-        if r.state not in (*RUNNING_STATES, "superseded"):
+        if self.no_one:
             return False
-        mine, theirs = STAGES.index(cell.stage), STAGES.index(r.stage)
-        if mine != theirs:
-            return mine < theirs
+        mine = _STAGE_INDEX[cell.stage]
+        if mine != self.stage:
+            return mine < self.stage
         if cell.id in self.started:
             return True
         if cell.id in self.waiting:
             return False
-        return cell.stage in r.reached
+        return self.stage_reached
 
 
 def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
@@ -54,7 +60,11 @@ def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
             ):
                 continue
         else:
-            target = next((r.version for r in newest_first_rollouts if r.reaches(cell)), None)
+            target = None
+            for reach in newest_first_rollouts:
+                if reach.reaches(cell):
+                    target = reach.version
+                    break
             if target is None or at_least(cell.installed_release, target):
                 continue
             if cell.desired_generation is not None and at_least(cell.desired_version, target):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +38,8 @@ class CellFacts(BaseModel):
     report_error: str | None = None
 
 
+# The controller compares a fleet's few versions for every cell on every step.
+@lru_cache(maxsize=4096)
 def newer(a: str | None, b: str | None) -> bool:
     """Whether release ``a`` is newer than ``b`` (nothing is older than everything)."""
     pa, pb = SemVer.parse(a), SemVer.parse(b)
