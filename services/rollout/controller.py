@@ -53,8 +53,8 @@ class Controller:
         self.lease = lease
         self.tick_seconds = tick_seconds
         self._wake = asyncio.Event()
-        # Outcomes reported since the last step began, and how many the waves in progress
-        # wait for (0: none is waiting on outcomes).
+        # Outcomes reported since the last step began, and how many the first wave in
+        # progress to be done waits for (0: no wave waits on outcomes).
         self._outcomes = 0
         self._awaiting = 0
         self._cells: dict[str, CellFacts] | None = None
@@ -73,13 +73,16 @@ class Controller:
     def outcome_reported(self, *, failed: bool) -> None:
         """A cell reported how its upgrade ended. A failure may halt a wave: step soon. A
         success only matters once the waves in progress may be done, that is once as many
-        outcomes came in as their cells still waited for; until then the tick looks. (Over a
-        large fleet, a step on every report held a core half busy for the whole rollout,
-        taken from the broker that carries it.) Counting any outcome, of any cell, can only
-        make the step come early, never late."""
+        outcomes came in as their cells still waited for; until then, or with no wave waiting
+        (a first install, a pin), the tick looks. (Over a large fleet, a step on every report
+        held a core half busy for the whole rollout, taken from the broker that carries it.)
+        Counting any outcome, of any cell, can only make the step come early, never late."""
         self._outcomes += 1
-        if failed or self._outcomes >= self._awaiting:
+        if failed or self._wave_may_be_done():
             self._wake.set()
+
+    def _wave_may_be_done(self) -> bool:
+        return 0 < self._awaiting <= self._outcomes
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -147,9 +150,9 @@ class Controller:
         if extra:
             await self._write(fence, None, None, assign=extra, events=[], now=now)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
-        # The first wave that can be done decides; with none waiting, every outcome wakes.
+        # The first wave that can be done decides.
         self._awaiting = min(awaiting, default=0)
-        if self._outcomes >= max(self._awaiting, 1):
+        if self._wave_may_be_done():
             self._wake.set()  # those that came in during this step may already finish it
         return True
 

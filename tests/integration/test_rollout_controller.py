@@ -132,6 +132,9 @@ async def test_outcomes_wake_the_controller_once_the_wave_may_be_done(
     await _fleet(store, clock)
     # Ticks far apart: only a wake makes it step within the test.
     controller = Controller(store, clock, Lease(redis, LEASE, 120), tick_seconds=60)
+    controller.outcome_reported(failed=False)
+    assert not controller.woken, "no wave waits yet: a success waits for the tick"
+    controller = Controller(store, clock, Lease(redis, LEASE, 120), tick_seconds=60)
     assert await controller.tick()  # staging's wave: c-0 and c-1 sent
     assert not controller.woken
 
