@@ -108,9 +108,9 @@ class Outbox:
                     return
 
         await asyncio.gather(*(in_order(items) for items in by_destination.values()))
-        # The batch leaves the in-flight list in one round trip (one per entry was a tenth of a
-        # rollout service's CPU over a large fleet). A crash before it publishes the batch
-        # again on restart: duplicates, which consumers drop; nothing lost.
+        # The batch leaves the in-flight list in one round trip, not one per entry. A crash
+        # before it publishes the batch again on restart: duplicates, which consumers drop;
+        # nothing lost.
         again = [raw for raw in raws if raw in failed]
         if done or again:
             pipe = self._redis.pipeline(transaction=True)

@@ -170,7 +170,7 @@ class _Stepper:
         r, policy = self.r, self.policy
         assert r.waves is not None
         wave = r.waves[r.wave] if r.wave < len(r.waves) else ()
-        waiting = False
+        offline_waiting = False  # offline cells the wave waits for (no outcome to count)
         failures: list[CellFailure] = []
         deadline = timedelta(seconds=policy.progress_deadline_seconds)
         for cell_id in wave:
@@ -180,10 +180,8 @@ class _Stepper:
             progress = cell_progress(cell, r.version, policy, self.now)
             if progress == "pending":
                 self.send(cell, r.version)
-                waiting = True
                 self.awaiting += 1
             elif progress == "in_progress":
-                waiting = True
                 self.awaiting += 1
             elif progress == "offline" and policy.offline_cells == "wait":
                 started = r.wave_started_at or self.now
@@ -193,7 +191,7 @@ class _Stepper:
                         CellFailure(cell_id=cell_id, error=failure_of(cell, "offline", policy))
                     )
                 else:
-                    waiting = True
+                    offline_waiting = True
             counted = cell_id in r.accepted or any(f.cell_id == cell_id for f in failures)
             if progress in ("failed", "timed_out") and not counted:
                 failures.append(
@@ -210,7 +208,7 @@ class _Stepper:
                 f" (the wave tolerates {policy.failure_threshold})",
                 tuple(failures),
             )
-        elif not waiting:
+        elif not (self.awaiting or offline_waiting):
             self.wave_done()
 
     def send(self, cell: CellFacts, version: str) -> None:
