@@ -2,7 +2,7 @@
 (created through the registry, so every message takes the real security path).
 
     python -m bench.fleet ingest [--cells 1000] [--heartbeats 100000] [--replicas 1]
-    python -m bench.fleet storm [--cells 2000] [--processes N]
+    python -m bench.fleet storm [--cells 2000] [--processes N] [--services rollout flags]
 
 `ingest` measures the registry's sustained rate of heartbeats applied to Redis next to raw
 aio-pika consume+ack of the same stream, in the same run. `storm` measures how long N cells
@@ -39,6 +39,7 @@ from common.messages import CELLS_EXCHANGE
 from common.rabbitmq_api import RabbitApi
 from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
+from services.registry.store import OUTBOX as REGISTRY_OUTBOX
 from services.registry.store import STATUS
 
 AMQP_URL = os.environ.get("SUBSTRATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -71,6 +72,8 @@ class Bench:
     # Registry replicas (competing consumers of registry.cells); ``registry`` is the first.
     replicas: int = 1
     others: list[asyncio.subprocess.Process] = field(default_factory=list)
+    # Other services of the control plane the benchmark runs (rollout, flags), by name.
+    services: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
     @property
     def registry_pids(self) -> list[int]:
@@ -108,6 +111,41 @@ class Bench:
             return (await self.control.queue_state("registry.cells")).consumers >= self.replicas
         except QueueMissing:
             return False  # the registry declares it at start
+
+    async def start_service(self, name: str) -> asyncio.subprocess.Process:
+        """Start ``substrate-<name>`` against the benchmark's vhost and Redis database; return
+        once it answers a status request (it has declared its queues and consumes)."""
+        env = {
+            **os.environ,
+            "SUBSTRATE_AMQP_URL": self.amqp_url,
+            "SUBSTRATE_REDIS_URL": self.redis_url,
+            "SUBSTRATE_RABBITMQ_API_URL": API_URL,
+            "SUBSTRATE_LOG_LEVEL": "WARNING",
+        }
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / f"substrate-{name}"), env=env, stdout=log, stderr=log
+        )
+        self.services[name] = process
+
+        async def answers() -> bool:
+            if process.returncode is not None:
+                raise RuntimeError(f"{name} exited; see {self.workdir}/{name}.log")
+            try:
+                await self.control.request(name, "status", timeout=2)
+                return True
+            except Exception:
+                return False
+
+        await until(answers, 0.1)
+        return process
+
+    async def stop_services(self) -> None:
+        for process in self.services.values():
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+        self.services = {}
 
     async def stop_registry(self) -> None:
         for process in ([self.registry] if self.registry else []) + self.others:
@@ -152,6 +190,7 @@ class Bench:
         return int(status["cells"].get("online", 0))
 
     async def cleanup(self) -> None:
+        await self.stop_services()
         await self.stop_registry()
         for cell in self.cells:
             if cell.bus is not None:
@@ -413,7 +452,9 @@ async def ingest(args: argparse.Namespace) -> None:
 async def storm(args: argparse.Namespace) -> None:
     """Baseline first: the same cells connect and publish their registration while the
     registry is stopped and raw aio-pika consumes a copy of the registrations; then they leave,
-    the registry starts, and they arrive again, timed until the registry has every one online."""
+    the registry starts, and they arrive again, timed until the registry has every one online.
+    With ``--services``, those services run through the storm as in a deployment, taking the
+    registrations' events, and the storm is also timed until they have taken in every one."""
     async with bench_environment(args.redis_db) as bench:
         await bench.create_cells(args.cells, "st")
         sims = await bench.simulate(args.processes)
@@ -424,20 +465,32 @@ async def storm(args: argparse.Namespace) -> None:
             baseline = await storm_baseline(bench, sims, args.cells)
             print(f"  baseline: every connection open and registration consumed by raw "
                   f"aio-pika after {baseline:.1f}s", flush=True)  # fmt: skip
+            for name in args.services:
+                await bench.start_service(name)
             await bench.start_registry()
-            cpu_before = sum(cpu_seconds(pid) for pid in bench.registry_pids)
+            meter = CpuMeter({
+                **await broker_and_redis_pids(bench),
+                "simulators": [p.pid for p in sims.processes],
+                "registry": bench.registry_pids,
+                **{name: [process.pid] for name, process in bench.services.items()},
+            })  # fmt: skip
+            before = meter.read()
             started = time.perf_counter()
             arrivals = asyncio.create_task(sims.command("arrive", "arrived"))
             # Watched in Redis (the registry's online index): asking the registry would load it.
             redis = aioredis.from_url(bench.redis_url)
             try:
                 await until(lambda: _online_in_redis(redis, args.cells), 0.1)
+                all_online = time.perf_counter() - started
+                registry_cpu = meter.since(before)["registry"]
+                await arrivals
+                arrived = time.perf_counter() - started
+                queues = [f"{name}.events" for name in args.services]
+                await until(lambda: _events_taken_in(bench, redis, queues), 0.2)
+                taken_in = time.perf_counter() - started
+                spent = meter.since(before)
             finally:
                 await redis.aclose()
-            all_online = time.perf_counter() - started
-            cpu = sum(cpu_seconds(pid) for pid in bench.registry_pids) - cpu_before
-            await arrivals
-            arrived = time.perf_counter() - started
         finally:
             await sims.stop()
         # Printed before the cleanup (deleting 10,000 broker users takes minutes).
@@ -445,11 +498,21 @@ async def storm(args: argparse.Namespace) -> None:
         print(f"{'baseline: connect + publish, raw aio-pika consume':52}{baseline:>7.1f}s")
         print(f"{'registry: all online':52}{all_online:>7.1f}s   target 60 s (10,000 cells)")
         print(f"{'  (the simulators done connecting and publishing)':52}{arrived:>7.1f}s")
+        if args.services:
+            print(f"{'  (' + ' and '.join(args.services) + ' took in every event)':52}"
+                  f"{taken_in:>7.1f}s")  # fmt: skip
         print(
             f"(registrations per second: {args.cells / all_online:,.0f}; registry CPU "
-            f"{cpu:.1f}s, {cpu / args.cells * 1000:.2f} ms a registration)",
+            f"{registry_cpu:.1f}s, {registry_cpu / args.cells * 1000:.2f} ms a registration)",
             flush=True,
         )
+        print(f"CPU until then: {CpuMeter.line(spent, taken_in)}", flush=True)
+
+
+async def _events_taken_in(bench: Bench, redis: aioredis.Redis, queues: list[str]) -> bool:
+    """The registry has published every event it owes and the services' queues are empty."""
+    owed = await redis.llen(REGISTRY_OUTBOX) + await redis.llen(f"{REGISTRY_OUTBOX}:inflight")
+    return not owed and await queues_empty(bench.control, *queues)
 
 
 async def _online_in_redis(redis: aioredis.Redis, n: int) -> bool:
@@ -503,6 +566,13 @@ def main() -> None:
         type=int,
         default=0,
         help=f"simulator processes (default: one per {CELLS_PER_PROCESS} cells)",
+    )
+    p.add_argument(
+        "--services",
+        nargs="*",
+        default=[],
+        choices=("rollout", "flags"),
+        help="services that run through the storm, taking the registrations' events",
     )
     p.set_defaults(run=storm)
     args = parser.parse_args()

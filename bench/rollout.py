@@ -25,7 +25,6 @@ over the cores, is the least time this machine could take with the cells elsewhe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import time
@@ -34,8 +33,6 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 
 from bench.fleet import (
-    API_URL,
-    BIN,
     Bench,
     CpuMeter,
     bench_environment,
@@ -59,30 +56,6 @@ def release(version: str) -> Release:
     )
 
 
-async def start_rollout(bench: Bench) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "SUBSTRATE_AMQP_URL": bench.amqp_url,
-        "SUBSTRATE_REDIS_URL": bench.redis_url,
-        "SUBSTRATE_RABBITMQ_API_URL": API_URL,
-        "SUBSTRATE_LOG_LEVEL": "WARNING",
-    }
-    log = (bench.workdir / "rollout.log").open("ab")
-    process = await asyncio.create_subprocess_exec(
-        str(BIN / "substrate-rollout"), env=env, stdout=log, stderr=log
-    )
-
-    async def answers() -> bool:
-        try:
-            await bench.control.request("rollout", "status", timeout=2)
-            return True
-        except Exception:
-            return False
-
-    await until(answers, 0.1)
-    return process
-
-
 Spent = dict[str, float]
 
 
@@ -102,7 +75,10 @@ async def baseline_round(
                 issued_at=datetime.now(UTC),
                 generation=generation,
                 release=rel,
-            )
+            ),
+            # The bus's 10 s was once not enough with 10,000 cells keeping the broker busy (no
+            # alarm): the round then failed. The rollout's outbox retries where this would not.
+            confirm_timeout=60,
         )
 
     await gather_limited(len(bench.cells), 200, send)
@@ -149,7 +125,7 @@ async def main(args: argparse.Namespace) -> None:
             redis = aioredis.from_url(bench.redis_url)
             await redis.set("rollout:generation", ROLLOUT_GENERATIONS)
             await redis.aclose()
-            rollout = await start_rollout(bench)
+            rollout = await bench.start_service("rollout")
             meter = CpuMeter({
                 **await broker_and_redis_pids(bench),
                 "simulators": [p.pid for p in sims.processes],
@@ -161,8 +137,7 @@ async def main(args: argparse.Namespace) -> None:
             try:
                 baselines, rollouts = await rounds(bench, sims, meter, args)
             finally:
-                rollout.terminate()
-                await rollout.wait()
+                await bench.stop_services()
         finally:
             await sims.stop()
     report(args, baselines, rollouts)
