@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields, replace
 from datetime import datetime
 
@@ -158,8 +157,7 @@ def _cell_id(msg: Message) -> str:
 
 class FleetView:
     """A service's view of the fleet under ``prefix``. ``changed``: a set every changed cell id
-    is added to, in the same write (a controller's "what to read again"). ``on_change`` is
-    called with each cell after a change was written, and the fact that changed it."""
+    is added to, in the same write (a controller's "what to read again")."""
 
     def __init__(
         self,
@@ -167,12 +165,10 @@ class FleetView:
         prefix: str,
         *,
         changed: str | None = None,
-        on_change: Callable[[FleetCell, Message], None] | None = None,
     ) -> None:
         self.redis = redis
         self.key = prefix + "fleet"
         self.changed = changed
-        self.on_change = on_change
         self._changes = Changes(redis)
         # Each cell's entry as this process last wrote or read it: the guess a fact is
         # decided on first (see apply). Never trusted without Redis checking it.
@@ -231,8 +227,6 @@ class FleetView:
             applied = await self._changes.apply(change)
             if applied.written:
                 self._last[cell_id] = encoded
-                if self.on_change is not None:
-                    self.on_change(new, msg)
                 return new
             raw = applied.read.get(cell_id)
             if raw is not None:

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from common import redis_client
 from common.bus import RabbitBus
 from common.clock import Clock, SystemClock
-from common.fleet import FleetCell, FleetView
+from common.fleet import FleetView
 from common.lease import Lease
-from common.messages import CellUpgrade, Message
+from common.messages import Message
 from common.settings import ServiceSettings
 from services.rollout import handlers
 from services.rollout.controller import Controller
@@ -31,15 +31,6 @@ async def setup(
     controller = Controller(
         store, clock, Lease(redis, LEASE, own.lease_seconds), tick_seconds=own.tick_seconds
     )
-
-    def fact_changed(cell: FleetCell, fact: Message) -> None:
-        # A cell registered (its first install), back online, or its hold lifted: step soon.
-        # The release a cell runs changes with its outcome report, which the report's handler
-        # counts (Controller.outcome_reported) rather than waking the controller for each.
-        if not isinstance(fact, CellUpgrade):
-            controller.wake()
-
-    fleet.on_change = fact_changed
 
     async def send(message: Message) -> None:
         await bus.publish(message)

@@ -144,7 +144,8 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     refuse_foreign_sender(msg, delivery)
     cell = await deps.store.cell(msg.cell_id)
     if cell is None or cell.desired_generation is None:
-        deps.wake()  # nothing sent yet: perhaps its first install is due
+        # Nothing sent yet: a first install, if one is due, comes with the next step (as for
+        # a registration, the tick: see Controller.wake).
         return
     if msg.applied_generation is not None and msg.applied_generation >= cell.desired_generation:
         return

@@ -30,6 +30,11 @@ FENCE_LOST = Counter(
     "Controller steps refused because another replica took the lease meanwhile",
 )
 ASSIGNED = Counter("substrate_rollout_desired_states", "Desired states sent to cells")
+STEP_DURATION = Histogram(
+    "substrate_rollout_step_seconds",
+    "The leading controller's steps over the fleet, and how long each took",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 UPGRADE_DURATION = Histogram(
     "substrate_upgrade_duration_seconds",
     "From a desired state being sent to the cell reporting its outcome, by outcome",

@@ -10,8 +10,9 @@ from common.settings import ServiceSettings
 class RolloutSettings(ServiceSettings):
     tick_seconds: float = Field(
         default=1.0, gt=0,
-        description="the controller's longest pause between steps (reports wake it sooner); "
-        "soak ends and progress deadlines are noticed within this",
+        description="the controller's longest pause between steps (operators' actions and "
+        "outcome reports wake it sooner); soak ends, progress deadlines and changes in the "
+        "fleet (a cell registered, back online, its hold lifted) are acted on within this",
     )  # fmt: skip
     lease_seconds: float = Field(
         default=15.0, gt=0,

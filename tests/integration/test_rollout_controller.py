@@ -11,14 +11,27 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
+from common import topology
+from common.bus import RabbitBus
 from common.clock import FakeClock
 from common.lease import Lease
 from common.messages import CellRegistered, CellUpgrade, Release, ReleasePublished
 from common.vocabulary import Stage, UpgradePhase
+from services.rollout.bootstrap import setup
 from services.rollout.controller import Controller
 from services.rollout.model import RolloutPolicy, SoakTimes, new_rollout
-from services.rollout.store import GENERATION, LEASE, OUTBOX, FenceLost, RolloutStore, Stale
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import (
+    GENERATION,
+    LEASE,
+    OUTBOX,
+    PREFIX,
+    FenceLost,
+    RolloutStore,
+    Stale,
+)
 from tests.conftest import Services
 from tests.helpers import eventually
 
@@ -227,3 +240,52 @@ async def test_reports_out_of_order_do_not_undo_a_newer_one(redis: aioredis.Redi
         2, "succeeded", v,
     )  # fmt: skip
     assert not await store.upgrade(_report("nobody", 1, "accepted", v), at)
+
+
+def _steps() -> float:
+    return REGISTRY.get_sample_value("substrate_rollout_step_seconds_count") or 0.0
+
+
+async def test_fleet_changes_wait_for_the_tick_and_operators_wake_the_controller(
+    fresh_services: Services,
+) -> None:
+    """The rollout service as it runs, on a broker and Redis of its own. In a registration
+    storm every `cell.registered` event woke the controller for a step over the whole fleet
+    (as much CPU as the registry spent registering); fleet changes now wait for the tick,
+    while an operator's action still wakes it at once."""
+    settings = RolloutSettings(
+        amqp_url=fresh_services.amqp_url, redis_url=fresh_services.redis_url,
+        rabbitmq_api_url=fresh_services.api_url, tick_seconds=60,
+    )  # fmt: skip
+    bus = await RabbitBus.connect(fresh_services.amqp_url, name="test-rollout-wiring")
+    await bus.declare(topology.control_plane())
+    before = _steps()
+    cleanup = await setup(bus, settings)
+    redis = aioredis.from_url(fresh_services.redis_url, decode_responses=True)
+    store = RolloutStore(redis)
+    try:
+        first = await eventually(lambda: _steps() > before and _steps(), what="the first step")
+        clock = FakeClock()
+        for i in range(20):
+            await bus.publish(_registered(f"c-{i}", "dedicated", clock))
+
+        async def all_known() -> bool:
+            return bool(await redis.hlen(PREFIX + "fleet") == 20)
+
+        await eventually(all_known, what="rollout has every registration")
+        assert _steps() == first, "20 registrations made no step before the tick"
+
+        await bus.request(
+            "rollout", "release.publish", {"release": RELEASE.model_dump(mode="json")}
+        )
+        await eventually(lambda: _steps() > first, what="a step woken by the new release")
+
+        async def canary_sent() -> bool:
+            cells = [await store.cell(f"c-{i}") for i in range(20)]
+            return any(c and c.desired_generation for c in cells)
+
+        await eventually(canary_sent, what="the dedicated canary's desired state")
+    finally:
+        await cleanup()
+        await redis.aclose()
+        await bus.close(drain_timeout=5)
