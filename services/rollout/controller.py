@@ -33,6 +33,7 @@ from services.rollout.model import (
     Assign,
     CellFacts,
     Rollout,
+    RolloutPolicy,
     catch_up,
     step,
     superseded,
@@ -60,6 +61,9 @@ class Controller:
         self._cells: dict[str, CellFacts] | None = None
         self._cells_fence: str | None = None
         self._loaded_at = 0.0
+        # The policy and rollouts of the last step, if it had nothing to do: the same step
+        # over an unchanged fleet would have nothing to do either.
+        self._quiet: tuple[RolloutPolicy, dict[str, Rollout]] | None = None
 
     def wake(self) -> None:
         """Step soon: an operator changed something a step depends on (a release, a policy,
@@ -121,10 +125,19 @@ class Controller:
             return False
         policy = await self.store.policy()
         rollouts = {r.version: r for r in await self.store.rollouts()}
-        by_id = await self._load_cells(fence)
+        by_id, cells_changed = await self._load_cells(fence)
+        if not cells_changed and self._quiet == (policy, rollouts):
+            # Between rollouts a fleet at rest changes nothing from one tick to the next, and
+            # over 100,000 cells catch_up and the gauges cost 0.17 s a tick for nothing.
+            return True
+        self._quiet = None
         now = self.clock.now()
+        # Whether this step has to be taken again on the next tick with nothing changed: a
+        # rollout under way depends on the time (soak ends, deadlines), a write on itself.
+        busy = False
 
         for version in superseded(list(rollouts.values())):
+            busy = True
             r = rollouts[version]
             new = r.model_copy(update={"state": "superseded", "updated_at": now})
             rollouts[version] = await self._write(fence, r, new, assign=[], events=[], now=now) or r
@@ -134,6 +147,7 @@ class Controller:
         for r in sorted(rollouts.values(), key=lambda r: r.semver):
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
+            busy = True
             decision = step(r, list(by_id.values()), policy, now)
             if decision.awaiting:
                 awaiting.append(decision.awaiting)
@@ -152,8 +166,11 @@ class Controller:
 
         extra = catch_up(list(by_id.values()), list(rollouts.values()))
         if extra:
+            busy = True
             await self._write(fence, None, None, assign=extra, events=[], now=now)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
+        if not busy:
+            self._quiet = (policy, rollouts)
         # The first wave that can be done decides.
         self._awaiting = min(awaiting, default=0)
         if self._wave_may_be_done():
@@ -202,7 +219,8 @@ class Controller:
             )
         return written
 
-    async def _load_cells(self, fence: str) -> dict[str, CellFacts]:
+    async def _load_cells(self, fence: str) -> tuple[dict[str, CellFacts], bool]:
+        """The copy of the cells, and whether anything in it was read again."""
         now = self.clock.monotonic()
         stale = now - self._loaded_at > FULL_RELOAD_SECONDS
         if self._cells is None or fence != self._cells_fence or stale:
@@ -210,13 +228,13 @@ class Controller:
             await self.store.forget_changes()
             self._cells = {c.id: c for c in await self.store.cells()}
             self._cells_fence, self._loaded_at = fence, now
-        else:
-            changed, gone = await self.store.changed_cells()
-            for cell in changed:
-                self._cells[cell.id] = cell
-            for cell_id in gone:
-                self._cells.pop(cell_id, None)
-        return self._cells
+            return self._cells, True
+        changed, gone = await self.store.changed_cells()
+        for cell in changed:
+            self._cells[cell.id] = cell
+        for cell_id in gone:
+            self._cells.pop(cell_id, None)
+        return self._cells, bool(changed or gone)
 
     def _apply(self, assign: list[Assign], generations: list[int], now: datetime) -> None:
         """What was just written, into the copy of the cells."""
