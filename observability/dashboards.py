@@ -86,6 +86,9 @@ BOARDS = (
             q("histogram_quantile(0.9, sum by (le, outcome) "
               "(rate(substrate_upgrade_duration_seconds_bucket[5m])))", "{{outcome}}"),),
             unit="s"),
+        Panel("Controller step time, p90", (
+            q("histogram_quantile(0.9, sum by (le) "
+              "(rate(substrate_rollout_step_seconds_bucket[5m])))", "p90"),), unit="s"),
         Panel("Maintenance stay, p90", (
             q("histogram_quantile(0.9, sum by (le) "
               "(rate(substrate_cell_maintenance_duration_seconds_bucket[5m])))", "p90"),),
