@@ -1,6 +1,6 @@
 """Rollout speed: N simulated dedicated cells, zero soak, an instant applier.
 
-    python -m bench.rollout [--cells 1000] [--rounds 2] [--processes N]
+    python -m bench.rollout [--cells 1000] [--rounds 2] [--processes N] [--with-flags]
 
 Each simulated cell has its own broker user and connection (made through the registry; the
 cells are spread over simulator processes, bench/simulator.py) and
@@ -126,11 +126,15 @@ async def main(args: argparse.Namespace) -> None:
             await redis.set("rollout:generation", ROLLOUT_GENERATIONS)
             await redis.aclose()
             rollout = await bench.start_service("rollout")
+            # Flags takes the same upgrade reports in a deployment; without it its queue only
+            # gathers them.
+            flags = [(await bench.start_service("flags")).pid] if args.with_flags else []
             meter = CpuMeter({
                 **await broker_and_redis_pids(bench),
                 "simulators": [p.pid for p in sims.processes],
                 "registry": bench.registry_pids,
                 "rollout": [rollout.pid],
+                **({"flags": flags} if flags else {}),
                 # The baseline's publisher of desired states (the rollout's stand-in).
                 "bench": [os.getpid()],
             })  # fmt: skip
@@ -155,7 +159,8 @@ def report(
     print(f"{'rollout: publish -> canary, 10%, 50%, 100% -> all updated':62}{elapsed:>7.2f}s"
           f"   target {target}")  # fmt: skip
     per_cell = statistics.median(control_plane(s) for _, s in rollouts) / args.cells * 1000
-    print(f"{'control plane CPU (rollout + registry) per cell updated':62}{per_cell:>6.2f}ms")
+    parts = "rollout + registry" + (" + flags" if args.with_flags else "")
+    print(f"{'control plane CPU (' + parts + ') per cell updated':62}{per_cell:>6.2f}ms")
     cores = os.cpu_count() or 1
     for name, runs in (("baseline", baselines), ("rollout", rollouts)):
         # The least wall time the parts an operator runs could take on these cores, had the
@@ -166,7 +171,7 @@ def report(
 
 
 def control_plane(spent: Spent) -> float:
-    return spent["registry"] + spent["rollout"]
+    return spent["registry"] + spent["rollout"] + spent.get("flags", 0.0)
 
 
 async def rounds(
@@ -184,7 +189,8 @@ async def rounds(
 
     # Until the services have taken in the registrations' events (rollout starts with them
     # all queued), so that the fleet is at rest below.
-    await until(lambda: queues_empty(bench.control, *SERVICE_INPUTS), 0.5)
+    inputs = SERVICE_INPUTS + (("flags.cells", "flags.events") if args.with_flags else ())
+    await until(lambda: queues_empty(bench.control, *inputs), 0.5)
     # What holding the fleet costs with nothing happening (connections' heartbeats, the
     # management plugin's statistics): a share of every round below.
     spent = await meter.over(IDLE_SECONDS)
@@ -213,6 +219,9 @@ def cli() -> None:
         type=int,
         default=0,
         help=f"simulator processes (default: one per {CELLS_PER_PROCESS} cells)",
+    )
+    parser.add_argument(
+        "--with-flags", action="store_true", help="run the flags service too, as deployed"
     )
     run(main(parser.parse_args()))
 
