@@ -486,7 +486,7 @@ async def storm(args: argparse.Namespace) -> None:
                 await arrivals
                 arrived = time.perf_counter() - started
                 queues = [f"{name}.events" for name in args.services]
-                await until(lambda: _events_taken_in(bench, redis, queues), 0.2)
+                await until(lambda: events_taken_in(bench, redis, queues), 0.2)
                 taken_in = time.perf_counter() - started
                 spent = meter.since(before)
             finally:
@@ -509,8 +509,8 @@ async def storm(args: argparse.Namespace) -> None:
         print(f"CPU until then: {CpuMeter.line(spent, taken_in)}", flush=True)
 
 
-async def _events_taken_in(bench: Bench, redis: aioredis.Redis, queues: list[str]) -> bool:
-    """The registry has published every event it owes and the services' queues are empty."""
+async def events_taken_in(bench: Bench, redis: aioredis.Redis, queues: list[str]) -> bool:
+    """The registry has published every event it owes and ``queues`` are empty."""
     owed = await redis.llen(REGISTRY_OUTBOX) + await redis.llen(f"{REGISTRY_OUTBOX}:inflight")
     return not owed and await queues_empty(bench.control, *queues)
 

@@ -37,7 +37,7 @@ from bench.fleet import (
     CpuMeter,
     bench_environment,
     broker_and_redis_pids,
-    queues_empty,
+    events_taken_in,
     until,
 )
 from bench.simulator import CELLS_PER_PROCESS, Simulators, gather_limited
@@ -188,9 +188,14 @@ async def rounds(
     await until(all_online, 0.2)
 
     # Until the services have taken in the registrations' events (rollout starts with them
-    # all queued), so that the fleet is at rest below.
-    inputs = SERVICE_INPUTS + (("flags.cells", "flags.events") if args.with_flags else ())
-    await until(lambda: queues_empty(bench.control, *inputs), 0.5)
+    # all queued, and the registry's outbox may still hold some), so that the fleet is at rest
+    # below.
+    inputs = [*SERVICE_INPUTS, *(("flags.cells", "flags.events") if args.with_flags else ())]
+    redis = aioredis.from_url(bench.redis_url)
+    try:
+        await until(lambda: events_taken_in(bench, redis, inputs), 0.5)
+    finally:
+        await redis.aclose()
     # What holding the fleet costs with nothing happening (connections' heartbeats, the
     # management plugin's statistics): a share of every round below.
     spent = await meter.over(IDLE_SECONDS)
