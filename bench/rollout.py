@@ -47,7 +47,6 @@ from common.runner import run
 DIGEST = "sha256:" + "b" * 64
 ROLLOUT_GENERATIONS = 10_000_000
 IDLE_SECONDS = 20.0
-SERVICE_INPUTS = ("registry.cells", "registry.events", "rollout.cells", "rollout.events")
 
 
 def release(version: str) -> Release:
@@ -125,16 +124,16 @@ async def main(args: argparse.Namespace) -> None:
             redis = aioredis.from_url(bench.redis_url)
             await redis.set("rollout:generation", ROLLOUT_GENERATIONS)
             await redis.aclose()
-            rollout = await bench.start_service("rollout")
-            # Flags takes the same upgrade reports in a deployment; without it its queue only
-            # gathers them.
-            flags = [(await bench.start_service("flags")).pid] if args.with_flags else []
+            await bench.start_service("rollout")
+            if args.with_flags:
+                # Flags takes the same upgrade reports in a deployment; without it its queue
+                # only gathers them.
+                await bench.start_service("flags")
             meter = CpuMeter({
                 **await broker_and_redis_pids(bench),
                 "simulators": [p.pid for p in sims.processes],
                 "registry": bench.registry_pids,
-                "rollout": [rollout.pid],
-                **({"flags": flags} if flags else {}),
+                **{name: [process.pid] for name, process in bench.services.items()},
                 # The baseline's publisher of desired states (the rollout's stand-in).
                 "bench": [os.getpid()],
             })  # fmt: skip
@@ -190,7 +189,8 @@ async def rounds(
     # Until the services have taken in the registrations' events (rollout starts with them
     # all queued, and the registry's outbox may still hold some), so that the fleet is at rest
     # below.
-    inputs = [*SERVICE_INPUTS, *(("flags.cells", "flags.events") if args.with_flags else ())]
+    inputs = [f"{name}.{queue}" for name in ("registry", *bench.services)
+              for queue in ("cells", "events")]  # fmt: skip
     redis = aioredis.from_url(bench.redis_url)
     try:
         await until(lambda: events_taken_in(bench, redis, inputs), 0.5)

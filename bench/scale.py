@@ -151,7 +151,7 @@ async def controller_figures(redis: aioredis.Redis, store: RolloutStore, n: int)
     controller = Controller(store, clock, Lease(redis, LEASE, 30))
     first, _ = await timed(controller.tick)
     idle = [(await timed(controller.tick))[0] for _ in range(5)]
-    some_cell = next(iter(await redis.hkeys(ROLLOUT_PREFIX + "fleet")))
+    some_cell = str(await redis.hrandfield(ROLLOUT_PREFIX + "fleet"))
 
     async def one_changed() -> bool:
         await redis.sadd(DIRTY, some_cell)  # as a fact about it does
