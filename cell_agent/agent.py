@@ -112,6 +112,7 @@ class Agent:
             clock=self.clock,
             report=self.report_upgrade,
             report_maintenance=self.report_maintenance,
+            progress_after=settings.progress_report_seconds,
         )
         self.flags = LocalFlags(settings.state_dir, self.own_attributes)
         self.requirement = RequirementFile(settings.state_dir)

@@ -40,6 +40,12 @@ class AgentSettings(BaseSettings):
     apply_command: str | None = Field(
         default=None, description="with CELL_APPLIER=command: run once per component"
     )
+    progress_report_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="an upgrade's phase is reported once it has lasted this long (its outcome "
+        "at once); 0: every phase at once",
+    )
     maintenance_minutes: float = Field(
         default=15.0, gt=0, description="maintenance window, renewed while an update runs"
     )

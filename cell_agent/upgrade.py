@@ -7,6 +7,12 @@ component needs it, apply the changed components in order, check health, leave m
 record the release as applied, report. A crash at any step resumes from the journal on the
 next start; a generation recorded as applied is never applied again, and the final outcome of
 a generation is reported until it is published once.
+
+A phase on the way (accepted, verifying, applying) is reported once it has lasted
+``progress_after`` seconds, the outcome at once: an upgrade that takes minutes shows where it
+is, and one that takes a moment sends its outcome alone. Every report a cell sends is a message
+each of rollout's and flags' queues takes in; with four a cell, a 10,000-cell rollout took
+twice as long on the same broker (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class Upgrader:
         clock: Clock,
         report: Report,
         report_maintenance: MaintenanceReport,
+        progress_after: float = 0.0,
     ) -> None:
         self.journal = journal
         self.applier = applier
@@ -93,7 +100,12 @@ class Upgrader:
         self.clock = clock
         self.report = report
         self.report_maintenance = report_maintenance
+        self.progress_after = progress_after
         self._wake = asyncio.Event()
+        # The report of the phase under way, until it has lasted progress_after; and every such
+        # report still going out (the loop keeps only weak references to tasks).
+        self._progress_due: asyncio.Task[None] | None = None
+        self._reporting: set[asyncio.Task[None]] = set()
 
     async def on_desired_state(self, msg: DesiredState, delivery: Delivery) -> None:
         """Journal it (newest generation wins) and return: the command is acked now."""
@@ -116,6 +128,7 @@ class Upgrader:
                 log.exception("upgrade step failed; retrying")
             unreported = (p := self.journal.progress) is not None and not p.reported
             await wait_any(stop, self._wake, timeout=REPORT_RETRY_SECONDS if unreported else None)
+        self._forget_progress()
 
     async def reconcile(self) -> None:
         progress = self.journal.progress
@@ -142,14 +155,41 @@ class Upgrader:
         progress = progress.model_copy(update={"phase": phase, "error": error})
         self.journal.set_progress(progress)
         crash_point("upgrade.phase", phase)
+        self._forget_progress()
         if phase not in TERMINAL_PHASES:
             version = (
                 self.journal.desired.release.version
                 if self.journal.desired and self.journal.desired.release
                 else None
             )
-            await self.report(progress.generation, version, phase, error)
+            if self.progress_after > 0:
+                due = asyncio.create_task(
+                    self._report_progress(progress.generation, version, phase)
+                )
+                self._progress_due = due
+                self._reporting.add(due)
+                due.add_done_callback(self._reporting.discard)
+            else:
+                await self.report(progress.generation, version, phase, error)
         return progress
+
+    async def _report_progress(
+        self, generation: int, version: str | None, phase: UpgradePhase
+    ) -> None:
+        await asyncio.sleep(self.progress_after)
+        # From here the report is not called off: the agent keeps it in its outbox before its
+        # first await, so a later phase, reported after this point, goes out after it.
+        self._progress_due = None
+        try:
+            await self.report(generation, version, phase, None)
+        except Exception:
+            log.exception("reporting %s of generation %d failed", phase, generation)
+
+    def _forget_progress(self) -> None:
+        """The phase under way ended before it was worth reporting."""
+        if self._progress_due is not None:
+            self._progress_due.cancel()
+            self._progress_due = None
 
     async def _report_outcome(self, progress: Progress) -> None:
         desired = self.journal.desired

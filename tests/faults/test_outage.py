@@ -24,7 +24,10 @@ async def test_reports_made_while_the_broker_is_down_are_sent_in_order_when_it_r
     fleet: Fleet, rabbit: PrivateRabbit
 ) -> None:
     await fleet.tap()
-    (cell,) = await fleet.add("staging", 1, **applier_env(apply_seconds=4))
+    # Every phase reported at once, so there is an order of several kinds to keep.
+    (cell,) = await fleet.add(
+        "staging", 1, **applier_env(apply_seconds=4), CELL_PROGRESS_REPORT_SECONDS="0"
+    )
     version = await fleet.publish(1, maintenance=True)
 
     async def in_maintenance() -> dict[str, Any] | None:

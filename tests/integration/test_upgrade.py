@@ -3,6 +3,7 @@ phases, maintenance, failure and rollback, newest-generation-wins, and resuming 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -19,6 +20,7 @@ from cell_agent.maintenance import MESSAGE, MaintenanceGate
 from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
 from common.clock import FakeClock
 from common.messages import Component, Delivery, DesiredState, Release
+from tests.helpers import eventually
 
 DELIVERY = Delivery(
     message_id=None, user_id="svc", routing_key="c", redelivered=False, delivery_count=0
@@ -59,9 +61,13 @@ class Recorder:
         self.calls: list[tuple[str, str, bool]] = []
         self.fail_on: str | None = None
         self.crash_on: str | None = None
+        # Set: each component waits for it, an upgrade that takes as long as the test says.
+        self.hold: asyncio.Event | None = None
 
     async def apply(self, component: Component, release: Release) -> None:
         self.calls.append((component.name, release.version, self.gate.is_on()))
+        if self.hold is not None:
+            await self.hold.wait()
         if component.name == self.crash_on:
             self.crash_on = None
             raise Killed
@@ -84,7 +90,7 @@ class Cell:
         self.maintenance: list[bool] = []
         self.restart()
 
-    def restart(self) -> None:
+    def restart(self, progress_after: float = 0.0) -> None:
         self.journal = Journal(self.state)
         self.gate = MaintenanceGate(self.state, self.clock, timedelta(minutes=15))
         self.local = LocalApplier(self.state)
@@ -92,7 +98,7 @@ class Cell:
         self.upgrader = Upgrader(
             self.journal, applier=self.applier, verifier=EcrVerifier("eu-west-1"),
             gate=self.gate, clock=self.clock, report=self.report,
-            report_maintenance=self.report_maintenance,
+            report_maintenance=self.report_maintenance, progress_after=progress_after,
         )  # fmt: skip
 
     async def report(self, gen: int, version: str | None, phase: str, error: str | None) -> bool:
@@ -164,6 +170,39 @@ async def test_an_update_goes_through_every_phase_with_maintenance_only_around_i
     assert cell.maintenance == [True, False]
     assert cell.applier.calls[-1] == ("server", "1.1", False)
     assert len(cell.applier.calls) == 3, "the unchanged db component was not re-applied"
+
+
+async def test_an_upgrade_that_takes_a_moment_reports_its_outcome_alone(
+    cell: Cell, moto: str
+) -> None:
+    # As the agent runs by default: a phase is reported once it has lasted a while (here far
+    # longer than this upgrade's phases can take).
+    cell.restart(progress_after=60.0)
+    await cell.want(1, release(moto, "1.0"))
+    await cell.upgrader.reconcile()
+    assert cell.phases(1) == ["succeeded"]
+    waiting = list(cell.upgrader._reporting)
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert waiting and all(t.cancelled() for t in waiting), "each phase's report called off"
+    assert cell.phases(1) == ["succeeded"]
+
+
+async def test_a_phase_that_lasts_is_reported_and_its_outcome_after_it(
+    cell: Cell, moto: str
+) -> None:
+    cell.restart(progress_after=0.05)
+    cell.applier.hold = asyncio.Event()
+    await cell.want(1, release(moto, "1.0"))
+    upgrading = asyncio.create_task(cell.upgrader.reconcile())
+    try:
+        await eventually(lambda: "applying" in cell.phases(1), timeout=10, what="applying reported")
+        assert not upgrading.done(), "the components are still being applied"
+    finally:
+        cell.applier.hold.set()
+        await upgrading
+    phases = cell.phases(1)
+    # `accepted` ends as it is made; `verifying` lasts as long as ECR's answer takes.
+    assert phases[-2:] == ["applying", "succeeded"] and set(phases[:-2]) <= {"verifying"}, phases
 
 
 async def test_a_missing_image_fails_before_anything_changes(cell: Cell, moto: str) -> None:
