@@ -4,8 +4,9 @@
 
 Each simulated cell has its own broker user and connection (made through the registry; the
 cells are spread over simulator processes, bench/simulator.py) and
-answers a desired state as an agent with an instant applier does: it reports accepted,
-verifying, applying and succeeded for that generation. The benchmark measures, per round:
+answers a desired state as an agent with an instant applier does: it reports succeeded for that
+generation (its phases on the way are over before they are worth reporting). The benchmark
+measures, per round:
 
 - baseline: the same fan-out with no rollout logic: one desired state published straight to
   every cell's queue, until every cell's `succeeded` report is back (the floor the broker and
