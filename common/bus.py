@@ -516,6 +516,23 @@ class RabbitBus:
             with suppress(Exception):
                 await nacked.close()
 
+    async def _reopened(self, channel: AbstractRobustChannel, timeout: float | None) -> None:
+        """Until ``channel`` reopens (or the timeout). Its ``ready()`` cannot tell: just after
+        the broker closed it, the channel still says it is restored."""
+        reopened = asyncio.Event()
+
+        def on_reopen(*_: Any) -> None:
+            reopened.set()
+
+        channel.reopen_callbacks.add(on_reopen)
+        try:
+            if channel.is_closed:
+                with suppress(TimeoutError):
+                    async with self._deadlines.guard(timeout):
+                        await reopened.wait()
+        finally:
+            channel.reopen_callbacks.discard(on_reopen)
+
     def _exchange(self, name: str) -> aio_pika.Exchange:
         exchange = self._exchanges.get(name)
         if exchange is None:
@@ -578,6 +595,12 @@ class RabbitBus:
         outcome = "error"
         channel = self._pub
         try:
+            if channel.is_closed and self.is_connected and not self._stopping:
+                # After a reconnect the channels reopen one at a time, a consumer's perhaps
+                # before this one: a handler's reply (or a dead letter) would fail here, be
+                # retried at once, and be dead-lettered after DELIVERY_LIMIT tries in a few ms.
+                # With the connection up, the channel is moments away: wait for it.
+                await self._reopened(channel, timeout)
             if channel.is_closed or not self.is_connected:
                 raise NotConnected(
                     f"cannot publish {_what(message, exchange, routing_key)}: "

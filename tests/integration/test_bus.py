@@ -201,6 +201,31 @@ async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
     assert seen == [bus.user]
 
 
+async def test_a_publish_while_the_publishing_channel_reopens_waits_for_it(
+    bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    # As after a reconnect, when a consumer's channel is back before the publishing one and a
+    # handler replies at once: that publish used to fail, and its delivery was retried until
+    # dead-lettered within milliseconds.
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    seqs: list[int] = []
+    got = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        seqs.append(msg.seq)
+        got.set()
+
+    await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
+    with pytest.raises(PublishRefused):
+        await bus.publish(heartbeat(cell), user_id="someone-else")
+    assert bus._pub.is_closed, "the broker closed the publishing channel; it is reopening"
+    assert bus.is_connected
+    await bus.publish(heartbeat(cell, seq=2))
+    await asyncio.wait_for(got.wait(), 15)
+    assert seqs == [2]
+
+
 class Seen:
     """The sequence numbers of the heartbeats a consumer handled, and whether ``until`` came."""
 
