@@ -7,10 +7,10 @@ It runs on a RabbitMQ node and a Redis (AOF, fsync always) of its own (tests/fau
 so it may kill and restart them; the registry and the rollout service run as processes it
 restarts when it kills them. The cells are simulated in this process, each with its own broker
 user and connection (made through the registry), acting as an agent does: it journals a desired
-state and acks it, reports succeeded (an agent's instant upgrade: its phases on the way last
-too little to be reported), applies a release at
-most once per generation, heartbeats every few seconds, and after a reconnect registers and
-syncs. Faults, one every ``--fault-every`` seconds (with jitter), at random:
+state and acks it, reports succeeded (an instant upgrade's phases on the way end before they
+are worth reporting), applies a release at most once per generation, heartbeats every few
+seconds, and after a reconnect registers and syncs. Faults, one every ``--fault-every`` seconds
+(with jitter), at random:
 
 - the broker killed (-9) and restarted, or restarted gracefully;
 - the registry or the rollout service killed (-9) and started again;
