@@ -70,6 +70,11 @@ _MAX_REASON = 1000
 CONSUMER_RETRY_SECONDS = 1.0
 # A read the broker nacked is sent again after this long, until its timeout.
 NACKED_RETRY_SECONDS = 0.25
+# A delivery whose handler failed is handed back after this pause, doubled at each failure
+# after the first and capped: with the delivery limit of 5, 1 + 2 + 4 + 8 = 15 s pass before a
+# message that keeps failing is dead-lettered, long enough to ride out a Redis failover.
+HANDLER_RETRY_SECONDS = 1.0
+HANDLER_RETRY_CAP_SECONDS = 30.0
 
 
 class BusError(Exception):
@@ -300,8 +305,10 @@ class RabbitBus:
         name: str,
         publish_timeout: float,
         namespace: str,
+        handler_retry_seconds: float = HANDLER_RETRY_SECONDS,
     ) -> None:
         self._conn = connection
+        self.handler_retry_seconds = handler_retry_seconds
         self._pub = publish_channel
         self.user = user
         self.name = name
@@ -319,6 +326,7 @@ class RabbitBus:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
         # One acker per underlying channel: tags restart when a channel is reopened.
         self._ackers: dict[int, BatchedAcks] = {}
@@ -337,6 +345,7 @@ class RabbitBus:
         give_up_after: float | None = None,
         max_backoff: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        handler_retry_seconds: float = HANDLER_RETRY_SECONDS,
     ) -> RabbitBus:
         """Connect, retrying the first connection with backoff.
 
@@ -391,6 +400,7 @@ class RabbitBus:
             name=name,
             publish_timeout=publish_timeout,
             namespace=namespace,
+            handler_retry_seconds=handler_retry_seconds,
         )
 
     @property
@@ -789,12 +799,30 @@ class RabbitBus:
                 return await self._dead(
                     routes, message, f"handler failed {attempts} times, last: {exc!r}"
                 )
-            log.warning("handler for %s failed (attempt %d): %r", queue, attempts, exc)
+            pause = self._retry_pause(attempts)
+            log.warning(
+                "handler for %s failed (attempt %d): %r; retrying in %.1fs",
+                queue, attempts, exc, pause,
+            )  # fmt: skip
+            # Held (unacked) through the pause: a failure that lasts (Redis down) fills the
+            # prefetch and slows consuming instead of spending the delivery limit in a few ms.
+            await self._pause_unless_stopping(pause)
             await self._nack(message)
             return "retried"
         crash_point("bus.before-ack", message.type or "")
         self._ack(message)
         return "acked"
+
+    def _retry_pause(self, attempts: int) -> float:
+        pause: float = self.handler_retry_seconds * 2.0 ** (attempts - 1)
+        return min(pause, HANDLER_RETRY_CAP_SECONDS)
+
+    async def _pause_unless_stopping(self, seconds: float) -> None:
+        """Wait ``seconds``, or less once the bus stops consuming (the delivery then goes back
+        to the queue for another replica at once)."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
 
     def _acker(self, message: _Delivered) -> BatchedAcks:
         channel = message.channel
@@ -1016,6 +1044,7 @@ class RabbitBus:
         Returns False if handlers were still running after ``drain_timeout``.
         """
         self._stopping = True
+        self._stopped.set()
         for consumer in self._consumers:
             if consumer.recovering is not None:
                 consumer.recovering.cancel()

@@ -80,6 +80,7 @@ async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asy
         settings.amqp_url,
         name=instance_name(service),
         publish_timeout=settings.publish_timeout_seconds,
+        handler_retry_seconds=settings.handler_retry_seconds,
     )
     if settings.declare_topology:
         await bus.declare(topology.control_plane())

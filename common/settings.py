@@ -72,6 +72,12 @@ class ServiceSettings(ControlPlaneSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     metrics_host: str = "127.0.0.1"
     drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    handler_retry_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="pause before a delivery whose handler failed is tried again, doubled at "
+        "each failure after the first (capped at 30 s) until the delivery limit dead-letters it",
+    )
     # Where the broker's definitions already hold the topology (compose loads them at boot), a
     # least-privileged service user has no configure permission to declare it again.
     declare_topology: bool = Field(

@@ -4,6 +4,9 @@ always`, the setting compose runs: kill -9 right after an operator was told "don
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,11 +14,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import redis_client
+from common.bus import RabbitBus
+from common.messages import CellRegister
+from common.topology import DELIVERY_LIMIT, dead_letter_name
+from tests.conftest import Services
+from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_cells import create_cell, show
 from tests.e2e.test_rollout import Fleet
 from tests.faults.ledger import CELLS, Ledger, applier_env
 from tests.faults.nodes import PrivateRedis
-from tests.helpers import new_cell_id
+from tests.helpers import eventually, heartbeat, new_cell_id
 
 
 async def _answers(fleet: Fleet, *args: str) -> bool:
@@ -98,3 +106,45 @@ async def test_the_first_command_after_a_redis_restart_succeeds(redis_node: Priv
     finally:
         await plain.aclose()
         await ours.aclose()
+
+
+@pytest.mark.fault
+async def test_a_report_waits_out_redis_refusing_writes_instead_of_being_dead_lettered(
+    fprocs: Processes, private: Services, fbus: RabbitBus
+) -> None:
+    """Redis refusing writes for a while (full: maxmemory reached) fails a handler at once,
+    not after the client's retries. A report is then held a growing pause between tries and
+    applied once Redis takes writes again; before the pause, its five tries took milliseconds
+    and it was dead-lettered."""
+    registry = await start_registry(fprocs, SUBSTRATE_OFFLINE_AFTER_SECONDS="3600")
+    cell = new_cell_id()
+    url = (await create_cell(fprocs, cell))["amqp_url"]
+    redis = aioredis.from_url(private.redis_url, decode_responses=True)
+    bus = await RabbitBus.connect(url, name=f"cell:{cell}", namespace="cell_agent")
+    retried = partial(registry.metric, "substrate_bus_consumed_messages_total",
+                      queue="registry.cells", outcome="retried")  # fmt: skip
+
+    async def seq_applied(seq: int) -> bool:
+        return await redis.hget(f"registry:cell:{cell}", "last_seq") == str(seq)
+
+    try:
+        await bus.publish(CellRegister(cell_id=cell, seq=1, sent_at=datetime.now(UTC),
+                                       agent_version="t", aws_account_id="123456789012",
+                                       region="eu-west-1", incarnation="t"))  # fmt: skip
+        await eventually(lambda: seq_applied(1), timeout=30, what="the registration applied")
+        await redis.config_set("maxmemory", 1)
+        try:
+            await bus.publish(heartbeat(cell, seq=2))
+            await eventually(lambda: _at_least(retried, 2), timeout=30, what="two failed tries")
+        finally:
+            await redis.config_set("maxmemory", 0)
+        await eventually(lambda: seq_applied(2), timeout=30, what="the heartbeat applied")
+        assert await retried() < DELIVERY_LIMIT
+        assert (await fbus.queue_state(dead_letter_name("registry.cells"))).messages == 0
+    finally:
+        await bus.close(drain_timeout=1)
+        await redis.aclose()
+
+
+async def _at_least(read: Callable[[], Awaitable[float]], n: float) -> bool:
+    return await read() >= n

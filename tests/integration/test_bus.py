@@ -4,6 +4,7 @@ the delivery limit, forged user_id, reconnects, and request/reply."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
 from datetime import UTC, datetime
@@ -145,10 +146,13 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     cell = new_cell_id()
     queue = await cell_queue(bus, cell, "heartbeat", "sync")
     attempts: list[int] = []
+    at: list[float] = []
     synced = asyncio.Event()
+    bus.handler_retry_seconds = 0.1
 
     async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
         attempts.append(delivery.delivery_count)
+        at.append(asyncio.get_running_loop().time())
         raise RuntimeError("store is on fire")
 
     async def on_sync(msg: CellSync, delivery: Delivery) -> None:
@@ -161,6 +165,9 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
 
     assert len(attempts) == DELIVERY_LIMIT
     assert attempts == sorted(attempts)
+    # Each try waited for the one before it to be held a pause that doubles: 0.1, 0.2, 0.4 s...
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    assert all(gap >= 0.1 * 2**i for i, gap in enumerate(gaps)), gaps
     (dead,) = await read_all(services.amqp_url, dead_queue)
     reason = str(dead.headers[DEAD_REASON_HEADER])
     assert f"failed {DELIVERY_LIMIT} times" in reason and "store is on fire" in reason
@@ -170,6 +177,40 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
     await asyncio.wait_for(synced.wait(), 15)
     assert len(attempts) == DELIVERY_LIMIT
+
+
+async def test_a_failed_delivery_is_held_for_its_pause_and_handed_back_at_once_on_stop(
+    services: Services, bus: RabbitBus
+) -> None:
+    """Through the pause the rest of the stream flows; a bus told to stop does not wait for the
+    pause to end (or for its drain timeout): the delivery goes back to the queue, unharmed."""
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell, "heartbeat", "sync")
+    bus.handler_retry_seconds = 60
+    attempts: list[int] = []
+    failed, synced = asyncio.Event(), asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        attempts.append(delivery.delivery_count)
+        failed.set()
+        raise RuntimeError("store is on fire")
+
+    async def on_sync(msg: CellSync, delivery: Delivery) -> None:
+        synced.set()
+
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat), route(CellSync, on_sync)])
+    await bus.publish(heartbeat(cell))
+    await asyncio.wait_for(failed.wait(), 15)
+    await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
+    await asyncio.wait_for(synced.wait(), 15)
+    assert attempts == [0]  # still held: the pause is a minute
+
+    assert await bus.stop_consuming(drain_timeout=20) is True
+    assert attempts == [0]
+    await eventually(lambda: _count_is(bus, queue, 1), what="the delivery back in its queue")
+    (back,) = await read_all(services.amqp_url, queue)
+    assert json.loads(back.body)["cell_id"] == cell
+    assert await read_all(services.amqp_url, dead_letter_name(queue)) == []
 
 
 async def test_forged_user_id_is_refused_and_the_bus_keeps_working(
