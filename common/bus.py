@@ -325,7 +325,7 @@ class RabbitBus:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stopping = False
+        # Set once stop_consuming begins: no new work, and held deliveries are handed back.
         self._stopped = asyncio.Event()
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
         # One acker per underlying channel: tags restart when a channel is reopened.
@@ -605,11 +605,11 @@ class RabbitBus:
         outcome = "error"
         channel = self._pub
         try:
-            if channel.is_closed and self.is_connected and not self._stopping:
+            if channel.is_closed and self.is_connected and not self._stopped.is_set():
                 # After a reconnect the channels reopen one at a time, a consumer's perhaps
-                # before this one: a handler's reply (or a dead letter) would fail here, be
-                # retried at once, and be dead-lettered after DELIVERY_LIMIT tries in a few ms.
-                # With the connection up, the channel is moments away: wait for it.
+                # before this one: a handler's reply (or a dead letter) would fail here and its
+                # delivery spend a try of its limit. With the connection up, the channel is
+                # moments away: wait for it.
                 await self._reopened(channel, timeout)
             if channel.is_closed or not self.is_connected:
                 raise NotConnected(
@@ -703,7 +703,7 @@ class RabbitBus:
     async def _restart_consumer(self, consumer: _Consumer, *_: Any) -> None:
         # The robust channel reopened (a reconnect, or the channel closed on an error) and
         # restored its qos and the passive declare; the consumer is ours to reissue.
-        if self._stopping:
+        if self._stopped.is_set():
             return
         try:
             await self._start_consumer(consumer)
@@ -713,7 +713,7 @@ class RabbitBus:
             self._keep_consuming(consumer)
 
     def _on_cancelled(self, consumer: _Consumer, frame: Any) -> None:
-        if self._stopping or frame.consumer_tag != consumer.tag:
+        if self._stopped.is_set() or frame.consumer_tag != consumer.tag:
             return
         # The broker cancels a consumer whose queue went away (deleted, or its node lost).
         log.warning(
@@ -726,7 +726,7 @@ class RabbitBus:
             consumer.recovering = asyncio.get_running_loop().create_task(self._recover(consumer))
 
     async def _recover(self, consumer: _Consumer) -> None:
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 if await self.queue_exists(consumer.queue):
                     await self._start_consumer(consumer)
@@ -758,7 +758,7 @@ class RabbitBus:
 
     async def _handle(self, routes: _Routes, message: _Delivered) -> str:
         queue, max_body_bytes = routes.queue, routes.max_body_bytes
-        if self._stopping:
+        if self._stopped.is_set():
             # Shutting down: hand it back to the queue for another replica or our next start.
             await self._nack(message)
             return "requeued"
@@ -1043,7 +1043,6 @@ class RabbitBus:
 
         Returns False if handlers were still running after ``drain_timeout``.
         """
-        self._stopping = True
         self._stopped.set()
         for consumer in self._consumers:
             if consumer.recovering is not None:
