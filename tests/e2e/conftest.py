@@ -154,6 +154,9 @@ class Service:
                 return float(value)
         return 0.0
 
+    async def metric_at_least(self, name: str, n: float, **labels: str) -> bool:
+        return await self.metric(name, **labels) >= n
+
 
 Registry = Service
 

@@ -157,11 +157,11 @@ async def test_a_cell_cannot_act_as_another_cell_or_the_control_plane(
                       type="cell.heartbeat.v1", user_id=attacker)  # fmt: skip
 
     await eventually(
-        lambda: _metric_at_least(registry, "substrate_cell_messages_refused_total", 1,
-                                 reason="missing_user_id"), timeout=10)  # fmt: skip
+        lambda: registry.metric_at_least("substrate_cell_messages_refused_total", 1,
+                                         reason="missing_user_id"), timeout=10)  # fmt: skip
     await eventually(
-        lambda: _metric_at_least(registry, "substrate_cell_messages_refused_total", 1,
-                                 reason="user_mismatch"), timeout=10)  # fmt: skip
+        lambda: registry.metric_at_least("substrate_cell_messages_refused_total", 1,
+                                         reason="user_mismatch"), timeout=10)  # fmt: skip
     after = await show(procs, victim)
     assert after == before, "the victim's state changed"
     dead = await read_all(services.amqp_url, dead_letter_name("registry.cells"))
@@ -172,10 +172,6 @@ async def test_a_cell_cannot_act_as_another_cell_or_the_control_plane(
 
 async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     return None
-
-
-async def _metric_at_least(registry: Registry, name: str, n: float, **labels: str) -> bool:
-    return await registry.metric(name, **labels) >= n
 
 
 @pytest.mark.e2e

@@ -4,9 +4,7 @@ always`, the setting compose runs: kill -9 right after an operator was told "don
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -121,8 +119,7 @@ async def test_a_report_waits_out_redis_refusing_writes_instead_of_being_dead_le
     url = (await create_cell(fprocs, cell))["amqp_url"]
     redis = aioredis.from_url(private.redis_url, decode_responses=True)
     bus = await RabbitBus.connect(url, name=f"cell:{cell}", namespace="cell_agent")
-    retried = partial(registry.metric, "substrate_bus_consumed_messages_total",
-                      queue="registry.cells", outcome="retried")  # fmt: skip
+    retried = {"queue": "registry.cells", "outcome": "retried"}
 
     async def seq_applied(seq: int) -> bool:
         return await redis.hget(f"registry:cell:{cell}", "last_seq") == str(seq)
@@ -135,16 +132,18 @@ async def test_a_report_waits_out_redis_refusing_writes_instead_of_being_dead_le
         await redis.config_set("maxmemory", 1)
         try:
             await bus.publish(heartbeat(cell, seq=2))
-            await eventually(lambda: _at_least(retried, 2), timeout=30, what="two failed tries")
+            await eventually(
+                lambda: registry.metric_at_least("substrate_bus_consumed_messages_total", 2,
+                                                 **retried),
+                timeout=30, what="two failed tries",
+            )  # fmt: skip
         finally:
             await redis.config_set("maxmemory", 0)
         await eventually(lambda: seq_applied(2), timeout=30, what="the heartbeat applied")
-        assert await retried() < DELIVERY_LIMIT
+        assert await registry.metric("substrate_bus_consumed_messages_total", **retried) < (
+            DELIVERY_LIMIT
+        )
         assert (await fbus.queue_state(dead_letter_name("registry.cells"))).messages == 0
     finally:
         await bus.close(drain_timeout=1)
         await redis.aclose()
-
-
-async def _at_least(read: Callable[[], Awaitable[float]], n: float) -> bool:
-    return await read() >= n
