@@ -33,13 +33,13 @@ async def test_out_of_order_completions_are_acked_only_up_to_the_first_gap() -> 
     acker.ack(1)
     await _turns()
     assert channel.acks == [(3, True)]  # 4 is still running
-    acker.settled_otherwise(4)  # nacked on its own
+    acker.settled_otherwise(4)  # nacked on its own: 5 no longer waits for it
     await _turns()
-    assert channel.acks == [(3, True)]
+    assert channel.acks == [(3, True), (5, True)]
     acker.ack(6)
     await acker.drain()
     await _turns()
-    assert channel.acks == [(3, True), (6, True)]
+    assert channel.acks == [(3, True), (5, True), (6, True)]
 
 
 async def test_many_completions_in_one_turn_cost_one_ack() -> None:
@@ -49,3 +49,24 @@ async def test_many_completions_in_one_turn_cost_one_ack() -> None:
         acker.ack(tag)
     await acker.drain()
     assert channel.acks == [(100, True)]
+
+
+async def test_an_ack_never_names_a_delivery_settled_otherwise() -> None:
+    """The broker no longer holds a nacked or rejected delivery: an ack naming its tag closes
+    the channel (``unknown delivery tag``), even with ``multiple``."""
+    channel: Any = FakeChannel()
+    acker = BatchedAcks(channel)
+    for tag in (1, 2, 3, 4):
+        acker.settled_otherwise(tag)  # four failures handed back
+    acker.ack(6)  # 5 is still being handled
+    await _turns()
+    assert channel.acks == []
+    acker.settled_otherwise(5)  # handed back too: 6 no longer waits for it
+    await acker.drain()
+    await _turns()
+    assert channel.acks == [(6, True)]
+    acker.ack(7)
+    acker.settled_otherwise(8)
+    await acker.drain()
+    await _turns()
+    assert channel.acks == [(6, True), (7, True)]
