@@ -415,9 +415,8 @@ class Agent:
             ],
             # A cell may not publish to the dead-letter exchange: a command it cannot take is
             # rejected into the queue's own (cell.commands.dead). Its queue is classic, which
-            # says only whether a delivery is a redelivery: a second failure dead-letters it.
+            # does not count deliveries: the bus counts this consumer's failures itself.
             reject_to_dead=True,
-            delivery_limit=2,
         )
         await self.send_pending()
         await self.sync("start")

@@ -75,6 +75,9 @@ NACKED_RETRY_SECONDS = 0.25
 # message that keeps failing is dead-lettered, long enough to ride out a Redis failover.
 HANDLER_RETRY_SECONDS = 1.0
 HANDLER_RETRY_CAP_SECONDS = 30.0
+# Failed deliveries a consumer of a classic queue keeps count of: its prefetch's worth, unless
+# deliveries it handed back were settled by another consumer and so never forgotten here.
+MAX_COUNTED_FAILURES = 1024
 
 
 class BusError(Exception):
@@ -163,6 +166,30 @@ class _Routes:
     # Dead-letter by rejecting (the queue's own dead-letter exchange) instead of republishing
     # with the reason: for consumers that may not publish to the dead-letter exchange (cells).
     reject: bool = False
+    # Failures so far of the deliveries being retried, by message id: a classic queue does not
+    # count deliveries (only whether one is a redelivery), so the consumer counts them itself.
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def failures_of(self, message: _Delivered) -> int:
+        """How many times this delivery has failed before: the quorum queue's count, else
+        ours (at least one for a redelivery, which may have failed in an earlier process)."""
+        raw_count = message.headers.get("x-delivery-count")
+        if isinstance(raw_count, int):
+            return raw_count
+        counted = self.failures.get(message.message_id or "", 0)
+        return max(counted, int(message.redelivered))
+
+    def failed(self, message: _Delivered, attempts: int) -> None:
+        if message.message_id is None:
+            return
+        if len(self.failures) >= MAX_COUNTED_FAILURES:
+            # Deliveries another consumer took over are never settled here: drop the oldest.
+            del self.failures[next(iter(self.failures))]
+        self.failures[message.message_id] = attempts
+
+    def settled(self, message: _Delivered) -> None:
+        if self.failures:
+            self.failures.pop(message.message_id or "", None)
 
 
 @dataclass(slots=True)
@@ -776,9 +803,7 @@ class RabbitBus:
             return await self._dead(
                 routes, message, f"invalid {message.type}: {validation_summary(exc)}"
             )
-        raw_count = message.headers.get("x-delivery-count")
-        # Quorum queues count deliveries; a classic queue only says whether this is a redelivery.
-        failures = raw_count if isinstance(raw_count, int) else int(message.redelivered)
+        failures = routes.failures_of(message)
         delivery = Delivery(
             message_id=message.message_id,
             user_id=message.user_id,
@@ -807,9 +832,11 @@ class RabbitBus:
             # Held (unacked) through the pause: a failure that lasts (Redis down) fills the
             # prefetch and slows consuming instead of spending the delivery limit in a few ms.
             await self._pause_unless_stopping(pause)
+            routes.failed(message, attempts)
             await self._nack(message)
             return "retried"
         crash_point("bus.before-ack", message.type or "")
+        routes.settled(message)
         self._ack(message)
         return "acked"
 
@@ -845,6 +872,7 @@ class RabbitBus:
         original sender goes in a header: ``user_id`` must be our own user on republish.
         """
         queue = routes.queue
+        routes.settled(message)
         reason = reason[:_MAX_REASON]
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         if routes.reject:

@@ -180,6 +180,40 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     assert len(attempts) == DELIVERY_LIMIT
 
 
+async def test_a_consumer_of_a_classic_queue_counts_failures_itself_up_to_the_limit(
+    services: Services, bus: RabbitBus
+) -> None:
+    """A classic queue (a cell's commands) says only whether a delivery is a redelivery; the
+    consumer counts the rest, so a failing command gets the same tries as on a quorum queue
+    before it is rejected into the dead letter queue."""
+    cell = new_cell_id()
+    queue = f"test.{cell}"
+    binding = Binding(CELLS_EXCHANGE, f"{cell}.heartbeat")
+    await bus.declare(Topology((), consuming_queue(queue, binding, quorum=False)))
+    bus.handler_retry_seconds = 0.05
+    attempts: dict[int, list[int]] = {1: [], 2: []}
+    handled = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        attempts[msg.seq].append(delivery.delivery_count)
+        # The first always fails; the second fails twice, then goes through.
+        if msg.seq == 1 or len(attempts[2]) <= 2:
+            raise RuntimeError("disk is full")
+        handled.set()
+
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)], reject_to_dead=True)
+    await bus.publish(heartbeat(cell, seq=1))
+    await bus.publish(heartbeat(cell, seq=2))
+    dead_queue = dead_letter_name(queue)
+    await eventually(lambda: _count_is(bus, dead_queue, 1), what="dead letter", timeout=15)
+    await asyncio.wait_for(handled.wait(), 15)
+
+    assert attempts == {1: list(range(DELIVERY_LIMIT)), 2: [0, 1, 2]}
+    (dead,) = await read_all(services.amqp_url, dead_queue)
+    assert json.loads(dead.body)["seq"] == 1
+    await eventually(lambda: _count_is(bus, queue, 0), what="the queue settled", timeout=15)
+
+
 async def test_a_failed_delivery_is_held_for_its_pause_and_handed_back_at_once_on_stop(
     services: Services, bus: RabbitBus
 ) -> None:
