@@ -180,16 +180,18 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     assert len(attempts) == DELIVERY_LIMIT
 
 
-async def test_a_consumer_of_a_classic_queue_counts_failures_itself_up_to_the_limit(
-    services: Services, bus: RabbitBus
+@pytest.mark.parametrize("quorum", [False, True], ids=["classic", "quorum"])
+async def test_each_failing_delivery_gets_its_tries_while_others_go_through(
+    services: Services, bus: RabbitBus, quorum: bool
 ) -> None:
     """A classic queue (a cell's commands) says only whether a delivery is a redelivery; the
     consumer counts the rest, so a failing command gets the same tries as on a quorum queue
-    before it is rejected into the dead letter queue."""
+    before it is rejected into the dead letter queue. On both, a delivery that goes through
+    while another is held for its retry is acked without handing the held one back."""
     cell = new_cell_id()
     queue = f"test.{cell}"
     binding = Binding(CELLS_EXCHANGE, f"{cell}.heartbeat")
-    await bus.declare(Topology((), consuming_queue(queue, binding, quorum=False)))
+    await bus.declare(Topology((), consuming_queue(queue, binding, quorum=quorum)))
     bus.handler_retry_seconds = 0.05
     attempts: dict[int, list[int]] = {1: [], 2: []}
     handled = asyncio.Event()
