@@ -866,18 +866,19 @@ class RabbitBus:
         self._acker(message).settled_otherwise(message.delivery_tag)
 
     async def _dead(self, routes: _Routes, message: _Delivered, reason: str) -> str:
-        """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it.
+        """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it (or,
+        where it cannot be moved, hand it back to be tried again).
 
         The broker's own dead-lettering (reject) cannot carry a reason, so we republish. The
         original sender goes in a header: ``user_id`` must be our own user on republish.
         """
         queue = routes.queue
-        routes.settled(message)
         reason = reason[:_MAX_REASON]
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         if routes.reject:
             await message.channel.basic_reject(message.delivery_tag, requeue=False)
             self._acker(message).settled_otherwise(message.delivery_tag)
+            routes.settled(message)
             return "dead_lettered"
         headers = dict(message.headers)
         headers.update(
@@ -898,7 +899,23 @@ class RabbitBus:
             user_id=self.user,
             headers=headers,
         )
-        await self._publish_raw(dead, DLX_EXCHANGE, dead_letter_name(queue), mandatory=True)
+        try:
+            await self._publish_raw(dead, DLX_EXCHANGE, dead_letter_name(queue), mandatory=True)
+        except BusError as exc:
+            # Not moved (its dead letter queue deleted, the broker refusing): handed back to be
+            # tried again after a pause. Held unsettled it would hold back the acks of every
+            # later delivery on this channel until the prefetch filled and consuming stopped.
+            attempts = routes.failures_of(message) + 1
+            pause = self._retry_pause(attempts)
+            log.warning(
+                "could not dead-letter a message from %s: %r; handing it back in %.1fs",
+                queue, exc, pause,
+            )  # fmt: skip
+            await self._pause_unless_stopping(pause)
+            routes.failed(message, attempts)
+            await self._nack(message)
+            return "retried"
+        routes.settled(message)
         self._ack(message)
         return "dead_lettered"
 

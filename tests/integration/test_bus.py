@@ -140,6 +140,47 @@ async def _count_is(bus: RabbitBus, queue: str, n: int) -> bool:
     return (await bus.queue_state(queue)).messages == n
 
 
+async def _queue_messages(services: Services, queue: str) -> int:
+    connection = await aio_pika.connect(services.amqp_url)
+    async with connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def test_a_dead_letter_that_cannot_be_published_goes_back_and_the_stream_is_acked(
+    services: Services, bus: RabbitBus
+) -> None:
+    """With its dead letter queue gone (deleted by hand) a bad message cannot be moved there:
+    it goes back to its queue after a pause instead of staying unsettled, which would hold
+    back the acks of every delivery after it on the channel until the prefetch filled."""
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell)
+    dead_queue = dead_letter_name(queue)
+    connection = await aio_pika.connect(services.amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(dead_queue)
+    bus.handler_retry_seconds = 0.05
+    handled = asyncio.Event()
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        handled.set()
+
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
+    await raw_publish(
+        services.amqp_url, CELLS_EXCHANGE, f"{cell}.heartbeat", b"{not json",
+        type="cell.heartbeat.v1",
+    )  # fmt: skip
+    await bus.publish(heartbeat(cell))
+    await asyncio.wait_for(handled.wait(), 15)
+
+    # The dead letter queue back: the bad message gets there at one of its next tries.
+    await cell_queue(bus, cell)
+    await eventually(lambda: _count_is(bus, dead_queue, 1), what="the dead letter", timeout=15)
+    # Both settled: nothing is left unacked to come back when the consumer goes.
+    await bus.close(drain_timeout=5)
+    assert (await _queue_messages(services, queue)) == 0
+
+
 async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_limit(
     services: Services, bus: RabbitBus
 ) -> None:
