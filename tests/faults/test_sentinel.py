@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from common import redis_client
 from common.bus import RabbitBus, RpcFailure
@@ -46,6 +47,15 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     nodes = Replicated(primary, replica, [])
     try:
         await replica.start()
+        # Up is not in sync: the primary waits repl-diskless-sync-delay (5 s) for more replicas
+        # before the first full copy, and until then WAIT counts no replica.
+        link = redis_client.connect(replica.url)
+        try:
+            await eventually(
+                lambda: _link_up(link), timeout=60, what="the replica in sync with the primary"
+            )
+        finally:
+            await link.aclose()
         for i in range(3):
             sentinel = PrivateSentinel(root / f"sentinel{i}", primary)
             nodes.sentinels.append(sentinel)
@@ -56,6 +66,11 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
             await sentinel.kill()
         await replica.kill()
         await primary.kill()
+
+
+async def _link_up(replica: aioredis.Redis) -> bool:
+    info = await replica.info("replication")
+    return info.get("master_link_status") == "up"
 
 
 @pytest.fixture
