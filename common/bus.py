@@ -824,25 +824,26 @@ class RabbitBus:
                 return await self._dead(
                     routes, message, f"handler failed {attempts} times, last: {exc!r}"
                 )
-            pause = self._retry_pause(attempts)
-            log.warning(
-                "handler for %s failed (attempt %d): %r; retrying in %.1fs",
-                queue, attempts, exc, pause,
-            )  # fmt: skip
-            # Held (unacked) through the pause: a failure that lasts (Redis down) fills the
-            # prefetch and slows consuming instead of spending the delivery limit in a few ms.
-            await self._pause_unless_stopping(pause)
-            routes.failed(message, attempts)
-            await self._nack(message)
-            return "retried"
+            return await self._retry_later(
+                routes, message, attempts, f"handler for {queue} failed: {exc!r}"
+            )
         crash_point("bus.before-ack", message.type or "")
         routes.settled(message)
         self._ack(message)
         return "acked"
 
-    def _retry_pause(self, attempts: int) -> float:
-        pause: float = self.handler_retry_seconds * 2.0 ** (attempts - 1)
-        return min(pause, HANDLER_RETRY_CAP_SECONDS)
+    async def _retry_later(
+        self, routes: _Routes, message: _Delivered, attempts: int, why: str
+    ) -> str:
+        """Hand a delivery back to its queue after a pause that doubles with its failures."""
+        pause = min(self.handler_retry_seconds * 2.0 ** (attempts - 1), HANDLER_RETRY_CAP_SECONDS)
+        log.warning("%s (attempt %d); retrying in %.1fs", why, attempts, pause)
+        # Held (unacked) through the pause: a failure that lasts (Redis down) fills the
+        # prefetch and slows consuming instead of spending the delivery limit in a few ms.
+        await self._pause_unless_stopping(pause)
+        routes.failed(message, attempts)
+        await self._nack(message)
+        return "retried"
 
     async def _pause_unless_stopping(self, seconds: float) -> None:
         """Wait ``seconds``, or less once the bus stops consuming (the delivery then goes back
@@ -903,18 +904,12 @@ class RabbitBus:
             await self._publish_raw(dead, DLX_EXCHANGE, dead_letter_name(queue), mandatory=True)
         except BusError as exc:
             # Not moved (its dead letter queue deleted, the broker refusing): handed back to be
-            # tried again after a pause. Held unsettled it would hold back the acks of every
-            # later delivery on this channel until the prefetch filled and consuming stopped.
-            attempts = routes.failures_of(message) + 1
-            pause = self._retry_pause(attempts)
-            log.warning(
-                "could not dead-letter a message from %s: %r; handing it back in %.1fs",
-                queue, exc, pause,
+            # tried again. Held unsettled it would hold back the acks of every later delivery
+            # on this channel until the prefetch filled and consuming stopped.
+            return await self._retry_later(
+                routes, message, routes.failures_of(message) + 1,
+                f"could not dead-letter a message from {queue}: {exc!r}",
             )  # fmt: skip
-            await self._pause_unless_stopping(pause)
-            routes.failed(message, attempts)
-            await self._nack(message)
-            return "retried"
         routes.settled(message)
         self._ack(message)
         return "dead_lettered"
