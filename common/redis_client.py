@@ -1,11 +1,12 @@
 """The services' Redis client, on one Redis or on a primary found through Sentinel.
 
-After Redis restarts, every pooled connection is dead; redis-py's defaults surface the first
-command on each as a ConnectionError, which would fail an operator's request or count against a
-message's delivery limit. Connection errors and timeouts are retried with a short backoff
-instead (about 3 s in all, longer than a restart of Redis with its AOF). A retried write may run
-twice if the first reached Redis: the stores' writes are guarded scripts (apply if newer, if the
-fields read are unchanged), so a second run changes nothing.
+After Redis restarts, every pooled connection is dead; a client that does not retry surfaces the
+first command on each as a ConnectionError, which would fail an operator's request or count
+against a message's delivery limit. Connection errors and timeouts are retried with a short
+backoff instead (about 3 s in all, longer than a restart of Redis with its AOF), set here rather
+than left to redis-py's defaults, which have changed between its releases. A retried write may
+run twice if the first reached Redis: the stores' writes are guarded scripts (apply if newer, if
+the fields read are unchanged), so a second run changes nothing.
 
 With Sentinel (``SUBSTRATE_REDIS_SENTINELS``) each new connection asks the sentinels for the
 current primary, and the retries last about 10 s: a failover takes the sentinels' down-after
@@ -50,7 +51,7 @@ def from_settings(settings: ServiceSettings) -> aioredis.Redis:
     if not settings.redis_sentinels:
         return connect(settings.redis_url)
     parsed = aioredis.connection.parse_url(settings.redis_url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         sentinel_addresses(settings.redis_sentinels),
         socket_timeout=2.0,
         sentinel_kwargs={"socket_timeout": 2.0},
