@@ -9,15 +9,20 @@ export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
 export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
 
-.PHONY: install services lint format test test-only chaos dev bench dashboards definitions clean
+.PHONY: install lock services lint format test test-only chaos dev bench dashboards definitions clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Exactly the versions in uv.lock (runtime, dev and bench), checked against its hashes: a new
+# release of a dependency changes nothing until the lock is updated on purpose (make lock).
+$(VENV)/.installed: uv.lock pyproject.toml
+	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV) --extra dev --extra bench
 	touch $@
 
 install: $(VENV)/.installed
+
+# Resolves pyproject.toml's ranges again to the newest releases and rewrites uv.lock; commit the
+# new lock on its own, once make test passes with it.
+lock: install
+	$(BIN)/uv lock --upgrade
 
 # Makes sure RabbitMQ (with the management plugin) and Redis answer on localhost, installing
 # them from Debian's packages where they are missing.

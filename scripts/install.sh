@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs exactly what uv.lock holds into a virtual environment (make install, the Dockerfile).
+#
+#   scripts/install.sh VENV [uv sync options...]
+#
+# The installer is itself locked: the uv version named in uv.lock is installed with the
+# environment's own pip first, then `uv sync --frozen` installs every locked package, checks
+# each against the lock's hashes, and removes anything the lock does not name. --frozen never
+# resolves again: a new release on PyPI changes nothing until `make lock` writes a new lock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:?usage: scripts/install.sh VENV [uv sync options...]}
+shift
+python=${PYTHON:-python3}
+
+locked_uv=$("$python" - <<'PY'
+import tomllib
+
+with open("uv.lock", "rb") as lock:
+    packages = tomllib.load(lock)["package"]
+print(next(p["version"] for p in packages if p["name"] == "uv"))
+PY
+)
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+if [ "$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$locked_uv" ]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$locked_uv"
+fi
+UV_PROJECT_ENVIRONMENT=$venv "$venv/bin/uv" sync --frozen --quiet --python "$venv/bin/python" "$@"
