@@ -21,6 +21,11 @@ with open("uv.lock", "rb") as lock:
 print(next(p["version"] for p in packages if p["name"] == "uv"))
 PY
 )
+# uv trusts the certificate authorities pip is told to (a TLS proxy's, say; compose's python
+# image sets PIP_CERT to the building machine's bundle).
+if [ -z "${SSL_CERT_FILE:-}" ] && [ -n "${PIP_CERT:-}" ]; then
+  export SSL_CERT_FILE=$PIP_CERT
+fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 if [ "$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$locked_uv" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$locked_uv"
