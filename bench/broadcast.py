@@ -46,7 +46,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, remove_vhost
 from bench.simulator import gather_limited, stop_workers
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import SystemClock
 from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, command_queue
 from common.rabbitmq_api import RabbitApi

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import aio_pika
 
 from bench.baseline import raw_drain
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, Delivery
 from common.routes import route
 from common.runner import run

@@ -34,7 +34,8 @@ import redis.asyncio as aioredis
 
 from bench.baseline import raw_drain
 from bench.simulator import CELLS_PER_PROCESS, SimCell, Simulators, gather_limited
-from common.bus import QueueMissing, RabbitBus
+from common.bus.errors import QueueMissing
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE
 from common.rabbitmq_api import RabbitApi
 from common.runner import run

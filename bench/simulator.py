@@ -35,7 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common.bus import BusError, RabbitBus
+from common.bus.errors import BusError
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CellHeartbeat, CellRegister, CellUpgrade, DesiredState, command_queue
 from common.routes import route
 from common.runner import run

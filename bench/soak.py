@@ -47,7 +47,7 @@ import redis.asyncio as aioredis
 from bench.fleet import BIN
 from bench.rollout import release
 from bench.simulator import SimCell, gather_limited
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import (
     CellHeartbeat,
     CellSync,

@@ -36,7 +36,8 @@ from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
 from common import broker_urls
-from common.bus import BusError, QueueMissing, RabbitBus
+from common.bus.errors import BusError, QueueMissing
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.messages import (
     CellDebugAccess,

@@ -1,6 +1,6 @@
 """Broker addresses as one setting: a URL, or several URLs of one RabbitMQ cluster separated by
 commas (``amqp://u:p@node1:5672/,amqp://u:p@node2:5672/``). Every process, cells included, takes
-the same form; a connection tries the nodes in turn (``common.bus.ClusterConnection``).
+the same form; a connection tries the nodes in turn (``common.bus.connection.ClusterConnection``).
 
 The nodes of one cluster share users and vhosts, so the user, password and vhost are read from
 the first URL and applied to all when a password changes.

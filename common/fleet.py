@@ -23,7 +23,7 @@ from datetime import datetime
 
 import redis.asyncio as aioredis
 
-from common.bus import refuse_foreign_sender
+from common.bus.errors import refuse_foreign_sender
 from common.messages import (
     CellCreated,
     CellDecommissioned,

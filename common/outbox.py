@@ -13,13 +13,19 @@ import asyncio
 import json
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from common.bus import BusError, RabbitBus, Unroutable
+from common.bus.errors import BusError, Unroutable
 from common.crashpoints import crash_point
 from common.messages import COMMANDS_EXCHANGE, MESSAGES, Message
+
+if TYPE_CHECKING:
+    # Only the relay, started by a bootstrap, holds a bus: the stores that write the outbox
+    # (and the handlers that call them) stay clear of the messaging library.
+    from common.bus.rabbit_bus import RabbitBus
 
 log = logging.getLogger(__name__)
 

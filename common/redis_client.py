@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.bus import RpcFailure
+from common.bus.errors import RpcFailure
 from common.settings import ServiceSettings, sentinel_addresses
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.metrics import MetricsServer
 from common.settings import ServiceSettings, load
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import boto3
 
-from common.bus import BusError, RabbitBus, RemoteError
+from common.bus.errors import BusError, RemoteError
+from common.bus.rabbit_bus import RabbitBus
 from common.flags import Flag
 from common.requests import Status
 from common.requests.flags import FlagsSet

@@ -12,7 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
-from common.bus import BusError, RemoteError, validation_summary
+from common.bus.errors import BusError, RemoteError, validation_summary
 from common.settings import ControlPlaneSettings, load
 from substratectl import cells, control_plane, flags, infra, releases, rollouts
 from substratectl.context import Ctl, FileProblem

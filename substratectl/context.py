@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import yaml
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.requests import Request
 from common.settings import ControlPlaneSettings
 

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 
 from common import topology
-from common.bus import BusError
+from common.bus.errors import BusError
 from common.messages import MESSAGES
 from common.messages import json_schema as message_schema
 from common.requests import REQUESTS, ServiceStatus, Status

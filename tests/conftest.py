@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import broker_urls, topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.rabbitmq_api import RabbitApi
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.topology import Binding, Topology, consuming_queue
 

@@ -7,7 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from common import redis_client
-from common.bus import BusError, RabbitBus, Unroutable
+from common.bus.errors import BusError, Unroutable
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.flags import Snapshot
 from common.fleet import FleetCell

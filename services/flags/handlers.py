@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from common.bus import RpcFailure, refuse_foreign_sender
+from common.bus.errors import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.flags import Flag, Snapshot
 from common.fleet import FleetCell

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from common import redis_client
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.lease import Lease
 from common.settings import ServiceSettings

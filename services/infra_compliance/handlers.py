@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from common.bus import RpcFailure
+from common.bus.errors import RpcFailure
 from common.clock import Clock
 from common.fleet import REGISTRY_FACTS, FleetCell
 from common.messages import (

@@ -10,7 +10,7 @@ from contextlib import suppress
 import redis.asyncio as aioredis
 
 from common import broker_urls, redis_client
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.rabbitmq_api import RabbitApi
 from services.registry import handlers

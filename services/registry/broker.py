@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
 from common.topology import Topology, cell_commands

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from common.bus import Refused, RpcFailure, refuse_foreign_sender
+from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import (
     CellDebugAccess,

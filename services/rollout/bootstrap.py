@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from common import redis_client
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.fleet import FleetView
 from common.lease import Lease

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from common.bus import RpcFailure, refuse_foreign_sender
+from common.bus.errors import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import CellSync, CellUpgrade, Delivery, DesiredState, Message, ReleasePublished
 from common.requests import ServiceStatus, Status

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from tests.conftest import Services, free_port
 from tests.helpers import eventually
 

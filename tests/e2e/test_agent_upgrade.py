@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cell_agent.maintenance import MESSAGE
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellUpgrade, Component, DesiredState, Release
 from common.topology import Binding, Topology, consuming_queue
 from tests.conftest import Services, free_port

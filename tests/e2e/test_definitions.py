@@ -11,7 +11,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from deploy import rabbitmq
 from tests.conftest import Services, aws_env
 from tests.e2e.conftest import Processes

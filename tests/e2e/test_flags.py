@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.topology import SERVICE_QUEUES
 from tests.conftest import Services, free_port
 from tests.e2e.conftest import Proc, Processes, http_get, start_registry

@@ -18,7 +18,8 @@ import boto3
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import RabbitBus, RemoteError
+from common.bus.errors import RemoteError
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE
 from common.topology import CELL_COMMANDS_DEAD, SERVICE_QUEUES, Binding, Topology, consuming_queue
 from tests.conftest import Services, aws_env, free_port

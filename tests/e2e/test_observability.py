@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from observability import dashboards, prometheus
 from tests.conftest import aws_env, free_port, wait_port
 from tests.e2e.conftest import Processes, start_registry

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE, ReleasePublished
 from common.topology import Binding, Topology, consuming_queue
 from tests.conftest import Services

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, EVENTS_EXCHANGE, CellUpgrade, RolloutProgressed
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
 from tests.conftest import Services, free_port

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from tests.conftest import Services, isolated_services
 from tests.e2e.conftest import Processes, running_processes, start_registry
 from tests.e2e.test_rollout import Fleet, quick_fleet

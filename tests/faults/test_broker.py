@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from common.bus import NotConnected, PublishTimeout, RabbitBus
+from common.bus.errors import NotConnected, PublishTimeout
+from common.bus.rabbit_bus import RabbitBus
 from tests.conftest import Services
 from tests.e2e.test_rollout import Fleet
 from tests.faults.ledger import CELLS, Ledger, applied, applier_env

@@ -15,7 +15,7 @@ import pytest
 
 from bench.simulator import Simulators, gather_limited
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
 from tests.conftest import Services, isolated_services
 from tests.e2e.conftest import Processes, start_registry

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from common.bus import DEAD_REASON_HEADER
+from common.bus.consume import DEAD_REASON_HEADER
 from common.messages import (
     CELLS_EXCHANGE,
     CellDebugAccess,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellReport, CellUpgrade
 from tests.conftest import Services
 from tests.e2e.conftest import Processes, start_registry

@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import redis_client
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CellRegister
 from common.topology import DELIVERY_LIMIT, dead_letter_name
 from tests.conftest import Services

@@ -14,7 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import redis_client
-from common.bus import RabbitBus, RpcFailure
+from common.bus.errors import RpcFailure
+from common.bus.rabbit_bus import RabbitBus
 from tests.conftest import Services
 from tests.e2e.conftest import Processes, start_registry
 from tests.e2e.test_flags import write

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from tests.e2e.conftest import Processes, Registry, start_registry
 from tests.e2e.test_cells import show, status_is
 from tests.e2e.test_rollout import Fleet, quick_fleet

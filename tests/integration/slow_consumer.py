@@ -9,7 +9,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import CellHeartbeat, Delivery
 from common.routes import route
 from common.runner import configure_logging, serve, wait_for_signal

@@ -13,16 +13,16 @@ from urllib.parse import quote, urlsplit
 import aio_pika
 import pytest
 
-from common.bus import (
-    DEAD_REASON_HEADER,
+from common.bus.consume import DEAD_REASON_HEADER
+from common.bus.errors import (
     PublishNacked,
     PublishRefused,
-    RabbitBus,
     RemoteError,
     RequestTimeout,
     RpcFailure,
     Unroutable,
 )
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import (
     CELLS_EXCHANGE,
     RPC_EXCHANGE,
@@ -312,7 +312,7 @@ async def test_forged_user_id_is_refused_and_the_next_publish_waits_for_the_chan
     await other_bus.consume(queue, [route(CellHeartbeat, on_heartbeat)])
     with pytest.raises(PublishRefused, match=r"PRECONDITION_FAILED|user_id"):
         await bus.publish(heartbeat(cell), user_id="someone-else")
-    assert bus._pub.is_closed, "the broker closed the publishing channel; it is reopening"
+    assert bus.publisher.channel.is_closed, "the broker closed the publishing channel; reopening"
     assert bus.is_connected
     await bus.publish(heartbeat(cell, seq=2))
     await asyncio.wait_for(got.wait(), 15)
@@ -459,7 +459,7 @@ async def test_a_read_the_broker_nacks_is_asked_again_a_write_is_not(
     await services.api.call("PUT", policy, {
         "pattern": f"^{queue}$", "apply-to": "queues",
         "definition": {"max-length": 0, "overflow": "reject-publish"}})  # fmt: skip
-    refused = bus._metrics.published.labels(RpcRequest.wire_name, "refused")
+    refused = bus.publisher.metrics.published.labels(RpcRequest.wire_name, "refused")
 
     async def write_nacked() -> bool:
         try:

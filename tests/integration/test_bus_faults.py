@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from common.bus import NotConnected, RabbitBus
+from common.bus.errors import NotConnected
+from common.bus.rabbit_bus import RabbitBus
 
 
 async def test_first_connection_is_retried_with_backoff_and_says_what_it_waits_for(

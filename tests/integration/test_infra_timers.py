@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import RpcFailure
+from common.bus.errors import RpcFailure
 from common.clock import FakeClock
 from common.lease import Lease
 from common.messages import CellRegistered, CellTemplateChanged, Delivery

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from common.bus import NotConnected, RabbitBus
+from common.bus.errors import NotConnected
+from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE, CellOffline, CellOnline, Delivery, RolloutCompleted
 from common.outbox import Outbox, outbox_entry
 from common.routes import route

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from common.bus import Refused, RpcFailure
+from common.bus.errors import Refused, RpcFailure
 from common.clock import FakeClock
 from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
 from common.requests import Status

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from common import topology
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.clock import FakeClock
 from common.lease import Lease
 from common.messages import CellRegistered, CellUpgrade, Release, ReleasePublished

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from tests.conftest import Services
 from tests.helpers import cell_queue, eventually, heartbeat, new_cell_id
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from common.acks import BatchedAcks
+from common.bus.acks import BatchedAcks
 
 
 class FakeChannel:

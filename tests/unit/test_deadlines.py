@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from common.deadlines import Deadlines
+from common.bus.deadlines import Deadlines
 
 
 async def test_a_guard_past_the_period_raises_timeout_and_one_within_it_does_not() -> None:

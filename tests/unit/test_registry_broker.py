@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 
-from common.bus import RabbitBus
+from common.bus.rabbit_bus import RabbitBus
 from common.rabbitmq_api import RabbitApi
 from services.registry import broker
 from services.registry.broker import CellBroker

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from common.bus import Refused, refuse_foreign_sender
+from common.bus.errors import Refused, refuse_foreign_sender
 from common.messages import CellHeartbeat, Delivery
 from common.requests.registry import CellsCreate
 from services.registry.model import (

@@ -1,0 +1,225 @@
+"""Request/reply over ``substrate.rpc``: the server side (``serve``) and the client
+(``RpcClient``).
+
+Replies come back on RabbitMQ's direct reply-to, so a caller needs no queue of its own and
+many requests can be in flight per connection. A request carries a TTL equal to its timeout:
+a service that starts late does not act on requests nobody waits for any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from pydantic import BaseModel, ValidationError
+
+from common.bus.consume import Consumers
+from common.bus.errors import (
+    BusError,
+    NotConnected,
+    PublishNacked,
+    Refused,
+    RemoteError,
+    RequestTimeout,
+    RpcFailure,
+    ServiceUnavailable,
+    Unroutable,
+    validation_summary,
+)
+from common.bus.publish import Publisher
+from common.messages import Delivery, RpcErrorBody, RpcReply, RpcRequest, rpc_queue
+from common.requests import Request
+from common.routes import Handler, Route, routes_for
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# A read the broker nacked is sent again after this long, until its timeout.
+NACKED_RETRY_SECONDS = 0.25
+
+
+async def serve(
+    consumers: Consumers,
+    publisher: Publisher,
+    service: str,
+    routes: Sequence[Route],
+    *,
+    before_reply: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Answer requests to ``service``: each route's model is a Request, validated from the
+    envelope's params; the handler's result is its response. RpcFailure and ValidationError
+    become error replies the caller raises. ``before_reply`` runs after a handler succeeded
+    and before its answer goes out (e.g. waiting for Redis replicas); an RpcFailure from it is
+    the answer instead."""
+    methods: dict[str, tuple[type[Request[Any]], Handler]] = {}
+    for model, handler in routes_for(routes).items():
+        assert issubclass(model, Request), f"{model.__name__} is not a request"
+        methods[model.method] = (model, handler)
+
+    async def on_request(request: RpcRequest, delivery: Delivery) -> None:
+        if not delivery.reply_to:
+            raise Refused("request without reply_to")
+        found = methods.get(request.method)
+        try:
+            if found is None:
+                raise RpcFailure(
+                    "unknown_method",
+                    f"{service} has no method {request.method!r} "
+                    f"(it has: {', '.join(sorted(methods))})",
+                )
+            model, handler = found
+            result = await handler(model.model_validate(request.params), delivery)
+            if before_reply is not None:
+                await before_reply()
+            # As any: a response may be a subclass of the declared one (each service's
+            # status), and its own fields are part of the answer.
+            answer = model.response.dump_python(result, mode="json", serialize_as_any=True)
+            reply = RpcReply(ok=True, result=answer)
+        except RpcFailure as exc:
+            reply = RpcReply(ok=False, error=RpcErrorBody(code=exc.code, message=exc.message))
+        except ValidationError as exc:
+            reply = RpcReply(
+                ok=False, error=RpcErrorBody(code="invalid", message=validation_summary(exc))
+            )
+        except Exception as exc:
+            log.exception("%s.%s failed", service, request.method)
+            reply = RpcReply(
+                ok=False,
+                error=RpcErrorBody(code="internal", message=f"{type(exc).__name__}: {exc}"),
+            )
+        # Not mandatory: a caller that gave up has no reply queue any more, and that is not
+        # an error of this service.
+        await publisher.publish(
+            reply,
+            routing_key=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+            mandatory=False,
+        )
+
+    await consumers.consume(rpc_queue(service), [Route(RpcRequest, on_request)])
+
+
+class RpcClient:
+    """Requests from this bus, their replies matched by correlation id."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._pending: dict[str, asyncio.Future[RpcReply]] = {}
+        # The channel direct reply-to is consumed on: it must be the one that publishes the
+        # requests, which changes when the publisher moves to a new channel after a nack
+        # (replies due on the old one are lost, and their requests time out).
+        self._replies_on: AbstractChannel | None = None
+        # Held here: aio-pika holds queue objects weakly (aio-pika issue 594), and a collected
+        # one is not restored after a reconnect.
+        self._replies: AbstractQueue | None = None
+        self._lock = asyncio.Lock()
+
+    async def _consume_replies(self) -> None:
+        async with self._lock:
+            channel = self._publisher.channel
+            if self._replies_on is channel:
+                return
+            # A passive declare keeps it in the robust channel's restore list.
+            queue = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._replies, self._replies_on = queue, channel
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            return  # a reply that arrived after its request timed out
+        try:
+            future.set_result(RpcReply.model_validate_json(message.body))
+        except ValidationError as exc:
+            future.set_exception(BusError(f"malformed reply: {validation_summary(exc)}"))
+
+    async def request(
+        self,
+        service: str,
+        method: str,
+        params: BaseModel | Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> Any:
+        """Call ``method`` on ``service`` and return its result, untyped (``call`` is the
+        typed way). Raises RequestTimeout (naming the service) when nobody answers in time,
+        and RemoteError when the service answers with an error."""
+        await self._consume_replies()
+        if isinstance(params, BaseModel):
+            params = params.model_dump(mode="json")
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[RpcReply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            request = RpcRequest(service=service, method=method, params=dict(params or {}))
+            try:
+                await self._publisher.publish(
+                    request,
+                    correlation_id=correlation_id,
+                    reply_to=DIRECT_REPLY_TO,
+                    # A request nobody answered in time must not be acted on later.
+                    expiration=timeout,
+                )
+            except Unroutable:
+                raise ServiceUnavailable(
+                    f"service {service!r} is unavailable: no queue receives its requests"
+                ) from None
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await future
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"service {service!r} did not answer {method!r} within {timeout:g}s "
+                    "(is it running?)"
+                ) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        if not reply.ok:
+            error = reply.error or RpcErrorBody(code="internal", message="error without detail")
+            raise RemoteError(service, error.code, error.message)
+        return reply.result
+
+    async def call(
+        self, request: Request[R], *, service: str | None = None, timeout: float = 5.0
+    ) -> R:
+        """Send a typed request and return its typed response. ``service`` is needed only for
+        a request every service answers (``Status``).
+
+        A request that only reads is sent again while the broker nacks it, within ``timeout``:
+        a service queue between leaders (a cluster node just lost) nacks for a few seconds. A
+        write is not: the caller decides.
+        """
+        to = service or request.service
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                result = await self.request(
+                    to, request.method, request, timeout=max(deadline - loop.time(), 0.1)
+                )
+                break
+            except PublishNacked:
+                if not request.read_only or loop.time() + NACKED_RETRY_SECONDS >= deadline:
+                    raise
+                log.info("%s.%s nacked by the broker; asking again", to, request.method)
+                await asyncio.sleep(NACKED_RETRY_SECONDS)
+        try:
+            answer: R = request.response.validate_python(result)
+        except ValidationError as exc:
+            raise BusError(
+                f"{to} answered {request.method!r} with an unexpected result: "
+                f"{validation_summary(exc)}"
+            ) from None
+        return answer
+
+    def close(self) -> None:
+        """Fail the requests still waiting for a reply."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotConnected("bus closed"))
