@@ -10,7 +10,8 @@ own (``--processes``), over a few connections each: agents are processes apart f
 service, and a consumer sharing the pusher's process would add its CPU to the time. A round
 times from the start of the push until every cell has its message, for:
 
-- broadcast: ``Pusher.push_all`` of the flags service, counting what it published;
+- broadcast: the flags service's own push (``Pusher.push_all``), run in this process,
+  counting what it published;
 - raw fan-out: one persistent message published with raw aio-pika to the broadcast exchange,
   the broker's own floor for the same delivery;
 - raw transient fan-out: the same message not persistent, which the architecture rules out
@@ -45,7 +46,6 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, remove_vhost
-from bench.simulator import gather_limited, stop_workers
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import SystemClock
 from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, command_queue
@@ -54,6 +54,7 @@ from common.topology import cell_commands, control_plane
 from services.flags import metrics
 from services.flags.bootstrap import Pusher
 from services.flags.store import FlagsStore
+from testing.simulator import gather_limited, stop_workers
 
 REDIS_DB = 14
 

@@ -12,6 +12,9 @@ The rule: release >= 2026.11.0 (the version gate) AND (stage in [staging, saas] 
 
 Every engine's share of cells answered "on" is printed beside its rate, so a rule that was
 translated wrongly shows.
+
+Everything runs in this process: the engine, and the flags service's own preview and store
+(``services.flags``), called directly; no service runs.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ connecting and registering at once take to all be `online`.
 It runs its own registry process against a vhost and Redis database of its own, and removes
 them (and every cell user it created) when it ends. The broker needs a socket limit above the
 number of cells (RabbitMQ's default is about 830): see bench/RESULTS.md.
+
+It talks to the registry only as operators and cells do (typed requests, reports), with one
+exception: it reads two of the registry's Redis keys, its set of online cells and its outbox,
+to see when the registry has done its work. Asking it (a status request every moment of a
+round) would load the process being measured.
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ import aio_pika
 import redis.asyncio as aioredis
 
 from bench.baseline import raw_drain
-from bench.simulator import CELLS_PER_PROCESS, SimCell, Simulators, gather_limited
 from common.bus.errors import QueueMissing
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE
 from common.rabbitmq_api import RabbitApi
+from common.requests import Status
+from common.requests.registry import CellsCreate, RegistryServiceStatus
 from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
 from services.registry.store import OUTBOX as REGISTRY_OUTBOX
 from services.registry.store import STATUS
+from testing.simulator import CELLS_PER_PROCESS, SimCell, Simulators, gather_limited
 
 AMQP_URL = os.environ.get("SUBSTRATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 API_URL = os.environ.get("SUBSTRATE_RABBITMQ_API_URL", "http://guest:guest@127.0.0.1:15672")
@@ -133,7 +140,7 @@ class Bench:
             if process.returncode is not None:
                 raise RuntimeError(f"{name} exited; see {self.workdir}/{name}.log")
             try:
-                await self.control.request(name, "status", timeout=2)
+                await self.control.call(Status(), service=name, timeout=2)
                 return True
             except Exception:
                 return False
@@ -161,13 +168,9 @@ class Bench:
 
         async def create(i: int) -> SimCell:
             cell_id = f"{prefix}-{i:06d}"
-            record = await self.control.request(
-                "registry",
-                "cells.create",
-                {"id": cell_id, "stage": "dedicated", "region": "eu-west-1", "org": "bench"},
-                timeout=60,
-            )
-            return SimCell(cell_id, str(record["amqp_url"]))
+            create = CellsCreate(id=cell_id, stage="dedicated", region="eu-west-1", org="bench")
+            record = await self.control.call(create, timeout=60)
+            return SimCell(cell_id, record.amqp_url)
 
         self.cells = await gather_limited(n, 24, create)
         print(f"  {n} cells created in {time.perf_counter() - started:.1f}s", flush=True)
@@ -187,8 +190,9 @@ class Bench:
         return time.perf_counter() - started
 
     async def online_count(self) -> int:
-        status = await self.control.request("registry", "status", timeout=30)
-        return int(status["cells"].get("online", 0))
+        answer = await self.control.call(Status(), service="registry", timeout=30)
+        status = RegistryServiceStatus.model_validate(answer.model_dump())
+        return status.cells.get("online", 0)
 
     async def cleanup(self) -> None:
         await self.stop_services()

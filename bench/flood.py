@@ -29,11 +29,10 @@ import aio_pika
 import redis.asyncio as aioredis
 
 from bench.fleet import Bench, bench_environment, until
-from bench.simulator import SimCell, gather_limited
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.runner import run
-from services.registry.settings import RegistrySettings
-from tests.conftest import free_port
+from testing.ports import free_port
+from testing.simulator import SimCell, gather_limited
 
 
 async def _applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
@@ -85,10 +84,10 @@ async def _raw_flood(cell: SimCell, n: int) -> None:
 
 async def flood(args: argparse.Namespace) -> None:
     port = free_port()
-    default = RegistrySettings.model_fields["heartbeat_limit_per_second"].default
     env = {
         "SUBSTRATE_METRICS_PORT": str(port),
-        "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0" if args.no_limit else str(default),
+        # The registry's own default budget, unless the round measures without one.
+        **({"SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0"} if args.no_limit else {}),
     }
     async with bench_environment(args.redis_db, env) as bench:
         await bench.create_cells(args.cells + 1, "fl")

@@ -24,8 +24,8 @@ from bench.fleet import (
     queues_empty,
     until,
 )
-from bench.simulator import Simulators
 from common.runner import run
+from testing.simulator import Simulators
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
     python -m bench.rollout [--cells 1000] [--rounds 2] [--processes N] [--with-flags]
 
 Each simulated cell has its own broker user and connection (made through the registry; the
-cells are spread over simulator processes, bench/simulator.py) and
+cells are spread over simulator processes, testing/simulator.py) and
 answers a desired state as an agent with an instant applier does: it reports succeeded for that
 generation (its phases on the way are over before they are worth reporting). The benchmark
 measures, per round:
@@ -41,9 +41,17 @@ from bench.fleet import (
     events_taken_in,
     until,
 )
-from bench.simulator import CELLS_PER_PROCESS, Simulators, gather_limited
 from common.messages import Component, DesiredState, Release
+from common.requests.rollout import (
+    PolicySet,
+    ReleaseFile,
+    ReleasePublish,
+    RolloutPolicy,
+    RolloutShow,
+    SoakTimes,
+)
 from common.runner import run
+from testing.simulator import CELLS_PER_PROCESS, Simulators, gather_limited
 
 DIGEST = "sha256:" + "b" * 64
 ROLLOUT_GENERATIONS = 10_000_000
@@ -54,6 +62,17 @@ def release(version: str) -> Release:
     return Release(
         version=version, components=(Component(name="server", image="r/s", digest=DIGEST),)
     )
+
+
+def publish(version: str) -> ReleasePublish:
+    """The operator's request that publishes ``release(version)`` (and starts its rollout)."""
+    return ReleasePublish(
+        release=ReleaseFile.model_validate(release(version).model_dump(mode="json"))
+    )
+
+
+# Soaks of nothing: a benchmark's rollout measures the waves, not the waiting between them.
+NO_SOAKS = PolicySet(policy=RolloutPolicy(soak_seconds=SoakTimes(staging=0, saas=0, dedicated=0)))
 
 
 Spent = dict[str, float]
@@ -93,16 +112,14 @@ async def rollout_round(
     simulators count them, so the measurement does not load the service with status requests)."""
     cpu_before = meter.read()
     started = time.perf_counter()
-    await bench.control.request("rollout", "release.publish",
-                                {"release": release(version).model_dump(mode="json")})  # fmt: skip
+    await bench.control.call(publish(version))
     await sims.all_updated(version)
     elapsed = time.perf_counter() - started
     spent = meter.since(cpu_before)
 
     async def completed() -> bool:
-        status = await bench.control.request("rollout", "rollout.status", {"version": version},
-                                             timeout=60)  # fmt: skip
-        return bool(status["state"] == "completed")
+        status = await bench.control.call(RolloutShow(version=version), timeout=60)
+        return status.state == "completed"
 
     await until(completed, 0.2)
     return elapsed, spent
@@ -177,13 +194,12 @@ def control_plane(spent: Spent) -> float:
 async def rounds(
     bench: Bench, sims: Simulators, meter: CpuMeter, args: argparse.Namespace
 ) -> tuple[list[tuple[float, Spent]], list[tuple[float, Spent]]]:
-    await bench.control.request("rollout", "rollout.policy.set", {"policy": {
-        "soak_seconds": {"staging": 0, "saas": 0, "dedicated": 0}}})  # fmt: skip
+    await bench.control.call(NO_SOAKS)
 
     # Every cell registered and known to rollout (from the registry's events).
     async def all_online() -> bool:
-        status = await bench.control.request("registry", "status", timeout=30)
-        return bool(int(status["cells"].get("online", 0)) >= args.cells)
+        online: int = await bench.online_count()
+        return online >= int(args.cells)
 
     await until(all_online, 0.2)
 

@@ -39,7 +39,6 @@ import redis.asyncio as aioredis
 
 from bench.fleet import AMQP_URL, API_URL, BIN, REDIS_URL, _with_path, until
 from bench.rollout import release
-from bench.simulator import gather_limited
 from common.clock import SystemClock
 from common.fleet import FleetView
 from common.lease import Lease
@@ -56,6 +55,7 @@ from services.rollout.controller import Controller
 from services.rollout.model import CellFacts, new_rollout
 from services.rollout.store import DIRTY, LEASE, RolloutStore
 from services.rollout.store import PREFIX as ROLLOUT_PREFIX
+from testing.simulator import gather_limited
 
 T = TypeVar("T")
 REGIONS = ("eu-west-1", "us-east-1", "ap-southeast-2")

@@ -3,7 +3,7 @@
     python -m bench.soak [--cells 500] [--minutes 10] [--heartbeat 5] [--release-every 60]
                          [--fault-every 40] [--seed 1]
 
-It runs on a RabbitMQ node and a Redis (AOF, fsync always) of its own (tests/faults/nodes.py),
+It runs on a RabbitMQ node and a Redis (AOF, fsync always) of its own (testing/nodes.py),
 so it may kill and restart them; the registry and the rollout service run as processes it
 restarts when it kills them. The cells are simulated in this process, each with its own broker
 user and connection (made through the registry), acting as an agent does: it journals a desired
@@ -18,7 +18,8 @@ seconds, and after a reconnect registers and syncs. Faults, one every ``--fault-
   queues), their journals kept, and started again a few seconds later.
 
 Every 30 s it prints the ledger so far, the broker's memory and the heartbeat lag (how old the
-registry's newest heartbeat of each online cell is, on the registry's clock). At the end it
+registry's newest heartbeat of each online cell is, on the registry's clock: read from the
+registry's liveness key in Redis, the one place it reaches into a service). At the end it
 stops the faults, waits for every cell to be on the last release, and prints the ledger:
 lost (a cell not on the last release), applied twice (a generation, or a release already
 installed, applied again) and how many desired states came for a release the cell already ran.
@@ -40,13 +41,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from bench.fleet import BIN
-from bench.rollout import release
-from bench.simulator import SimCell, gather_limited
+from bench.rollout import publish
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import (
     CellHeartbeat,
@@ -57,12 +57,19 @@ from common.messages import (
     command_queue,
 )
 from common.rabbitmq_api import RabbitApi
+from common.requests import Request
+from common.requests.registry import CellsCreate
+from common.requests.rollout import PolicySet, RolloutExplain, RolloutPolicy, SoakTimes
 from common.routes import route
 from common.runner import run
+from common.vocabulary import Stage
 from services.registry.store import LIVENESS
-from tests.faults.nodes import PrivateRabbit, PrivateRedis
+from testing.nodes import PrivateRabbit, PrivateRedis
+from testing.simulator import SimCell, gather_limited
 
 SAMPLE_SECONDS = 30
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -226,36 +233,35 @@ class Soak:
     def log(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.0f}s] {text}", flush=True)
 
-    async def request(self, service: str, method: str, body: dict[str, Any] | None = None) -> Any:
-        """An RPC, retried while the broker or the service is away."""
+    async def call(self, request: Request[R]) -> R:
+        """A request, sent again while the broker or the service is away."""
         for _ in range(120):
             try:
-                return await self.control.request(service, method, body or {}, timeout=5)
+                return await self.control.call(request, timeout=5)
             except Exception:
                 await asyncio.sleep(1)
-        raise RuntimeError(f"{service} {method} got no answer for minutes")
+        raise RuntimeError(f"{request.service} {request.method} got no answer for minutes")
 
     async def publish_release(self) -> None:
         version = f"1.0.{len(self.versions) + 1}"
-        await self.request("rollout", "release.publish",
-                           {"release": release(version).model_dump(mode="json")})  # fmt: skip
+        await self.call(publish(version))
         self.versions.append(version)
         self.log(f"release {version} published")
 
     async def start_fleet(self) -> None:
         """A short-soak policy, then the cells: two staging, one saas, the rest dedicated."""
-        await self.request("rollout", "rollout.policy.set", {"policy": {
-            "soak_seconds": {"staging": 5, "saas": 5, "dedicated": 5},
-            "progress_deadline_seconds": 600}})  # fmt: skip
+        soaks = SoakTimes(staging=5, saas=5, dedicated=5)
+        policy = RolloutPolicy(soak_seconds=soaks, progress_deadline_seconds=600)
+        await self.call(PolicySet(policy=policy))
         n = self.args.cells
-        stages = ["staging"] * 2 + ["saas"] + ["dedicated"] * (n - 3)
+        first: list[Stage] = ["staging", "staging", "saas"]
+        stages = first + ["dedicated"] * (n - 3)
 
         async def create(i: int) -> SoakCell:
             cell_id = f"soak-{i:05d}"
-            record = await self.request("registry", "cells.create", {
-                "id": cell_id, "stage": stages[i], "region": "eu-west-1", "org": "soak",
-            })  # fmt: skip
-            return SoakCell(SimCell(cell_id, str(record["amqp_url"])), self.ledger)
+            create = CellsCreate(id=cell_id, stage=stages[i], region="eu-west-1", org="soak")
+            record = await self.call(create)
+            return SoakCell(SimCell(cell_id, record.amqp_url), self.ledger)
 
         self.cells = await gather_limited(n, 24, create)
         await gather_limited(n, 50, lambda i: self.cells[i].start())
@@ -272,11 +278,11 @@ class Soak:
         await self.sample()
         lost = [c for c in self.cells if c.installed != last]
         for cell in lost[:10]:
-            why = await self.request("rollout", "rollout.explain", {"id": cell.id})
+            why = await self.call(RolloutExplain(id=cell.id))
             self.log(f"lost {cell.id}: installed {cell.installed}, journal generation "
                      f"{cell.generation} ({cell.desired}), connected {cell.sim.bus is not None}, "
                      f"{len(cell.pending)} reports kept, {cell.where}; "
-                     f"rollout says: {why.get('explanation')}")  # fmt: skip
+                     f"rollout says: {why.explanation}")  # fmt: skip
         print(f"\n{args.cells} cells, {args.minutes:g} min, heartbeat every {args.heartbeat:g}s, "
               f"a release every {args.release_every:g}s, "
               f"a fault every ~{args.fault_every:g}s")  # fmt: skip

@@ -1,101 +1,16 @@
-"""Whole processes, started as a user would, and stopped by process id at teardown."""
+"""Whole processes (testing/processes.py), started as a user would, and stopped by process id
+at teardown."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from common import topology
 from common.bus.rabbit_bus import RabbitBus
-from tests.conftest import Services, free_port
-from tests.helpers import eventually
-
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Proc:
-    name: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
-class Processes:
-    services: Services
-    logs: Path
-    running: list[Proc] = field(default_factory=list)
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "SUBSTRATE_AMQP_URL": self.services.amqp_url,
-            "SUBSTRATE_REDIS_URL": self.services.redis_url,
-            "SUBSTRATE_RABBITMQ_API_URL": self.services.api_url,
-            # substratectl's wait for an answer: the flows are under test, not the speed of a
-            # loaded machine (a test of the timeout itself sets its own).
-            "SUBSTRATE_RPC_TIMEOUT_SECONDS": "30",
-            **extra,
-        }
-
-    async def start(self, name: str, *argv: str, **env: str) -> Proc:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                str(BIN / argv[0]), *argv[1:], env=self.env(**env), stdout=sink, stderr=sink
-            )
-        proc = Proc(name, process, log)
-        self.running.append(proc)
-        return proc
-
-    async def stop(self, proc: Proc, timeout: float = 20) -> int:
-        if proc.process.returncode is None:
-            proc.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.process.wait(), timeout)
-            except TimeoutError:
-                proc.process.kill()
-                await proc.process.wait()
-        assert proc.process.returncode is not None
-        return proc.process.returncode
-
-    async def ctl(self, *args: str, **env: str) -> tuple[int, Any, str]:
-        """Run ``substratectl --json ARGS``: exit code, parsed stdout, stderr."""
-        process = await asyncio.create_subprocess_exec(
-            str(BIN / "substratectl"), "--json", *args,
-            env=self.env(**env),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-        assert process.returncode is not None
-        parsed = json.loads(out) if out.strip() else None
-        return process.returncode, parsed, err.decode()
-
-
-@asynccontextmanager
-async def running_processes(services: Services, logs: Path) -> AsyncIterator[Processes]:
-    running = Processes(services, logs)
-    try:
-        yield running
-    finally:
-        for proc in reversed(running.running):
-            if proc.process.returncode is None:
-                proc.process.kill()
-                await proc.process.wait()
+from testing.processes import Processes, Registry, running_processes, start_registry
+from testing.services import Services, declare_control_plane
 
 
 @pytest.fixture
@@ -108,9 +23,7 @@ async def procs(services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
 async def own_procs(fresh_services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
     """Processes on a vhost and Redis database of the test's own, for a test whose rollout must
     see only its own cells (the session's vhost keeps the cells of every earlier test)."""
-    bus = await RabbitBus.connect(fresh_services.amqp_url, name="test-own-topology")
-    await bus.declare(topology.control_plane())
-    await bus.close()
+    await declare_control_plane(fresh_services.amqp_url, "test-own-topology")
     async with running_processes(fresh_services, tmp_path) as running:
         yield running
 
@@ -120,65 +33,6 @@ async def own_bus(own_procs: Processes) -> AsyncIterator[RabbitBus]:
     b = await RabbitBus.connect(own_procs.services.amqp_url, name="test-own")
     yield b
     await b.close(drain_timeout=5)
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-@dataclass
-class Service:
-    """A running service process and its metrics port."""
-
-    proc: Proc
-    metrics_port: int
-
-    async def metrics(self) -> str:
-        return (await http_get(self.metrics_port, "/metrics"))[1]
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample, 0 if absent."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in (await self.metrics()).splitlines():
-            if line.startswith("#"):
-                continue
-            sample, _, value = line.rpartition(" ")
-            metric, _, label_text = sample.partition("{")
-            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if metric == name and got == want:
-                return float(value)
-        return 0.0
-
-    async def metric_at_least(self, name: str, n: float, **labels: str) -> bool:
-        return await self.metric(name, **labels) >= n
-
-
-Registry = Service
-
-
-async def start_registry(procs: Processes, **env: str) -> Registry:
-    port = free_port()
-    settings = {
-        "SUBSTRATE_METRICS_PORT": str(port),
-        # Short enough for the tests that wait for a cell to go offline, long enough that an
-        # agent heartbeating every 0.5 s on a busy machine never looks offline by accident.
-        "SUBSTRATE_OFFLINE_AFTER_SECONDS": "5",
-        "SUBSTRATE_SWEEP_INTERVAL_SECONDS": "0.2",
-        **env,
-    }
-    proc = await procs.start(f"registry-{port}", "substrate-registry", **settings)
-
-    async def answers() -> bool:
-        code, _, _ = await procs.ctl("cells", "list", "--stage", "saas")
-        return code == 0
-
-    await eventually(answers, timeout=30, interval=0.3, what="registry answering")
-    return Registry(proc, port)
 
 
 @pytest.fixture

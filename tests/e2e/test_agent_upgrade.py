@@ -15,11 +15,13 @@ from cell_agent.maintenance import MESSAGE
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellUpgrade, Component, DesiredState, Release
 from common.topology import Binding, Topology, consuming_queue
-from tests.conftest import Services, free_port
-from tests.e2e.conftest import Processes, Registry, http_get
-from tests.e2e.test_cells import create_cell, show, start_agent, status_is
-from tests.helpers import eventually, new_cell_id, read_all
-from tests.integration.test_upgrade import push_image
+from testing.broker import read_all
+from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
+from testing.fleet import push_image
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import Processes, Registry, http_get
+from testing.services import Services
 
 
 async def cell_with_report_tap(procs: Processes, bus: RabbitBus) -> tuple[str, dict[str, Any], str]:

@@ -14,26 +14,17 @@ from aio_pika.abc import AbstractChannel
 
 from common.messages import CellHeartbeat, CellRegister
 from common.topology import dead_letter_name
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, Registry, start_registry
-from tests.e2e.test_cells import create_cell, show, status_is
-from tests.helpers import eventually, new_cell_id, raw_publish, read_all
+from testing.broker import raw_publish, read_all
+from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
+from testing.polling import eventually
+from testing.processes import Processes, Registry, start_registry
+from testing.services import Services
 
 NOW = datetime.now(UTC)
 
 
 def _body(msg: CellHeartbeat | CellRegister) -> bytes:
     return msg.model_dump_json().encode()
-
-
-async def register_as_cell(url: str, cell: str) -> None:
-    """Register ``cell`` with its own credentials, as its agent would."""
-    msg = CellRegister(
-        cell_id=cell, seq=1, sent_at=NOW, agent_version="1", aws_account_id="123456789012",
-        region="eu-west-1", incarnation="i",
-    )  # fmt: skip
-    await raw_publish(url, "substrate.cells", f"{cell}.register", _body(msg), type=msg.wire_name,
-                      user_id=cell)  # fmt: skip
 
 
 async def _refused(

@@ -11,75 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import boto3
 import pytest
 from aiormq.exceptions import ProbableAuthenticationError
 
 from common.messages import CellRegister
-from tests.conftest import Services, aws_env, free_port
-from tests.e2e.conftest import Proc, Processes, Registry, http_get, start_registry
-from tests.helpers import eventually, listening_addresses, new_cell_id, raw_publish
-
-TEMPLATE = Path(__file__).resolve().parents[2] / "cell_agent" / "bootstrap" / "cell.yaml"
-# The first version of the template, kept to test updating a stack to the current one.
-TEMPLATE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "cell-v1.yaml"
-
-
-async def create_cell(procs: Processes, cell_id: str, stage: str = "dedicated") -> dict[str, Any]:
-    code, record, err = await procs.ctl(
-        "cells", "create", cell_id, "--stage", stage, "--region", "eu-west-1", "--org", "acme"
-    )
-    assert code == 0, err
-    return dict(record)
-
-
-async def show(procs: Processes, cell_id: str) -> dict[str, Any]:
-    code, record, err = await procs.ctl("cells", "show", cell_id)
-    assert code == 0, err
-    return dict(record)
-
-
-def _create_stack(
-    moto: str, name: str, parameters: dict[str, str], template: Path = TEMPLATE_V1
-) -> None:
-    cfn = boto3.client(
-        "cloudformation",
-        endpoint_url=moto,
-        region_name="eu-west-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    cfn.create_stack(
-        StackName=name,
-        TemplateBody=template.read_text(),
-        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
-    )
-    cfn.get_waiter("stack_create_complete").wait(StackName=name, WaiterConfig={"Delay": 1})
-
-
-async def start_agent(
-    procs: Processes,
-    moto: str,
-    cell_id: str,
-    url: str,
-    state: Path,
-    *,
-    heartbeat: str = "0.5",
-    stack: str | None = None,
-    metrics_port: int = 0,
-    **env: str,
-) -> Proc:
-    settings = {
-        "CELL_ID": cell_id, "CELL_AMQP_URL": url, "CELL_STATE_DIR": str(state),
-        "CELL_HEARTBEAT_SECONDS": heartbeat, "CELL_SYNC_SECONDS": "5",
-        "CELL_METRICS_PORT": str(metrics_port), **aws_env(moto),
-    }  # fmt: skip
-    if stack:
-        settings["CELL_STACK_NAME"] = stack
-    return await procs.start(
-        f"agent-{cell_id}-{len(procs.running)}", "cell-agent", "run", **{**settings, **env}
-    )
+from testing.broker import raw_publish
+from testing.cells import create_cell, create_stack, new_cell_id, show, start_agent, status_is
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import (
+    Proc,
+    Processes,
+    Registry,
+    http_get,
+    listening_addresses,
+    start_registry,
+)
+from testing.services import Services
 
 
 @dataclass
@@ -102,11 +50,6 @@ async def onboard(procs: Processes, moto: str, state_root: Path, n: int = 1) -> 
     return cells
 
 
-async def status_is(procs: Processes, cell_id: str, status: str) -> dict[str, Any] | None:
-    record = await show(procs, cell_id)
-    return record if record["status"] == status else None
-
-
 async def cell_connections(services: Services, cell_id: str) -> list[dict[str, Any]]:
     return await services.api.connections(user=cell_id)
 
@@ -122,7 +65,7 @@ async def test_create_start_agent_and_see_it_online(
 
     # The customer creates the bootstrap stack with the parameters they were given.
     stack = f"substrate-{cell}"
-    await asyncio.to_thread(_create_stack, moto, stack, created["stack_parameters"])
+    await asyncio.to_thread(create_stack, moto, stack, created["stack_parameters"])
 
     port = free_port()
     agent = await start_agent(

@@ -23,9 +23,9 @@ import pytest
 from testcontainers.compose import DockerCompose
 
 from deploy import demo
-from tests.conftest import free_port
-from tests.e2e.conftest import BIN
-from tests.helpers import eventually
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import BIN
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR = "op-admin:op-admin-demo-password"  # compose's demo operator (deploy/rabbitmq.py)

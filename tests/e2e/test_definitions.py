@@ -13,12 +13,11 @@ import pytest
 from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from deploy import rabbitmq
-from tests.conftest import Services, aws_env
-from tests.e2e.conftest import Processes
-from tests.e2e.test_cells import start_agent
-from tests.e2e.test_rollout import HOST
-from tests.helpers import eventually, new_cell_id
-from tests.integration.test_upgrade import push_image
+from testing.cells import new_cell_id, start_agent
+from testing.fleet import HOST, push_image
+from testing.polling import eventually
+from testing.processes import Processes
+from testing.services import Services, aws_env
 
 
 def _url(base: str, user: str, vhost: str) -> str:

@@ -15,24 +15,15 @@ import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
 from common.topology import SERVICE_QUEUES
-from tests.conftest import Services, free_port
-from tests.e2e.conftest import Proc, Processes, http_get, start_registry
-from tests.e2e.test_cells import create_cell, show, start_agent, status_is
-from tests.helpers import eventually, new_cell_id
+from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
+from testing.fleet import write
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import Proc, Processes, http_get, start_flags, start_registry
+from testing.services import Services
 
 VECTORS = json.loads((Path(__file__).parents[1] / "flags" / "vectors.json").read_text())["vectors"]
 BIN = Path(sys.executable).parent
-
-
-async def start_flags(procs: Processes) -> Proc:
-    proc = await procs.start(f"flags-{len(procs.running)}", "substrate-flags")
-
-    async def answers() -> bool:
-        code, _, _ = await procs.ctl("flags", "list")
-        return code == 0
-
-    await eventually(answers, timeout=30, interval=0.3, what="flags answering")
-    return proc
 
 
 @pytest.fixture
@@ -47,11 +38,6 @@ async def flags_service(procs: Processes, services: Services, control_plane: Non
     for queue in [*SERVICE_QUEUES["flags"], *SERVICE_QUEUES["registry"]]:
         await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
     yield await start_flags(procs)
-
-
-def write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
 
 
 FLAG = """

@@ -22,12 +22,14 @@ from common.bus.errors import RemoteError
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE
 from common.topology import CELL_COMMANDS_DEAD, SERVICE_QUEUES, Binding, Topology, consuming_queue
-from tests.conftest import Services, aws_env, free_port
-from tests.e2e.conftest import BIN, Proc, Processes, start_registry
-from tests.e2e.test_cells import TEMPLATE, TEMPLATE_V1, _create_stack, show
-from tests.e2e.test_cells import start_agent as start_cell_agent
-from tests.e2e.test_rollout import Fleet, start_rollout
-from tests.helpers import eventually, new_cell_id, raw_publish, read_all
+from testing.broker import raw_publish, read_all
+from testing.cells import TEMPLATE, TEMPLATE_V1, create_stack, new_cell_id, show
+from testing.cells import start_agent as start_cell_agent
+from testing.fleet import Fleet
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import BIN, Proc, Processes, start_registry, start_rollout
+from testing.services import Services, aws_env
 
 ORG = "acme"
 
@@ -112,7 +114,7 @@ class Infra:
         )
         assert code == 0, err
         stack = f"substrate-{cell_id}"
-        await asyncio.to_thread(_create_stack, self.moto, stack, created["stack_parameters"],
+        await asyncio.to_thread(create_stack, self.moto, stack, created["stack_parameters"],
                                 template)  # fmt: skip
         env = {"CELL_SYNC_SECONDS": "1", **env}
         state = self.root / cell_id

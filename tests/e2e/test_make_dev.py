@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Services, free_port, free_ports
-from tests.e2e.conftest import BIN
-from tests.helpers import eventually
+from testing.polling import eventually
+from testing.ports import free_port, free_ports
+from testing.processes import BIN
+from testing.services import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 

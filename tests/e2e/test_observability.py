@@ -20,11 +20,12 @@ import yaml
 
 from common.bus.rabbit_bus import RabbitBus
 from observability import dashboards, prometheus
-from tests.conftest import aws_env, free_port, wait_port
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_cells import TEMPLATE
-from tests.e2e.test_rollout import Fleet, start_rollout
-from tests.helpers import eventually
+from testing.cells import TEMPLATE
+from testing.fleet import Fleet
+from testing.polling import eventually
+from testing.ports import free_port, wait_port
+from testing.processes import Processes, start_registry, start_rollout
+from testing.services import aws_env
 
 RULES = prometheus.RULES
 # Metric names in an expression (label names and functions are not followed by "{" or " ").

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import BIN, Processes
-from tests.helpers import eventually
+from testing.polling import eventually
+from testing.processes import BIN, Processes
 
 SCRIPTS = [
     "substrate-registry", "substrate-rollout", "substrate-flags", "substrate-infra-compliance",

@@ -10,11 +10,11 @@ import pytest
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE, ReleasePublished
 from common.topology import Binding, Topology, consuming_queue
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_cell_security import register_as_cell
-from tests.e2e.test_cells import create_cell
-from tests.helpers import eventually, new_cell_id, read_all
+from testing.broker import read_all
+from testing.cells import create_cell, new_cell_id, register_as_cell
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -9,8 +9,6 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,148 +16,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
-from common.messages import CELLS_EXCHANGE, EVENTS_EXCHANGE, CellUpgrade, RolloutProgressed
+from common.messages import EVENTS_EXCHANGE, RolloutProgressed
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
-from tests.conftest import Services, free_port
-from tests.e2e.conftest import Proc, Processes, Service, start_registry
-from tests.e2e.test_cells import create_cell, show, start_agent, status_is
-from tests.helpers import eventually, new_cell_id, read_all
-from tests.integration.test_upgrade import push_image
-
-HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
-POLICY = """
-soak_seconds: {staging: 1, saas: 1, dedicated: 1}
-progress_deadline_seconds: 60
-"""
-
-
-@dataclass
-class Cell:
-    id: str
-    stage: str
-    url: str
-    state: Path
-    agent: Proc
-    env: dict[str, str]
-
-
-class Fleet:
-    """Cells with running agents, and the operator's commands, for one test."""
-
-    def __init__(self, procs: Processes, moto: str, root: Path, bus: RabbitBus) -> None:
-        self.procs, self.moto, self.root, self.bus = procs, moto, root, bus
-        self.cells: list[Cell] = []
-        self.reports = f"test.rollout.{root.name}"[:200]
-        self.minor = abs(hash(root)) % 10_000
-        self._reports: list[CellUpgrade] = []
-        self.rollout: Service | None = None
-
-    def version(self, patch: int) -> str:
-        # Unique per test: releases of earlier tests stay published in the session.
-        return f"3000.{self.minor}.{patch}"
-
-    async def tap(self) -> None:
-        """A queue receiving a copy of every cell's upgrade reports."""
-        await self.bus.declare(
-            Topology((), consuming_queue(self.reports, Binding(CELLS_EXCHANGE, "*.upgrade")))
-        )
-
-    async def add(self, stage: str, n: int = 1, **env: str) -> list[Cell]:
-        added = []
-        for _ in range(n):
-            cell_id = new_cell_id()
-            created = await create_cell(self.procs, cell_id, stage=stage)
-            added.append((cell_id, created["amqp_url"]))
-        cells = [
-            Cell(cell_id, stage, url, self.root / cell_id,
-                 await self._agent(cell_id, url, self.root / cell_id, env), env)
-            for cell_id, url in added
-        ]  # fmt: skip
-        for c in cells:
-            await eventually(partial(status_is, self.procs, c.id, "online"), timeout=30,
-                             interval=0.3, what=f"{c.id} online")  # fmt: skip
-        self.cells += cells
-        return cells
-
-    def of(self, stage: str) -> list[Cell]:
-        return [c for c in self.cells if c.stage == stage]
-
-    async def stop_agent(self, cell: Cell) -> None:
-        await self.procs.stop(cell.agent)
-
-    async def start_agent(self, cell: Cell) -> None:
-        cell.agent = await self._agent(cell.id, cell.url, cell.state, cell.env)
-
-    async def _agent(self, cell_id: str, url: str, state: Path, env: dict[str, str]) -> Proc:
-        extra: dict[str, Any] = env  # CELL_* variables only, never start_agent's own arguments
-        return await start_agent(self.procs, self.moto, cell_id, url, state, **extra)
-
-    async def publish(self, patch: int, *, missing_image: bool = False,
-                      reversible: bool = True, maintenance: bool = False) -> str:  # fmt: skip
-        version = self.version(patch)
-        digest = push_image(self.moto, "substrate/server", version)
-        if missing_image:
-            digest = "sha256:" + "0" * 64
-        path = self.root / f"{version}.yaml"
-        path.write_text(
-            f"version: {version}\nreversible: {str(reversible).lower()}\ncomponents:\n"
-            f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
-            f"    requires_maintenance: {str(maintenance).lower()}\n"
-        )
-        code, _, err = await self.procs.ctl("release", "publish", str(path))
-        assert code == 0, err
-        return version
-
-    async def status(self, version: str) -> dict[str, Any]:
-        code, result, err = await self.procs.ctl("rollout", "status", version)
-        assert code == 0, err
-        return dict(result)
-
-    async def wait_state(self, version: str, *states: str, timeout: float = 60) -> dict[str, Any]:
-        async def reached() -> dict[str, Any] | None:
-            status = await self.status(version)
-            return status if status["state"] in states else None
-
-        result: dict[str, Any] = await eventually(
-            reached, timeout=timeout, interval=0.3, what=f"{version} {'/'.join(states)}"
-        )
-        return result
-
-    async def installed(self, cell: Cell) -> str | None:
-        return (await show(self.procs, cell.id)).get("installed_release")
-
-    async def wait_installed(self, cells: list[Cell], version: str, timeout: float = 30) -> None:
-        async def all_there() -> bool:
-            return all([await self.installed(c) == version for c in cells])
-
-        await eventually(all_there, timeout=timeout, interval=0.3,
-                         what=f"{len(cells)} cells on {version}")  # fmt: skip
-
-    async def upgrades(self) -> list[CellUpgrade]:
-        """Every upgrade report so far (the tap keeps them; reading drains, so they are kept)."""
-        got = [CellUpgrade.model_validate_json(m.body)
-               for m in await read_all(self.procs.services.amqp_url, self.reports)]  # fmt: skip
-        self._reports += got
-        return list(self._reports)
-
-    async def explain(self, cell: Cell) -> dict[str, Any]:
-        code, result, err = await self.procs.ctl("rollout", "explain", cell.id)
-        assert code == 0, err
-        return dict(result)
-
-
-async def start_rollout(procs: Processes, **env: str) -> Service:
-    port = free_port()
-    proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
-                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3",
-                             SUBSTRATE_METRICS_PORT=str(port), **env)  # fmt: skip
-
-    async def answers() -> bool:
-        code, _, _ = await procs.ctl("rollout", "policy", "show")
-        return code == 0
-
-    await eventually(answers, timeout=30, interval=0.3, what="rollout answering")
-    return Service(proc, port)
+from testing.broker import read_all
+from testing.cells import status_is
+from testing.fleet import POLICY, Fleet, quick_fleet
+from testing.polling import eventually
+from testing.processes import Processes, start_registry, start_rollout
+from testing.services import Services
 
 
 @pytest.fixture
@@ -179,18 +43,6 @@ async def fleet(
     f = await quick_fleet(procs, moto, tmp_path, bus)
     await f.tap()
     yield f
-
-
-async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus, **env: str) -> Fleet:
-    """A rollout service (with ``env``) with the short soaks of POLICY (the registry is the
-    caller's), and no cells yet."""
-    rollout = await start_rollout(procs, **env)
-    (root / "policy.yaml").write_text(POLICY)
-    code, _, err = await procs.ctl("rollout", "policy", "set", str(root / "policy.yaml"))
-    assert code == 0, err
-    f = Fleet(procs, moto, root, bus)
-    f.rollout = rollout
-    return f
 
 
 @pytest.mark.e2e

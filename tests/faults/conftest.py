@@ -1,4 +1,4 @@
-"""Fault tests run on a RabbitMQ node and a Redis of their own (tests/faults/nodes.py), started
+"""Fault tests run on a RabbitMQ node and a Redis of their own (testing/nodes.py), started
 once per module: each test gets a new vhost and Redis database on them, and may kill, stop,
 restart or pause either. A module that faults only processes runs on the machine's services
 instead (its ``private`` fixture returns ``machine``): starting a private node costs each
@@ -7,31 +7,15 @@ module about ten seconds."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from common import topology
 from common.bus.rabbit_bus import RabbitBus
-from tests.conftest import Services, isolated_services
-from tests.e2e.conftest import Processes, running_processes, start_registry
-from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.nodes import PrivateCluster, PrivateRabbit, PrivateRedis
-
-N = TypeVar("N", PrivateRabbit, PrivateRedis, PrivateCluster)
-
-
-@asynccontextmanager
-async def running(node: N) -> AsyncIterator[N]:
-    """A private node, started, and killed after: also when the start fails (a cluster whose
-    third node did not come up leaves the other two running otherwise)."""
-    try:
-        await node.start()
-        yield node
-    finally:
-        await node.kill()
+from testing.fleet import Fleet, quick_fleet
+from testing.nodes import PrivateRabbit, PrivateRedis, running
+from testing.processes import Processes, running_processes, start_registry
+from testing.services import Services, declared
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +28,6 @@ async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Priv
 async def redis_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRedis]:
     async with running(PrivateRedis(tmp_path_factory.mktemp("redis"))) as node:
         yield node
-
-
-@asynccontextmanager
-async def declared(service_urls: tuple[str, str, str], label: str) -> AsyncIterator[Services]:
-    """A vhost (with the control plane declared) and a Redis database on these services."""
-    async with isolated_services(service_urls, label) as own:
-        bus = await RabbitBus.connect(own.amqp_url, name=f"{label}-topology")
-        await bus.declare(topology.control_plane())
-        await bus.close()
-        yield own
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ import pytest
 
 from common.bus.errors import NotConnected, PublishTimeout
 from common.bus.rabbit_bus import RabbitBus
-from tests.conftest import Services
-from tests.e2e.test_rollout import Fleet
-from tests.faults.ledger import CELLS, Ledger, applied, applier_env
-from tests.faults.nodes import PrivateRabbit
-from tests.helpers import cell_queue, eventually, heartbeat, new_cell_id
+from testing.broker import cell_queue
+from testing.cells import heartbeat, new_cell_id
+from testing.fleet import Fleet
+from testing.ledger import CELLS, Ledger, applied, applier_env
+from testing.nodes import PrivateRabbit
+from testing.polling import eventually
+from testing.services import Services
 
 
 async def _grow(fleet: Fleet, apply_seconds: float) -> None:

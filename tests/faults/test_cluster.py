@@ -1,4 +1,4 @@
-"""The control plane on a three-node RabbitMQ cluster (tests/faults/nodes.py PrivateCluster):
+"""The control plane on a three-node RabbitMQ cluster (testing/nodes.py PrivateCluster):
 every process, cells included, is given all three nodes' URLs; the service queues and (with
 ``SUBSTRATE_CELL_QUEUES=quorum``) the cells' command queues are quorum queues replicated on every
 node. The node leading the service queues is killed with -9 in the middle of a rollout."""
@@ -13,17 +13,16 @@ from urllib.parse import quote
 
 import pytest
 
-from bench.simulator import Simulators, gather_limited
 from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
-from tests.conftest import Services, isolated_services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.conftest import running
-from tests.faults.ledger import CELLS, Ledger, applied, applier_env
-from tests.faults.nodes import PrivateCluster, PrivateRedis
-from tests.helpers import eventually
+from testing.fleet import Fleet, quick_fleet
+from testing.ledger import CELLS, Ledger, applied, applier_env
+from testing.nodes import PrivateCluster, PrivateRedis, running
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services, isolated_services
+from testing.simulator import Simulators, gather_limited
 
 SERVICE_QUEUES = ("registry.cells", "rollout.cells", "rollout.events", "flags.cells")
 
@@ -117,7 +116,7 @@ async def test_node_leading_the_service_queues_killed_mid_rollout(
     assert not victim.child.running, "the rollout completed without the killed node"
 
 
-# The issue's fleet for the cluster failover: simulated cells (bench/simulator.py, one process
+# The issue's fleet for the cluster failover: simulated cells (testing/simulator.py, one process
 # of their own), each with its own broker user, connection and quorum command queue.
 SIMULATED = int(os.environ.get("SUBSTRATE_FAULT_SIMULATED_CELLS", "200"))
 

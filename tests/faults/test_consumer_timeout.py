@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from tests.e2e.test_rollout import POLICY, Fleet
-from tests.faults.conftest import running
-from tests.faults.ledger import Ledger, applier_env
-from tests.faults.nodes import PrivateRabbit
+from testing.fleet import POLICY, Fleet
+from testing.ledger import Ledger, applier_env
+from testing.nodes import PrivateRabbit, running
 
 TIMEOUT_MS = 3_000
 # The broker looks for timed-out consumers once a minute: an upgrade this long spans a look.

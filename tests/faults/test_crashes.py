@@ -9,11 +9,11 @@ import pytest
 from common.crashpoints import CRASH_EXIT
 from common.messages import CellUpgrade, DesiredState
 from common.vocabulary import TERMINAL_PHASES
-from tests.conftest import Services
-from tests.e2e.conftest import Proc
-from tests.e2e.test_rollout import Cell, Fleet, start_rollout
-from tests.faults.ledger import Ledger, applier_env
-from tests.helpers import eventually
+from testing.fleet import Cell, Fleet
+from testing.ledger import Ledger, applier_env
+from testing.polling import eventually
+from testing.processes import Proc, start_rollout
+from testing.services import Services
 
 
 @pytest.fixture

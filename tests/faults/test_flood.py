@@ -13,11 +13,10 @@ import pytest
 
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from services.registry.settings import RegistrySettings
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_cell_security import register_as_cell
-from tests.e2e.test_cells import create_cell, show, status_is
-from tests.helpers import eventually, new_cell_id
+from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services
 
 
 @pytest.fixture

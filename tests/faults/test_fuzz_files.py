@@ -24,7 +24,7 @@ from common.requests import Request
 from common.requests.flags import FlagsSet
 from common.requests.rollout import PolicySet, ReleasePublish
 from substratectl.context import FileProblem, read_flag_file, read_mapping_file
-from tests.e2e.conftest import BIN
+from testing.processes import BIN
 
 pytestmark = pytest.mark.fault
 

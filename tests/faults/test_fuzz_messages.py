@@ -37,12 +37,11 @@ from common.messages import (
     CellUpgrade,
 )
 from common.topology import SERVICE_QUEUES, dead_letter_name
-from tests.conftest import Services, isolated_services
-from tests.e2e.conftest import Processes, running_processes, start_registry
-from tests.e2e.test_cells import create_cell
-from tests.e2e.test_rollout import start_rollout
-from tests.faults.nodes import PrivateRabbit, PrivateRedis
-from tests.helpers import eventually, new_cell_id
+from testing.cells import create_cell, new_cell_id
+from testing.nodes import PrivateRabbit, PrivateRedis
+from testing.polling import eventually
+from testing.processes import Processes, running_processes, start_registry, start_rollout
+from testing.services import Services, isolated_services
 
 # More under make chaos (SUBSTRATE_FUZZ_EXAMPLES=2000 per message type).
 EXAMPLES = int(os.environ.get("SUBSTRATE_FUZZ_EXAMPLES", "40"))

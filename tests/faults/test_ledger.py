@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.ledger import APPLY_COMMAND, Ledger
+from testing.ledger import APPLY_COMMAND, Ledger
 
 
 def _apply(state: Path, release: str, component: str) -> None:

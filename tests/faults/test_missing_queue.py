@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 from common.messages import DesiredState, command_queue
 from common.outbox import Outbox
 from services.rollout.store import OUTBOX
-from tests.e2e.conftest import http_get
-from tests.e2e.test_rollout import Fleet
-from tests.faults.ledger import Ledger, applied, applier_env
-from tests.helpers import eventually
+from testing.fleet import Fleet
+from testing.ledger import Ledger, applied, applier_env
+from testing.polling import eventually
+from testing.processes import http_get
 
 
 @pytest.mark.fault

@@ -10,12 +10,13 @@ import pytest
 
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, CellReport, CellUpgrade
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_cells import show
-from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.ledger import Ledger, applier_env
-from tests.helpers import eventually, raw_publish
+from testing.broker import raw_publish
+from testing.cells import show
+from testing.fleet import Fleet, quick_fleet
+from testing.ledger import Ledger, applier_env
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cells import show
-from tests.e2e.test_rollout import Cell, Fleet
-from tests.faults.ledger import Ledger, applied, applier_env
-from tests.faults.nodes import PrivateRabbit
-from tests.helpers import eventually
+from testing.cells import show
+from testing.fleet import Cell, Fleet
+from testing.ledger import Ledger, applied, applier_env
+from testing.nodes import PrivateRabbit
+from testing.polling import eventually
 
 
 def _kept(cell: Cell) -> int:

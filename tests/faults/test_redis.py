@@ -18,13 +18,13 @@ from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CellRegister
 from common.topology import DELIVERY_LIMIT, dead_letter_name
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_cells import create_cell, show
-from tests.e2e.test_rollout import Fleet
-from tests.faults.ledger import CELLS, Ledger, applier_env
-from tests.faults.nodes import PrivateRedis
-from tests.helpers import eventually, heartbeat, new_cell_id
+from testing.cells import create_cell, heartbeat, new_cell_id, show
+from testing.fleet import Fleet
+from testing.ledger import CELLS, Ledger, applier_env
+from testing.nodes import PrivateRedis
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services
 
 
 async def _answers(fleet: Fleet, *args: str) -> bool:

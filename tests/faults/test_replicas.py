@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Services, free_port
-from tests.e2e.conftest import Processes, Service, start_registry
-from tests.e2e.test_cells import show
-from tests.e2e.test_flags import write
-from tests.e2e.test_rollout import Cell, Fleet, start_rollout
-from tests.faults.ledger import CELLS, Ledger, applied, applier_env
-from tests.helpers import eventually
+from testing.cells import show
+from testing.fleet import Cell, Fleet, write
+from testing.ledger import CELLS, Ledger, applied, applier_env
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.processes import Processes, Service, start_registry, start_rollout
+from testing.services import Services
 
 LEASE_SECONDS = 3  # start_rollout's SUBSTRATE_LEASE_SECONDS
 

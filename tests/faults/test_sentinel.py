@@ -16,13 +16,12 @@ import redis.asyncio as aioredis
 from common import redis_client
 from common.bus.errors import RpcFailure
 from common.bus.rabbit_bus import RabbitBus
-from tests.conftest import Services
-from tests.e2e.conftest import Processes, start_registry
-from tests.e2e.test_flags import write
-from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.ledger import CELLS, Ledger, applied, applier_env
-from tests.faults.nodes import PrivateRedis, PrivateSentinel
-from tests.helpers import eventually
+from testing.fleet import Fleet, quick_fleet, write
+from testing.ledger import CELLS, Ledger, applied, applier_env
+from testing.nodes import PrivateRedis, PrivateSentinel
+from testing.polling import eventually
+from testing.processes import Processes, start_registry
+from testing.services import Services
 
 
 @dataclasses.dataclass

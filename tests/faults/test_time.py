@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from common.bus.rabbit_bus import RabbitBus
-from tests.e2e.conftest import Processes, Registry, start_registry
-from tests.e2e.test_cells import show, status_is
-from tests.e2e.test_rollout import Fleet, quick_fleet
-from tests.faults.ledger import Ledger, applier_env
-from tests.faults.nodes import PrivateRabbit
-from tests.faults.proxy import Proxy
-from tests.helpers import eventually
+from testing.cells import show, status_is
+from testing.fleet import Fleet, quick_fleet
+from testing.ledger import Ledger, applier_env
+from testing.nodes import PrivateRabbit
+from testing.polling import eventually
+from testing.processes import Processes, Registry, start_registry
+from testing.proxy import Proxy
 
 DAY = 86_400
 

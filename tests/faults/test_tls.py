@@ -11,12 +11,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.e2e.conftest import Proc
-from tests.e2e.test_cells import create_cell, show, start_agent, status_is
-from tests.e2e.test_rollout import Fleet
-from tests.faults.conftest import running
-from tests.faults.nodes import PrivateRabbit
-from tests.helpers import eventually, new_cell_id
+from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
+from testing.fleet import Fleet
+from testing.nodes import PrivateRabbit, running
+from testing.polling import eventually
+from testing.processes import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
 

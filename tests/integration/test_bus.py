@@ -45,15 +45,11 @@ from common.topology import (
     control_plane,
     dead_letter_name,
 )
-from tests.conftest import Services, free_port
-from tests.helpers import (
-    cell_queue,
-    eventually,
-    heartbeat,
-    new_cell_id,
-    raw_publish,
-    read_all,
-)
+from testing.broker import cell_queue, raw_publish, read_all
+from testing.cells import heartbeat, new_cell_id
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.services import Services
 
 
 async def test_message_published_by_one_bus_is_handled_by_another(

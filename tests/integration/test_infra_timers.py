@@ -20,7 +20,7 @@ from services.infra_compliance import handlers
 from services.infra_compliance.model import Timer
 from services.infra_compliance.store import LEASE, OUTBOX, InfraStore
 from services.infra_compliance.timers import Timers
-from tests.conftest import Services
+from testing.services import Services
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 DELIVERY = Delivery(message_id="m", user_id="op-test", routing_key="infra_compliance",

@@ -19,8 +19,8 @@ from common.messages import EVENTS_EXCHANGE, CellOffline, CellOnline, Delivery, 
 from common.outbox import Outbox, outbox_entry
 from common.routes import route
 from common.topology import Binding, Topology, consuming_queue
-from tests.conftest import Services
-from tests.helpers import eventually
+from testing.polling import eventually
+from testing.services import Services
 
 NOW = datetime.now(UTC)
 

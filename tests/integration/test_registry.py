@@ -26,8 +26,8 @@ from common.requests.registry import (
 )
 from services.registry import handlers, metrics
 from services.registry.store import OUTBOX, RegistryStore
-from tests.conftest import Services
-from tests.helpers import new_cell_id
+from testing.cells import new_cell_id
+from testing.services import Services
 
 ACCOUNT = "123456789012"
 OTHER_ACCOUNT = "210987654321"

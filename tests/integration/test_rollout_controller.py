@@ -34,8 +34,8 @@ from services.rollout.store import (
     RolloutStore,
     Stale,
 )
-from tests.conftest import Services
-from tests.helpers import eventually
+from testing.polling import eventually
+from testing.services import Services
 
 RELEASE = Release.model_validate({
     "version": "2026.11.5",

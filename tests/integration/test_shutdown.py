@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from common.bus.rabbit_bus import RabbitBus
-from tests.conftest import Services
-from tests.helpers import cell_queue, eventually, heartbeat, new_cell_id
+from testing.broker import cell_queue
+from testing.cells import heartbeat, new_cell_id
+from testing.polling import eventually
+from testing.services import Services
 
 
 async def test_sigterm_lets_the_running_handler_finish_and_ack(

@@ -4,14 +4,11 @@ phases, maintenance, failure and rollback, newest-generation-wins, and resuming 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import uuid
-from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
-import boto3
 import pytest
 
 from cell_agent.appliers import LocalApplier
@@ -20,32 +17,12 @@ from cell_agent.maintenance import MESSAGE, MaintenanceGate
 from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
 from common.clock import FakeClock
 from common.messages import Component, Delivery, DesiredState, Release
-from tests.helpers import eventually
+from testing.fleet import push_image
+from testing.polling import eventually
 
 DELIVERY = Delivery(
     message_id=None, user_id="svc", routing_key="c", redelivered=False, delivery_count=0
 )
-
-
-def push_image(moto: str, repository: str, tag: str) -> str:
-    """Put an image into moto's ECR; its digest."""
-    ecr = boto3.client(
-        "ecr", endpoint_url=moto, region_name="eu-west-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
-    with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
-        ecr.create_repository(repositoryName=repository)
-    # moto derives the digest from the layers' digests; without layers it draws one of 101
-    # random values, and two images would share a digest now and then.
-    layer = "sha256:" + hashlib.sha256(uuid.uuid4().bytes).hexdigest()
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"digest": layer},
-        "layers": [{"digest": layer, "size": 1}],
-    })  # fmt: skip
-    image = ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag)
-    return str(image["image"]["imageId"]["imageDigest"])
 
 
 class Killed(BaseException):

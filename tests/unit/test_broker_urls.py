@@ -9,7 +9,7 @@ from common import broker_urls
 from common.requests.registry import CellsCreate
 from common.settings import ServiceSettings, sentinel_addresses
 from services.registry.model import cell_amqp_url, stack_parameters
-from tests.helpers import new_cell_id
+from testing.cells import new_cell_id
 
 CLUSTER = "amqp://svc:pw@node1:5672/vh,amqp://svc:pw@node2:5673/vh, amqp://svc:pw@node3/vh"
 

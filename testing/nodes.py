@@ -18,10 +18,13 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from tests.conftest import free_port
+from testing.ports import free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -368,3 +371,17 @@ class PrivateSentinel:
 
     async def kill(self) -> None:
         await self.child.kill()
+
+
+N = TypeVar("N", PrivateRabbit, PrivateRedis, PrivateCluster)
+
+
+@asynccontextmanager
+async def running(node: N) -> AsyncIterator[N]:
+    """A private node, started, and killed after: also when the start fails (a cluster whose
+    third node did not come up leaves the other two running otherwise)."""
+    try:
+        await node.start()
+        yield node
+    finally:
+        await node.kill()

@@ -1,7 +1,7 @@
 """Simulated cells spread over several processes: one Python process opens about 2,000 AMQP
 connections in reasonable time, so 10,000 cells take several.
 
-A worker (``python -m bench.simulator FILE``) holds the cells listed in FILE (one
+A worker (``python -m testing.simulator FILE``) holds the cells listed in FILE (one
 ``{"cell_id": ..., "url": ...}`` per line) and obeys one command per line on stdin, answering
 each on stdout once every one of its cells has done it:
 
@@ -255,7 +255,7 @@ class Simulators:
             # The worker writes to its own copy of the file; ours is closed at once.
             with (workdir / f"simulator-{w}.log").open("ab") as log:
                 processes.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "bench.simulator", str(path),
+                    sys.executable, "-m", "testing.simulator", str(path),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 ))  # fmt: skip
         sims = cls(processes, [asyncio.Queue() for _ in processes])

@@ -1,0 +1,214 @@
+"""Whole processes, started as a user would (the console scripts of this virtualenv), and
+stopped by process id: the services, cell agents and substratectl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testing.polling import eventually
+from testing.ports import free_port
+from testing.services import Services
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Proc:
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Processes:
+    services: Services
+    logs: Path
+    running: list[Proc] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SUBSTRATE_AMQP_URL": self.services.amqp_url,
+            "SUBSTRATE_REDIS_URL": self.services.redis_url,
+            "SUBSTRATE_RABBITMQ_API_URL": self.services.api_url,
+            # substratectl's wait for an answer: the flows are under test, not the speed of a
+            # loaded machine (a test of the timeout itself sets its own).
+            "SUBSTRATE_RPC_TIMEOUT_SECONDS": "30",
+            **extra,
+        }
+
+    async def start(self, name: str, *argv: str, **env: str) -> Proc:
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                str(BIN / argv[0]), *argv[1:], env=self.env(**env), stdout=sink, stderr=sink
+            )
+        proc = Proc(name, process, log)
+        self.running.append(proc)
+        return proc
+
+    async def stop(self, proc: Proc, timeout: float = 20) -> int:
+        if proc.process.returncode is None:
+            proc.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.process.wait(), timeout)
+            except TimeoutError:
+                proc.process.kill()
+                await proc.process.wait()
+        assert proc.process.returncode is not None
+        return proc.process.returncode
+
+    async def ctl(self, *args: str, **env: str) -> tuple[int, Any, str]:
+        """Run ``substratectl --json ARGS``: exit code, parsed stdout, stderr."""
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "substratectl"), "--json", *args,
+            env=self.env(**env),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        parsed = json.loads(out) if out.strip() else None
+        return process.returncode, parsed, err.decode()
+
+
+@asynccontextmanager
+async def running_processes(services: Services, logs: Path) -> AsyncIterator[Processes]:
+    running = Processes(services, logs)
+    try:
+        yield running
+    finally:
+        for proc in reversed(running.running):
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@dataclass
+class Service:
+    """A running service process and its metrics port."""
+
+    proc: Proc
+    metrics_port: int
+
+    async def metrics(self) -> str:
+        return (await http_get(self.metrics_port, "/metrics"))[1]
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample, 0 if absent."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in (await self.metrics()).splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            metric, _, label_text = sample.partition("{")
+            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if metric == name and got == want:
+                return float(value)
+        return 0.0
+
+    async def metric_at_least(self, name: str, n: float, **labels: str) -> bool:
+        return await self.metric(name, **labels) >= n
+
+
+Registry = Service
+
+
+async def start_registry(procs: Processes, **env: str) -> Registry:
+    port = free_port()
+    settings = {
+        "SUBSTRATE_METRICS_PORT": str(port),
+        # Short enough for the tests that wait for a cell to go offline, long enough that an
+        # agent heartbeating every 0.5 s on a busy machine never looks offline by accident.
+        "SUBSTRATE_OFFLINE_AFTER_SECONDS": "5",
+        "SUBSTRATE_SWEEP_INTERVAL_SECONDS": "0.2",
+        **env,
+    }
+    proc = await procs.start(f"registry-{port}", "substrate-registry", **settings)
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("cells", "list", "--stage", "saas")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="registry answering")
+    return Registry(proc, port)
+
+
+async def start_rollout(procs: Processes, **env: str) -> Service:
+    port = free_port()
+    proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
+                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3",
+                             SUBSTRATE_METRICS_PORT=str(port), **env)  # fmt: skip
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("rollout", "policy", "show")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="rollout answering")
+    return Service(proc, port)
+
+
+async def start_flags(procs: Processes) -> Proc:
+    proc = await procs.start(f"flags-{len(procs.running)}", "substrate-flags")
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("flags", "list")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="flags answering")
+    return proc
+
+
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """The (address, port) pairs a process listens on, read from /proc (TCP, IPv4 and 6)."""
+    import os
+    import socket
+    import struct
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                addr_hex, port_hex = local.split(":")
+                raw = bytes.fromhex(addr_hex)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                words = [
+                    struct.pack("<I", struct.unpack(">I", raw[i : i + 4])[0])
+                    for i in range(0, len(raw), 4)
+                ]
+                found.append((socket.inet_ntop(family, b"".join(words)), int(port_hex, 16)))
+    return found
