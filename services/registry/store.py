@@ -1,8 +1,7 @@
 """The registry's Redis keys, behind one class. It applies what ``transitions.py`` decides.
 
-    registry:cell:<id>            hash: the cell record (fields of CellView, plus last_seq,
-                                  incarnation, pending_credential_id, rotation_started_at and
-                                  last_maintenance_seq)
+    registry:cell:<id>            hash: the cell record, its fields and their types defined once
+                                  (services/registry/record.py, CellFields)
     registry:cells                set: every cell id ever created (records are kept as history)
     registry:status:<status>      set: cell ids by status, kept in step with the records
     registry:stage:<stage>        set: cell ids by stage
@@ -39,12 +38,8 @@ from common.requests.registry import AuditEntry, CellsCreate, CellView
 from common.scripts import Change, Changes, Hashes, encode
 from common.vocabulary import CELL_STATUSES, STAGES, CellStatus
 from services.registry import transitions
-from services.registry.transitions import (
-    CellRecord,
-    Outcome,
-    Transition,
-    assumed_online,
-)
+from services.registry.record import CellRecord
+from services.registry.transitions import Outcome, Transition, assumed_online
 
 PREFIX = "registry:"
 CELL = PREFIX + "cell:"

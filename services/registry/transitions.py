@@ -10,7 +10,6 @@ record again and asks the same function. Nothing here touches Redis or the bus.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -34,7 +33,8 @@ from common.messages import (
     InfraComplianceChanged,
 )
 from common.requests.registry import AuditEntry, CellsCreate
-from common.vocabulary import REGISTERED, CellStatus, Stage
+from common.vocabulary import REGISTERED
+from services.registry.record import CellField, CellFields, CellRecord
 
 
 class Outcome(StrEnum):
@@ -62,65 +62,19 @@ class Outcome(StrEnum):
     AUDITED = "audited"
 
 
-Value = str | int | float | bool | datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class CellRecord:
-    """The fields of a cell's record that transitions decide on (None: absent). ``status`` None
-    means there is no record at all."""
-
-    status: CellStatus | None = None
-    stage: Stage | None = None
-    region: str | None = None
-    org: str | None = None
-    aws_account_id: str | None = None
-    last_seq: int | None = None
-    incarnation: str | None = None
-    registered_at: datetime | None = None
-    last_heartbeat_at: datetime | None = None
-    pending_credential_id: str | None = None
-    maintenance_since: datetime | None = None
-    last_maintenance_seq: int | None = None
-    infra_template_version: str | None = None
-    compliance_at: float | None = None
-
-    @classmethod
-    def from_fields(cls, raw: Mapping[str, str]) -> CellRecord:
-        """From the record's fields as stored (strings; '' or missing: absent)."""
-
-        def text(name: str) -> str | None:
-            return raw.get(name) or None
-
-        def number(name: str) -> int | None:
-            value = raw.get(name)
-            return int(value) if value else None
-
-        def time(name: str) -> datetime | None:
-            value = raw.get(name)
-            return datetime.fromisoformat(value) if value else None
-
-        return cls(
-            status=text("status"),  # type: ignore[arg-type]  # written only by transitions
-            stage=text("stage"),  # type: ignore[arg-type]
-            region=text("region"), org=text("org"), aws_account_id=text("aws_account_id"),
-            last_seq=number("last_seq"), incarnation=text("incarnation"),
-            registered_at=time("registered_at"), last_heartbeat_at=time("last_heartbeat_at"),
-            pending_credential_id=text("pending_credential_id"),
-            maintenance_since=time("maintenance_since"),
-            last_maintenance_seq=number("last_maintenance_seq"),
-            infra_template_version=text("infra_template_version"),
-            compliance_at=float(raw["compliance_at"]) if raw.get("compliance_at") else None,
-        )  # fmt: skip
+# What a heartbeat's record almost always is: an online cell with no rotation waiting and out
+# of maintenance, on the template version the heartbeat reports.
+_USUAL_HEARTBEAT: tuple[CellField, ...] = (
+    "status", "pending_credential_id", "maintenance_since", "infra_template_version",
+)  # fmt: skip
 
 
 def assumed_online(template_version: str | None) -> dict[str, str]:
-    """What a heartbeat's record almost always is: an online cell with no rotation waiting,
-    on the template version the heartbeat reports. The store decides a heartbeat on this first,
+    """The fields of a heartbeat's usual record. The store decides a heartbeat on this first,
     guarded on exactly these fields, so the hot path is one round trip; a record that differs
     is read back and decided again."""
-    return {"status": "online", "pending_credential_id": "",
-            "infra_template_version": template_version or "", "maintenance_since": ""}  # fmt: skip
+    usual = ("online", "", "", template_version or "")
+    return dict(zip(_USUAL_HEARTBEAT, usual, strict=True))
 
 
 class Refusal(BaseModel):
@@ -134,8 +88,9 @@ class Refusal(BaseModel):
     region: str
 
 
-_NOTHING: Mapping[str, Value] = MappingProxyType({})
-_NO_SECONDS: Mapping[str, float] = MappingProxyType({})
+# Shared by every transition that writes nothing: never changed after a transition is made.
+_NOTHING: CellFields = {}
+_NO_SECONDS: Mapping[CellField, float] = MappingProxyType({})
 
 
 class Transition(NamedTuple):
@@ -144,13 +99,13 @@ class Transition(NamedTuple):
 
     outcome: Outcome
     # Record fields to write (None clears one).
-    changes: Mapping[str, Value] = _NOTHING
+    changes: CellFields = _NOTHING
     # Record fields the decision read: written only if they still hold what was read.
-    read: frozenset[str] = frozenset()
+    read: frozenset[CellField] = frozenset()
     # Written only if this sequence number is above the one in the named field.
-    newer: tuple[str, float] | None = None
+    newer: tuple[CellField, float] | None = None
     # Seconds added to numeric fields.
-    add: Mapping[str, float] = _NO_SECONDS
+    add: Mapping[CellField, float] = _NO_SECONDS
     events: tuple[Event, ...] = ()
     refusal: Refusal | None = None
     # A line of the cell's audit trail (debug access), kept in the order of the cell's reports.
@@ -186,7 +141,7 @@ def create(record: CellRecord, cell: CellsCreate, credential_id: str, now: datet
 
 # -- registration -------------------------------------------------------------------------------
 
-_REGISTRATION_READS = frozenset(
+_REGISTRATION_READS: frozenset[CellField] = frozenset(
     {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
 )
 
@@ -214,7 +169,7 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
     if same_run and record.last_seq is not None and msg.seq <= record.last_seq:
         return Transition(Outcome.STALE)
     assert record.stage is not None and record.region is not None and record.org is not None
-    changes: dict[str, Value] = {
+    changes: CellFields = {
         "status": "online", "aws_account_id": msg.aws_account_id, "last_seq": msg.seq,
         "incarnation": msg.incarnation, "last_heartbeat_at": now,
         "agent_version": msg.agent_version, "stack_name": msg.stack_name,
@@ -236,7 +191,7 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
 
 
 def _refused(
-    outcome: Outcome, reason: str, msg: CellRegister, now: datetime, read: frozenset[str]
+    outcome: Outcome, reason: str, msg: CellRegister, now: datetime, read: frozenset[CellField]
 ) -> Transition:
     return Transition(
         outcome,
@@ -255,7 +210,7 @@ def _refused(
 # -- heartbeats ---------------------------------------------------------------------------------
 
 
-_HEARTBEAT_READS = frozenset(assumed_online(None))
+_HEARTBEAT_READS = frozenset(_USUAL_HEARTBEAT)
 
 
 def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transition:
@@ -269,7 +224,7 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
         return Transition(Outcome.NOT_REGISTERED)
     if record.last_seq is not None and msg.seq <= record.last_seq:
         return Transition(Outcome.STALE)
-    changes: dict[str, Value] = {
+    changes: CellFields = {
         "last_seq": msg.seq, "last_heartbeat_at": now, "agent_version": msg.agent_version,
         "installed_release": msg.installed_release,
         "applied_generation": msg.applied_generation, "maintenance": msg.maintenance,
@@ -282,10 +237,12 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
         and msg.credential_id == record.pending_credential_id
     )
     if confirmed:
-        changes.update(credential_id=msg.credential_id, pending_credential_id=None,
-                       rotation_started_at=None)  # fmt: skip
-    read: frozenset[str] = _HEARTBEAT_READS
-    add: Mapping[str, float] = _NO_SECONDS
+        changes.update(
+            {"credential_id": msg.credential_id, "pending_credential_id": None,
+             "rotation_started_at": None}
+        )  # fmt: skip
+    read: frozenset[CellField] = _HEARTBEAT_READS
+    add: Mapping[CellField, float] = _NO_SECONDS
     took: float | None = None
     if msg.maintenance != (record.maintenance_since is not None):
         # The heartbeat shows the cell in (or out of) maintenance and the record does not: the
@@ -298,7 +255,7 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
                 changes["maintenance_since"] = now
             else:
                 took = _stay(record, now)
-                changes.update(maintenance_since=None, maintenance_until=None)
+                changes.update({"maintenance_since": None, "maintenance_until": None})
                 add = {"maintenance_seconds_total": took}
     events: list[Event] = []
     outcome = Outcome.APPLIED
@@ -334,9 +291,9 @@ def maintenance(record: CellRecord, msg: CellMaintenance, now: datetime) -> Tran
         return Transition(Outcome.IGNORED)
     if record.last_maintenance_seq is not None and msg.seq <= record.last_maintenance_seq:
         return Transition(Outcome.STALE)
-    read = frozenset({"status", "maintenance_since", "last_maintenance_seq"})
+    read: frozenset[CellField] = frozenset({"status", "maintenance_since", "last_maintenance_seq"})
     if msg.enabled:
-        changes: dict[str, Value] = {
+        changes: CellFields = {
             "last_maintenance_seq": msg.seq, "maintenance": True,
             "maintenance_until": msg.enabled_until,
         }  # fmt: skip
@@ -406,9 +363,11 @@ def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Tra
 
 def end_rotation(record: CellRecord) -> Transition:
     """Give up waiting for a confirmation: the credential in force is the new one."""
-    changes: dict[str, Value] = {"rotation_started_at": None}
+    changes: CellFields = {"rotation_started_at": None}
     if record.pending_credential_id:
-        changes.update(credential_id=record.pending_credential_id, pending_credential_id=None)
+        changes.update(
+            {"credential_id": record.pending_credential_id, "pending_credential_id": None}
+        )
     return Transition(
         Outcome.ROTATION_ENDED, changes=changes, read=frozenset({"pending_credential_id"})
     )

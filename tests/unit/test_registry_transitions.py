@@ -23,7 +23,8 @@ from common.messages import (
 )
 from common.requests.registry import CellsCreate
 from services.registry import transitions as t
-from services.registry.transitions import CellRecord, Outcome, assumed_online
+from services.registry.record import CellRecord
+from services.registry.transitions import Outcome, assumed_online
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 ACCOUNT, OTHER = "123456789012", "210987654321"
