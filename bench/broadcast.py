@@ -52,7 +52,7 @@ from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, c
 from common.rabbitmq_api import RabbitApi
 from common.topology import cell_commands, control_plane
 from services.flags import metrics
-from services.flags.bootstrap import Pusher
+from services.flags.push import Pusher
 from services.flags.store import FlagsStore
 from testing.simulator import gather_limited, stop_workers
 

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from common.flags import Flag, Snapshot
 from common.fleet import FleetCell
-from services.flags.handlers import preview
+from services.flags.model import preview
 from services.flags.store import FlagsStore
 
 KEY = "new-editor"

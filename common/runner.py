@@ -20,12 +20,14 @@ from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from common.metrics import MetricsServer
 from common.settings import ServiceSettings, load
+from common.wiring import Wiring, start
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A service's own settings class extends ServiceSettings; setup gets an instance of it.
-Setup = Callable[[RabbitBus, Any], Awaitable[Callable[[], Awaitable[None]] | None]]
+# A service's bootstrap: given the bus and the service's settings (its own settings class
+# extends ServiceSettings), it builds its parts.
+Setup = Callable[[RabbitBus, Any], Awaitable[Wiring]]
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -73,9 +75,9 @@ def instance_name(service: str) -> str:
 
 
 async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asyncio.Event) -> None:
-    """Connect, declare the control-plane topology (unless the broker's definitions hold it), let
-    ``setup`` add consumers, serve metrics, and run until ``stop`` is set. ``setup`` may return a
-    cleanup coroutine function."""
+    """Connect, declare the control-plane topology (unless the broker's definitions hold it),
+    serve metrics, build the service's parts with ``setup`` and start them (common/wiring.py),
+    and run until ``stop`` is set."""
     bus = await RabbitBus.connect(
         settings.amqp_url,
         name=instance_name(service),
@@ -90,13 +92,12 @@ async def serve(service: str, settings: ServiceSettings, setup: Setup, stop: asy
         settings.metrics_port,
     )
     await server.start()
-    cleanup = await setup(bus, settings)
+    cleanup = await start(service, bus, settings, await setup(bus, settings))
     log.info("%s ready", service)
     await stop.wait()
     log.info("%s stopping: no new messages, finishing the ones in flight", service)
     drained = await bus.stop_consuming(settings.drain_timeout_seconds)
-    if cleanup is not None:
-        await cleanup()
+    await cleanup()
     await bus.close(0 if not drained else settings.drain_timeout_seconds)
     await server.stop()
     log.info("%s stopped", service)

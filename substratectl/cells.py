@@ -14,12 +14,14 @@ from common.requests.registry import (
     CellsRotateCredentials,
     CellsShow,
     CellView,
+    CreatedCell,
     ListedCell,
+    RotatedCredentials,
 )
 from common.requests.rollout import CellsPin, CellsUnpin
 from common.vocabulary import CELL_STATUSES, STAGES
 from substratectl.context import Ctl
-from substratectl.output import emit_json, fields, table
+from substratectl.output import fields, table
 
 # A page an operator reads on a screen; --all (or --limit) for more.
 DEFAULT_PAGE = 1000
@@ -29,13 +31,25 @@ LIST_COLUMNS = [
 ]  # fmt: skip
 
 
-def _show(ctl: Ctl, record: CellView) -> None:
-    if ctl.as_json:
-        emit_json(record)
-        return
-    print(fields(record.model_dump(mode="json", exclude={"refused_registrations"})))
-    for refusal in record.refused_registrations:
-        print(f"refused registration at {refusal['at']}: {refusal['reason']}")
+def _record(record: CellView) -> str:
+    lines = [fields(record.model_dump(mode="json", exclude={"refused_registrations"}))]
+    lines += [
+        f"refused registration at {refusal['at']}: {refusal['reason']}"
+        for refusal in record.refused_registrations
+    ]
+    return "\n".join(lines)
+
+
+def _created(record: CreatedCell) -> str:
+    shown = record.model_dump(mode="json", include={"id", "stage", "region", "org", "status"})
+    parameters = "\n".join(f"  {key}={value}" for key, value in record.stack_parameters.items())
+    return (
+        f"{fields(shown)}\n\n"
+        "Agent URL (shown once; give it to the customer as CELL_AMQP_URL):\n"
+        f"  {record.amqp_url}\n\n"
+        "CloudFormation parameters for cell_agent/bootstrap/cell.yaml:\n"
+        f"{parameters}"
+    )
 
 
 async def create(ctl: Ctl) -> int:
@@ -43,19 +57,7 @@ async def create(ctl: Ctl) -> int:
     request = CellsCreate(
         id=a.id, stage=a.stage, region=a.region, org=a.org, aws_account=a.aws_account or None
     )
-    record = await ctl.call(request)
-    if ctl.as_json:
-        emit_json(record)
-        return 0
-    print(
-        fields(record.model_dump(mode="json", include={"id", "stage", "region", "org", "status"}))
-    )
-    print("\nAgent URL (shown once; give it to the customer as CELL_AMQP_URL):")
-    print(f"  {record.amqp_url}")
-    print("\nCloudFormation parameters for cell_agent/bootstrap/cell.yaml:")
-    for key, value in record.stack_parameters.items():
-        print(f"  {key}={value}")
-    return 0
+    return await ctl.ask(request, _created)
 
 
 async def list_cells(ctl: Ctl) -> int:
@@ -65,21 +67,18 @@ async def list_cells(ctl: Ctl) -> int:
     cells: list[ListedCell] = []
     after = args.after
     while True:
-        page = await ctl.call(CellsList(stage=args.stage, status=args.status, after=after,
-                                        limit=limit))  # fmt: skip
+        request = CellsList(stage=args.stage, status=args.status, after=after, limit=limit)
+        page = await ctl.call(request)
         cells.extend(page)
         if not args.all or len(page) < limit:
             break
         after = page[-1].id
         if not ctl.as_json:
             print(f"read {len(cells):,} cells ...", file=sys.stderr, flush=True)
-    if ctl.as_json:
-        emit_json(cells)
-        return 0
-    print(table(cells, LIST_COLUMNS))
-    if not args.all and len(cells) == limit:
-        print(f"\n{limit} cells shown; the next page: --after {cells[-1].id} (or --all)",
-              file=sys.stderr)  # fmt: skip
+    ctl.show(cells, lambda found: table(found, LIST_COLUMNS))
+    if not ctl.as_json and not args.all and len(cells) == limit:
+        next_page = f"--after {cells[-1].id}"
+        print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
 
 
@@ -95,59 +94,46 @@ def page_size(text: str) -> int:
 
 
 async def show(ctl: Ctl) -> int:
-    cell = await ctl.call(CellsShow(id=ctl.args.id))
-    _show(ctl, cell)
-    return 0
+    return await ctl.ask(CellsShow(id=ctl.args.id), _record)
 
 
-async def rotate(ctl: Ctl) -> int:
-    result = await ctl.call(CellsRotateCredentials(id=ctl.args.id))
-    if ctl.as_json:
-        emit_json(result)
-        return 0
-    print(
+def _rotated(result: RotatedCredentials) -> str:
+    return (
         f"new credentials {result.credential_id} sent to {result.id}'s agent; the old "
-        "password no longer opens new connections."
-    )
-    print(
+        "password no longer opens new connections.\n"
         "If the agent is offline, give the customer this URL (shown once) as CELL_AMQP_URL:\n"
         f"  {result.amqp_url}"
     )
-    return 0
+
+
+async def rotate(ctl: Ctl) -> int:
+    return await ctl.ask(CellsRotateCredentials(id=ctl.args.id), _rotated)
 
 
 async def decommission(ctl: Ctl) -> int:
-    _show(ctl, await ctl.call(CellsDecommission(id=ctl.args.id)))
-    return 0
+    return await ctl.ask(CellsDecommission(id=ctl.args.id), _record)
+
+
+AUDIT_COLUMNS = ["seq", "at", "action", "role_arn", "expires_at", "reason", "granted_by"]
 
 
 async def audit(ctl: Ctl) -> int:
     """Debug access the cell's customer opened and closed, in the order the cell reported it."""
-    lines = await ctl.call(CellsAudit(id=ctl.args.id))
-    if ctl.as_json:
-        emit_json(lines)
-    else:
-        print(table(lines, ["seq", "at", "action", "role_arn", "expires_at", "reason",
-                            "granted_by"]))  # fmt: skip
-    return 0
+    return await ctl.ask(CellsAudit(id=ctl.args.id), lambda lines: table(lines, AUDIT_COLUMNS))
 
 
 async def pin(ctl: Ctl) -> int:
-    result = await ctl.call(CellsPin(id=ctl.args.id, version=ctl.args.version))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"{result.cell} pinned to {result.pinned}; no rollout moves it until unpinned")
-    return 0
+    return await ctl.ask(
+        CellsPin(id=ctl.args.id, version=ctl.args.version),
+        lambda r: f"{r.cell} pinned to {r.pinned}; no rollout moves it until unpinned",
+    )
 
 
 async def unpin(ctl: Ctl) -> int:
-    result = await ctl.call(CellsUnpin(id=ctl.args.id))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"{result.cell} unpinned; it is brought up to date with its stage")
-    return 0
+    return await ctl.ask(
+        CellsUnpin(id=ctl.args.id),
+        lambda r: f"{r.cell} unpinned; it is brought up to date with its stage",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

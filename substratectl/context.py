@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,6 +16,7 @@ import yaml
 from common.bus.rabbit_bus import RabbitBus
 from common.requests import Request
 from common.settings import ControlPlaneSettings
+from substratectl.output import emit_json
 
 R = TypeVar("R")
 
@@ -53,6 +55,19 @@ class Ctl:
         """Send ``request`` to its service and return its typed response."""
         bus = await self.bus()
         return await bus.call(request, service=service, timeout=self.settings.rpc_timeout_seconds)
+
+    async def ask(self, request: Request[R], as_text: Callable[[R], str]) -> int:
+        """What most commands are: send ``request`` and print its answer (exit code 0). A
+        refusal or a failure raises, and the CLI prints it as one line."""
+        self.show(await self.call(request), as_text)
+        return 0
+
+    def show(self, answer: R, as_text: Callable[[R], str]) -> None:
+        """An answer as one JSON document with --json, else as ``as_text`` puts it for people."""
+        if self.as_json:
+            emit_json(answer)
+        else:
+            print(as_text(answer))
 
     async def close(self) -> None:
         if self._bus is not None:

@@ -72,9 +72,7 @@ async def status(ctl: Ctl) -> int:
 
     rows = await asyncio.gather(*(one(s) for s in topology.SERVICES))
     if ctl.as_json:
-        emit_json([{"service": r.service, "up": r.up,
-                    "detail": r.detail if isinstance(r.detail, str) else r.detail.model_dump()}
-                   for r in rows])  # fmt: skip
+        emit_json([{"service": r.service, "up": r.up, "detail": r.detail} for r in rows])
     else:
         shown = [{"service": r.service, "up": r.up, "detail": status_line(r)} for r in rows]
         print(table(shown, ["service", "up", "detail"]))
@@ -86,10 +84,7 @@ async def topology_apply(ctl: Ctl) -> int:
     plane = topology.control_plane()
     await bus.declare(plane)
     summary = {"exchanges": len(plane.exchanges), "queues": len(plane.queues)}
-    if ctl.as_json:
-        emit_json(summary)
-    else:
-        print(f"declared {summary['exchanges']} exchanges and {summary['queues']} queues")
+    ctl.show(summary, lambda s: f"declared {s['exchanges']} exchanges and {s['queues']} queues")
     return 0
 
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from common.requests.flags import (
+    Answer,
+    FlagChange,
     FlagsDelete,
     FlagsEval,
     FlagsHistory,
@@ -13,90 +15,87 @@ from common.requests.flags import (
     FlagsPreview,
     FlagsSet,
     FlagsShow,
+    FlagView,
+    HistoryEntry,
+    Preview,
 )
 from substratectl.context import Ctl, read_flag_file
-from substratectl.output import emit_json, fields, table
+from substratectl.output import fields, table
+
+
+def _set(result: FlagChange) -> str:
+    if result.changed:
+        return f"flag {result.key} {result.action}; snapshot {result.snapshot_version}"
+    return f"flag {result.key} unchanged (snapshot {result.snapshot_version})"
 
 
 async def set_flag(ctl: Ctl) -> int:
     flag = read_flag_file(Path(ctl.args.file))
-    result = await ctl.call(FlagsSet.model_validate({"flag": flag}))
-    if ctl.as_json:
-        emit_json(result)
-    elif result.changed:
-        print(f"flag {result.key} {result.action}; snapshot {result.snapshot_version}")
-    else:
-        print(f"flag {result.key} unchanged (snapshot {result.snapshot_version})")
-    return 0
+    return await ctl.ask(FlagsSet.model_validate({"flag": flag}), _set)
+
+
+LIST_COLUMNS = ["key", "enabled", "default_variant", "rules", "requires_release", "owner",
+                "description"]  # fmt: skip
 
 
 async def list_flags(ctl: Ctl) -> int:
-    result = await ctl.call(FlagsList())
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(table(result, ["key", "enabled", "default_variant", "rules", "requires_release",
-                             "owner", "description"]))  # fmt: skip
-    return 0
+    return await ctl.ask(FlagsList(), lambda flags: table(flags, LIST_COLUMNS))
+
+
+def _flag(result: FlagView) -> str:
+    lines = [fields(result.model_dump(mode="json", exclude={"rules", "variants"}))]
+    lines.append(f"variants: {result.variants}")
+    lines += [f"rule {i}: {rule.model_dump(mode='json')}" for i, rule in enumerate(result.rules)]
+    return "\n".join(lines)
 
 
 async def show(ctl: Ctl) -> int:
-    result = await ctl.call(FlagsShow(key=ctl.args.key))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(fields(result.model_dump(mode="json", exclude={"rules", "variants"})))
-        print(f"variants: {result.variants}")
-        for i, rule in enumerate(result.rules):
-            print(f"rule {i}: {rule.model_dump(mode='json')}")
-    return 0
+    return await ctl.ask(FlagsShow(key=ctl.args.key), _flag)
+
+
+def _history(entries: list[HistoryEntry]) -> str:
+    rows = [{**e.model_dump(), "diff": ", ".join(e.diff) or "-"} for e in entries]
+    return table(rows, ["version", "at", "actor", "action", "diff"])
 
 
 async def history(ctl: Ctl) -> int:
-    result = await ctl.call(FlagsHistory(key=ctl.args.key))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        rows = [{**e.model_dump(), "diff": ", ".join(e.diff) or "-"} for e in result]
-        print(table(rows, ["version", "at", "actor", "action", "diff"]))
-    return 0
+    return await ctl.ask(FlagsHistory(key=ctl.args.key), _history)
 
 
 async def delete(ctl: Ctl) -> int:
-    result = await ctl.call(FlagsDelete(key=ctl.args.key))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"flag {result.key} deleted; snapshot {result.snapshot_version}")
-    return 0
+    return await ctl.ask(
+        FlagsDelete(key=ctl.args.key),
+        lambda r: f"flag {r.key} deleted; snapshot {r.snapshot_version}",
+    )
 
 
 async def evaluate(ctl: Ctl) -> int:
-    result = await ctl.call(FlagsEval(key=ctl.args.key, cell=ctl.args.cell))
-    if ctl.as_json:
-        emit_json(result)
-    else:
+    def answer(result: Answer) -> str:
         rule = f" (rule {result.rule})" if result.rule is not None else ""
-        print(f"{result.key} for {ctl.args.cell}: {result.value!r} "
-              f"[{result.variant}, {result.reason}{rule}]")  # fmt: skip
-    return 0
+        where = f"[{result.variant}, {result.reason}{rule}]"
+        return f"{result.key} for {ctl.args.cell}: {result.value!r} {where}"
+
+    return await ctl.ask(FlagsEval(key=ctl.args.key, cell=ctl.args.cell), answer)
+
+
+def _preview(result: Preview) -> str:
+    lines = [
+        f"{result.key}: {result.flipping} of {result.cells} cells would change (nothing is written)"
+    ]
+    if result.held:
+        lines.append(
+            f"{result.held} of the {result.cells} cells are held for their infrastructure"
+            " (out of SLA): they get no application update"
+        )
+    if result.changes:
+        rows = [c.model_dump(by_alias=True) for c in result.changes]
+        lines.append(table(rows, ["stage", "org", "from", "to", "cells"]))
+    return "\n".join(lines)
 
 
 async def preview(ctl: Ctl) -> int:
     flag = read_flag_file(Path(ctl.args.file))
-    result = await ctl.call(FlagsPreview.model_validate({"flag": flag}))
-    if ctl.as_json:
-        emit_json(result)
-        return 0
-    print(f"{result.key}: {result.flipping} of {result.cells} cells would change "
-          "(nothing is written)")  # fmt: skip
-    if result.held:
-        print(f"{result.held} of the {result.cells} cells are held for their infrastructure"
-              " (out of SLA): they get no application update")  # fmt: skip
-    if result.changes:
-        rows = [c.model_dump(by_alias=True) for c in result.changes]
-        print(table(rows, ["stage", "org", "from", "to", "cells"]))
-    return 0
+    return await ctl.ask(FlagsPreview.model_validate({"flag": flag}), _preview)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,9 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.requests.infra import InfraList, InfraPublish, InfraStatus
+from common.requests.infra import (
+    ComplianceView,
+    InfraList,
+    InfraPublish,
+    InfraStatus,
+    PublishedTemplate,
+)
 from substratectl.context import Ctl, FileProblem
-from substratectl.output import emit_json, table
+from substratectl.output import table
 
 
 def _read_template(path: Path) -> str:
@@ -20,42 +26,40 @@ def _read_template(path: Path) -> str:
         raise FileProblem(f"{path} is not a text file") from None
 
 
+def _published(result: PublishedTemplate) -> str:
+    return (
+        f"published template {result.version} at {result.location}\n"
+        f"cells on an older version must apply it by {result.deadline.isoformat()}"
+    )
+
+
 async def publish(ctl: Ctl) -> int:
     a = ctl.args
-    request = InfraPublish(version=a.version, template=_read_template(Path(a.template)),
-                           grace=a.grace)  # fmt: skip
-    result = await ctl.call(request)
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"published template {result.version} at {result.location}")
-        print(f"cells on an older version must apply it by {result.deadline.isoformat()}")
-    return 0
+    template = _read_template(Path(a.template))
+    return await ctl.ask(InfraPublish(version=a.version, template=template, grace=a.grace),
+                         _published)  # fmt: skip
 
 
 async def list_templates(ctl: Ctl) -> int:
-    result = await ctl.call(InfraList())
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(table(result, ["version", "published_at", "grace_seconds", "location"]))
-    return 0
+    columns = ["version", "published_at", "grace_seconds", "location"]
+    return await ctl.ask(InfraList(), lambda templates: table(templates, columns))
+
+
+STATUS_COLUMNS = ["cell", "org", "template_version", "required_version", "deadline", "state",
+                  "reminders_sent"]  # fmt: skip
+
+
+def _compliance(result: ComplianceView) -> str:
+    s = result.summary
+    return (
+        f"{table(result.cells, STATUS_COLUMNS)}\n\n"
+        f"{s.compliant} compliant, {s.pending} pending, {s.out_of_sla} out of SLA; "
+        f"{s.breach_within_24h} breach within 24 h, {s.breach_within_7d} within 7 days"
+    )
 
 
 async def status(ctl: Ctl) -> int:
-    result = await ctl.call(InfraStatus(cell=ctl.args.cell))
-    if ctl.as_json:
-        emit_json(result)
-        return 0
-    columns = ["cell", "org", "template_version", "required_version", "deadline", "state",
-               "reminders_sent"]  # fmt: skip
-    print(table(result.cells, columns))
-    s = result.summary
-    print(
-        f"\n{s.compliant} compliant, {s.pending} pending, {s.out_of_sla} out of SLA; "
-        f"{s.breach_within_24h} breach within 24 h, {s.breach_within_7d} within 7 days"
-    )
-    return 0
+    return await ctl.ask(InfraStatus(cell=ctl.args.cell), _compliance)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,6 +19,8 @@ def plain(payload: object) -> object:
         return payload.model_dump(mode="json", by_alias=True)
     if isinstance(payload, list | tuple):
         return [plain(item) for item in payload]
+    if isinstance(payload, Mapping):
+        return {key: plain(value) for key, value in payload.items()}
     return payload
 
 

@@ -7,44 +7,33 @@ from pathlib import Path
 
 from common.requests.rollout import ReleaseList, ReleasePublish, ReleaseRecord, ReleaseShow
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import emit_json, fields, table
+from substratectl.output import fields, table
 
 
-def _show(ctl: Ctl, record: ReleaseRecord) -> None:
-    if ctl.as_json:
-        emit_json(record)
-        return
-    print(fields(record.model_dump(mode="json", exclude={"release"})))
+def _record(record: ReleaseRecord) -> str:
+    lines = [fields(record.model_dump(mode="json", exclude={"release"}))]
     if record.release.notes:
-        print(f"notes: {record.release.notes}")
-    print()
-    print(table(record.release.components,
-                ["name", "image", "digest", "requires_maintenance"]))  # fmt: skip
+        lines.append(f"notes: {record.release.notes}")
+    columns = ["name", "image", "digest", "requires_maintenance"]
+    lines += ["", table(record.release.components, columns)]
+    return "\n".join(lines)
 
 
 async def publish(ctl: Ctl) -> int:
     release = read_mapping_file(Path(ctl.args.file), "a mapping with version and components")
-    record = await ctl.call(ReleasePublish.model_validate({"release": release}))
-    if ctl.as_json:
-        emit_json(record)
-    else:
-        print(f"published release {record.version} ({record.components} components)")
-    return 0
+    return await ctl.ask(
+        ReleasePublish.model_validate({"release": release}),
+        lambda r: f"published release {r.version} ({r.components} components)",
+    )
 
 
 async def list_releases(ctl: Ctl) -> int:
-    records = await ctl.call(ReleaseList())
-    if ctl.as_json:
-        emit_json(records)
-    else:
-        columns = ["version", "components", "requires_maintenance", "reversible", "published_at"]
-        print(table(records, columns))
-    return 0
+    columns = ["version", "components", "requires_maintenance", "reversible", "published_at"]
+    return await ctl.ask(ReleaseList(), lambda records: table(records, columns))
 
 
 async def show(ctl: Ctl) -> int:
-    _show(ctl, await ctl.call(ReleaseShow(version=ctl.args.version)))
-    return 0
+    return await ctl.ask(ReleaseShow(version=ctl.args.version), _record)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

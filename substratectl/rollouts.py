@@ -14,6 +14,7 @@ from rich.text import Text
 
 from common.requests import Request
 from common.requests.rollout import (
+    Plan,
     PolicySet,
     PolicyShow,
     RolloutAbort,
@@ -29,28 +30,27 @@ from common.requests.rollout import (
 )
 from common.vocabulary import FINISHED_STATES, STAGES
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import console, emit_json, fields, on_terminal, plain, table
+from substratectl.output import console, fields, on_terminal, plain, table
 
 COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
 
-async def plan(ctl: Ctl) -> int:
-    result = await ctl.call(RolloutPlan(version=ctl.args.version))
-    if ctl.as_json:
-        emit_json(result)
-        return 0
-    print(f"plan for {result.version} (nothing is sent):")
+def _plan(result: Plan) -> str:
+    lines = [f"plan for {result.version} (nothing is sent):"]
     for stage, waves in result.stages.items():
         if not waves:
-            print(f"  {stage}: no cells")
+            lines.append(f"  {stage}: no cells")
         for n, cells in enumerate(waves, 1):
             label = "canary" if stage == "dedicated" and n == 1 else f"wave {n}"
-            print(f"  {stage} {label}: {len(cells)} cells: {', '.join(cells)}")
+            lines.append(f"  {stage} {label}: {len(cells)} cells: {', '.join(cells)}")
     skipped = [{"cell": c, "reason": r} for c, r in sorted(result.skipped.items())]
     if skipped:
-        print("\nskipped:")
-        print(table(skipped, ["cell", "reason"]))
-    return 0
+        lines += ["", "skipped:", table(skipped, ["cell", "reason"])]
+    return "\n".join(lines)
+
+
+async def plan(ctl: Ctl) -> int:
+    return await ctl.ask(RolloutPlan(version=ctl.args.version), _plan)
 
 
 def _where(r: RolloutView) -> str:
@@ -59,32 +59,23 @@ def _where(r: RolloutView) -> str:
     return f"{r.version}: {r.state} in {r.stage}{wave}{soak}"
 
 
-def _print_rollout(r: RolloutView) -> None:
-    print(_where(r))
+def _rollout(r: RolloutView) -> str:
+    lines = [_where(r)]
     if r.halt:
-        print(f"halted: {r.halt.reason}")
-        for failure in r.halt.failures:
-            print(f"  {failure.cell_id}: {failure.error}")
+        lines.append(f"halted: {r.halt.reason}")
+        lines += [f"  {failure.cell_id}: {failure.error}" for failure in r.halt.failures]
     rows = [{"stage": stage, **r.stages[stage].model_dump()} for stage in STAGES]
-    print(table(rows, ["stage", "total", *COUNTS]))
+    lines.append(table(rows, ["stage", "total", *COUNTS]))
+    return "\n".join(lines)
 
 
 async def status(ctl: Ctl) -> int:
-    result = await ctl.call(RolloutShow(version=ctl.args.version))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        _print_rollout(result)
-    return 0
+    return await ctl.ask(RolloutShow(version=ctl.args.version), _rollout)
 
 
 async def list_rollouts(ctl: Ctl) -> int:
-    result = await ctl.call(RolloutList())
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(table(result, ["version", "state", "stage", "wave", "waves", "updated_at"]))
-    return 0
+    columns = ["version", "state", "stage", "wave", "waves", "updated_at"]
+    return await ctl.ask(RolloutList(), lambda rollouts: table(rollouts, columns))
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -139,12 +130,7 @@ async def _watch(ctl: Ctl, show: Callable[[RolloutView], None]) -> int:
 
 
 async def _act(ctl: Ctl, request: Request[RolloutView], done: str) -> int:
-    result = await ctl.call(request)
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"{done}: {_where(result)}")
-    return 0
+    return await ctl.ask(request, lambda result: f"{done}: {_where(result)}")
 
 
 async def pause(ctl: Ctl) -> int:
@@ -160,33 +146,20 @@ async def abort(ctl: Ctl) -> int:
 
 
 async def explain(ctl: Ctl) -> int:
-    result = await ctl.call(RolloutExplain(id=ctl.args.cell))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(f"{result.cell}: {result.reason}")
-        print(result.explanation)
-    return 0
+    return await ctl.ask(
+        RolloutExplain(id=ctl.args.cell), lambda r: f"{r.cell}: {r.reason}\n{r.explanation}"
+    )
 
 
 async def policy_show(ctl: Ctl) -> int:
-    result = await ctl.call(PolicyShow())
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print(_policy_text(result))
-    return 0
+    return await ctl.ask(PolicyShow(), _policy_text)
 
 
 async def policy_set(ctl: Ctl) -> int:
     policy = read_mapping_file(Path(ctl.args.file), "a mapping of policy settings")
-    result = await ctl.call(PolicySet.model_validate({"policy": policy}))
-    if ctl.as_json:
-        emit_json(result)
-    else:
-        print("policy set:")
-        print(_policy_text(result))
-    return 0
+    return await ctl.ask(
+        PolicySet.model_validate({"policy": policy}), lambda p: f"policy set:\n{_policy_text(p)}"
+    )
 
 
 def _policy_text(p: RolloutPolicy) -> str:

@@ -4,14 +4,12 @@ it knows of cells is the fleet view's (common.fleet)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.bus.errors import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.flags import Flag, Snapshot
-from common.fleet import FleetCell
 from common.messages import CellSync, CellUpgrade, Delivery
 from common.requests import ServiceStatus, Status
 from common.requests.flags import (
@@ -29,13 +27,12 @@ from common.requests.flags import (
     FlagsSnapshotShow,
     FlagSummary,
     FlagView,
-    Flip,
     HistoryEntry,
     Preview,
     SnapshotView,
 )
 from common.routes import Route, route
-from services.flags import metrics
+from services.flags import metrics, model
 from services.flags.store import Conflict, FlagsStore
 
 # A change is read, decided and written with the flag and version it read; another operator's
@@ -101,12 +98,7 @@ async def flags_delete(req: FlagsDelete, delivery: Delivery, deps: Deps) -> Flag
 
 async def flags_list(req: FlagsList, delivery: Delivery, deps: Deps) -> list[FlagSummary]:
     snapshot = await deps.store.snapshot()
-    return [
-        FlagSummary(key=f.key, owner=f.owner, enabled=f.enabled,
-                    default_variant=f.default_variant, rules=len(f.rules),
-                    requires_release=f.requires_release, description=f.description)
-        for f in (snapshot.flags[k] for k in sorted(snapshot.flags))
-    ]  # fmt: skip
+    return [model.summary(snapshot.flags[key]) for key in sorted(snapshot.flags)]
 
 
 async def flags_show(req: FlagsShow, delivery: Delivery, deps: Deps) -> FlagView:
@@ -148,46 +140,11 @@ async def flags_snapshot(req: FlagsSnapshotShow, delivery: Delivery, deps: Deps)
     return SnapshotView(version=snapshot.version, flags=snapshot.to_wire())
 
 
-def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCell]) -> Preview:
-    """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
-    (stage, org, from variant, to variant) for every cell whose variant changes."""
-    flips: Counter[tuple[str, str, str, str]] = Counter()
-    considered = held = 0
-    for cell in cells:
-        if cell.status == "decommissioned":
-            continue
-        considered += 1
-        held += cell.held
-        attributes = cell.attributes()
-        before = current.evaluate(key, attributes)
-        after = proposed.evaluate(key, attributes)
-        if before.variant != after.variant:
-            flips[(cell.stage or "-", cell.org or "-",
-                   before.variant or "(none)", after.variant or "(none)")] += 1  # fmt: skip
-    by_stage: dict[str, Counter[str]] = {}
-    by_org: dict[str, Counter[str]] = {}
-    for (stage, org, was, becomes), n in flips.items():
-        by_stage.setdefault(stage, Counter())[f"{was} -> {becomes}"] += n
-        by_org.setdefault(org, Counter())[f"{was} -> {becomes}"] += n
-    return Preview(
-        key=key,
-        cells=considered,
-        flipping=sum(flips.values()),
-        held=held,
-        by_stage={s: dict(c) for s, c in sorted(by_stage.items())},
-        by_org={o: dict(c) for o, c in sorted(by_org.items())},
-        changes=[
-            Flip(stage=s, org=o, from_=b, to=a, cells=n)
-            for (s, o, b, a), n in sorted(flips.items())
-        ],
-    )
-
-
 async def flags_preview(req: FlagsPreview, delivery: Delivery, deps: Deps) -> Preview:
     """Nothing is written: what ``flags set`` of this flag would change, cell by cell."""
     current = await deps.store.snapshot()
-    proposed = Snapshot(current.version + 1, {**current.flags, req.flag.key: req.flag})
-    return preview(req.flag.key, current, proposed, await deps.store.fleet.all())
+    after = model.proposed(current, req.flag)
+    return model.preview(req.flag.key, current, after, await deps.store.fleet.all())
 
 
 # -- what cells ask -------------------------------------------------------------------------------
@@ -198,8 +155,7 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     a change made while the cell was offline reaches it."""
     refuse_foreign_sender(msg, delivery)
     snapshot = await deps.store.snapshot()
-    held = msg.flags_snapshot_version
-    if held is not None and held >= snapshot.version:
+    if not model.needs_snapshot(msg.flags_snapshot_version, snapshot):
         return
     if deps.send_snapshot is not None:
         await deps.send_snapshot(msg.cell_id, snapshot)

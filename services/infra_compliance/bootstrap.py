@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.lease import Lease
 from common.settings import ServiceSettings
+from common.wiring import Consumed, Wiring
 from services.infra_compliance import handlers
 from services.infra_compliance.aws import InfraAws
 from services.infra_compliance.settings import InfraSettings
@@ -20,9 +20,7 @@ from services.infra_compliance.timers import Timers
 log = logging.getLogger(__name__)
 
 
-async def setup(
-    bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
-) -> Callable[[], Awaitable[None]]:
+async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
     own = settings if isinstance(settings, InfraSettings) else InfraSettings(
         **settings.model_dump()
     )  # fmt: skip
@@ -30,7 +28,6 @@ async def setup(
     redis = redis_client.from_settings(own)
     store = InfraStore(redis)
     aws = InfraAws(own.aws_region, own.templates_bucket)
-    stop = asyncio.Event()
     background: set[asyncio.Task[int]] = set()
 
     def reconcile_all() -> None:
@@ -45,20 +42,11 @@ async def setup(
     deps = handlers.Deps(
         store=store, clock=clock, aws=aws, wake_timers=timers.wake, reconcile_all=reconcile_all
     )
-    await bus.consume("infra_compliance.events", handlers.event_routes(deps))
-    await bus.serve(
-        "infra_compliance",
-        handlers.rpc_routes(deps),
-        before_reply=redis_client.Durability.of(redis, own).wait,
+    return Wiring(
+        redis=redis,
+        outbox=store.outbox,
+        consumes=[Consumed("infra_compliance.events", handlers.event_routes(deps))],
+        answers=handlers.rpc_routes(deps),
+        loops={"timers": timers.run},
+        background=background,
     )
-    tasks = [
-        asyncio.create_task(store.outbox.relay(bus, stop), name="infra-outbox"),
-        asyncio.create_task(timers.run(stop), name="infra-timers"),
-    ]
-
-    async def cleanup() -> None:
-        stop.set()
-        await asyncio.gather(*tasks, *background, return_exceptions=True)
-        await redis.aclose()
-
-    return cleanup

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from functools import partial
 
 import redis.asyncio as aioredis
 
@@ -13,6 +13,7 @@ from common import broker_urls, redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.rabbitmq_api import RabbitApi
+from common.wiring import Consumed, Wiring
 from services.registry import handlers
 from services.registry.broker import CellBroker
 from services.registry.limits import PerCellLimit
@@ -54,29 +55,18 @@ async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Even
             await asyncio.wait_for(stop.wait(), interval)
 
 
-async def setup(
-    bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None
-) -> Callable[[], Awaitable[None]]:
+async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None) -> Wiring:
     redis = redis_client.from_settings(settings)
     deps = build_deps(bus, settings, redis, clock or SystemClock())
-    await bus.consume("registry.cells", handlers.cell_routes(deps), prefetch=256)
-    await bus.consume("registry.events", handlers.event_routes(deps))
-    await bus.serve(
-        "registry",
-        handlers.rpc_routes(deps),
-        before_reply=redis_client.Durability.of(redis, settings).wait,
+    return Wiring(
+        redis=redis,
+        outbox=deps.store.outbox,
+        # Heartbeats are most of the traffic: a deeper prefetch keeps one round trip to Redis
+        # carrying many of them.
+        consumes=[
+            Consumed("registry.cells", handlers.cell_routes(deps), prefetch=256),
+            Consumed("registry.events", handlers.event_routes(deps)),
+        ],
+        answers=handlers.rpc_routes(deps),
+        loops={"sweep": partial(sweep_forever, deps, settings.sweep_interval)},
     )
-    stop = asyncio.Event()
-    loops = [
-        asyncio.create_task(deps.store.outbox.relay(bus, stop), name="registry-outbox"),
-        asyncio.create_task(
-            sweep_forever(deps, settings.sweep_interval, stop), name="registry-sweep"
-        ),
-    ]
-
-    async def cleanup() -> None:
-        stop.set()
-        await asyncio.gather(*loops, return_exceptions=True)
-        await redis.aclose()
-
-    return cleanup

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
@@ -12,15 +9,14 @@ from common.fleet import FleetView
 from common.lease import Lease
 from common.messages import Message
 from common.settings import ServiceSettings
+from common.wiring import Consumed, Wiring
 from services.rollout import handlers
 from services.rollout.controller import Controller
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import DIRTY, LEASE, PREFIX, RolloutStore
 
 
-async def setup(
-    bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None
-) -> Callable[[], Awaitable[None]]:
+async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
     own = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
         **settings.model_dump()
     )  # fmt: skip
@@ -42,22 +38,13 @@ async def setup(
         outcome=controller.outcome_reported,
         send=send,
     )
-    await bus.consume("rollout.events", fleet.event_routes())
-    await bus.consume("rollout.cells", handlers.cell_routes(deps))
-    await bus.serve(
-        "rollout",
-        handlers.rpc_routes(deps),
-        before_reply=redis_client.Durability.of(redis, own).wait,
+    return Wiring(
+        redis=redis,
+        outbox=store.outbox,
+        consumes=[
+            Consumed("rollout.events", fleet.event_routes()),
+            Consumed("rollout.cells", handlers.cell_routes(deps)),
+        ],
+        answers=handlers.rpc_routes(deps),
+        loops={"controller": controller.run},
     )
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(store.outbox.relay(bus, stop), name="rollout-outbox"),
-        asyncio.create_task(controller.run(stop), name="rollout-controller"),
-    ]
-
-    async def cleanup() -> None:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await redis.aclose()
-
-    return cleanup

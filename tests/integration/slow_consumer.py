@@ -9,11 +9,14 @@ import asyncio
 import sys
 from pathlib import Path
 
+from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CellHeartbeat, Delivery
+from common.outbox import Outbox
 from common.routes import route
 from common.runner import configure_logging, serve, wait_for_signal
 from common.settings import ServiceSettings, load
+from common.wiring import Consumed, Wiring
 
 
 async def main(queue: str, markers: Path, seconds: float) -> None:
@@ -22,8 +25,14 @@ async def main(queue: str, markers: Path, seconds: float) -> None:
         await asyncio.sleep(seconds)
         (markers / f"finished-{msg.seq}").touch()
 
-    async def setup(bus: RabbitBus, settings: ServiceSettings) -> None:
-        await bus.consume(queue, [route(CellHeartbeat, on_heartbeat)], prefetch=1)
+    async def setup(bus: RabbitBus, settings: ServiceSettings) -> Wiring:
+        redis = redis_client.from_settings(settings)
+        return Wiring(
+            redis=redis,
+            outbox=Outbox(redis, "slow-consumer:outbox"),
+            consumes=[Consumed(queue, [route(CellHeartbeat, on_heartbeat)], prefetch=1)],
+            answers=[],
+        )
 
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal(stop))

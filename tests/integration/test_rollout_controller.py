@@ -20,6 +20,7 @@ from common.clock import FakeClock
 from common.lease import Lease
 from common.messages import CellRegistered, CellUpgrade, Release, ReleasePublished
 from common.vocabulary import Stage, UpgradePhase
+from common.wiring import start
 from services.rollout import controller as controller_module
 from services.rollout.bootstrap import setup
 from services.rollout.controller import Controller
@@ -262,7 +263,7 @@ async def test_fleet_changes_wait_for_the_tick_and_operators_wake_the_controller
     bus = await RabbitBus.connect(fresh_services.amqp_url, name="test-rollout-wiring")
     await bus.declare(topology.control_plane())
     before = _steps()
-    cleanup = await setup(bus, settings)
+    cleanup = await start("rollout", bus, settings, await setup(bus, settings))
     redis = aioredis.from_url(fresh_services.redis_url, decode_responses=True)
     store = RolloutStore(redis)
     try:

@@ -1,0 +1,75 @@
+"""What every service does once its parts are built: consume its queues, answer its requests,
+run its loops until it is stopped, then stop them the same way.
+
+A service's ``bootstrap.setup`` builds its store, its handlers' dependencies and its loops, and
+returns them as a ``Wiring``; ``start`` (called by the runner) does the rest, so each bootstrap
+says only what is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import redis_client
+from common.bus.rabbit_bus import RabbitBus
+from common.outbox import Outbox
+from common.routes import Route
+from common.settings import ServiceSettings
+
+# A loop a service runs until the event is set.
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, object]]
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """A queue the service consumes, how its deliveries are routed, and how many it takes in
+    at once."""
+
+    queue: str
+    routes: Sequence[Route]
+    prefetch: int = 32
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """A service's parts, built by its bootstrap."""
+
+    redis: aioredis.Redis
+    # Events written with the service's state changes, published by a relay loop.
+    outbox: Outbox
+    consumes: Sequence[Consumed]
+    # The request/reply methods it answers (``substrate.rpc``, routing key the service name).
+    answers: Sequence[Route]
+    loops: Mapping[str, Loop] = field(default_factory=dict)
+    # Tasks the service starts on its own as it runs; waited for when it stops.
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+async def start(service: str, bus: RabbitBus, settings: ServiceSettings, wiring: Wiring) -> Cleanup:
+    """Consume, answer (an answer waits for Redis replicas to have the request's writes), and
+    run the outbox relay and the service's loops. Returns what stops the loops and closes
+    Redis, once the bus has stopped consuming."""
+    for consumed in wiring.consumes:
+        await bus.consume(consumed.queue, consumed.routes, prefetch=consumed.prefetch)
+    if wiring.answers:
+        durability = redis_client.Durability.of(wiring.redis, settings)
+        await bus.serve(service, wiring.answers, before_reply=durability.wait)
+    stop = asyncio.Event()
+    loops: dict[str, Loop] = {"outbox": partial(wiring.outbox.relay, bus), **wiring.loops}
+    tasks = [
+        asyncio.create_task(loop(stop), name=f"{service}-{name}") for name, loop in loops.items()
+    ]
+
+    async def cleanup() -> None:
+        stop.set()
+        await asyncio.gather(*tasks, *wiring.background, return_exceptions=True)
+        await wiring.redis.aclose()
+
+    return cleanup

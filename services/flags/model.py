@@ -1,0 +1,75 @@
+"""The flags service's decisions, pure: what a change previews over the fleet, whether a sync
+needs a snapshot, and what a snapshot tells a cell about itself. The flag engine itself (what
+a flag evaluates to) is common/flags.py, shared with the agent."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from common.flags import Flag, Snapshot
+from common.fleet import FleetCell
+from common.requests.flags import FlagSummary, Flip, Preview
+
+
+def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCell]) -> Preview:
+    """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
+    (stage, org, from variant, to variant) for every cell whose variant changes."""
+    flips: Counter[tuple[str, str, str, str]] = Counter()
+    considered = held = 0
+    for cell in cells:
+        if cell.status == "decommissioned":
+            continue
+        considered += 1
+        held += cell.held
+        attributes = cell.attributes()
+        before = current.evaluate(key, attributes)
+        after = proposed.evaluate(key, attributes)
+        if before.variant != after.variant:
+            was, becomes = before.variant or "(none)", after.variant or "(none)"
+            flips[(cell.stage or "-", cell.org or "-", was, becomes)] += 1
+    by_stage: dict[str, Counter[str]] = {}
+    by_org: dict[str, Counter[str]] = {}
+    for (stage, org, was, becomes), n in flips.items():
+        by_stage.setdefault(stage, Counter())[f"{was} -> {becomes}"] += n
+        by_org.setdefault(org, Counter())[f"{was} -> {becomes}"] += n
+    return Preview(
+        key=key,
+        cells=considered,
+        flipping=sum(flips.values()),
+        held=held,
+        by_stage={s: dict(c) for s, c in sorted(by_stage.items())},
+        by_org={o: dict(c) for o, c in sorted(by_org.items())},
+        changes=[
+            Flip(stage=s, org=o, from_=b, to=a, cells=n)
+            for (s, o, b, a), n in sorted(flips.items())
+        ],
+    )
+
+
+def proposed(current: Snapshot, flag: Flag) -> Snapshot:
+    """The snapshot ``flags set`` of ``flag`` would make."""
+    return Snapshot(current.version + 1, {**current.flags, flag.key: flag})
+
+
+def needs_snapshot(held: int | None, current: Snapshot) -> bool:
+    """Whether a cell that holds snapshot ``held`` (None: none yet) is behind ``current``: a
+    change made while it was offline reaches it with the answer to its sync."""
+    return held is None or held < current.version
+
+
+def cell_attributes(cell: FleetCell) -> dict[str, str]:
+    """What a cell's agent cannot know by itself and evaluates rules with: its stage, region
+    and org as the control plane has them (it adds its own id, release and agent version)."""
+    return {k: v for k in ("stage", "region", "org") if (v := getattr(cell, k))}
+
+
+def summary(flag: Flag) -> FlagSummary:
+    return FlagSummary(
+        key=flag.key,
+        owner=flag.owner,
+        enabled=flag.enabled,
+        default_variant=flag.default_variant,
+        rules=len(flag.rules),
+        requires_release=flag.requires_release,
+        description=flag.description,
+    )
