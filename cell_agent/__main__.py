@@ -85,8 +85,11 @@ def flags_eval(settings: AgentSettings, key: str, default: str | None) -> int:
 def _customer_command(args: argparse.Namespace, settings: AgentSettings) -> Callable[[], None]:
     as_json: bool = args.json
     if args.command == "infra":
-        chosen = {"status": customer.infra_status, "preview": customer.infra_preview,
-                  "apply": customer.infra_apply}[args.infra_command]  # fmt: skip
+        chosen = {
+            "status": customer.infra_status,
+            "preview": customer.infra_preview,
+            "apply": customer.infra_apply,
+        }[args.infra_command]
         return lambda: chosen(settings, as_json)
     if args.debug_command == "grant":
         return lambda: customer.debug_grant(settings, args.hours, args.reason, args.by, as_json)

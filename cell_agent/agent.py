@@ -175,8 +175,9 @@ class Agent:
         """``GET /flags/KEY``: the same JSON answer as the flags service's."""
         key = path.rstrip("/").rsplit("/", 1)[-1]
         answer = self.flags.evaluate(key)
-        FLAG_EVALUATIONS.labels(key if answer.reason != "FLAG_NOT_FOUND" else "(unknown)",
-                                answer.reason).inc()  # fmt: skip
+        FLAG_EVALUATIONS.labels(
+            key if answer.reason != "FLAG_NOT_FOUND" else "(unknown)", answer.reason
+        ).inc()
         return Response.json(200, answer.as_json())
 
     async def on_flags_broadcast(self, msg: FlagsBroadcast, delivery: Delivery) -> None:
@@ -202,8 +203,9 @@ class Agent:
     ) -> bool:
         """Kept in the outbox, then sent if the broker is there: True once it is kept (it goes
         out, in order, when the link returns)."""
-        self.pending.add(PendingUpgrade(generation=generation, release_version=version,
-                                        phase=phase, error=error))  # fmt: skip
+        self.pending.add(
+            PendingUpgrade(generation=generation, release_version=version, phase=phase, error=error)
+        )
         await self.send_pending()
         return True
 
@@ -216,8 +218,11 @@ class Agent:
     def _numbered(self, report: Pending) -> CellReport:
         """The wire report for a kept one, numbered now: sequence numbers follow sending order."""
         fields = report.model_dump(exclude={"kind"})
-        head = {"cell_id": self.settings.id, "seq": self.state.next_seq(),
-                "sent_at": self.clock.now()}  # fmt: skip
+        head = {
+            "cell_id": self.settings.id,
+            "seq": self.state.next_seq(),
+            "sent_at": self.clock.now(),
+        }
         if isinstance(report, PendingUpgrade):
             return CellUpgrade(**head, **fields)
         if isinstance(report, PendingMaintenance):
@@ -244,10 +249,16 @@ class Agent:
             return
         for grant in gone:
             log.info("debug access %s expired and was deleted", grant.role_arn)
-            self.pending.add(PendingDebugAccess(
-                action="expired", role_arn=grant.role_arn, occurred_at=self.clock.now(),
-                expires_at=grant.expires_at, reason=grant.reason, granted_by=grant.granted_by,
-            ))  # fmt: skip
+            self.pending.add(
+                PendingDebugAccess(
+                    action="expired",
+                    role_arn=grant.role_arn,
+                    occurred_at=self.clock.now(),
+                    expires_at=grant.expires_at,
+                    reason=grant.reason,
+                    granted_by=grant.granted_by,
+                )
+            )
         if gone:
             await self.send_pending()
 
@@ -443,11 +454,14 @@ class Agent:
                 await bus.queue_state(queue)
                 return
             except QueueMissing:
-                log.warning("command queue %s is missing; waiting for the registry to declare it "
-                            "again (retry in %.0fs)", queue, delay)  # fmt: skip
+                log.warning(
+                    "command queue %s is missing; waiting for the registry to declare it "
+                    "again (retry in %.0fs)",
+                    queue,
+                    delay,
+                )
             except BusError as exc:
-                log.warning("cannot check command queue %s (%s); retry in %.0fs", queue, exc,
-                            delay)  # fmt: skip
+                log.warning("cannot check command queue %s (%s); retry in %.0fs", queue, exc, delay)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 30)

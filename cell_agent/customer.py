@@ -79,12 +79,14 @@ def infra_preview(settings: AgentSettings, as_json: bool) -> None:
     version, template = _required_template(settings)
     name, changes = _stack(settings).preview(template, version)
     payload: dict[str, object] = {
-        "change_set": name, "required_version": version,
+        "change_set": name,
+        "required_version": version,
         "changes": [asdict(c) for c in changes],
-    }  # fmt: skip
+    }
     lines = [f"change set {name} (not executed) for template {version}:"]
-    shown = [f"  {c.action:<7} {c.resource} ({c.type}), replacement: {c.replacement}"
-             for c in changes]  # fmt: skip
+    shown = [
+        f"  {c.action:<7} {c.resource} ({c.type}), replacement: {c.replacement}" for c in changes
+    ]
     lines += shown or ["  no resource changes (outputs or parameters only)"]
     _print(payload, lines, as_json)
 
@@ -97,8 +99,10 @@ def infra_apply(settings: AgentSettings, as_json: bool) -> None:
         raise Problem(f"stack {stack.name} ended {status}; see its events in CloudFormation")
     runs = stack.template_version()
     payload: dict[str, object] = {"stack": stack.name, "status": status, "template_version": runs}
-    lines = [f"stack {stack.name} updated to template {runs}; the agent reports it on its "
-             "next template check"]  # fmt: skip
+    lines = [
+        f"stack {stack.name} updated to template {runs}; the agent reports it on its "
+        "next template check"
+    ]
     _print(payload, lines, as_json)
 
 
@@ -126,9 +130,13 @@ def _who(settings: AgentSettings, given: str | None) -> str:
 
 
 def _grant_json(g: Grant) -> dict[str, object]:
-    return {"role_name": g.role_name, "role_arn": g.role_arn,
-            "expires_at": g.expires_at.isoformat(), "reason": g.reason,
-            "granted_by": g.granted_by}  # fmt: skip
+    return {
+        "role_name": g.role_name,
+        "role_arn": g.role_arn,
+        "expires_at": g.expires_at.isoformat(),
+        "reason": g.reason,
+        "granted_by": g.granted_by,
+    }
 
 
 def debug_grant(
@@ -138,10 +146,16 @@ def debug_grant(
     grant = DebugAccess(settings.aws_region).grant(
         principal, hours, reason, _who(settings, by), settings.debug_max_hours
     )
-    PendingReports(settings.state_dir).add(PendingDebugAccess(
-        action="granted", role_arn=grant.role_arn, occurred_at=datetime.now(UTC),
-        expires_at=grant.expires_at, reason=grant.reason, granted_by=grant.granted_by,
-    ))  # fmt: skip
+    PendingReports(settings.state_dir).add(
+        PendingDebugAccess(
+            action="granted",
+            role_arn=grant.role_arn,
+            occurred_at=datetime.now(UTC),
+            expires_at=grant.expires_at,
+            reason=grant.reason,
+            granted_by=grant.granted_by,
+        )
+    )
     lines = [
         f"debug access granted until {grant.expires_at.isoformat()}: {grant.role_arn}",
         f"only {principal} may assume it, read-only; `cell-agent debug-access revoke "
@@ -170,13 +184,21 @@ def debug_revoke(settings: AgentSettings, name: str | None, as_json: bool) -> No
     pending = PendingReports(settings.state_dir)
     for grant in grants:
         access.revoke(grant)
-        pending.add(PendingDebugAccess(
-            action="revoked", role_arn=grant.role_arn, occurred_at=datetime.now(UTC),
-            expires_at=grant.expires_at, reason=grant.reason, granted_by=grant.granted_by,
-        ))  # fmt: skip
-    _print({"revoked": [g.role_arn for g in grants]},
-           [f"revoked {g.role_arn}" for g in grants] or ["no debug access is open"],
-           as_json)  # fmt: skip
+        pending.add(
+            PendingDebugAccess(
+                action="revoked",
+                role_arn=grant.role_arn,
+                occurred_at=datetime.now(UTC),
+                expires_at=grant.expires_at,
+                reason=grant.reason,
+                granted_by=grant.granted_by,
+            )
+        )
+    _print(
+        {"revoked": [g.role_arn for g in grants]},
+        [f"revoked {g.role_arn}" for g in grants] or ["no debug access is open"],
+        as_json,
+    )
 
 
 def run(settings: AgentSettings, command: Callable[[], None]) -> int:

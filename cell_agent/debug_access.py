@@ -57,15 +57,17 @@ def trust_policy(principal: str, expires_at: datetime) -> dict[str, object]:
     """Only ``principal`` may assume the role, and only until ``expires_at``."""
     return {
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow",
-            "Principal": {"AWS": principal},
-            "Action": "sts:AssumeRole",
-            "Condition": {"DateLessThan": {
-                "aws:CurrentTime": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-            }},
-        }],
-    }  # fmt: skip
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": principal},
+                "Action": "sts:AssumeRole",
+                "Condition": {
+                    "DateLessThan": {"aws:CurrentTime": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                },
+            }
+        ],
+    }
 
 
 def check_grant(hours: float, reason: str, max_hours: float) -> str:
@@ -104,14 +106,17 @@ class DebugAccess:
         expires_at = now + timedelta(hours=hours)
         name = f"substrate-debug-{now:%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
         role = self._iam.create_role(
-            Path=PATH, RoleName=name,
+            Path=PATH,
+            RoleName=name,
             AssumeRolePolicyDocument=json.dumps(trust_policy(principal, expires_at)),
             Description=f"Substrate support, read-only, until {expires_at.isoformat()}",
             MaxSessionDuration=3600,
-            Tags=[{"Key": EXPIRES_TAG, "Value": expires_at.isoformat()},
-                  {"Key": REASON_TAG, "Value": reason},
-                  {"Key": GRANTED_BY_TAG, "Value": granted_by[:256]}],
-        )["Role"]  # fmt: skip
+            Tags=[
+                {"Key": EXPIRES_TAG, "Value": expires_at.isoformat()},
+                {"Key": REASON_TAG, "Value": reason},
+                {"Key": GRANTED_BY_TAG, "Value": granted_by[:256]},
+            ],
+        )["Role"]
         try:
             self._iam.attach_role_policy(RoleName=name, PolicyArn=POLICY)
         except ClientError:
@@ -125,8 +130,10 @@ class DebugAccess:
         pages = self._iam.get_paginator("list_roles").paginate(PathPrefix=PATH)
         for page in pages:
             for role in page["Roles"]:
-                tags = {t["Key"]: t["Value"] for t in self._iam.list_role_tags(
-                    RoleName=role["RoleName"])["Tags"]}  # fmt: skip
+                tags = {
+                    t["Key"]: t["Value"]
+                    for t in self._iam.list_role_tags(RoleName=role["RoleName"])["Tags"]
+                }
                 when = _expiry(tags.get(EXPIRES_TAG))
                 reason, by = tags.get(REASON_TAG, ""), tags.get(GRANTED_BY_TAG, "")
                 found.append(Grant(role["RoleName"], role["Arn"], when, reason, by))

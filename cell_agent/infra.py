@@ -61,9 +61,12 @@ class RequirementFile:
     def write(self, msg: InfraRequired) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         requirement = Requirement(
-            status=msg.status, required_version=msg.required_version, location=msg.location,
-            deadline=msg.deadline, received_at=msg.issued_at,
-        )  # fmt: skip
+            status=msg.status,
+            required_version=msg.required_version,
+            location=msg.location,
+            deadline=msg.deadline,
+            received_at=msg.issued_at,
+        )
         write_atomically(self.path, requirement.model_dump_json(indent=2))
 
     async def on_required(self, msg: InfraRequired, delivery: Delivery) -> None:
@@ -93,13 +96,19 @@ class Stack:
 
     def outputs(self) -> dict[str, str]:
         stack = self._cfn.describe_stacks(StackName=self.name)["Stacks"][0]
-        return {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])
-                if "OutputKey" in o and "OutputValue" in o}  # fmt: skip
+        return {
+            o["OutputKey"]: o["OutputValue"]
+            for o in stack.get("Outputs", [])
+            if "OutputKey" in o and "OutputValue" in o
+        }
 
     def parameters(self) -> dict[str, str]:
         stack = self._cfn.describe_stacks(StackName=self.name)["Stacks"][0]
-        return {p["ParameterKey"]: p.get("ParameterValue", "") for p in stack.get("Parameters", [])
-                if "ParameterKey" in p}  # fmt: skip
+        return {
+            p["ParameterKey"]: p.get("ParameterValue", "")
+            for p in stack.get("Parameters", [])
+            if "ParameterKey" in p
+        }
 
     def template_version(self) -> str | None:
         return self.outputs().get("TemplateVersion")
@@ -109,8 +118,11 @@ class Stack:
         defaults (a parameter the new template dropped is not sent). A secret (NoEcho) is kept
         by reference, since the stack shows it masked; the others by value."""
         summary = self._cfn.get_template_summary(TemplateBody=template)
-        secret = {p["ParameterKey"]: p.get("NoEcho", False)
-                  for p in summary.get("Parameters", []) if "ParameterKey" in p}  # fmt: skip
+        secret = {
+            p["ParameterKey"]: p.get("NoEcho", False)
+            for p in summary.get("Parameters", [])
+            if "ParameterKey" in p
+        }
         kept: list[ParameterTypeDef] = []
         for key, value in self.parameters().items():
             if key not in secret:
@@ -125,17 +137,21 @@ class Stack:
         """Create (and leave, for the console) a change set; what it would change."""
         name = f"substrate-template-{version}-{int(time.time())}"
         self._cfn.create_change_set(
-            StackName=self.name, ChangeSetName=name, TemplateBody=template,
-            Parameters=self._carried_over(template), Capabilities=CAPABILITIES,  # type: ignore[arg-type]
+            StackName=self.name,
+            ChangeSetName=name,
+            TemplateBody=template,
+            Parameters=self._carried_over(template),
+            Capabilities=CAPABILITIES,  # type: ignore[arg-type]
             ChangeSetType="UPDATE",
             Description=f"Substrate infrastructure template {version} (preview)",
-        )  # fmt: skip
+        )
         # "No changes" ends the waiter with a failure; the description says which it was.
         with suppress(WaiterError):
             self._cfn.get_waiter("change_set_create_complete").wait(
-                StackName=self.name, ChangeSetName=name,
+                StackName=self.name,
+                ChangeSetName=name,
                 WaiterConfig={"Delay": 2, "MaxAttempts": WAIT_SECONDS // 2},
-            )  # fmt: skip
+            )
         described = self._cfn.describe_change_set(StackName=self.name, ChangeSetName=name)
         changes = []
         for c in described.get("Changes", []):
@@ -149,9 +165,11 @@ class Stack:
         """Update the stack to ``template`` and wait for it; the stack's final status."""
         try:
             self._cfn.update_stack(
-                StackName=self.name, TemplateBody=template,
-                Parameters=self._carried_over(template), Capabilities=CAPABILITIES,  # type: ignore[arg-type]
-            )  # fmt: skip
+                StackName=self.name,
+                TemplateBody=template,
+                Parameters=self._carried_over(template),
+                Capabilities=CAPABILITIES,  # type: ignore[arg-type]
+            )
         except ClientError as exc:
             message = exc.response.get("Error", {}).get("Message", str(exc))
             if "No updates are to be performed" in message:

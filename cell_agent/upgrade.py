@@ -240,8 +240,12 @@ class Upgrader:
             if not await self.applier.healthy(release):
                 raise RuntimeError(f"release {release.version} is not healthy after applying")
         except Exception as exc:
-            log.warning("applying %s failed: %s; restoring %s", release.version, exc,
-                        previous.version if previous else "nothing")  # fmt: skip
+            log.warning(
+                "applying %s failed: %s; restoring %s",
+                release.version,
+                exc,
+                previous.version if previous else "nothing",
+            )
             await self._restore(previous, changed)
             if maintenance:
                 self.gate.leave()

@@ -149,9 +149,12 @@ class Evaluation:
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "key": self.key, "value": self.value, "variant": self.variant, "reason": self.reason,
+            "key": self.key,
+            "value": self.value,
+            "variant": self.variant,
+            "reason": self.reason,
             "snapshot_version": self.snapshot_version,
-        }  # fmt: skip
+        }
         if self.rule is not None:
             out["rule"] = self.rule
             out["rule_name"] = self.rule_name

@@ -46,8 +46,13 @@ log = logging.getLogger(__name__)
 
 # The registry's events that change a cell's facts; each carries the time it happened.
 REGISTRY_FACTS = (
-    CellCreated, CellRegistered, CellOffline, CellOnline, CellTemplateChanged, CellDecommissioned,
-)  # fmt: skip
+    CellCreated,
+    CellRegistered,
+    CellOffline,
+    CellOnline,
+    CellTemplateChanged,
+    CellDecommissioned,
+)
 # How often a fact is applied again when the cell's entry changes under it (two services'
 # events for one cell rarely race; running out redelivers the message).
 CONFLICT_RETRIES = 8
@@ -85,10 +90,14 @@ class FleetCell:
     def attributes(self) -> dict[str, str | None]:
         """What flag rules may target."""
         return {
-            "id": self.id, "stage": self.stage, "region": self.region, "org": self.org,
-            "installed_release": self.installed_release, "agent_version": self.agent_version,
+            "id": self.id,
+            "stage": self.stage,
+            "region": self.region,
+            "org": self.org,
+            "installed_release": self.installed_release,
+            "agent_version": self.agent_version,
             "status": self.status,
-        }  # fmt: skip
+        }
 
     def encode(self) -> str:
         return json.dumps(astuple(self), separators=(",", ":"))
@@ -116,16 +125,19 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
             return None
         if current.release_generation is not None and msg.generation <= current.release_generation:
             return None
-        return replace(current, installed_release=msg.release_version,
-                       release_generation=msg.generation)  # fmt: skip
+        return replace(
+            current, installed_release=msg.release_version, release_generation=msg.generation
+        )
     if isinstance(msg, InfraComplianceChanged):
         at = _time(msg.at)
         if at < current.compliance_at:
             return None
         return replace(
-            current, compliance=msg.status, compliance_at=at,
+            current,
+            compliance=msg.status,
+            compliance_at=at,
             compliance_deadline=msg.deadline.isoformat() if msg.deadline else None,
-        )  # fmt: skip
+        )
     if not isinstance(msg, REGISTRY_FACTS):
         return None
     at = _time(msg.at)
@@ -136,10 +148,15 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
         return replace(new, stage=msg.stage, region=msg.region, org=msg.org, status="created")
     if isinstance(msg, CellRegistered):
         return replace(
-            new, stage=msg.stage, region=msg.region, org=msg.org, status="online",
-            agent_version=msg.agent_version, installed_release=msg.installed_release,
+            new,
+            stage=msg.stage,
+            region=msg.region,
+            org=msg.org,
+            status="online",
+            agent_version=msg.agent_version,
+            installed_release=msg.installed_release,
             template_version=msg.template_version,
-        )  # fmt: skip
+        )
     if isinstance(msg, CellOffline):
         return replace(new, status="offline")
     if isinstance(msg, CellOnline):

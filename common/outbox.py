@@ -157,9 +157,12 @@ class Outbox:
     async def _park(self, raw: str, entry: dict[str, str], event: Message) -> None:
         UNROUTABLE_COMMANDS.labels(entry["type"]).inc()
         log.warning(
-            "outbox %s: %s for %s is unroutable (the cell's command queue is missing); kept in "
-            "%s", self.key, entry["type"], event.routing_key(), self.unroutable_key,
-        )  # fmt: skip
+            "outbox %s: %s for %s is unroutable (the cell's command queue is missing); kept in %s",
+            self.key,
+            entry["type"],
+            event.routing_key(),
+            self.unroutable_key,
+        )
         pipe = self._redis.pipeline(transaction=True)
         pipe.lpush(self.unroutable_key, raw)
         pipe.ltrim(self.unroutable_key, 0, UNROUTABLE_KEPT - 1)

@@ -42,9 +42,20 @@ SkipReason = Literal["decommissioned", "offline", "pinned", "held", "not_registe
 
 # Why a cell is (or is not) on the newest release: `rollout explain`.
 ExplainReason = Literal[
-    "up_to_date", "in_progress", "failed", "waiting_for_stage", "waiting_for_wave", "offline",
-    "pinned", "held", "halted", "paused", "not_registered", "decommissioned", "no_release",
-]  # fmt: skip
+    "up_to_date",
+    "in_progress",
+    "failed",
+    "waiting_for_stage",
+    "waiting_for_wave",
+    "offline",
+    "pinned",
+    "held",
+    "halted",
+    "paused",
+    "not_registered",
+    "decommissioned",
+    "no_release",
+]
 
 # Why an agent asks for its desired state again.
 SyncReason = Literal["start", "reconnect", "periodic", "flags"]

@@ -32,20 +32,32 @@ from common.topology import SERVICES
 log = logging.getLogger("demo")
 
 FLEET = (
-    ("demo-staging", "staging"), ("demo-saas", "saas"), ("demo-dedicated-1", "dedicated"),
-    ("demo-dedicated-2", "dedicated"), ("demo-dedicated-3", "dedicated"),
-)  # fmt: skip
+    ("demo-staging", "staging"),
+    ("demo-saas", "saas"),
+    ("demo-dedicated-1", "dedicated"),
+    ("demo-dedicated-2", "dedicated"),
+    ("demo-dedicated-3", "dedicated"),
+)
 REGISTRY_HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
 REPOSITORY = "substrate/server"
 VERSION = "2026.11.1"
 POLICY = RolloutPolicy.model_validate(
     {"soak_seconds": {"staging": 5, "saas": 5, "dedicated": 5}, "progress_deadline_seconds": 120}
 )
-FLAG = Flag.model_validate({
-    "key": "new-editor", "owner": "team-editor", "description": "the new editor (demo)",
-    "rules": [{"name": "staging first", "when": [
-        {"attribute": "stage", "op": "in", "values": ["staging"]}], "serve": "on"}],
-})  # fmt: skip
+FLAG = Flag.model_validate(
+    {
+        "key": "new-editor",
+        "owner": "team-editor",
+        "description": "the new editor (demo)",
+        "rules": [
+            {
+                "name": "staging first",
+                "when": [{"attribute": "stage", "op": "in", "values": ["staging"]}],
+                "serve": "on",
+            }
+        ],
+    }
+)
 
 
 def aws(bucket: str) -> str:
@@ -54,15 +66,22 @@ def aws(bucket: str) -> str:
     with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
         ecr.create_repository(repositoryName=REPOSITORY)
     layer = "sha256:" + hashlib.sha256(VERSION.encode()).hexdigest()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"digest": layer}, "layers": [{"digest": layer, "size": 1}],
-    })  # fmt: skip
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"digest": layer},
+            "layers": [{"digest": layer, "size": 1}],
+        }
+    )
     image = ecr.put_image(repositoryName=REPOSITORY, imageManifest=manifest, imageTag=VERSION)
     s3 = boto3.client("s3")
     with suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
-        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={
-            "LocationConstraint": s3.meta.region_name})  # type: ignore[typeddict-item]  # fmt: skip
+        region = s3.meta.region_name
+        s3.create_bucket(
+            Bucket=bucket,
+            CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
+        )
     return str(image["image"]["imageId"]["imageDigest"])
 
 
@@ -106,11 +125,20 @@ async def main(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         await fleet(bus, args.out, settings.rpc_timeout_seconds)
         await bus.call(PolicySet(policy=POLICY), timeout=settings.rpc_timeout_seconds)
-        release = ReleaseFile.model_validate({
-            "version": VERSION, "notes": "the demo release (compose)",
-            "components": [{"name": "server", "image": f"{REGISTRY_HOST}/{REPOSITORY}",
-                            "digest": digest, "requires_maintenance": True}],
-        })  # fmt: skip
+        release = ReleaseFile.model_validate(
+            {
+                "version": VERSION,
+                "notes": "the demo release (compose)",
+                "components": [
+                    {
+                        "name": "server",
+                        "image": f"{REGISTRY_HOST}/{REPOSITORY}",
+                        "digest": digest,
+                        "requires_maintenance": True,
+                    }
+                ],
+            }
+        )
         try:
             await bus.call(ReleasePublish(release=release), timeout=settings.rpc_timeout_seconds)
             log.info("release %s published", VERSION)

@@ -52,15 +52,18 @@ def _either(*patterns: str) -> str:
 
 
 # The exchanges services publish to; a request's reply goes through the default exchange.
-PUBLISHED = [re.escape(n) for n in (EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DLX_EXCHANGE,
-                                    BROADCAST_EXCHANGE, "amq.default")]  # fmt: skip
+PUBLISHED = [
+    re.escape(n)
+    for n in (EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DLX_EXCHANGE, BROADCAST_EXCHANGE, "amq.default")
+]
 
 
 def _service_permissions(service: str) -> dict[str, str]:
     """Read its own queues; write what services publish to; configure nothing (the
     definitions declare the static topology)."""
-    own = [re.escape(q.name) for q in topology.SERVICE_QUEUES[service]
-           if not q.name.endswith(".dead")]  # fmt: skip
+    own = [
+        re.escape(q.name) for q in topology.SERVICE_QUEUES[service] if not q.name.endswith(".dead")
+    ]
     return {"configure": "^$", "write": _either(*PUBLISHED), "read": _either(*own)}
 
 
@@ -72,8 +75,11 @@ def definitions(vhost: str = VHOST) -> dict[str, object]:
     # and manages cells' broker users (the management API needs the administrator tag for that).
     # Declaring a queue with a dead-letter exchange asks for read on the queue and write on the
     # exchange, so the registry may read cells' queues (it consumes none).
-    own = [re.escape(q.name) for q in topology.SERVICE_QUEUES["registry"]
-           if not q.name.endswith(".dead")]  # fmt: skip
+    own = [
+        re.escape(q.name)
+        for q in topology.SERVICE_QUEUES["registry"]
+        if not q.name.endswith(".dead")
+    ]
     registry = {
         "configure": _either(CELL_QUEUES),
         "write": _either(*PUBLISHED, CELL_QUEUES),
@@ -96,35 +102,63 @@ def definitions(vhost: str = VHOST) -> dict[str, object]:
     return {
         "rabbit_version": "3.10.8",
         "users": [
-            {"name": user, "password_hash": password_hash(user, password),
-             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": tags.get(user, [])}
+            {
+                "name": user,
+                "password_hash": password_hash(user, password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": tags.get(user, []),
+            }
             for user, password in PASSWORDS.items()
         ],
         "vhosts": [{"name": vhost}],
         "permissions": [{"user": user, "vhost": vhost, **p} for user, p in permissions.items()],
         "topic_permissions": [],
         "parameters": [],
-        "policies": [{
-            "vhost": vhost, "name": "cell-commands", "pattern": r"^cell\..+\.commands$",
-            "apply-to": "queues", "priority": 0,
-            "definition": {"max-length": CELL_QUEUE_MAX, "overflow": "reject-publish"},
-        }],
+        "policies": [
+            {
+                "vhost": vhost,
+                "name": "cell-commands",
+                "pattern": r"^cell\..+\.commands$",
+                "apply-to": "queues",
+                "priority": 0,
+                "definition": {"max-length": CELL_QUEUE_MAX, "overflow": "reject-publish"},
+            }
+        ],
         "exchanges": [
-            {"name": ex.name, "vhost": vhost, "type": ex.type, "durable": True,
-             "auto_delete": False, "internal": False, "arguments": {}}
+            {
+                "name": ex.name,
+                "vhost": vhost,
+                "type": ex.type,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
             for ex in plane.exchanges
         ],
         "queues": [
-            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False,
-             "arguments": q.arguments()}
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": q.arguments(),
+            }
             for q in plane.queues
         ],
         "bindings": [
-            {"source": b.exchange, "vhost": vhost, "destination": q.name,
-             "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}}
-            for q in plane.queues for b in q.bindings
+            {
+                "source": b.exchange,
+                "vhost": vhost,
+                "destination": q.name,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for q in plane.queues
+            for b in q.bindings
         ],
-    }  # fmt: skip
+    }
 
 
 def rendered() -> str:

@@ -52,77 +52,190 @@ def q(expr: str, legend: str = "") -> Query:
 
 
 BOARDS = (
-    Board("substrate-fleet", "Substrate / Fleet", (
-        Panel("Cells by stage and status", (
-            q("sum by (stage, status) (substrate_cells)", "{{stage}} {{status}}"),)),
-        Panel("Cells by installed release", (
-            q("sum by (stage, release) (substrate_rollout_cells)", "{{stage}} {{release}}"),)),
-        Panel("Oldest heartbeat among online cells", (
-            q("substrate_cell_heartbeat_age_max_seconds", "age"),), unit="s"),
-        Panel("Online cells behind on flags", (
-            q("substrate_cells_flags_behind", "behind"),), kind="stat"),
-        Panel("Infrastructure compliance", (
-            q("sum by (state) (substrate_infra_cells)", "{{state}}"),)),
-        Panel("Nearest infrastructure deadline", (
-            q("substrate_infra_nearest_deadline_seconds", "seconds left"),), unit="s",
-            kind="stat"),
-        Panel("Infrastructure reminders sent (1 h)", (
-            q("increase(substrate_infra_reminders_total[1h])", "reminders"),)),
-    )),
-    Board("substrate-rollouts", "Substrate / Rollouts", (
-        Panel("Rollouts active and halted", (
-            q("substrate_rollouts_active", "active"), q("substrate_rollouts_halted", "halted"))),
-        Panel("Rollout state and stage", (
-            q("max by (version, state, stage) (substrate_rollout_state)",
-              "{{version}} {{state}} in {{stage}}"),)),
-        Panel("Wave of each rollout", (q("substrate_rollout_wave", "{{version}}"),)),
-        Panel("Progress: cells on each release", (
-            q("sum by (release) (substrate_rollout_cells)", "{{release}}"),)),
-        Panel("Desired states sent per second", (
-            q("rate(substrate_rollout_desired_states_total[1m])", "sent"),)),
-        Panel("Halts (1 h)", (
-            q("sum by (stage) (increase(substrate_rollout_halts_total[1h]))", "{{stage}}"),)),
-        Panel("Upgrade duration, p90 by outcome", (
-            q("histogram_quantile(0.9, sum by (le, outcome) "
-              "(rate(substrate_upgrade_duration_seconds_bucket[5m])))", "{{outcome}}"),),
-            unit="s"),
-        Panel("Controller step time, p90", (
-            q("histogram_quantile(0.9, sum by (le) "
-              "(rate(substrate_rollout_step_seconds_bucket[5m])))", "p90"),), unit="s"),
-        Panel("Maintenance stay, p90", (
-            q("histogram_quantile(0.9, sum by (le) "
-              "(rate(substrate_cell_maintenance_duration_seconds_bucket[5m])))", "p90"),),
-            unit="s"),
-        Panel("Longest maintenance now", (
-            q("substrate_cell_maintenance_age_max_seconds", "age"),), unit="s", kind="stat"),
-    )),
-    Board("substrate-flags", "Substrate / Flags", (
-        Panel("Central evaluations by reason", (
-            q("sum by (reason) (rate(substrate_flag_evaluations_total[1m]))", "{{reason}}"),)),
-        Panel("Snapshot version", (
-            q("substrate_flags_snapshot_version", "version"),), kind="stat"),
-        Panel("Snapshots sent to cells", (
-            q("sum by (why, outcome) (rate(substrate_flags_snapshots_sent_total[1m]))",
-              "{{why}} {{outcome}}"),)),
-    )),
-    Board("substrate-bus", "Substrate / Bus", (
-        Panel("Service queue depths", (
-            q('sum by (queue) (rabbitmq_detailed_queue_messages{queue!~"cell\\\\..*"})',
-              "{{queue}}"),)),
-        Panel("Dead letters", (
-            q('sum by (queue) (rabbitmq_detailed_queue_messages{queue=~".*\\\\.dead"})',
-              "{{queue}}"),)),
-        Panel("Published per second", (
-            q("sum by (type, outcome) (rate(substrate_bus_published_messages_total[1m]))",
-              "{{type}} {{outcome}}"),)),
-        Panel("Consumed per second", (
-            q("sum by (queue, outcome) (rate(substrate_bus_consumed_messages_total[1m]))",
-              "{{queue}} {{outcome}}"),)),
-        Panel("Broker alarms", (
-            q("max(rabbitmq_alarms_memory_used_watermark)", "memory"),
-            q("max(rabbitmq_alarms_free_disk_space_watermark)", "disk"))),
-    )),
-)  # fmt: skip
+    Board(
+        "substrate-fleet",
+        "Substrate / Fleet",
+        (
+            Panel(
+                "Cells by stage and status",
+                (q("sum by (stage, status) (substrate_cells)", "{{stage}} {{status}}"),),
+            ),
+            Panel(
+                "Cells by installed release",
+                (q("sum by (stage, release) (substrate_rollout_cells)", "{{stage}} {{release}}"),),
+            ),
+            Panel(
+                "Oldest heartbeat among online cells",
+                (q("substrate_cell_heartbeat_age_max_seconds", "age"),),
+                unit="s",
+            ),
+            Panel(
+                "Online cells behind on flags",
+                (q("substrate_cells_flags_behind", "behind"),),
+                kind="stat",
+            ),
+            Panel(
+                "Infrastructure compliance",
+                (q("sum by (state) (substrate_infra_cells)", "{{state}}"),),
+            ),
+            Panel(
+                "Nearest infrastructure deadline",
+                (q("substrate_infra_nearest_deadline_seconds", "seconds left"),),
+                unit="s",
+                kind="stat",
+            ),
+            Panel(
+                "Infrastructure reminders sent (1 h)",
+                (q("increase(substrate_infra_reminders_total[1h])", "reminders"),),
+            ),
+        ),
+    ),
+    Board(
+        "substrate-rollouts",
+        "Substrate / Rollouts",
+        (
+            Panel(
+                "Rollouts active and halted",
+                (
+                    q("substrate_rollouts_active", "active"),
+                    q("substrate_rollouts_halted", "halted"),
+                ),
+            ),
+            Panel(
+                "Rollout state and stage",
+                (
+                    q(
+                        "max by (version, state, stage) (substrate_rollout_state)",
+                        "{{version}} {{state}} in {{stage}}",
+                    ),
+                ),
+            ),
+            Panel("Wave of each rollout", (q("substrate_rollout_wave", "{{version}}"),)),
+            Panel(
+                "Progress: cells on each release",
+                (q("sum by (release) (substrate_rollout_cells)", "{{release}}"),),
+            ),
+            Panel(
+                "Desired states sent per second",
+                (q("rate(substrate_rollout_desired_states_total[1m])", "sent"),),
+            ),
+            Panel(
+                "Halts (1 h)",
+                (q("sum by (stage) (increase(substrate_rollout_halts_total[1h]))", "{{stage}}"),),
+            ),
+            Panel(
+                "Upgrade duration, p90 by outcome",
+                (
+                    q(
+                        "histogram_quantile(0.9, sum by (le, outcome) "
+                        "(rate(substrate_upgrade_duration_seconds_bucket[5m])))",
+                        "{{outcome}}",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Controller step time, p90",
+                (
+                    q(
+                        "histogram_quantile(0.9, sum by (le) "
+                        "(rate(substrate_rollout_step_seconds_bucket[5m])))",
+                        "p90",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Maintenance stay, p90",
+                (
+                    q(
+                        "histogram_quantile(0.9, sum by (le) "
+                        "(rate(substrate_cell_maintenance_duration_seconds_bucket[5m])))",
+                        "p90",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Longest maintenance now",
+                (q("substrate_cell_maintenance_age_max_seconds", "age"),),
+                unit="s",
+                kind="stat",
+            ),
+        ),
+    ),
+    Board(
+        "substrate-flags",
+        "Substrate / Flags",
+        (
+            Panel(
+                "Central evaluations by reason",
+                (q("sum by (reason) (rate(substrate_flag_evaluations_total[1m]))", "{{reason}}"),),
+            ),
+            Panel(
+                "Snapshot version", (q("substrate_flags_snapshot_version", "version"),), kind="stat"
+            ),
+            Panel(
+                "Snapshots sent to cells",
+                (
+                    q(
+                        "sum by (why, outcome) (rate(substrate_flags_snapshots_sent_total[1m]))",
+                        "{{why}} {{outcome}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    Board(
+        "substrate-bus",
+        "Substrate / Bus",
+        (
+            Panel(
+                "Service queue depths",
+                (
+                    q(
+                        'sum by (queue) (rabbitmq_detailed_queue_messages{queue!~"cell\\\\..*"})',
+                        "{{queue}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Dead letters",
+                (
+                    q(
+                        'sum by (queue) (rabbitmq_detailed_queue_messages{queue=~".*\\\\.dead"})',
+                        "{{queue}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Published per second",
+                (
+                    q(
+                        "sum by (type, outcome) (rate(substrate_bus_published_messages_total[1m]))",
+                        "{{type}} {{outcome}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Consumed per second",
+                (
+                    q(
+                        "sum by (queue, outcome) (rate(substrate_bus_consumed_messages_total[1m]))",
+                        "{{queue}} {{outcome}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Broker alarms",
+                (
+                    q("max(rabbitmq_alarms_memory_used_watermark)", "memory"),
+                    q("max(rabbitmq_alarms_free_disk_space_watermark)", "disk"),
+                ),
+            ),
+        ),
+    ),
+)
 
 
 def build(board: Board) -> Dashboard:
@@ -138,9 +251,12 @@ def build(board: Board) -> Dashboard:
         built = built.unit(panel.unit).datasource(DATASOURCE).height(8).span(12)
         for i, query in enumerate(panel.queries):
             built = built.with_target(
-                Dataquery().expr(query.expr).legend_format(query.legend)
-                .ref_id(chr(ord("A") + i)).datasource(DATASOURCE)
-            )  # fmt: skip
+                Dataquery()
+                .expr(query.expr)
+                .legend_format(query.legend)
+                .ref_id(chr(ord("A") + i))
+                .datasource(DATASOURCE)
+            )
         dashboard = dashboard.with_panel(built)
     return dashboard
 

@@ -30,10 +30,14 @@ def config(
     params: dict[str, list[str]] = {"family": ["queue_coarse_metrics"]}
     if vhost is not None:
         params["vhost"] = [vhost]
-    scrape.append({
-        "job_name": "rabbitmq-queues", "metrics_path": "/metrics/detailed", "params": params,
-        "static_configs": [{"targets": [rabbitmq]}],
-    })  # fmt: skip
+    scrape.append(
+        {
+            "job_name": "rabbitmq-queues",
+            "metrics_path": "/metrics/detailed",
+            "params": params,
+            "static_configs": [{"targets": [rabbitmq]}],
+        }
+    )
     document = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(rules)],

@@ -26,9 +26,16 @@ from substratectl.output import fields, table
 # A page an operator reads on a screen; --all (or --limit) for more.
 DEFAULT_PAGE = 1000
 LIST_COLUMNS = [
-    "id", "stage", "region", "org", "status", "last_heartbeat_at", "agent_version",
-    "installed_release", "flags_behind",
-]  # fmt: skip
+    "id",
+    "stage",
+    "region",
+    "org",
+    "status",
+    "last_heartbeat_at",
+    "agent_version",
+    "installed_release",
+    "flags_behind",
+]
 
 
 def _record(record: CellView) -> str:
@@ -151,9 +158,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("list", help="list cells")
     p.add_argument("--stage", choices=STAGES)
     p.add_argument("--status", choices=CELL_STATUSES)
-    p.add_argument("--limit", type=page_size, default=DEFAULT_PAGE,
-                   help=f"at most this many cells, by id (default {DEFAULT_PAGE}, at most "
-                        f"{MAX_PAGE})")  # fmt: skip
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=DEFAULT_PAGE,
+        help=f"at most this many cells, by id (default {DEFAULT_PAGE}, at most {MAX_PAGE})",
+    )
     p.add_argument(
         "--after", metavar="CELL_ID", help="the cells after this id (the last of the previous page)"
     )

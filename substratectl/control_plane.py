@@ -26,10 +26,14 @@ async def schema(ctl: Ctl) -> int:
     ]
     print(table(rows, ["type", "exchange", "model"]))
     methods = [
-        {"service": service or "(every)", "method": method, "request": cls.__name__,
-         "response": cls.response_name()}
+        {
+            "service": service or "(every)",
+            "method": method,
+            "request": cls.__name__,
+            "response": cls.response_name(),
+        }
         for (service, method), cls in sorted(REQUESTS.items())
-    ]  # fmt: skip
+    ]
     print()
     print(table(methods, ["service", "method", "request", "response"]))
     print("\n`substratectl --json schema` prints the JSON Schema of every message and request.")

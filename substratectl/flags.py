@@ -34,8 +34,15 @@ async def set_flag(ctl: Ctl) -> int:
     return await ctl.ask(FlagsSet.model_validate({"flag": flag}), _set)
 
 
-LIST_COLUMNS = ["key", "enabled", "default_variant", "rules", "requires_release", "owner",
-                "description"]  # fmt: skip
+LIST_COLUMNS = [
+    "key",
+    "enabled",
+    "default_variant",
+    "rules",
+    "requires_release",
+    "owner",
+    "description",
+]
 
 
 async def list_flags(ctl: Ctl) -> int:

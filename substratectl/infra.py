@@ -36,8 +36,9 @@ def _published(result: PublishedTemplate) -> str:
 async def publish(ctl: Ctl) -> int:
     a = ctl.args
     template = _read_template(Path(a.template))
-    return await ctl.ask(InfraPublish(version=a.version, template=template, grace=a.grace),
-                         _published)  # fmt: skip
+    return await ctl.ask(
+        InfraPublish(version=a.version, template=template, grace=a.grace), _published
+    )
 
 
 async def list_templates(ctl: Ctl) -> int:
@@ -45,8 +46,15 @@ async def list_templates(ctl: Ctl) -> int:
     return await ctl.ask(InfraList(), lambda templates: table(templates, columns))
 
 
-STATUS_COLUMNS = ["cell", "org", "template_version", "required_version", "deadline", "state",
-                  "reminders_sent"]  # fmt: skip
+STATUS_COLUMNS = [
+    "cell",
+    "org",
+    "template_version",
+    "required_version",
+    "deadline",
+    "state",
+    "reminders_sent",
+]
 
 
 def _compliance(result: ComplianceView) -> str:

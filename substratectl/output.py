@@ -53,18 +53,22 @@ def on_terminal() -> bool:
 def console(buffer: io.StringIO | None = None) -> Console:
     """A rich console: styled on a terminal, plain text everywhere else."""
     return Console(
-        file=buffer or sys.stdout, width=None if buffer is None else 400,
-        color_system="auto" if on_terminal() else None, force_terminal=on_terminal(),
-        highlight=False, soft_wrap=True,
-    )  # fmt: skip
+        file=buffer or sys.stdout,
+        width=None if buffer is None else 400,
+        color_system="auto" if on_terminal() else None,
+        force_terminal=on_terminal(),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def table(rows: Sequence[BaseModel | Mapping[str, object]], columns: Sequence[str]) -> str:
     """Rows as aligned columns with upper-case headers (bold on a terminal)."""
     if not rows:
         return "(none)"
-    grid = Table(box=None, show_edge=False, pad_edge=False,
-                 header_style="bold" if on_terminal() else None)  # fmt: skip
+    grid = Table(
+        box=None, show_edge=False, pad_edge=False, header_style="bold" if on_terminal() else None
+    )
     for column in columns:
         grid.add_column(column.upper(), no_wrap=True)
     for row in rows:

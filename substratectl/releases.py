@@ -40,8 +40,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     release = sub.add_parser("release", help="publish and inspect releases")
     cmds = release.add_subparsers(dest="release_command", required=True, metavar="ACTION")
     p = cmds.add_parser("publish", help="publish a release file (YAML or JSON), once per version")
-    p.add_argument("file", help="version, components (name, image, digest, requires_maintenance), "
-                   "reversible, notes")  # fmt: skip
+    p.add_argument(
+        "file",
+        help="version, components (name, image, digest, requires_maintenance), reversible, notes",
+    )
     p.set_defaults(run=publish)
     p = cmds.add_parser("list", help="published releases, newest first")
     p.set_defaults(run=list_releases)

@@ -107,8 +107,9 @@ async def watch(ctl: Ctl) -> int:
     printed, and with --json each change is one JSON line."""
     if on_terminal() and not ctl.as_json:
         with Live(console=console(), auto_refresh=False) as live:
-            return await _watch(ctl, lambda r: live.update(Text("\n".join(_progress_lines(r))),
-                                                           refresh=True))  # fmt: skip
+            return await _watch(
+                ctl, lambda r: live.update(Text("\n".join(_progress_lines(r))), refresh=True)
+            )
     if ctl.as_json:
         return await _watch(ctl, lambda r: print(json.dumps(plain(r), sort_keys=True), flush=True))
     return await _watch(ctl, lambda r: print("\n".join(_progress_lines(r)), flush=True))
@@ -164,16 +165,19 @@ async def policy_set(ctl: Ctl) -> int:
 
 def _policy_text(p: RolloutPolicy) -> str:
     soak, waves = p.soak_seconds, p.waves
-    return fields({
-        "soak staging": f"{soak.staging:g}s",
-        "soak saas": f"{soak.saas:g}s",
-        "soak dedicated": f"{soak.dedicated:g}s (between waves)",
-        "dedicated waves": f"canary {waves.canary}, then "
-        + ", ".join(f"{f:.0%}" for f in waves.fractions) + " of the rest",
-        "failure threshold": f"{p.failure_threshold} per wave",
-        "progress deadline": f"{p.progress_deadline_seconds:g}s",
-        "offline cells": p.offline_cells,
-    })  # fmt: skip
+    return fields(
+        {
+            "soak staging": f"{soak.staging:g}s",
+            "soak saas": f"{soak.saas:g}s",
+            "soak dedicated": f"{soak.dedicated:g}s (between waves)",
+            "dedicated waves": f"canary {waves.canary}, then "
+            + ", ".join(f"{f:.0%}" for f in waves.fractions)
+            + " of the rest",
+            "failure threshold": f"{p.failure_threshold} per wave",
+            "progress deadline": f"{p.progress_deadline_seconds:g}s",
+            "offline cells": p.offline_cells,
+        }
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -70,10 +70,14 @@ async def start_agent(
     **env: str,
 ) -> Proc:
     settings = {
-        "CELL_ID": cell_id, "CELL_AMQP_URL": url, "CELL_STATE_DIR": str(state),
-        "CELL_HEARTBEAT_SECONDS": heartbeat, "CELL_SYNC_SECONDS": "5",
-        "CELL_METRICS_PORT": str(metrics_port), **aws_env(moto),
-    }  # fmt: skip
+        "CELL_ID": cell_id,
+        "CELL_AMQP_URL": url,
+        "CELL_STATE_DIR": str(state),
+        "CELL_HEARTBEAT_SECONDS": heartbeat,
+        "CELL_SYNC_SECONDS": "5",
+        "CELL_METRICS_PORT": str(metrics_port),
+        **aws_env(moto),
+    }
     if stack:
         settings["CELL_STACK_NAME"] = stack
     return await procs.start(

@@ -69,13 +69,23 @@ class Fleet:
             created = await create_cell(self.procs, cell_id, stage=stage)
             added.append((cell_id, created["amqp_url"]))
         cells = [
-            Cell(cell_id, stage, url, self.root / cell_id,
-                 await self._agent(cell_id, url, self.root / cell_id, env), env)
+            Cell(
+                cell_id,
+                stage,
+                url,
+                self.root / cell_id,
+                await self._agent(cell_id, url, self.root / cell_id, env),
+                env,
+            )
             for cell_id, url in added
-        ]  # fmt: skip
+        ]
         for c in cells:
-            await eventually(partial(status_is, self.procs, c.id, "online"), timeout=30,
-                             interval=0.3, what=f"{c.id} online")  # fmt: skip
+            await eventually(
+                partial(status_is, self.procs, c.id, "online"),
+                timeout=30,
+                interval=0.3,
+                what=f"{c.id} online",
+            )
         self.cells += cells
         return cells
 
@@ -92,8 +102,14 @@ class Fleet:
         extra: dict[str, Any] = env  # CELL_* variables only, never start_agent's own arguments
         return await start_agent(self.procs, self.moto, cell_id, url, state, **extra)
 
-    async def publish(self, patch: int, *, missing_image: bool = False,
-                      reversible: bool = True, maintenance: bool = False) -> str:  # fmt: skip
+    async def publish(
+        self,
+        patch: int,
+        *,
+        missing_image: bool = False,
+        reversible: bool = True,
+        maintenance: bool = False,
+    ) -> str:
         version = self.version(patch)
         digest = push_image(self.moto, "substrate/server", version)
         if missing_image:
@@ -130,13 +146,16 @@ class Fleet:
         async def all_there() -> bool:
             return all([await self.installed(c) == version for c in cells])
 
-        await eventually(all_there, timeout=timeout, interval=0.3,
-                         what=f"{len(cells)} cells on {version}")  # fmt: skip
+        await eventually(
+            all_there, timeout=timeout, interval=0.3, what=f"{len(cells)} cells on {version}"
+        )
 
     async def upgrades(self) -> list[CellUpgrade]:
         """Every upgrade report so far (the tap keeps them; reading drains, so they are kept)."""
-        got = [CellUpgrade.model_validate_json(m.body)
-               for m in await read_all(self.procs.services.amqp_url, self.reports)]  # fmt: skip
+        got = [
+            CellUpgrade.model_validate_json(m.body)
+            for m in await read_all(self.procs.services.amqp_url, self.reports)
+        ]
         self._reports += got
         return list(self._reports)
 
@@ -161,20 +180,25 @@ async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus, *
 def push_image(moto: str, repository: str, tag: str) -> str:
     """Put an image into moto's ECR; its digest."""
     ecr = boto3.client(
-        "ecr", endpoint_url=moto, region_name="eu-west-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
+        "ecr",
+        endpoint_url=moto,
+        region_name="eu-west-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
         ecr.create_repository(repositoryName=repository)
     # moto derives the digest from the layers' digests; without layers it draws one of 101
     # random values, and two images would share a digest now and then.
     layer = "sha256:" + hashlib.sha256(uuid.uuid4().bytes).hexdigest()
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"digest": layer},
-        "layers": [{"digest": layer, "size": 1}],
-    })  # fmt: skip
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"digest": layer},
+            "layers": [{"digest": layer, "size": 1}],
+        }
+    )
     image = ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag)
     return str(image["image"]["imageId"]["imageDigest"])
 

@@ -50,8 +50,12 @@ class Ledger:
     applications: Counter[tuple[str, str, str]] = field(default_factory=Counter)
 
     @classmethod
-    def of(cls, cells: Iterable[tuple[str, Path]], release: str,
-           components: Iterable[str] = ("server",)) -> Ledger:  # fmt: skip
+    def of(
+        cls,
+        cells: Iterable[tuple[str, Path]],
+        release: str,
+        components: Iterable[str] = ("server",),
+    ) -> Ledger:
         """Each cell (id, state directory) was confirmed ``release``; read what each applied."""
         ledger = cls()
         for cell, state in cells:

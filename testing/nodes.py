@@ -65,9 +65,13 @@ class _Child:
     def spawn(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> None:
         with log.open("ab") as sink:
             self.process = subprocess.Popen(
-                ["sh", "-c", _RAISED, argv[0], *argv], env=env, cwd=cwd, stdout=sink,
-                stderr=sink, start_new_session=True,
-            )  # fmt: skip
+                ["sh", "-c", _RAISED, argv[0], *argv],
+                env=env,
+                cwd=cwd,
+                stdout=sink,
+                stderr=sink,
+                start_new_session=True,
+            )
 
     @property
     def running(self) -> bool:
@@ -179,8 +183,12 @@ class PrivateRabbit:
         (self.root / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
         server_log = self.root / "server.log"
         self._log_from = server_log.stat().st_size if server_log.exists() else 0
-        self.child.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], self._env(),
-                         self.root / "server.log", self.root)  # fmt: skip
+        self.child.spawn(
+            [str(RABBITMQ_BIN / "rabbitmq-server")],
+            self._env(),
+            self.root / "server.log",
+            self.root,
+        )
         await _until(self._answers, timeout, f"private RabbitMQ {self.node} up")
 
     def _answers(self) -> bool:
@@ -205,9 +213,14 @@ class PrivateRabbit:
     async def ctl(self, *args: str) -> str:
         """rabbitmqctl against this node (with its cookie)."""
         process = await asyncio.create_subprocess_exec(
-            str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args, env=self._env(),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            str(RABBITMQ_BIN / "rabbitmqctl"),
+            "-n",
+            self.node,
+            *args,
+            env=self._env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode == 0, f"rabbitmqctl {' '.join(args)}: {err.decode()}"
         return out.decode().strip()
@@ -296,19 +309,41 @@ class PrivateRedis:
         assert binary, "redis-server is missing: make test installs Debian's package"
         self.root.mkdir(parents=True, exist_ok=True)
         self.child.spawn(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.root),
-             "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "",
-             "--daemonize", "no", *self.args],
-            dict(os.environ), self.root / "redis.log", self.root,
-        )  # fmt: skip
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.root),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.fsync,
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                *self.args,
+            ],
+            dict(os.environ),
+            self.root / "redis.log",
+            self.root,
+        )
         await _until(self._answers, timeout, f"private Redis on {self.port} up")
 
     def _answers(self) -> bool:
         if not self.child.running:
             raise AssertionError(f"private Redis exited: {(self.root / 'redis.log').read_text()}")
         try:
-            out = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
-                                 text=True, timeout=5, check=False).stdout  # fmt: skip
+            out = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
         except subprocess.TimeoutExpired:
             return False
         return out.strip() == "PONG"
@@ -349,8 +384,12 @@ class PrivateSentinel:
             f"sentinel down-after-milliseconds {self.master} 1000\n"
             f"sentinel failover-timeout {self.master} 10000\n"
         )
-        self.child.spawn([binary, str(self.root / "sentinel.conf"), "--sentinel"],
-                         dict(os.environ), self.root / "sentinel.log", self.root)  # fmt: skip
+        self.child.spawn(
+            [binary, str(self.root / "sentinel.conf"), "--sentinel"],
+            dict(os.environ),
+            self.root / "sentinel.log",
+            self.root,
+        )
         await _until(self._answers, timeout, f"private Sentinel on {self.port} up")
 
     def _answers(self) -> bool:
@@ -362,9 +401,19 @@ class PrivateSentinel:
         """The port of the primary this sentinel names now."""
         try:
             out = subprocess.run(
-                ["redis-cli", "-p", str(self.port), "sentinel", "get-master-addr-by-name",
-                 self.master], capture_output=True, text=True, timeout=5, check=False,
-            ).stdout.split()  # fmt: skip
+                [
+                    "redis-cli",
+                    "-p",
+                    str(self.port),
+                    "sentinel",
+                    "get-master-addr-by-name",
+                    self.master,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.split()
         except subprocess.TimeoutExpired:
             return None
         return int(out[1]) if len(out) == 2 and out[1].isdigit() else None

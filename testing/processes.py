@@ -73,11 +73,13 @@ class Processes:
     async def ctl(self, *args: str, **env: str) -> tuple[int, Any, str]:
         """Run ``substratectl --json ARGS``: exit code, parsed stdout, stderr."""
         process = await asyncio.create_subprocess_exec(
-            str(BIN / "substratectl"), "--json", *args,
+            str(BIN / "substratectl"),
+            "--json",
+            *args,
             env=self.env(**env),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         out, err = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode is not None
         parsed = json.loads(out) if out.strip() else None
@@ -157,9 +159,14 @@ async def start_registry(procs: Processes, **env: str) -> Registry:
 
 async def start_rollout(procs: Processes, **env: str) -> Service:
     port = free_port()
-    proc = await procs.start(f"rollout-{len(procs.running)}", "substrate-rollout",
-                             SUBSTRATE_TICK_SECONDS="0.2", SUBSTRATE_LEASE_SECONDS="3",
-                             SUBSTRATE_METRICS_PORT=str(port), **env)  # fmt: skip
+    proc = await procs.start(
+        f"rollout-{len(procs.running)}",
+        "substrate-rollout",
+        SUBSTRATE_TICK_SECONDS="0.2",
+        SUBSTRATE_LEASE_SECONDS="3",
+        SUBSTRATE_METRICS_PORT=str(port),
+        **env,
+    )
 
     async def answers() -> bool:
         code, _, _ = await procs.ctl("rollout", "policy", "show")

@@ -140,9 +140,14 @@ class Worker:
         bus = cell.bus
         # The outcome alone, as an agent reports an upgrade that takes a moment (its phases on
         # the way last less than CELL_PROGRESS_REPORT_SECONDS).
-        report = CellUpgrade(cell_id=cell.cell_id, seq=cell.next_seq(), sent_at=datetime.now(UTC),
-                             generation=msg.generation, release_version=version,
-                             phase="succeeded")  # fmt: skip
+        report = CellUpgrade(
+            cell_id=cell.cell_id,
+            seq=cell.next_seq(),
+            sent_at=datetime.now(UTC),
+            generation=msg.generation,
+            release_version=version,
+            phase="succeeded",
+        )
         await SimCell.until_taken(partial(bus.publish, report))
         cell.installed = version
         if version is not None:
@@ -250,14 +255,22 @@ class Simulators:
         processes = []
         for w in range(n):
             path = workdir / f"simulator-{w}.jsonl"
-            path.write_text("".join(json.dumps({"cell_id": c, "url": u}) + "\n"
-                                    for c, u in cells[w::n]))  # fmt: skip
+            path.write_text(
+                "".join(json.dumps({"cell_id": c, "url": u}) + "\n" for c, u in cells[w::n])
+            )
             # The worker writes to its own copy of the file; ours is closed at once.
             with (workdir / f"simulator-{w}.log").open("ab") as log:
-                processes.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "testing.simulator", str(path),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                ))  # fmt: skip
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "testing.simulator",
+                        str(path),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=log,
+                    )
+                )
         sims = cls(processes, [asyncio.Queue() for _ in processes])
         sims.readers = [asyncio.create_task(sims._read(i)) for i in range(n)]
         sims.check(await sims._answers(), "ready")

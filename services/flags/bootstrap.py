@@ -14,9 +14,9 @@ from services.flags.store import FlagsStore
 
 
 async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
-    own = settings if isinstance(settings, FlagsSettings) else FlagsSettings(
-        **settings.model_dump()
-    )  # fmt: skip
+    own = (
+        settings if isinstance(settings, FlagsSettings) else FlagsSettings(**settings.model_dump())
+    )
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     store = FlagsStore(redis)

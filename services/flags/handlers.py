@@ -75,8 +75,12 @@ async def flags_set(req: FlagsSet, delivery: Delivery, deps: Deps) -> FlagChange
         except Conflict:
             continue
         deps.changed()
-        return FlagChange(key=flag.key, changed=True, snapshot_version=version,
-                          action="created" if raw is None else "updated")  # fmt: skip
+        return FlagChange(
+            key=flag.key,
+            changed=True,
+            snapshot_version=version,
+            action="created" if raw is None else "updated",
+        )
     raise RpcFailure("busy", f"flag {flag.key} kept changing; try again")
 
 
@@ -163,8 +167,9 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
 
 async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     snapshot = await deps.store.snapshot()
-    return FlagsServiceStatus(service="flags", ready=True, flags=len(snapshot.flags),
-                              snapshot_version=snapshot.version)  # fmt: skip
+    return FlagsServiceStatus(
+        service="flags", ready=True, flags=len(snapshot.flags), snapshot_version=snapshot.version
+    )
 
 
 # -- routing --------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ EVALUATIONS = Counter(
 )
 SNAPSHOT_VERSION = Gauge("substrate_flags_snapshot_version", "The current flags snapshot version")
 PUSHED = Counter(
-    "substrate_flags_snapshots_sent", "Snapshots sent to cells, by why and outcome",
+    "substrate_flags_snapshots_sent",
+    "Snapshots sent to cells, by why and outcome",
     ["why", "outcome"],
-)  # fmt: skip
+)
 _CHILDREN: dict[tuple[str, str], Counter] = {}
 
 

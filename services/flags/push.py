@@ -59,8 +59,12 @@ class Pusher:
             return
         except BusError as exc:
             metrics.PUSHED.labels(why, "failed").inc()
-            log.warning("snapshot %d to %s not sent (%s); it gets it on its next sync",
-                        snapshot.version, cell_id, exc)  # fmt: skip
+            log.warning(
+                "snapshot %d to %s not sent (%s); it gets it on its next sync",
+                snapshot.version,
+                cell_id,
+                exc,
+            )
             return
         metrics.PUSHED.labels(why, "sent").inc()
 
@@ -81,8 +85,9 @@ class Pusher:
         agent keeps those of the last snapshot addressed to it."""
         snapshot = await self.store.snapshot()
         metrics.SNAPSHOT_VERSION.set(snapshot.version)
-        msg = FlagsBroadcast(issued_at=self.clock.now(), version=snapshot.version,
-                             flags=tuple(snapshot.to_wire()))  # fmt: skip
+        msg = FlagsBroadcast(
+            issued_at=self.clock.now(), version=snapshot.version, flags=tuple(snapshot.to_wire())
+        )
         try:
             await self.bus.publish(
                 msg, confirm_timeout=max(self.broadcast_confirm_seconds, self.bus.publish_timeout)
@@ -92,8 +97,11 @@ class Pusher:
             return
         except BusError as exc:
             metrics.PUSHED.labels("change", "failed").inc()
-            log.warning("snapshot %d not broadcast (%s); cells get it on their next sync",
-                        snapshot.version, exc)  # fmt: skip
+            log.warning(
+                "snapshot %d not broadcast (%s); cells get it on their next sync",
+                snapshot.version,
+                exc,
+            )
             return
         metrics.PUSHED.labels("change", "sent").inc()
         log.info("flags snapshot %d broadcast to every cell", snapshot.version)

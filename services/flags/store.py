@@ -97,9 +97,12 @@ class FlagsStore:
         new_json = new.model_dump(mode="json") if new else None
         action = "deleted" if new is None else ("created" if expected is None else "updated")
         entry = {
-            "at": at.isoformat(), "actor": actor, "action": action,
-            "diff": diff(old_json, new_json), "version": version,
-        }  # fmt: skip
+            "at": at.isoformat(),
+            "actor": actor,
+            "action": action,
+            "diff": diff(old_json, new_json),
+            "version": version,
+        }
         event = FlagsChanged(
             at=at, key=key, snapshot_version=version, actor=actor, deleted=new is None
         )

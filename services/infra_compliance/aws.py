@@ -67,10 +67,13 @@ class InfraAws:
             # Idempotent: answers the existing topic's ARN when it is already there.
             arn = self._topics[org] = self._sns.create_topic(Name=topic_name(org))["TopicArn"]
         self._sns.publish(
-            TopicArn=arn, Subject=subject[:100], Message=message,
-            MessageAttributes={"substrate_notice_id": {"DataType": "String",
-                                                       "StringValue": notice_id}},
-        )  # fmt: skip
+            TopicArn=arn,
+            Subject=subject[:100],
+            Message=message,
+            MessageAttributes={
+                "substrate_notice_id": {"DataType": "String", "StringValue": notice_id}
+            },
+        )
 
     async def lint(self, template: str) -> list[str]:
         return await asyncio.to_thread(lint, template, self.region)

@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
-    own = settings if isinstance(settings, InfraSettings) else InfraSettings(
-        **settings.model_dump()
-    )  # fmt: skip
+    own = (
+        settings if isinstance(settings, InfraSettings) else InfraSettings(**settings.model_dump())
+    )
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     store = InfraStore(redis)
@@ -36,9 +36,13 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         task.add_done_callback(background.discard)
 
     timers = Timers(
-        store, clock, Lease(redis, LEASE, own.lease_seconds), aws.notify,
-        lambda: handlers.reconcile_fleet(deps), tick_seconds=own.tick_seconds,
-    )  # fmt: skip
+        store,
+        clock,
+        Lease(redis, LEASE, own.lease_seconds),
+        aws.notify,
+        lambda: handlers.reconcile_fleet(deps),
+        tick_seconds=own.tick_seconds,
+    )
     deps = handlers.Deps(
         store=store, clock=clock, aws=aws, wake_timers=timers.wake, reconcile_all=reconcile_all
     )

@@ -97,15 +97,25 @@ async def reconcile(
             if not plan.changed:
                 return False
             await store.save(
-                cell_id, raw, plan.record, timers=plan.timers, drop_timers=plan.drop_timers,
-                events=plan.events, command=plan.command,
-            )  # fmt: skip
+                cell_id,
+                raw,
+                plan.record,
+                timers=plan.timers,
+                drop_timers=plan.drop_timers,
+                events=plan.events,
+                command=plan.command,
+            )
         except Conflict:
             continue
         if plan.timers:
             deps.wake_timers()
-        log.info("cell %s: %s (template %s, required %s)", cell_id, plan.record.state,
-                 cell.template_version, plan.record.required_version)  # fmt: skip
+        log.info(
+            "cell %s: %s (template %s, required %s)",
+            cell_id,
+            plan.record.state,
+            cell.template_version,
+            plan.record.required_version,
+        )
         return True
     raise RuntimeError(f"cell {cell_id}'s compliance kept changing; the message is retried")
 
@@ -127,8 +137,9 @@ async def on_fact(msg: Event, delivery: Delivery, deps: Deps) -> None:
     if isinstance(msg, CellRegistered) and not told:
         # An agent registers at every start and reconnect; one that lost what it was told (a
         # new state directory) hears it again.
-        again = model.required_now(cell_id, record_of(await deps.store.record(cell_id)),
-                                   deps.clock.now())  # fmt: skip
+        again = model.required_now(
+            cell_id, record_of(await deps.store.record(cell_id)), deps.clock.now()
+        )
         if again is not None:
             await deps.store.announce(again)
 
@@ -142,10 +153,13 @@ async def on_ignored(msg: Event, delivery: Delivery, deps: Deps) -> None:
 
 def _published(t: TemplateRecord) -> PublishedTemplate:
     return PublishedTemplate(
-        version=str(t.version), location=t.location, published_at=t.published_at,
-        published_by=t.published_by, grace_seconds=t.grace_seconds,
+        version=str(t.version),
+        location=t.location,
+        published_at=t.published_at,
+        published_by=t.published_by,
+        grace_seconds=t.grace_seconds,
         deadline=t.published_at + timedelta(seconds=t.grace_seconds),
-    )  # fmt: skip
+    )
 
 
 async def infra_publish(req: InfraPublish, delivery: Delivery, deps: Deps) -> PublishedTemplate:
@@ -168,13 +182,19 @@ async def infra_publish(req: InfraPublish, delivery: Delivery, deps: Deps) -> Pu
     location = await deps.aws.store(f"templates/{version}/{digest}.yaml", req.template)
     now = deps.clock.now()
     record = TemplateRecord(
-        version=version, location=location, published_at=now,
-        grace_seconds=grace.total_seconds(), published_by=delivery.user_id or "unknown",
-    )  # fmt: skip
-    event = InfraTemplatePublished(
-        at=now, version=req.version, location=location, deadline=now + grace,
+        version=version,
+        location=location,
+        published_at=now,
         grace_seconds=grace.total_seconds(),
-    )  # fmt: skip
+        published_by=delivery.user_id or "unknown",
+    )
+    event = InfraTemplatePublished(
+        at=now,
+        version=req.version,
+        location=location,
+        deadline=now + grace,
+        grace_seconds=grace.total_seconds(),
+    )
     if not await deps.store.publish(record, newest, event):
         raise RpcFailure("conflict", "another template version was published meanwhile")
     log.info("template %s published at %s; deadline %s", version, location, now + grace)
@@ -192,24 +212,30 @@ async def infra_list(req: InfraList, delivery: Delivery, deps: Deps) -> list[Pub
 def summarize(rows: list[CellCompliance], now: datetime) -> ComplianceSummary:
     def within(hours: float) -> int:
         until = now + timedelta(hours=hours)
-        return sum(r.state == "pending" and r.deadline is not None and r.deadline <= until
-                   for r in rows)  # fmt: skip
+        return sum(
+            r.state == "pending" and r.deadline is not None and r.deadline <= until for r in rows
+        )
 
     return ComplianceSummary(
         compliant=sum(r.state == "compliant" for r in rows),
         pending=sum(r.state == "pending" for r in rows),
         out_of_sla=sum(r.state == "out_of_sla" for r in rows),
-        breach_within_24h=within(24), breach_within_7d=within(24 * 7),
-    )  # fmt: skip
+        breach_within_24h=within(24),
+        breach_within_7d=within(24 * 7),
+    )
 
 
 def _row(cell: FleetCell, record: model.Record | None) -> CellCompliance:
     r = record or model.Record()
     return CellCompliance(
-        cell=cell.id, org=cell.org, template_version=cell.template_version,
+        cell=cell.id,
+        org=cell.org,
+        template_version=cell.template_version,
         required_version=str(r.required_version) if r.required_version else None,
-        deadline=r.deadline, state=r.state or "compliant", reminders_sent=r.reminders_sent,
-    )  # fmt: skip
+        deadline=r.deadline,
+        state=r.state or "compliant",
+        reminders_sent=r.reminders_sent,
+    )
 
 
 async def infra_status(req: InfraStatus, delivery: Delivery, deps: Deps) -> ComplianceView:
@@ -227,9 +253,11 @@ async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     newest = await deps.store.newest()
     counts = await deps.store.counts()
     return InfraServiceStatus(
-        service="infra_compliance", ready=True, newest_template=str(newest) if newest else None,
+        service="infra_compliance",
+        ready=True,
+        newest_template=str(newest) if newest else None,
         cells={state: n for state, n in counts.items()},
-    )  # fmt: skip
+    )
 
 
 # -- routing --------------------------------------------------------------------------------------

@@ -151,10 +151,13 @@ def _changed_event(
     cell_id: str, state: ComplianceState, runs: str | None, req: Requirement | None, now: datetime
 ) -> InfraComplianceChanged:
     return InfraComplianceChanged(
-        at=now, cell_id=cell_id, status=state, template_version=runs,
+        at=now,
+        cell_id=cell_id,
+        status=state,
+        template_version=runs,
         required_version=str(req.version) if req else None,
         deadline=req.deadline if req else None,
-    )  # fmt: skip
+    )
 
 
 def required_now(cell_id: str, record: Record, now: datetime) -> InfraRequired | None:
@@ -164,18 +167,21 @@ def required_now(cell_id: str, record: Record, now: datetime) -> InfraRequired |
         return None
     req = None
     if record.required_version is not None and record.location and record.deadline:
-        req = Requirement(record.required_version, record.location, record.deadline,
-                          timedelta(0))  # fmt: skip
+        req = Requirement(record.required_version, record.location, record.deadline, timedelta(0))
     return _required(cell_id, record.state, req, now)
 
 
-def _required(cell_id: str, state: ComplianceState, req: Requirement | None,
-              now: datetime) -> InfraRequired:  # fmt: skip
+def _required(
+    cell_id: str, state: ComplianceState, req: Requirement | None, now: datetime
+) -> InfraRequired:
     return InfraRequired(
-        cell_id=cell_id, issued_at=now, status=state,
+        cell_id=cell_id,
+        issued_at=now,
+        status=state,
         required_version=str(req.version) if req else None,
-        location=req.location if req else None, deadline=req.deadline if req else None,
-    )  # fmt: skip
+        location=req.location if req else None,
+        deadline=req.deadline if req else None,
+    )
 
 
 def reconcile(
@@ -203,13 +209,22 @@ def reconcile(
         return Plan(record)
     # A cell that applied a newer version but not the newest is judged by the newest's deadline.
     state = state_of(req, now)
-    new = Record(state=state, required_version=req.version, deadline=req.deadline,
-                 location=req.location, seen_at=seen_at, reminded=0,
-                 reminders_sent=record.reminders_sent)  # fmt: skip
+    new = Record(
+        state=state,
+        required_version=req.version,
+        deadline=req.deadline,
+        location=req.location,
+        seen_at=seen_at,
+        reminded=0,
+        reminders_sent=record.reminders_sent,
+    )
     plan = Plan(new, changed=True, drop_timers=True)
     if state == "pending":
-        plan.timers = [Timer(cell_id, req.deadline, n, due)
-                       for n, due in enumerate(req.reminders(), 1) if due > now]  # fmt: skip
+        plan.timers = [
+            Timer(cell_id, req.deadline, n, due)
+            for n, due in enumerate(req.reminders(), 1)
+            if due > now
+        ]
         plan.timers.append(Timer(cell_id, req.deadline, 0, req.deadline))
     if state != record.state:
         plan.events.append(_changed_event(cell_id, state, runs, req, now))
@@ -228,20 +243,36 @@ def fire(
     assert record.required_version is not None and record.location is not None
     req = Requirement(record.required_version, record.location, timer.deadline, timedelta(0))
     if timer.n == 0:
-        new = Record(state="out_of_sla", required_version=record.required_version,
-                     deadline=record.deadline, location=record.location,
-                     seen_at=record.seen_at, reminded=record.reminded,
-                     reminders_sent=record.reminders_sent)  # fmt: skip
+        new = Record(
+            state="out_of_sla",
+            required_version=record.required_version,
+            deadline=record.deadline,
+            location=record.location,
+            seen_at=record.seen_at,
+            reminded=record.reminded,
+            reminders_sent=record.reminders_sent,
+        )
         event = _changed_event(timer.cell_id, "out_of_sla", runs, req, now)
         return new, [event], _required(timer.cell_id, "out_of_sla", req, now)
     if timer.n <= record.reminded:
         return None, [], None
     reminder = InfraReminder(
-        at=now, cell_id=timer.cell_id, org=org, required_version=str(req.version),
-        deadline=timer.deadline, location=req.location, reminder=timer.n,
+        at=now,
+        cell_id=timer.cell_id,
+        org=org,
+        required_version=str(req.version),
+        deadline=timer.deadline,
+        location=req.location,
+        reminder=timer.n,
         of=len(REMINDER_DAYS),
-    )  # fmt: skip
-    new = Record(state=record.state, required_version=record.required_version,
-                 deadline=record.deadline, location=record.location, seen_at=record.seen_at,
-                 reminded=timer.n, reminders_sent=record.reminders_sent + 1)  # fmt: skip
+    )
+    new = Record(
+        state=record.state,
+        required_version=record.required_version,
+        deadline=record.deadline,
+        location=record.location,
+        seen_at=record.seen_at,
+        reminded=timer.n,
+        reminders_sent=record.reminders_sent + 1,
+    )
     return new, [reminder], None

@@ -16,10 +16,12 @@ class InfraSettings(ServiceSettings):
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
     tick_seconds: float = Field(
-        default=1.0, gt=0,
+        default=1.0,
+        gt=0,
         description="the timer loop's longest pause; a timer fires at most this late",
-    )  # fmt: skip
+    )
     lease_seconds: float = Field(
-        default=15.0, gt=0,
+        default=15.0,
+        gt=0,
         description="the timer lease's TTL: how long a replica waits before taking over",
-    )  # fmt: skip
+    )

@@ -85,18 +85,24 @@ def record_of(raw: dict[str, str]) -> Record:
     return Record(
         state=raw.get("state") or None,  # type: ignore[arg-type]  # written only here
         required_version=int(raw["required_version"]) if raw.get("required_version") else None,
-        deadline=_time(raw.get("deadline")), location=raw.get("location") or None,
-        seen_at=_time(raw.get("seen_at")), reminded=int(raw.get("reminded") or 0),
+        deadline=_time(raw.get("deadline")),
+        location=raw.get("location") or None,
+        seen_at=_time(raw.get("seen_at")),
+        reminded=int(raw.get("reminded") or 0),
         reminders_sent=int(raw.get("reminders_sent") or 0),
-    )  # fmt: skip
+    )
 
 
 def _fields(r: Record) -> dict[str, object]:
     return {
-        "state": r.state, "required_version": r.required_version, "deadline": _epoch(r.deadline),
-        "location": r.location, "seen_at": _epoch(r.seen_at), "reminded": r.reminded,
+        "state": r.state,
+        "required_version": r.required_version,
+        "deadline": _epoch(r.deadline),
+        "location": r.location,
+        "seen_at": _epoch(r.seen_at),
+        "reminded": r.reminded,
         "reminders_sent": r.reminders_sent,
-    }  # fmt: skip
+    }
 
 
 def _timer_members(cell_id: str, deadline: datetime | None) -> list[str]:
@@ -116,8 +122,9 @@ class InfraStore:
 
     async def templates(self) -> list[TemplateRecord]:
         raws = await self.redis.hvals(TEMPLATES)
-        return sorted((TemplateRecord.model_validate_json(r) for r in raws),
-                      key=lambda t: t.version)  # fmt: skip
+        return sorted(
+            (TemplateRecord.model_validate_json(r) for r in raws), key=lambda t: t.version
+        )
 
     async def newest(self) -> int:
         return int(await self.redis.get(NEWEST) or 0)

@@ -133,10 +133,21 @@ class Timers:
             new, events, command = model.fire(
                 record_of(raw), timer, org, cell.template_version if cell else None, now
             )
-            notices = [notice_for(e, org) for e in events
-                       if isinstance(e, InfraReminder | InfraComplianceChanged)]  # fmt: skip
-            written = await self.store.fire(self.lease, fence, timer, raw, new=new, events=events,
-                                            command=command, notices=notices)  # fmt: skip
+            notices = [
+                notice_for(e, org)
+                for e in events
+                if isinstance(e, InfraReminder | InfraComplianceChanged)
+            ]
+            written = await self.store.fire(
+                self.lease,
+                fence,
+                timer,
+                raw,
+                new=new,
+                events=events,
+                command=command,
+                notices=notices,
+            )
             if written:
                 self._count(timer, events)
                 return
@@ -148,12 +159,21 @@ class Timers:
         for event in events:
             if isinstance(event, InfraReminder):
                 metrics.REMINDERS.inc()
-                log.info("cell %s reminded (%d of %d) of its deadline %s",
-                         timer.cell_id, event.reminder, event.of, event.deadline)  # fmt: skip
+                log.info(
+                    "cell %s reminded (%d of %d) of its deadline %s",
+                    timer.cell_id,
+                    event.reminder,
+                    event.of,
+                    event.deadline,
+                )
             elif isinstance(event, InfraComplianceChanged):
                 metrics.BREACHES.inc()
-                log.warning("cell %s is out of SLA: template %s not applied by %s",
-                            timer.cell_id, event.required_version, timer.deadline)  # fmt: skip
+                log.warning(
+                    "cell %s is out of SLA: template %s not applied by %s",
+                    timer.cell_id,
+                    event.required_version,
+                    timer.deadline,
+                )
 
     async def send_notices(self) -> None:
         """Publish the organisations' notices in order; one that fails stays first in line."""

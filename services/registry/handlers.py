@@ -204,9 +204,10 @@ async def cells_create(req: CellsCreate, delivery: Delivery, deps: Deps) -> Crea
     amqp_url = cell_amqp_url(deps.cell_broker_url, req.id, password)
     view = await _must_get(req.id, deps)
     return CreatedCell(
-        **dict(view), amqp_url=amqp_url,
+        **dict(view),
+        amqp_url=amqp_url,
         stack_parameters=stack_parameters(req, amqp_url, deps.privatelink_service, deps.cell_ca),
-    )  # fmt: skip
+    )
 
 
 def _listed(cell: CellView, current: int) -> ListedCell:
@@ -257,10 +258,12 @@ async def cells_rotate_credentials(
     )
     metrics.ROTATIONS.labels("started").inc()
     return RotatedCredentials(
-        id=req.id, credential_id=credential_id, status="pending_confirmation",
+        id=req.id,
+        credential_id=credential_id,
+        status="pending_confirmation",
         amqp_url=cell_amqp_url(deps.cell_broker_url, req.id, password),
         grace_seconds=deps.credential_grace,
-    )  # fmt: skip
+    )
 
 
 async def cells_decommission(req: CellsDecommission, delivery: Delivery, deps: Deps) -> CellView:
@@ -281,9 +284,13 @@ async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     limit = await deps.accounts.socket_limit()
     cells = sum(n for state, n in by_status.items() if state != "decommissioned")
     return RegistryServiceStatus(
-        service="registry", ready=True, cells=by_status, flags_behind=len(behind),
-        broker_socket_limit=limit, warnings=socket_warnings(cells, limit),
-    )  # fmt: skip
+        service="registry",
+        ready=True,
+        cells=by_status,
+        flags_behind=len(behind),
+        broker_socket_limit=limit,
+        warnings=socket_warnings(cells, limit),
+    )
 
 
 def socket_warnings(cells: int, limit: int | None) -> list[str]:

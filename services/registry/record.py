@@ -66,14 +66,36 @@ class CellFields(TypedDict, total=False):
 # The names of CellFields' keys, for the places that name a field rather than write one (what a
 # decision read, which field orders a write).
 CellField = Literal[
-    "id", "stage", "region", "org", "status", "created_at", "decommissioned_at",
-    "credential_id", "pending_credential_id", "rotation_started_at", "aws_account_id",
-    "registered_at", "incarnation", "last_seq", "last_heartbeat_at", "agent_version",
-    "stack_name", "infra_template_version", "installed_release", "applied_generation",
-    "flags_snapshot_version", "maintenance", "maintenance_since", "maintenance_until",
-    "maintenance_seconds_total", "last_maintenance_seq", "compliance", "compliance_deadline",
+    "id",
+    "stage",
+    "region",
+    "org",
+    "status",
+    "created_at",
+    "decommissioned_at",
+    "credential_id",
+    "pending_credential_id",
+    "rotation_started_at",
+    "aws_account_id",
+    "registered_at",
+    "incarnation",
+    "last_seq",
+    "last_heartbeat_at",
+    "agent_version",
+    "stack_name",
+    "infra_template_version",
+    "installed_release",
+    "applied_generation",
+    "flags_snapshot_version",
+    "maintenance",
+    "maintenance_since",
+    "maintenance_until",
+    "maintenance_seconds_total",
+    "last_maintenance_seq",
+    "compliance",
+    "compliance_deadline",
     "compliance_at",
-]  # fmt: skip
+]
 
 L = TypeVar("L", Stage, CellStatus, ComplianceState)
 

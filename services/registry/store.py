@@ -177,8 +177,9 @@ class RegistryStore:
             cell.id, lambda r: transitions.create(r, cell, credential_id, now), also=free_the_id
         )
 
-    async def heartbeat(self, cell_id: str, template_version: str | None,
-                        decide: Decide) -> Transition:  # fmt: skip
+    async def heartbeat(
+        self, cell_id: str, template_version: str | None, decide: Decide
+    ) -> Transition:
         """The hot path: decided first on an online cell with no rotation waiting, on the
         template version the heartbeat reports, so a heartbeat is one round trip (shared with
         the others in flight)."""

@@ -65,8 +65,11 @@ class Outcome(StrEnum):
 # What a heartbeat's record almost always is: an online cell with no rotation waiting and out
 # of maintenance, on the template version the heartbeat reports.
 _USUAL_HEARTBEAT: tuple[CellField, ...] = (
-    "status", "pending_credential_id", "maintenance_since", "infra_template_version",
-)  # fmt: skip
+    "status",
+    "pending_credential_id",
+    "maintenance_since",
+    "infra_template_version",
+)
 
 
 def assumed_online(template_version: str | None) -> dict[str, str]:
@@ -129,14 +132,22 @@ def create(record: CellRecord, cell: CellsCreate, credential_id: str, now: datet
     return Transition(
         Outcome.CREATED,
         changes={
-            "id": cell.id, "stage": cell.stage, "region": cell.region, "org": cell.org,
-            "status": "created", "created_at": now, "aws_account_id": cell.aws_account,
+            "id": cell.id,
+            "stage": cell.stage,
+            "region": cell.region,
+            "org": cell.org,
+            "status": "created",
+            "created_at": now,
+            "aws_account_id": cell.aws_account,
             "credential_id": credential_id,
         },
         read=frozenset({"status"}),
-        events=(CellCreated(at=now, cell_id=cell.id, stage=cell.stage, region=cell.region,
-                            org=cell.org),),
-    )  # fmt: skip
+        events=(
+            CellCreated(
+                at=now, cell_id=cell.id, stage=cell.stage, region=cell.region, org=cell.org
+            ),
+        ),
+    )
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -158,36 +169,52 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
             if record.status is None
             else Outcome.REFUSED_DECOMMISSIONED
         )
-        return _refused(outcome, f"cell is {why.replace('_', ' ')}", msg, now,
-                        frozenset({"status"}))  # fmt: skip
+        return _refused(
+            outcome, f"cell is {why.replace('_', ' ')}", msg, now, frozenset({"status"})
+        )
     if record.aws_account_id and record.aws_account_id != msg.aws_account_id:
         return _refused(
-            Outcome.REFUSED_ACCOUNT, f"cell is bound to AWS account {record.aws_account_id}",
-            msg, now, frozenset({"status", "aws_account_id"}),
-        )  # fmt: skip
+            Outcome.REFUSED_ACCOUNT,
+            f"cell is bound to AWS account {record.aws_account_id}",
+            msg,
+            now,
+            frozenset({"status", "aws_account_id"}),
+        )
     same_run = record.incarnation == (msg.incarnation or None)
     if same_run and record.last_seq is not None and msg.seq <= record.last_seq:
         return Transition(Outcome.STALE)
     assert record.stage is not None and record.region is not None and record.org is not None
     changes: CellFields = {
-        "status": "online", "aws_account_id": msg.aws_account_id, "last_seq": msg.seq,
-        "incarnation": msg.incarnation, "last_heartbeat_at": now,
-        "agent_version": msg.agent_version, "stack_name": msg.stack_name,
+        "status": "online",
+        "aws_account_id": msg.aws_account_id,
+        "last_seq": msg.seq,
+        "incarnation": msg.incarnation,
+        "last_heartbeat_at": now,
+        "agent_version": msg.agent_version,
+        "stack_name": msg.stack_name,
         "infra_template_version": msg.template_version,
         "installed_release": msg.installed_release,
-    }  # fmt: skip
+    }
     if record.registered_at is None:
         changes["registered_at"] = now
     return Transition(
         Outcome.REGISTERED,
         changes=changes,
         read=_REGISTRATION_READS,
-        events=(CellRegistered(
-            at=now, cell_id=msg.cell_id, stage=record.stage, region=record.region,
-            org=record.org, aws_account_id=msg.aws_account_id, agent_version=msg.agent_version,
-            installed_release=msg.installed_release, template_version=msg.template_version,
-        ),),
-    )  # fmt: skip
+        events=(
+            CellRegistered(
+                at=now,
+                cell_id=msg.cell_id,
+                stage=record.stage,
+                region=record.region,
+                org=record.org,
+                aws_account_id=msg.aws_account_id,
+                agent_version=msg.agent_version,
+                installed_release=msg.installed_release,
+                template_version=msg.template_version,
+            ),
+        ),
+    )
 
 
 def _refused(
@@ -225,12 +252,15 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
     if record.last_seq is not None and msg.seq <= record.last_seq:
         return Transition(Outcome.STALE)
     changes: CellFields = {
-        "last_seq": msg.seq, "last_heartbeat_at": now, "agent_version": msg.agent_version,
+        "last_seq": msg.seq,
+        "last_heartbeat_at": now,
+        "agent_version": msg.agent_version,
         "installed_release": msg.installed_release,
-        "applied_generation": msg.applied_generation, "maintenance": msg.maintenance,
+        "applied_generation": msg.applied_generation,
+        "maintenance": msg.maintenance,
         "infra_template_version": msg.template_version,
         "flags_snapshot_version": msg.flags_snapshot_version,
-    }  # fmt: skip
+    }
     confirmed = bool(
         msg.credential_id
         and record.pending_credential_id
@@ -238,9 +268,12 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
     )
     if confirmed:
         changes.update(
-            {"credential_id": msg.credential_id, "pending_credential_id": None,
-             "rotation_started_at": None}
-        )  # fmt: skip
+            {
+                "credential_id": msg.credential_id,
+                "pending_credential_id": None,
+                "rotation_started_at": None,
+            }
+        )
     read: frozenset[CellField] = _HEARTBEAT_READS
     add: Mapping[CellField, float] = _NO_SECONDS
     took: float | None = None
@@ -265,10 +298,14 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
         outcome = Outcome.BACK_ONLINE
     if msg.template_version != record.infra_template_version:
         # The customer applied an infrastructure update (or this is the first word of it).
-        events.append(CellTemplateChanged(
-            at=now, cell_id=msg.cell_id, template_version=msg.template_version,
-            previous_version=record.infra_template_version,
-        ))  # fmt: skip
+        events.append(
+            CellTemplateChanged(
+                at=now,
+                cell_id=msg.cell_id,
+                template_version=msg.template_version,
+                previous_version=record.infra_template_version,
+            )
+        )
     return Transition(
         outcome,
         changes=changes,
@@ -294,9 +331,10 @@ def maintenance(record: CellRecord, msg: CellMaintenance, now: datetime) -> Tran
     read: frozenset[CellField] = frozenset({"status", "maintenance_since", "last_maintenance_seq"})
     if msg.enabled:
         changes: CellFields = {
-            "last_maintenance_seq": msg.seq, "maintenance": True,
+            "last_maintenance_seq": msg.seq,
+            "maintenance": True,
             "maintenance_until": msg.enabled_until,
-        }  # fmt: skip
+        }
         if record.maintenance_since is None:
             changes["maintenance_since"] = now
         return Transition(Outcome.ENTERED_MAINTENANCE, changes=changes, read=read)
@@ -422,8 +460,12 @@ def debug_access(record: CellRecord, msg: CellDebugAccess) -> Transition:
     return Transition(
         Outcome.AUDITED,
         audit=AuditEntry(
-            seq=msg.seq, at=msg.occurred_at or msg.sent_at, action=msg.action,
+            seq=msg.seq,
+            at=msg.occurred_at or msg.sent_at,
+            action=msg.action,
             role_arn=msg.role_arn,
-            expires_at=msg.expires_at, reason=msg.reason, granted_by=msg.granted_by,
+            expires_at=msg.expires_at,
+            reason=msg.reason,
+            granted_by=msg.granted_by,
         ),
-    )  # fmt: skip
+    )

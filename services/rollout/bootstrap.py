@@ -17,9 +17,11 @@ from services.rollout.store import DIRTY, LEASE, PREFIX, RolloutStore
 
 
 async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
-    own = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
-        **settings.model_dump()
-    )  # fmt: skip
+    own = (
+        settings
+        if isinstance(settings, RolloutSettings)
+        else RolloutSettings(**settings.model_dump())
+    )
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     fleet = FleetView(redis, PREFIX, changed=DIRTY)

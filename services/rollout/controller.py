@@ -244,6 +244,10 @@ class Controller:
             cell = self._cells.get(a.cell_id)
             if cell is not None:
                 self._cells[a.cell_id] = cell.model_copy(
-                    update={"desired_version": a.version, "desired_generation": generation,
-                            "desired_at": now, "previous_version": a.previous}
-                )  # fmt: skip
+                    update={
+                        "desired_version": a.version,
+                        "desired_generation": generation,
+                        "desired_at": now,
+                        "previous_version": a.previous,
+                    }
+                )

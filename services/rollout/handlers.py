@@ -104,9 +104,12 @@ async def release_publish(req: ReleasePublish, delivery: Delivery, deps: Deps) -
     now = deps.clock.now()
     by = delivery.user_id or "unknown"
     published = await deps.store.publish(
-        release, at=now, by=by, event=ReleasePublished(at=now, release=release),
+        release,
+        at=now,
+        by=by,
+        event=ReleasePublished(at=now, release=release),
         rollout=new_rollout(release, now),
-    )  # fmt: skip
+    )
     if not published:
         raise RpcFailure(
             "exists", f"release {release.version} is already published; publish a new version"
@@ -153,10 +156,12 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     if deps.send is not None:
         await deps.send(
             DesiredState(
-                cell_id=cell.id, issued_at=deps.clock.now(), generation=cell.desired_generation,
+                cell_id=cell.id,
+                issued_at=deps.clock.now(),
+                generation=cell.desired_generation,
                 release=release,
             )
-        )  # fmt: skip
+        )
 
 
 # -- operators' views -----------------------------------------------------------------------------
@@ -172,10 +177,12 @@ async def rollout_plan(req: RolloutPlan, delivery: Delivery, deps: Deps) -> Plan
 async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     rollouts = await deps.store.rollouts()
     return RolloutServiceStatus(
-        service="rollout", ready=True, releases=len(rollouts),
+        service="rollout",
+        ready=True,
+        releases=len(rollouts),
         active=sorted(r.version for r in rollouts if r.state in ACTIVE_STATES),
         halted=sorted(r.version for r in rollouts if r.state == "halted"),
-    )  # fmt: skip
+    )
 
 
 def _rollout_view(
@@ -184,13 +191,18 @@ def _rollout_view(
     waves = r.waves or ()
     counts = stage_counts(r, cells, policy, now)
     return RolloutView(
-        version=r.version, state=r.state, stage=r.stage,
-        wave=r.wave + 1 if waves else None, waves=len(waves),
+        version=r.version,
+        state=r.state,
+        stage=r.stage,
+        wave=r.wave + 1 if waves else None,
+        waves=len(waves),
         soak_until=r.soak_until.isoformat() if r.soak_until else None,
-        halt=r.halt, reversible=r.reversible,
-        started_at=r.created_at.isoformat(), updated_at=r.updated_at.isoformat(),
+        halt=r.halt,
+        reversible=r.reversible,
+        started_at=r.created_at.isoformat(),
+        updated_at=r.updated_at.isoformat(),
         stages={stage: StageCounts(**n) for stage, n in counts.items()},
-    )  # fmt: skip
+    )
 
 
 async def _views(deps: Deps, rollouts: list[Rollout]) -> list[RolloutView]:
@@ -234,11 +246,19 @@ async def rollout_explain(req: RolloutExplain, delivery: Delivery, deps: Deps) -
     policy, rollouts = await deps.store.policy(), await deps.store.rollouts()
     reason, sentence, version = explain(cell, rollouts, policy, deps.clock.now())
     return Explanation(
-        cell=cell.id, stage=cell.stage, status=cell.status, reason=reason,
-        explanation=sentence, release=version, installed_release=cell.installed_release,
-        desired_release=cell.desired_version, desired_generation=cell.desired_generation,
-        pinned=cell.pinned, held=cell.held, hold_deadline=cell.hold_deadline,
-    )  # fmt: skip
+        cell=cell.id,
+        stage=cell.stage,
+        status=cell.status,
+        reason=reason,
+        explanation=sentence,
+        release=version,
+        installed_release=cell.installed_release,
+        desired_release=cell.desired_version,
+        desired_generation=cell.desired_generation,
+        pinned=cell.pinned,
+        held=cell.held,
+        hold_deadline=cell.hold_deadline,
+    )
 
 
 async def policy_show(req: PolicyShow, delivery: Delivery, deps: Deps) -> RolloutPolicy:

@@ -17,8 +17,9 @@ STATE = Gauge(
     "1 for each release's current rollout state and stage (recent releases only)",
     ["version", "state", "stage"],
 )
-WAVE = Gauge("substrate_rollout_wave", "The current wave of a release in its stage (0: first)",
-             ["version"])  # fmt: skip
+WAVE = Gauge(
+    "substrate_rollout_wave", "The current wave of a release in its stage (0: first)", ["version"]
+)
 ACTIVE = Gauge("substrate_rollouts_active", "Rollouts in progress, soaking, halted or paused")
 HALTED = Gauge("substrate_rollouts_halted", "Rollouts halted and waiting for an operator")
 HALTS = Counter("substrate_rollout_halts", "Rollouts halted, by stage", ["stage"])

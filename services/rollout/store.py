@@ -76,17 +76,23 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
     # Built without validating again: a step reads every cell, and validation was most of its
     # time. The fleet view and this service's own writes are the only sources.
     return CellFacts.model_construct(
-        id=cell.id, stage=cell.stage, status=cell.status,
-        installed_release=cell.installed_release, pinned=opt("pinned"), held=cell.held,
+        id=cell.id,
+        stage=cell.stage,
+        status=cell.status,
+        installed_release=cell.installed_release,
+        pinned=opt("pinned"),
+        held=cell.held,
         hold_deadline=cell.compliance_deadline if cell.held else None,
         desired_version=opt("desired_version"),
         desired_generation=int(gen) if gen else None,
         desired_at=datetime.fromtimestamp(float(own["desired_at"]), UTC)
-        if own.get("desired_at") else None,
+        if own.get("desired_at")
+        else None,
         previous_version=opt("previous_version"),
         report_generation=int(report_gen) if report_gen else None,
-        report_phase=opt("report_phase"), report_error=opt("report_error"),
-    )  # fmt: skip
+        report_phase=opt("report_phase"),
+        report_error=opt("report_error"),
+    )
 
 
 class Published(BaseModel):

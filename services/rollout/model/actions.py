@@ -33,9 +33,14 @@ def resume(r: Rollout, now: datetime) -> Rollout:
     accepted = r.accepted + tuple(f.cell_id for f in (r.halt.failures if r.halt else ()))
     waves = r.waves if r.waves is not None else ()
     return r.model_copy(
-        update={"state": "in_progress", "halt": None, "accepted": accepted, "waves": waves,
-                "updated_at": now}
-    )  # fmt: skip
+        update={
+            "state": "in_progress",
+            "halt": None,
+            "accepted": accepted,
+            "waves": waves,
+            "updated_at": now,
+        }
+    )
 
 
 def abort(r: Rollout, now: datetime) -> Rollout:

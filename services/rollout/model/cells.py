@@ -60,9 +60,18 @@ def newest_first(versions: list[str]) -> list[str]:
 
 
 CellProgress = Literal[
-    "updated", "in_progress", "failed", "timed_out", "superseded", "pinned", "held", "offline",
-    "pending", "not_registered", "decommissioned",
-]  # fmt: skip
+    "updated",
+    "in_progress",
+    "failed",
+    "timed_out",
+    "superseded",
+    "pinned",
+    "held",
+    "offline",
+    "pending",
+    "not_registered",
+    "decommissioned",
+]
 
 
 def cell_progress(

@@ -132,42 +132,97 @@ def _nothing(s: Situation) -> str | None:
 
 
 CASES: tuple[Case, ...] = (
-    Case("decommissioned", lambda s: s.cell.status == "decommissioned",
-         lambda s: f"{s.cell.id} is decommissioned and gets no releases.", _nothing),
-    Case("not_registered", lambda s: s.cell.status == "created",
-         lambda s: f"{s.cell.id} has not registered yet; its agent has not connected.", _nothing),
-    Case("no_release", lambda s: s.newest is None,
-         lambda s: "No release has been published (or every one was aborted).", _nothing),
-    Case("pinned", lambda s: s.cell.pinned is not None,
-         lambda s: f"{s.cell.id} is pinned to {s.cell.pinned} by an operator"
-                   " (`cells unpin` releases it).", _newest),
-    Case("up_to_date", lambda s: at_least(s.cell.installed_release, s.v),
-         lambda s: f"{s.cell.id} runs {s.installed}, the newest release.", _newest),
-    Case("held", lambda s: s.cell.held,
-         lambda s: f"{s.cell.id} is held: its infrastructure template is past its deadline"
-                   f"{f' ({s.cell.hold_deadline})' if s.cell.hold_deadline else ''}, so it gets"
-                   " no application update until the new template is applied.", _newest),
-    Case("failed", lambda s: s.progress in ("failed", "timed_out"),
-         lambda s: f"Updating {s.cell.id} to {s.in_flight} failed"
-                   f" ({failure_of(s.cell, s.progress or 'failed', s.policy)});"
-                   f" it runs {s.installed} and waits for a newer release or an operator.",
-         _in_flight),
-    Case("in_progress", lambda s: s.progress == "in_progress",
-         lambda s: f"{s.cell.id} is being updated to {s.in_flight}.", _in_flight),
-    Case("offline", lambda s: s.cell.status == "offline",
-         lambda s: f"{s.cell.id} is offline; it is updated when it comes back.", _newest),
-    Case("halted", lambda s: s.newest is not None and s.newest.state == "halted",
-         _halt_reason, _newest),
-    Case("paused", lambda s: s.newest is not None and s.newest.state == "paused",
-         _halt_reason, _newest),
+    Case(
+        "decommissioned",
+        lambda s: s.cell.status == "decommissioned",
+        lambda s: f"{s.cell.id} is decommissioned and gets no releases.",
+        _nothing,
+    ),
+    Case(
+        "not_registered",
+        lambda s: s.cell.status == "created",
+        lambda s: f"{s.cell.id} has not registered yet; its agent has not connected.",
+        _nothing,
+    ),
+    Case(
+        "no_release",
+        lambda s: s.newest is None,
+        lambda s: "No release has been published (or every one was aborted).",
+        _nothing,
+    ),
+    Case(
+        "pinned",
+        lambda s: s.cell.pinned is not None,
+        lambda s: (
+            f"{s.cell.id} is pinned to {s.cell.pinned} by an operator (`cells unpin` releases it)."
+        ),
+        _newest,
+    ),
+    Case(
+        "up_to_date",
+        lambda s: at_least(s.cell.installed_release, s.v),
+        lambda s: f"{s.cell.id} runs {s.installed}, the newest release.",
+        _newest,
+    ),
+    Case(
+        "held",
+        lambda s: s.cell.held,
+        lambda s: (
+            f"{s.cell.id} is held: its infrastructure template is past its deadline"
+            f"{f' ({s.cell.hold_deadline})' if s.cell.hold_deadline else ''}, so it gets"
+            " no application update until the new template is applied."
+        ),
+        _newest,
+    ),
+    Case(
+        "failed",
+        lambda s: s.progress in ("failed", "timed_out"),
+        lambda s: (
+            f"Updating {s.cell.id} to {s.in_flight} failed"
+            f" ({failure_of(s.cell, s.progress or 'failed', s.policy)});"
+            f" it runs {s.installed} and waits for a newer release or an operator."
+        ),
+        _in_flight,
+    ),
+    Case(
+        "in_progress",
+        lambda s: s.progress == "in_progress",
+        lambda s: f"{s.cell.id} is being updated to {s.in_flight}.",
+        _in_flight,
+    ),
+    Case(
+        "offline",
+        lambda s: s.cell.status == "offline",
+        lambda s: f"{s.cell.id} is offline; it is updated when it comes back.",
+        _newest,
+    ),
+    Case(
+        "halted",
+        lambda s: s.newest is not None and s.newest.state == "halted",
+        _halt_reason,
+        _newest,
+    ),
+    Case(
+        "paused",
+        lambda s: s.newest is not None and s.newest.state == "paused",
+        _halt_reason,
+        _newest,
+    ),
     Case("waiting_for_stage", lambda s: s.waits_for_stage, _stage_wait, _newest),
-    Case("waiting_for_wave",
-         lambda s: s.newest is not None and s.cell.id in s.newest.waiting_cells(),
-         _wave_wait, _newest),
+    Case(
+        "waiting_for_wave",
+        lambda s: s.newest is not None and s.cell.id in s.newest.waiting_cells(),
+        _wave_wait,
+        _newest,
+    ),
     # Nothing holds it back: the next step sends it the release.
-    Case("in_progress", lambda s: True,
-         lambda s: f"{s.cell.id} is due to get {s.v} on the controller's next step.", _newest),
-)  # fmt: skip
+    Case(
+        "in_progress",
+        lambda s: True,
+        lambda s: f"{s.cell.id} is due to get {s.v} on the controller's next step.",
+        _newest,
+    ),
+)
 
 
 def explain(

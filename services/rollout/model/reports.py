@@ -13,8 +13,9 @@ from common.vocabulary import TERMINAL_PHASES, UPGRADE_PHASES, UpgradePhase
 # Room for every phase within one generation.
 _PHASES_PER_GENERATION = len(UPGRADE_PHASES)
 _OUTCOME_RANK = _PHASES_PER_GENERATION - 1
-_STEP_RANK = {phase: i for i, phase in enumerate(p for p in UPGRADE_PHASES
-                                                 if p not in TERMINAL_PHASES)}  # fmt: skip
+_STEP_RANK = {
+    phase: i for i, phase in enumerate(p for p in UPGRADE_PHASES if p not in TERMINAL_PHASES)
+}
 
 
 def report_order(generation: int, phase: UpgradePhase) -> int:

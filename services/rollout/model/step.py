@@ -60,10 +60,17 @@ def stage_counts(
     keys = ("total", "updated", "in_progress", "failed", "offline", "held", "pinned", "pending")
     counts: dict[str, dict[str, int]] = {stage: dict.fromkeys(keys, 0) for stage in STAGES}
     bucket = {
-        "updated": "updated", "in_progress": "in_progress", "superseded": "in_progress",
-        "failed": "failed", "timed_out": "failed", "offline": "offline", "held": "held",
-        "pinned": "pinned", "pending": "pending", "not_registered": "pending",
-    }  # fmt: skip
+        "updated": "updated",
+        "in_progress": "in_progress",
+        "superseded": "in_progress",
+        "failed": "failed",
+        "timed_out": "failed",
+        "offline": "offline",
+        "held": "held",
+        "pinned": "pinned",
+        "pending": "pending",
+        "not_registered": "pending",
+    }
     for cell in cells:
         progress = cell_progress(cell, rollout.version, policy, now)
         if progress == "decommissioned":
@@ -228,10 +235,14 @@ class _Stepper:
         self.update(state="halted", halt=Halt(reason=reason, failures=failures))
         self.events.append(
             RolloutHalted(
-                at=self.now, version=r.version, stage=r.stage, wave=r.wave, reason=reason,
+                at=self.now,
+                version=r.version,
+                stage=r.stage,
+                wave=r.wave,
+                reason=reason,
                 failures=failures,
             )
-        )  # fmt: skip
+        )
 
     def wave_done(self) -> None:
         r = self.r
