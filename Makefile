@@ -35,6 +35,7 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/python -m observability.dashboards --check
 	$(BIN)/python -m deploy.rabbitmq --check
+	$(BIN)/python scripts/check_docs.py
 
 # The Grafana dashboards are generated from observability/dashboards.py.
 dashboards: install

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "connection, heartbeats, and applies what the control plane asks for.",
         epilog="Configured by CELL_ID, CELL_AMQP_URL, CELL_STATE_DIR, CELL_HEARTBEAT_SECONDS, "
         "CELL_SYNC_SECONDS, CELL_STACK_NAME, CELL_METRICS_PORT and the standard AWS_* "
-        "variables (see README).",
+        "variables (see docs/agent.md).",
     )
     parser.add_argument("--json", action="store_true", help="print JSON (infra, debug-access)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -35,7 +35,7 @@ class AgentSettings(BaseSettings):
     # cell never listens on its network.
     metrics_port: int = Field(default=9180, ge=0, le=65535)
     applier: Literal["local", "command"] = Field(
-        default="local", description="how components are applied (see README)"
+        default="local", description="how components are applied (see docs/agent.md)"
     )
     apply_command: str | None = Field(
         default=None, description="with CELL_APPLIER=command: run once per component"

@@ -114,7 +114,7 @@ def service_main(
         prog=f"substrate-{service.replace('_', '-')}",
         description=description,
         epilog="Configured by environment variables: SUBSTRATE_AMQP_URL, SUBSTRATE_REDIS_URL, "
-        "SUBSTRATE_RABBITMQ_API_URL, SUBSTRATE_METRICS_PORT (see README).",
+        "SUBSTRATE_RABBITMQ_API_URL, SUBSTRATE_METRICS_PORT (see docs/operating.md).",
     )
     parser.parse_args()
     settings = load(settings_cls)

@@ -4,9 +4,10 @@
 #   scripts/install.sh VENV [uv sync options...]
 #
 # The installer is itself locked: the uv version named in uv.lock is installed with the
-# environment's own pip first, then `uv sync --frozen` installs every locked package, checks
-# each against the lock's hashes, and removes anything the lock does not name. --frozen never
-# resolves again: a new release on PyPI changes nothing until `make lock` writes a new lock.
+# environment's own pip first, then `uv sync --locked` installs every locked package, checks
+# each against the lock's hashes, and removes anything the lock does not name. It never takes a
+# newer release than the lock holds (`make lock` writes a new lock), and it fails, naming the
+# fix, if pyproject.toml asks for something the lock does not hold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:?usage: scripts/install.sh VENV [uv sync options...]}
@@ -30,4 +31,4 @@ fi
 if [ "$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$locked_uv" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$locked_uv"
 fi
-UV_PROJECT_ENVIRONMENT=$venv "$venv/bin/uv" sync --frozen --quiet --python "$venv/bin/python" "$@"
+UV_PROJECT_ENVIRONMENT=$venv "$venv/bin/uv" sync --locked --quiet --python "$venv/bin/python" "$@"

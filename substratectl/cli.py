@@ -50,10 +50,10 @@ async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings |
         await ctl.close()
 
 
-# Exit codes (README, "substratectl"): 0 done; 1 refused or failed (the reason on stderr, and
-# as {"error": ...} with --json; also a service down for `status`, a rollout that ended halted
-# for `rollout watch`); 2 a usage error or a missing setting; 130 interrupted; 141 the reader
-# of the output went away (`| head`), quietly, as a shell's own tools do.
+# Exit codes (docs/operating.md, "substratectl"): 0 done; 1 refused or failed (the reason on
+# stderr, and as {"error": ...} with --json; also a service down for `status`, a rollout that
+# ended halted for `rollout watch`); 2 a usage error or a missing setting; 130 interrupted; 141
+# the reader of the output went away (`| head`), quietly, as a shell's own tools do.
 EXIT_INTERRUPTED = 130
 EXIT_CLOSED_PIPE = 141
 

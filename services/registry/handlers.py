@@ -300,7 +300,7 @@ def socket_warnings(cells: int, limit: int | None) -> list[str]:
         return []
     return [
         f"{cells} cells are registered and the broker accepts at most {limit} sockets: raise "
-        "its open-files limit (README: Running the broker for a fleet)"
+        "its open-files limit (docs/operating.md: Running the broker for a fleet)"
     ]
 
 
