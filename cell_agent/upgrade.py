@@ -11,8 +11,8 @@ a generation is reported until it is published once.
 A phase on the way (accepted, verifying, applying) is reported once it has lasted
 ``progress_after`` seconds, the outcome at once: an upgrade that takes minutes shows where it
 is, and one that takes a moment sends its outcome alone. Every report a cell sends is a message
-each of rollout's and flags' queues takes in; with four a cell, a 10,000-cell rollout took
-twice as long on the same broker (bench/RESULTS.md).
+each of rollout's and flags' queues takes in: with every phase reported, a large rollout's
+messages were mostly phases nobody needed (bench/RESULTS.md).
 """
 
 from __future__ import annotations

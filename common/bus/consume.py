@@ -59,8 +59,9 @@ class _Delivered:
     """A delivery as the broker sent it, its properties read when asked.
 
     aio-pika's consumer decodes every property into an IncomingMessage up front and runs a
-    second task per delivery, a fifth of the registry's cost per heartbeat; the bus reads a few
-    properties, most of them only when something goes wrong.
+    second task per delivery, a large share of the registry's cost per heartbeat
+    (bench/RESULTS.md); the bus reads a few properties, most of them only when something goes
+    wrong.
     """
 
     __slots__ = ("_props", "body", "channel", "delivery_tag", "redelivered", "routing_key")

@@ -11,8 +11,8 @@ from typing import Any
 class Deadlines:
     """Timeouts for many short awaits at the cost of a dict entry each.
 
-    ``asyncio.timeout`` schedules and cancels a timer per call, which measured at about a
-    quarter of a confirmed publish's CPU time. Here one watchdog task wakes a few times per
+    ``asyncio.timeout`` schedules and cancels a timer per call, a large share of a confirmed
+    publish's CPU time (bench/RESULTS.md). Here one watchdog task wakes a few times per
     timeout period and cancels the awaits past their deadline; ``guard`` turns that
     cancellation into TimeoutError. A timeout fires between ``seconds`` and 1.25 x ``seconds``.
     """
