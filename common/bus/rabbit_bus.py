@@ -10,34 +10,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiormq
-from pydantic import BaseModel
 
 from common import broker_urls
 from common.bus import rpc
 from common.bus.connection import ClusterConnection, open_connection
-from common.bus.consume import HANDLER_RETRY_SECONDS, MAX_BODY_BYTES, Consumers
+from common.bus.consume import HANDLER_RETRY_SECONDS, Consumers
 from common.bus.errors import BusError
 from common.bus.publish import Publisher
-from common.bus.queues import Queues, QueueState
+from common.bus.queues import Queues
 from common.bus.shutdown import Stopping
-from common.messages import Message
 from common.metrics import bus_metrics
-from common.requests import Request
 from common.routes import Route
-from common.topology import DELIVERY_LIMIT, Topology
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R")
 
 
 class RabbitBus:
     """A connection to the broker with one confirming publish channel and a channel per
-    consumer. Build it with ``await RabbitBus.connect(url, name=...)``."""
+    consumer. Build it with ``await RabbitBus.connect(url, name=...)``.
+
+    - ``publish(message, ...)``: persistent, confirmed, mandatory (``publish.Publisher``);
+    - ``consume(queue, routes, ...)``: validate, handle, ack, retry, dead-letter
+      (``consume.Consumers``);
+    - ``serve(service, routes)``, ``call(request)`` and ``request(...)``: request/reply
+      (``rpc``);
+    - ``declare(topology)``, ``delete_queue``, ``queue_exists``, ``queue_state`` (``queues``);
+    - ``stop_consuming`` and ``close``: shutdown with the handlers in flight (``shutdown``).
+    """
 
     def __init__(
         self,
@@ -63,6 +66,16 @@ class RabbitBus:
             retry_seconds=handler_retry_seconds,
         )
         self._rpc = rpc.RpcClient(publisher)
+        # The parts' own methods are the bus's: each is documented (and typed) where it is
+        # written, not again here.
+        self.publish = publisher.publish
+        self.consume = self._consumers.consume
+        self.request = self._rpc.request
+        self.call = self._rpc.call
+        self.declare = self._queues.declare
+        self.delete_queue = self._queues.delete
+        self.queue_exists = self._queues.exists
+        self.queue_state = self._queues.state
         self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
         connection.reconnect_callbacks.add(self._on_reconnect)
 
@@ -165,76 +178,6 @@ class RabbitBus:
         except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
             raise BusError(f"broker refused the new secret: {exc!r}") from exc
 
-    # -- topology and queues ------------------------------------------------------------------
-
-    async def declare(self, topology: Topology) -> None:
-        await self._queues.declare(topology)
-
-    async def delete_queue(self, name: str) -> None:
-        await self._queues.delete(name)
-
-    async def queue_exists(self, name: str) -> bool:
-        return await self._queues.exists(name)
-
-    async def queue_state(self, name: str) -> QueueState:
-        return await self._queues.state(name)
-
-    # -- messages -----------------------------------------------------------------------------
-
-    async def publish(
-        self,
-        message: Message,
-        *,
-        exchange: str | None = None,
-        routing_key: str | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        reply_to: str | None = None,
-        expiration: float | None = None,
-        headers: dict[str, Any] | None = None,
-        user_id: str | None = None,
-        mandatory: bool = True,
-        confirm_timeout: float | None = None,
-    ) -> None:
-        """Publish and wait for the broker's confirm (``publish.Publisher.publish``).
-
-        Raises Unroutable, PublishRefused, PublishTimeout (after ``confirm_timeout``, default
-        the bus's ``publish_timeout``) or NotConnected; on return the message is on disk.
-        """
-        await self.publisher.publish(
-            message,
-            exchange=exchange,
-            routing_key=routing_key,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            expiration=expiration,
-            headers=headers,
-            user_id=user_id,
-            mandatory=mandatory,
-            confirm_timeout=confirm_timeout,
-        )
-
-    async def consume(
-        self,
-        queue: str,
-        routes: Sequence[Route],
-        *,
-        prefetch: int = 32,
-        delivery_limit: int = DELIVERY_LIMIT,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        reject_to_dead: bool = False,
-    ) -> None:
-        """Consume ``queue`` with ``routes`` (``consume.Consumers.consume``)."""
-        await self._consumers.consume(
-            queue,
-            routes,
-            prefetch=prefetch,
-            delivery_limit=delivery_limit,
-            max_body_bytes=max_body_bytes,
-            reject_to_dead=reject_to_dead,
-        )
-
     # -- requests -----------------------------------------------------------------------------
 
     async def serve(
@@ -246,23 +189,6 @@ class RabbitBus:
     ) -> None:
         """Answer requests to ``service`` with ``routes`` (``rpc.serve``)."""
         await rpc.serve(self._consumers, self.publisher, service, routes, before_reply=before_reply)
-
-    async def request(
-        self,
-        service: str,
-        method: str,
-        params: BaseModel | Mapping[str, Any] | None = None,
-        *,
-        timeout: float = 5.0,
-    ) -> Any:
-        """An untyped request (``rpc.RpcClient.request``); ``call`` is the typed way."""
-        return await self._rpc.request(service, method, params, timeout=timeout)
-
-    async def call(
-        self, request: Request[R], *, service: str | None = None, timeout: float = 5.0
-    ) -> R:
-        """Send a typed request and return its typed response (``rpc.RpcClient.call``)."""
-        return await self._rpc.call(request, service=service, timeout=timeout)
 
     # -- stopping -----------------------------------------------------------------------------
 
