@@ -12,10 +12,10 @@ It runs its own registry process against a vhost and Redis database of its own, 
 them (and every cell user it created) when it ends. The broker needs a socket limit above the
 number of cells (RabbitMQ's default is about 830): see bench/RESULTS.md.
 
-It talks to the registry only as operators and cells do (typed requests, reports), with one
-exception: it reads two of the registry's Redis keys, its set of online cells and its outbox,
-to see when the registry has done its work. Asking it (a status request every moment of a
-round) would load the process being measured.
+It watches the registry only from outside, as an operator can: its queues' depths on the
+broker and the counters it serves on its metrics port (deliveries handled, registrations,
+events published). A status request every moment of a round would load the process being
+measured; a scrape of its counters costs it little.
 """
 
 from __future__ import annotations
@@ -40,21 +40,20 @@ import redis.asyncio as aioredis
 from bench.baseline import raw_drain
 from common.bus.errors import QueueMissing
 from common.bus.rabbit_bus import RabbitBus
-from common.messages import CELLS_EXCHANGE
+from common.messages import CELLS_EXCHANGE, CellRegistered
 from common.rabbitmq_api import RabbitApi
 from common.requests import Status
 from common.requests.registry import CellsCreate, RegistryServiceStatus
 from common.runner import run
 from common.topology import Binding, Topology, consuming_queue
-from services.registry.store import OUTBOX as REGISTRY_OUTBOX
-from services.registry.store import STATUS
+from testing.ports import free_port
+from testing.processes import metric
 from testing.simulator import CELLS_PER_PROCESS, SimCell, Simulators, gather_limited
 
 AMQP_URL = os.environ.get("SUBSTRATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 API_URL = os.environ.get("SUBSTRATE_RABBITMQ_API_URL", "http://guest:guest@127.0.0.1:15672")
 REDIS_URL = os.environ.get("SUBSTRATE_REDIS_URL", "redis://127.0.0.1:6379/0")
 BIN = Path(sys.executable).parent
-ONLINE = STATUS + "online"
 REGISTRY_CMD = os.environ.get("BENCH_REGISTRY_CMD", str(BIN / "substrate-registry")).split()
 # Broker users removed per management API request (a batch of 1,000 was dropped unanswered).
 USERS_PER_DELETE = 200
@@ -76,7 +75,11 @@ class Bench:
     workdir: Path
     registry: asyncio.subprocess.Process | None = None
     cells: list[SimCell] = field(default_factory=list)
-    registry_env: dict[str, str] = field(default_factory=dict)
+    # Settings for the registry beside the benchmark's own; None unsets one (the registry's
+    # default then holds).
+    registry_env: dict[str, str | None] = field(default_factory=dict)
+    # Where each registry replica serves its metrics.
+    registry_metrics: list[int] = field(default_factory=list)
     # Registry replicas (competing consumers of registry.cells); ``registry`` is the first.
     replicas: int = 1
     others: list[asyncio.subprocess.Process] = field(default_factory=list)
@@ -98,21 +101,43 @@ class Bench:
             "SUBSTRATE_LOG_LEVEL": "WARNING",
             # Each simulated cell beats far faster than an agent would: no per-cell limit.
             "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0",
-            **self.registry_env,
         }
+        for key, value in self.registry_env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         log = (self.workdir / "registry.log").open("ab")
-        self.registry = await asyncio.create_subprocess_exec(
-            *REGISTRY_CMD, env=env, stdout=log, stderr=log
-        )
-        for _ in range(self.replicas - 1):
-            self.others.append(
-                await asyncio.create_subprocess_exec(*REGISTRY_CMD, env=env, stdout=log, stderr=log)
+        # The first replica's port may be the caller's (registry_env); each other its own.
+        first = int(env.get("SUBSTRATE_METRICS_PORT") or 0) or free_port()
+        self.registry_metrics = [first, *(free_port() for _ in range(self.replicas - 1))]
+        replicas = [
+            await asyncio.create_subprocess_exec(
+                *REGISTRY_CMD,
+                env={**env, "SUBSTRATE_METRICS_PORT": str(port)},
+                stdout=log,
+                stderr=log,
             )
+            for port in self.registry_metrics
+        ]
+        self.registry, self.others = replicas[0], replicas[1:]
         deadline = time.monotonic() + 30
         while not await self._registry_consuming():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"registry did not start; see {self.workdir}/registry.log")
             await asyncio.sleep(0.05)
+
+    async def registry_metric(self, name: str, **labels: str) -> float:
+        """One of the registry's counters, summed over its replicas."""
+        return sum([await metric(port, name, **labels) for port in self.registry_metrics])
+
+    async def registry_handled(self, n: float) -> bool:
+        """The registry has handled (and acknowledged) ``n`` deliveries of its cells' queue
+        since it started."""
+        handled = await self.registry_metric(
+            "substrate_bus_consumed_messages_total", queue="registry.cells", outcome="acked"
+        )
+        return handled >= n
 
     async def _registry_consuming(self) -> bool:
         try:
@@ -263,7 +288,7 @@ async def remove_vhost(api: RabbitApi, amqp_url: str, vhost: str) -> None:
 
 @asynccontextmanager
 async def bench_environment(
-    redis_db: int, registry_env: dict[str, str] | None = None, replicas: int = 1
+    redis_db: int, registry_env: dict[str, str | None] | None = None, replicas: int = 1
 ) -> AsyncIterator[Bench]:
     # Deleting a vhost of 10,000 queues takes longer than the default 10 s.
     api = RabbitApi(API_URL, timeout=300)
@@ -373,14 +398,6 @@ async def queues_empty(bus: RabbitBus, *queues: str) -> bool:
     return True
 
 
-async def all_applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
-    pipe = redis.pipeline(transaction=False)
-    for cell in cells:
-        pipe.hget(f"registry:cell:{cell.cell_id}", "last_seq")
-    seqs = await pipe.execute()
-    return all(seq == str(cell.seq) for seq, cell in zip(seqs, cells, strict=True))
-
-
 async def ingest_round(
     bench: Bench, raw_queue: str, per_cell: int, args: argparse.Namespace
 ) -> tuple[float, float, float]:
@@ -405,13 +422,9 @@ async def ingest_round(
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
     started = time.perf_counter()
     await until(lambda: queues_empty(bench.control, "registry.cells"), 0.1)
-    # The last deliveries (up to the prefetch) are still in flight: done when every cell's
-    # newest heartbeat is in Redis.
-    redis = aioredis.from_url(bench.redis_url, decode_responses=True)
-    try:
-        await until(lambda: all_applied(redis, bench.cells), 0.01)
-    finally:
-        await redis.aclose()
+    # The last deliveries (up to the prefetch) are still in flight: done when the registry (a
+    # fresh process) has handled every heartbeat of the round.
+    await until(lambda: bench.registry_handled(total), 0.01)
     elapsed = time.perf_counter() - started
     cpu = (sum(cpu_seconds(pid) for pid in pids) - cpu_before) / elapsed
     return raw_rate, total / elapsed, cpu
@@ -482,20 +495,15 @@ async def storm(args: argparse.Namespace) -> None:
             before = meter.read()
             started = time.perf_counter()
             arrivals = asyncio.create_task(sims.command("arrive", "arrived"))
-            # Watched in Redis (the registry's online index): asking the registry would load it.
-            redis = aioredis.from_url(bench.redis_url)
-            try:
-                await until(lambda: _online_in_redis(redis, args.cells), 0.1)
-                all_online = time.perf_counter() - started
-                registry_cpu = meter.since(before)["registry"]
-                await arrivals
-                arrived = time.perf_counter() - started
-                queues = [f"{name}.events" for name in args.services]
-                await until(lambda: events_taken_in(bench, redis, queues), 0.2)
-                taken_in = time.perf_counter() - started
-                spent = meter.since(before)
-            finally:
-                await redis.aclose()
+            await until(lambda: _all_registered(bench, args.cells), 0.1)
+            all_online = time.perf_counter() - started
+            registry_cpu = meter.since(before)["registry"]
+            await arrivals
+            arrived = time.perf_counter() - started
+            queues = [f"{name}.events" for name in args.services]
+            await until(lambda: events_taken_in(bench, queues), 0.2)
+            taken_in = time.perf_counter() - started
+            spent = meter.since(before)
         finally:
             await sims.stop()
         # Printed before the cleanup (deleting 10,000 broker users takes minutes).
@@ -514,14 +522,20 @@ async def storm(args: argparse.Namespace) -> None:
         print(f"CPU until then: {CpuMeter.line(spent, taken_in)}", flush=True)
 
 
-async def events_taken_in(bench: Bench, redis: aioredis.Redis, queues: list[str]) -> bool:
-    """The registry has published every event it owes and ``queues`` are empty."""
-    owed = await redis.llen(REGISTRY_OUTBOX) + await redis.llen(f"{REGISTRY_OUTBOX}:inflight")
-    return not owed and await queues_empty(bench.control, *queues)
+async def events_taken_in(bench: Bench, queues: list[str]) -> bool:
+    """The registry has published the registration of every cell and ``queues`` are empty."""
+    published = await bench.registry_metric(
+        "substrate_bus_published_messages_total",
+        type=CellRegistered.wire_name,
+        outcome="confirmed",
+    )
+    return published >= len(bench.cells) and await queues_empty(bench.control, *queues)
 
 
-async def _online_in_redis(redis: aioredis.Redis, n: int) -> bool:
-    return int(await redis.scard(ONLINE)) >= n
+async def _all_registered(bench: Bench, n: int) -> bool:
+    """Every cell registered (online) since the registry started."""
+    done = await bench.registry_metric("substrate_registrations_total", outcome="registered")
+    return done >= n
 
 
 async def _connections_gone(bench: Bench) -> bool:

@@ -26,7 +26,6 @@ import urllib.request
 from datetime import UTC, datetime
 
 import aio_pika
-import redis.asyncio as aioredis
 
 from bench.fleet import Bench, bench_environment, until
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
@@ -35,18 +34,12 @@ from testing.ports import free_port
 from testing.simulator import SimCell, gather_limited
 
 
-async def _applied(redis: aioredis.Redis, cells: list[SimCell]) -> bool:
-    pipe = redis.pipeline(transaction=False)
-    for cell in cells:
-        pipe.hget(f"registry:cell:{cell.cell_id}", "last_seq")
-    seqs = await pipe.execute()
-    return all(s is not None and int(s) >= c.seq for s, c in zip(seqs, cells, strict=True))
-
-
-async def _everyone_beats(redis: aioredis.Redis, cells: list[SimCell]) -> float:
+async def _everyone_beats(bench: Bench, cells: list[SimCell], handled: int) -> float:
+    """Each of ``cells`` heartbeats once; the time until the registry has handled every
+    delivery it was sent so far (``handled`` of them), theirs the last."""
     started = time.perf_counter()
     await asyncio.gather(*(c.heartbeat() for c in cells))
-    await until(lambda: _applied(redis, cells), 0.01)
+    await until(lambda: bench.registry_handled(handled), 0.01)
     return time.perf_counter() - started
 
 
@@ -86,27 +79,31 @@ async def flood(args: argparse.Namespace) -> None:
     port = free_port()
     env = {
         "SUBSTRATE_METRICS_PORT": str(port),
-        # The registry's own default budget, unless the round measures without one.
-        **({"SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0"} if args.no_limit else {}),
+        # The registry's own default budget (None: unset), unless the round measures without one.
+        "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0" if args.no_limit else None,
     }
     async with bench_environment(args.redis_db, env) as bench:
         await bench.create_cells(args.cells + 1, "fl")
         await bench.connect_cells()
         await gather_limited(len(bench.cells), 100, lambda i: bench.cells[i].register())
         flooder, others = bench.cells[0], bench.cells[1:]
-        redis = aioredis.from_url(bench.redis_url)
-        await until(lambda: _applied(redis, bench.cells), 0.1)
+        # Every delivery the registry's queue was sent (registrations first): the registry
+        # has handled them all when its counter of handled deliveries reaches this.
+        sent = len(bench.cells)
+        await until(lambda: bench.registry_handled(sent), 0.1)
         baselines, floods, rates, drains = [], [], [], []
         for r in range(args.rounds):
-            baselines.append(await _everyone_beats(redis, others))
+            sent += len(others)
+            baselines.append(await _everyone_beats(bench, others, sent))
             started = time.perf_counter()
             if args.raw:
                 await _raw_flood(flooder, args.flood)
             else:
                 await gather_limited(args.flood, 256, lambda _: flooder.heartbeat())
             rates.append(args.flood / (time.perf_counter() - started))
+            sent += args.flood + len(others)
             backlog = (await bench.control.queue_state("registry.cells")).messages
-            floods.append(await _everyone_beats(redis, others))
+            floods.append(await _everyone_beats(bench, others, sent))
             drains.append(backlog / floods[-1])
             await until(lambda: _drained(bench), 0.05)
             print(
@@ -116,7 +113,6 @@ async def flood(args: argparse.Namespace) -> None:
                 flush=True,
             )
         limited = await asyncio.to_thread(_limited, port)
-        await redis.aclose()
     print(f"\n{args.cells} cells, one more flooding with {args.flood:,} heartbeats per round, "
           f"median of {args.rounds} rounds")  # fmt: skip
     print(f"{'every other cell applied, no flood':44}{statistics.median(baselines):>8.2f}s")

@@ -18,8 +18,8 @@ seconds, and after a reconnect registers and syncs. Faults, one every ``--fault-
   queues), their journals kept, and started again a few seconds later.
 
 Every 30 s it prints the ledger so far, the broker's memory and the heartbeat lag (how old the
-registry's newest heartbeat of each online cell is, on the registry's clock: read from the
-registry's liveness key in Redis, the one place it reaches into a service). At the end it
+registry's newest heartbeat of each online cell is, on the registry's clock, as `cells list`
+shows it). At the end it
 stops the faults, waits for every cell to be on the last release, and prints the ledger:
 lost (a cell not on the last release), applied twice (a generation, or a release already
 installed, applied again) and how many desired states came for a release the cell already ran.
@@ -43,8 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
 from bench.fleet import BIN
 from bench.rollout import publish
 from common.bus.rabbit_bus import RabbitBus
@@ -58,12 +56,11 @@ from common.messages import (
 )
 from common.rabbitmq_api import RabbitApi
 from common.requests import Request
-from common.requests.registry import CellsCreate
+from common.requests.registry import CellsCreate, CellsList
 from common.requests.rollout import PolicySet, RolloutExplain, RolloutPolicy, SoakTimes
 from common.routes import route
 from common.runner import run
 from common.vocabulary import Stage
-from services.registry.store import LIVENESS
 from testing.nodes import PrivateRabbit, PrivateRedis
 from testing.simulator import SimCell, gather_limited
 
@@ -319,17 +316,14 @@ class Soak:
                 await _quietly(cell.start())
 
     async def heartbeat_lag(self) -> tuple[float, float]:
-        """(p99, max) age of the online cells' last heartbeats, on the registry's clock."""
-        redis = aioredis.from_url(self.redis_node.url)
-        try:
-            online = await redis.zrange(LIVENESS, 0, -1, withscores=True)
-            scores = [float(pair[1]) for pair in online]
-        finally:
-            await redis.aclose()
-        if not scores:
+        """(p99, max) age of the online cells' last heartbeats, on the registry's clock, as
+        ``cells list`` shows them."""
+        online = await self.call(CellsList(status="online"))
+        beats = [c.last_heartbeat_at for c in online if c.last_heartbeat_at is not None]
+        if not beats:
             return 0.0, 0.0
-        now = datetime.now(UTC).timestamp()
-        ages = sorted(now - s for s in scores)
+        now = datetime.now(UTC)
+        ages = sorted((now - beat).total_seconds() for beat in beats)
         return ages[int(0.99 * (len(ages) - 1))], ages[-1]
 
     async def sample(self) -> None:

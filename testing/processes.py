@@ -107,6 +107,20 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body
 
 
+async def metric(port: int, name: str, **labels: str) -> float:
+    """The value of one sample a process serves on ``port`` (``/metrics``), 0 if absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in (await http_get(port, "/metrics"))[1].splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name_of, _, label_text = sample.partition("{")
+        got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+        if name_of == name and got == want:
+            return float(value)
+    return 0.0
+
+
 @dataclass
 class Service:
     """A running service process and its metrics port."""
@@ -119,16 +133,7 @@ class Service:
 
     async def metric(self, name: str, **labels: str) -> float:
         """The value of one sample, 0 if absent."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in (await self.metrics()).splitlines():
-            if line.startswith("#"):
-                continue
-            sample, _, value = line.rpartition(" ")
-            metric, _, label_text = sample.partition("{")
-            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if metric == name and got == want:
-                return float(value)
-        return 0.0
+        return await metric(self.metrics_port, name, **labels)
 
     async def metric_at_least(self, name: str, n: float, **labels: str) -> bool:
         return await self.metric(name, **labels) >= n
