@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import aio_pika
 
 from bench.baseline import raw_drain
+from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellHeartbeat, Delivery
 from common.routes import route
@@ -126,6 +127,8 @@ async def main() -> None:
     args = parser.parse_args()
 
     setup = await RabbitBus.connect(AMQP_URL, name="bench-setup")
+    # The exchanges the benchmark's queues bind to (idempotent): a fresh broker has none.
+    await setup.declare(topology.control_plane())
     queues = {kind: f"bench.{kind}.{uuid.uuid4().hex[:6]}" for kind in ("raw", "bus")}
     for name in queues.values():
         # Bound by its own name on the cells exchange, so publishing to it needs no extra
