@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import statistics
 import time
-import urllib.request
 from datetime import UTC, datetime
 
 import aio_pika
@@ -30,7 +29,6 @@ import aio_pika
 from bench.fleet import Bench, bench_environment, until
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from common.runner import run
-from testing.ports import free_port
 from testing.simulator import SimCell, gather_limited
 
 
@@ -41,16 +39,6 @@ async def _everyone_beats(bench: Bench, cells: list[SimCell], handled: int) -> f
     await asyncio.gather(*(c.heartbeat() for c in cells))
     await until(lambda: bench.registry_handled(handled), 0.01)
     return time.perf_counter() - started
-
-
-def _limited(port: int) -> int:
-    """Heartbeats the registry dropped unapplied (its own count)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    for line in text.splitlines():
-        if line.startswith('substrate_heartbeats_total{outcome="limited"}'):
-            return int(float(line.split()[-1]))
-    return 0
 
 
 async def _drained(bench: Bench) -> bool:
@@ -76,9 +64,7 @@ async def _raw_flood(cell: SimCell, n: int) -> None:
 
 
 async def flood(args: argparse.Namespace) -> None:
-    port = free_port()
     env = {
-        "SUBSTRATE_METRICS_PORT": str(port),
         # The registry's own default budget (None: unset), unless the round measures without one.
         "SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND": "0" if args.no_limit else None,
     }
@@ -112,7 +98,8 @@ async def flood(args: argparse.Namespace) -> None:
                 f"drained at {drains[-1]:,.0f}/s)",
                 flush=True,
             )
-        limited = await asyncio.to_thread(_limited, port)
+        # Heartbeats the registry dropped unapplied (its own count).
+        limited = int(await bench.registry_metric("substrate_heartbeats_total", outcome="limited"))
     print(f"\n{args.cells} cells, one more flooding with {args.flood:,} heartbeats per round, "
           f"median of {args.rounds} rounds")  # fmt: skip
     print(f"{'every other cell applied, no flood':44}{statistics.median(baselines):>8.2f}s")
