@@ -34,6 +34,13 @@ DLX_EXCHANGE = "substrate.dlx"
 # Fanout, bound to every cell's command queue: one publish reaches the whole fleet.
 BROADCAST_EXCHANGE = "substrate.broadcast"
 
+# Every whole number a message carries is at most this. Redis's Lua guards compare numbers as
+# doubles, exact only below 2**53, and a cell's report order multiplies its generation by the
+# phases of an upgrade: a number above it compares one way in Python and another in Redis, and
+# a write guarded on it is refused for ever.
+WIRE_INT_MAX = 2**50 - 1
+WireInt = Annotated[int, Field(ge=0, le=WIRE_INT_MAX)]
+
 CELL_ID_PATTERN = r"^[a-z][a-z0-9-]{1,40}[a-z0-9]$"
 # Service and operator broker users take these prefixes; a cell id never may, so a cell can
 # never be given a broker user that collides with a control-plane one.
@@ -159,7 +166,7 @@ class CellReport(Message):
 
     cell_id: CellId
     # Per-cell sequence number: consumers order reports by it, never by arrival or the cell's clock.
-    seq: int = Field(ge=0)
+    seq: WireInt
     sent_at: AwareDatetime
 
     def routing_key(self) -> str:
@@ -187,10 +194,10 @@ class CellHeartbeat(CellReport):
 
     agent_version: str
     installed_release: str | None = None
-    applied_generation: int | None = None
+    applied_generation: WireInt | None = None
     maintenance: bool = False
     template_version: str | None = None
-    flags_snapshot_version: int | None = None
+    flags_snapshot_version: WireInt | None = None
     # The id (never the secret) of the credentials the agent holds, so the registry knows a
     # rotation reached it.
     credential_id: str | None = None
@@ -200,7 +207,7 @@ class CellHeartbeat(CellReport):
 class CellUpgrade(CellReport):
     kind: ClassVar[str] = "upgrade"
 
-    generation: int = Field(ge=0)
+    generation: WireInt
     release_version: str | None
     phase: UpgradePhase
     error: str | None = None
@@ -233,8 +240,8 @@ class CellSync(CellReport):
     kind: ClassVar[str] = "sync"
 
     reason: SyncReason = "periodic"
-    applied_generation: int | None = None
-    flags_snapshot_version: int | None = None
+    applied_generation: WireInt | None = None
+    flags_snapshot_version: WireInt | None = None
 
 
 def sender_problem(msg: CellReport, delivery: Delivery) -> tuple[str, str] | None:
@@ -350,8 +357,8 @@ class RolloutProgressed(Event):
     version: str
     state: RolloutState
     stage: Stage | None = None
-    wave: int | None = None
-    counts: dict[str, int] = Field(default_factory=dict)
+    wave: WireInt | None = None
+    counts: dict[str, WireInt] = Field(default_factory=dict)
 
 
 class CellFailure(BaseModel):
@@ -367,7 +374,7 @@ class RolloutHalted(Event):
 
     version: str
     stage: Stage
-    wave: int | None = None
+    wave: WireInt | None = None
     reason: str
     failures: tuple[CellFailure, ...] = ()
 
@@ -384,7 +391,7 @@ class FlagsChanged(Event):
     event_key: ClassVar[str] = "flags.changed"
 
     key: str
-    snapshot_version: int
+    snapshot_version: WireInt
     actor: str
     deleted: bool = False
 
@@ -412,8 +419,8 @@ class InfraReminder(Event):
     deadline: AwareDatetime
     location: str
     # Which reminder this is (1 is the first), of how many before the deadline.
-    reminder: int
-    of: int
+    reminder: WireInt
+    of: WireInt
 
 
 @wire("infra.compliance-changed.v1")
@@ -445,13 +452,13 @@ class Command(Message):
 class DesiredState(Command):
     """The full spec for a cell. Level-triggered: the newest generation wins."""
 
-    generation: int = Field(ge=0)
+    generation: WireInt
     release: Release | None
 
 
 @wire("command.flags-snapshot.v1")
 class FlagsSnapshot(Command):
-    version: int = Field(ge=0)
+    version: WireInt
     # The flag definitions; their schema is owned by the flags engine (common.flags.Flag).
     flags: tuple[dict[str, Any], ...] = ()
     # The cell's attributes as the control plane knows them (stage, region, org), which the
@@ -468,7 +475,7 @@ class FlagsBroadcast(Message):
     exchange: ClassVar[str] = BROADCAST_EXCHANGE
 
     issued_at: AwareDatetime
-    version: int = Field(ge=0)
+    version: WireInt
     flags: tuple[dict[str, Any], ...] = ()
 
     def routing_key(self) -> str:

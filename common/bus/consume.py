@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from common.bus.acks import BatchedAcks
-from common.bus.errors import BusError, Refused, validation_summary
+from common.bus.errors import BusError, Refused, TryAgain, validation_summary
 from common.bus.publish import Publisher
 from common.bus.queues import Queues
 from common.bus.shutdown import Stopping
@@ -314,6 +314,14 @@ class Consumers:
             await handler(model, delivery)
         except Refused as exc:
             return await self._dead(routes, message, f"refused: {exc}")
+        except TryAgain as exc:
+            attempts = failures + 1
+            if attempts >= routes.delivery_limit:
+                return await self._dead(routes, message, f"lost {attempts} races, last: {exc}")
+            log.info("handler for %s lost a race (attempt %d); trying again", queue, attempts)
+            routes.failed(message, attempts)
+            await self._nack(message)
+            return "retried"
         except Exception as exc:
             attempts = failures + 1
             if attempts >= routes.delivery_limit:

@@ -64,6 +64,13 @@ class Refused(Exception):
     the bus dead-letters it at once with this reason."""
 
 
+class TryAgain(Exception):
+    """Raised by a handler whose write kept losing races with concurrent writes: the delivery
+    goes back to its queue at once, not after the pause a failure gets. Held for a pause it
+    would hold back the acks of every delivery after it on its channel; it still counts
+    against the delivery limit."""
+
+
 class RpcFailure(Exception):
     """Raised by an RPC method: the caller gets it as a RemoteError with this code."""
 

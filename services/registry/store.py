@@ -33,6 +33,7 @@ from datetime import datetime
 
 import redis.asyncio as aioredis
 
+from common.bus.errors import TryAgain
 from common.outbox import Outbox, outbox_entry
 from common.requests.registry import AuditEntry, CellsCreate, CellView
 from common.scripts import Change, Changes, Hashes, encode
@@ -65,8 +66,9 @@ Decide = Callable[[CellRecord], Transition]
 Assumed = tuple[Mapping[str, str], CellRecord]
 
 
-class Contention(Exception):
-    """A cell's record kept changing while a transition was being written."""
+class Contention(TryAgain):
+    """A cell's record kept changing while a transition was being written: the delivery goes
+    back to its queue at once (common.bus.errors.TryAgain)."""
 
 
 def _view(raw: dict[str, str], refusals: list[str]) -> CellView:

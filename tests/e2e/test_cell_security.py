@@ -3,9 +3,11 @@ registry (RELIABILITY 14, 7 and 16), and agents across a broker restart (RELIABI
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -213,3 +215,56 @@ async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_count
 async def _installed(procs: Processes, cell: str, release: str) -> dict[str, Any] | None:
     record = await show(procs, cell)
     return record if record["installed_release"] == release else None
+
+
+def _raw_heartbeat(cell: str, seq: int, release: str | None = None) -> aio_pika.Message:
+    """A heartbeat as bytes, whatever its numbers (the contract's model would refuse them)."""
+    body = {"cell_id": cell, "seq": seq, "sent_at": NOW.isoformat(), "agent_version": "1"}
+    if release is not None:
+        body["installed_release"] = release
+    return aio_pika.Message(json.dumps(body).encode(), type="cell.heartbeat.v1", user_id=cell)
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_numbers_no_guard_compares_exactly_are_refused_and_hold_up_no_one(
+    procs: Processes, registry: Registry
+) -> None:
+    """A cell flooding heartbeats with a ``seq`` no double holds exactly (10**30 + i) stalled
+    the registry's queue for every cell: Python and the Lua guard compared it differently, each
+    delivery was held through its retry pauses, and the batched acks could not pass it. Such a
+    number is refused at validation, at once: another cell's heartbeat published after the
+    flood is applied within seconds, and the flooding cell's next genuine one still counts."""
+    attacker, victim = new_cell_id(), new_cell_id()
+    urls = {cell: (await create_cell(procs, cell))["amqp_url"] for cell in (attacker, victim)}
+    for cell, url in urls.items():
+        await register_as_cell(url, cell)
+        online = partial(status_is, procs, cell, "online")
+        await eventually(online, timeout=15, interval=0.3, what=f"{cell} online")
+    dead_lettered = {"queue": "registry.cells", "outcome": "dead_lettered"}
+    before = await registry.metric("substrate_bus_consumed_messages_total", **dead_lettered)
+
+    flood = 1500
+    connection = await aio_pika.connect(urls[attacker])
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("substrate.cells", ensure=False)
+        key = f"{attacker}.heartbeat"
+        await asyncio.gather(
+            *(exchange.publish(_raw_heartbeat(attacker, 10**30 + i), key) for i in range(flood))
+        )
+    finally:
+        await connection.close()
+
+    for cell, release in ((victim, "after-the-flood"), (attacker, "genuine")):
+        await raw_publish(
+            urls[cell], "substrate.cells", f"{cell}.heartbeat",
+            _raw_heartbeat(cell, 5, release).body, type="cell.heartbeat.v1", user_id=cell,
+        )  # fmt: skip
+        record = await eventually(
+            partial(_installed, procs, cell, release),
+            timeout=8, interval=0.2, what=f"{cell}'s heartbeat after the flood applied",
+        )  # fmt: skip
+        assert record["status"] == "online"
+    after = await registry.metric("substrate_bus_consumed_messages_total", **dead_lettered)
+    assert after - before == flood

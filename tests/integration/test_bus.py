@@ -20,6 +20,7 @@ from common.bus.errors import (
     RemoteError,
     RequestTimeout,
     RpcFailure,
+    TryAgain,
     Unroutable,
 )
 from common.bus.rabbit_bus import RabbitBus
@@ -215,6 +216,36 @@ async def test_handler_that_always_raises_is_dead_lettered_after_the_delivery_li
     await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
     await asyncio.wait_for(synced.wait(), 15)
     assert len(attempts) == DELIVERY_LIMIT
+
+
+async def test_a_handler_that_lost_a_race_is_handed_back_at_once_and_holds_up_no_one(
+    services: Services, bus: RabbitBus
+) -> None:
+    """A write that kept losing races (TryAgain) goes back to its queue at once, not after the
+    pause a failure gets (held for it, it would hold back the acks of every later delivery),
+    and is dead-lettered at the delivery limit like any failure."""
+    cell = new_cell_id()
+    queue = await cell_queue(bus, cell, "heartbeat", "sync")
+    tries: list[int] = []
+    synced = asyncio.Event()
+    bus.handler_retry_seconds = 60  # a failure's pause: none of it may be waited here
+
+    async def on_heartbeat(msg: CellHeartbeat, delivery: Delivery) -> None:
+        tries.append(delivery.delivery_count)
+        raise TryAgain("the record kept changing")
+
+    async def on_sync(msg: CellSync, delivery: Delivery) -> None:
+        synced.set()
+
+    await bus.consume(queue, [route(CellHeartbeat, on_heartbeat), route(CellSync, on_sync)])
+    await bus.publish(heartbeat(cell))
+    await bus.publish(CellSync(cell_id=cell, seq=2, sent_at=heartbeat(cell).sent_at))
+    await asyncio.wait_for(synced.wait(), 15)
+    dead_queue = dead_letter_name(queue)
+    await eventually(lambda: _count_is(bus, dead_queue, 1), what="dead letter", timeout=15)
+    assert len(tries) == DELIVERY_LIMIT
+    (dead,) = await read_all(services.amqp_url, dead_queue)
+    assert f"lost {DELIVERY_LIMIT} races" in str(dead.headers[DEAD_REASON_HEADER])
 
 
 @pytest.mark.parametrize("quorum", [False, True], ids=["classic", "quorum"])

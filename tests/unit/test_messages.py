@@ -11,6 +11,7 @@ from common import requests
 from common.messages import (
     CELL_REPORT_KINDS,
     MESSAGES,
+    WIRE_INT_MAX,
     CellHeartbeat,
     CellRegistered,
     Component,
@@ -134,3 +135,40 @@ def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None
         "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
     }  # fmt: skip
     assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
+
+
+def _unbounded_integers(schema: object, where: str) -> list[str]:
+    """Every integer in a JSON Schema without a maximum the guards compare exactly."""
+    found = []
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer" and schema.get("maximum", 2**64) > WIRE_INT_MAX:
+            found.append(where)
+        for key, value in schema.items():
+            found += _unbounded_integers(value, f"{where}.{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            found += _unbounded_integers(value, f"{where}[{i}]")
+    return found
+
+
+def test_every_whole_number_on_the_wire_is_one_the_guards_compare_exactly() -> None:
+    """Redis's Lua compares numbers as doubles: a number past 2**53 compares one way there and
+    another in Python, and a write guarded on it is refused for ever. Every whole number a
+    message carries is bounded below that, so the two always agree."""
+    unbounded = [
+        where
+        for name, model in MESSAGES.items()
+        for where in _unbounded_integers(model.model_json_schema(), name)
+    ]
+    assert unbounded == []
+    assert WIRE_INT_MAX * 8 < 2**53  # room for a report order: generation times the phases
+
+
+@pytest.mark.parametrize("field", ["seq", "applied_generation", "flags_snapshot_version"])
+def test_a_number_past_the_bound_is_refused_naming_the_field(field: str) -> None:
+    fields = {"cell_id": "acme-1", "seq": 1, "sent_at": NOW, "agent_version": "1"}
+    CellHeartbeat.model_validate({**fields, field: WIRE_INT_MAX})
+    for bad in (WIRE_INT_MAX + 1, 10**30, -5):
+        with pytest.raises(ValidationError) as refused:
+            CellHeartbeat.model_validate({**fields, field: bad})
+        assert refused.value.errors()[0]["loc"] == (field,)
