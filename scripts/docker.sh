@@ -67,16 +67,21 @@ if ! has debian:bookworm-slim; then
   rm -rf "$DOCKER_STATE/rootfs"
 fi
 
+# A stand-in is built again when its recipe changed: the image carries the recipe's hash.
+recipe() { (cd "compose/images/$1" && find . -type f | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-16; }
+built_from() { docker image inspect -f '{{index .Config.Labels "substrate.recipe"}}' "$1" 2>/dev/null; }
+
 build() {
   local tag=$1 dir=$2 context
-  if ! has "$tag"; then
+  if [ "$(built_from "$tag")" != "$(recipe "$dir")" ]; then
     echo "building $tag (a stand-in from compose/images/$dir)"
     # The context is a copy with this machine's CA bundle beside the Dockerfile (the python
     # stand-in trusts it, so pip works wherever the host's does).
     context=$(mktemp -d)
     cp -r "compose/images/$dir/." "$context/"
     cp /etc/ssl/certs/ca-certificates.crt "$context/host-ca-certificates.crt"
-    docker build -q --force-rm -t "$tag" "$context" >/dev/null || { rm -rf "$context"; exit 1; }
+    docker build -q --force-rm --label "substrate.recipe=$(recipe "$dir")" -t "$tag" "$context" \
+      >/dev/null || { rm -rf "$context"; exit 1; }
     rm -rf "$context"
   fi
 }

@@ -50,14 +50,16 @@ def with_db(redis_url: str, db: int) -> str:
 
 
 def _from_containers() -> Iterator[ServiceUrls]:
-    from testcontainers.rabbitmq import RabbitMqContainer
-    from testcontainers.redis import RedisContainer
+    # Read by testcontainers when it is imported. Its reaper (Ryuk) is one more image to pull,
+    # and these containers are stopped by the context below anyway; docker_host reaches their
+    # ports on this host wherever the run itself is.
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+    from testcontainers.community.rabbitmq import RabbitMqContainer
+    from testcontainers.community.redis import RedisContainer
 
-    with (
-        RabbitMqContainer("rabbitmq:3.10-management") as rabbit,
-        RedisContainer("redis:7") as cache,
-    ):
-        rabbit.with_exposed_ports(5672, 15672)
+    rabbit = RabbitMqContainer("rabbitmq:3.10-management").with_exposed_ports(15672)
+    with rabbit, RedisContainer("redis:7") as cache:
         host = rabbit.get_container_host_ip()
         amqp = f"amqp://guest:guest@{host}:{rabbit.get_exposed_port(5672)}/"
         api = f"http://guest:guest@{host}:{rabbit.get_exposed_port(15672)}"
