@@ -336,6 +336,17 @@ class CellTemplateChanged(Event):
     previous_version: str | None = None
 
 
+@wire("credentials.confirmed.v1")
+class CredentialsConfirmed(Event):
+    """A cell's agent confirmed its rotated credentials: the registry closes every connection
+    opened with the old secret. Not a ``cell.*`` event: only the registry acts on it."""
+
+    event_key: ClassVar[str] = "credentials.confirmed"
+
+    cell_id: CellId
+    credential_id: str
+
+
 @wire("cell.decommissioned.v1")
 class CellDecommissioned(Event):
     event_key: ClassVar[str] = "cell.decommissioned"

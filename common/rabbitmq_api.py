@@ -125,6 +125,16 @@ class RabbitApi:
             found = [c for c in found if c.get("user") == user]
         return found
 
+    async def close_user_connections(self, user: str, reason: str) -> int:
+        """Force-close every connection of ``user``; how many there were. From the broker's
+        connection tracking, so a connection opened a moment ago is closed too (``connections``
+        lists only what the statistics, emitted every few seconds, have seen)."""
+        path = f"/connections/username/{_q(user)}"
+        found: list[dict[str, Any]] = await self.call("GET", path)
+        if found:
+            await self.call("DELETE", path, headers={"X-Reason": reason})
+        return len(found)
+
     async def close_connection(self, name: str, reason: str = "closed by substrate") -> None:
         """Force-close a connection; the client sees ``reason``. Already gone is fine."""
         try:

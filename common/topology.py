@@ -130,7 +130,10 @@ SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
             # and flags check too: four deliveries a cell per release for nothing.
             retired=_cells("upgrade"),
         ),
-        *consuming_queue("registry.events", *_events("flags.changed", "infra.compliance-changed")),
+        *consuming_queue(
+            "registry.events",
+            *_events("flags.changed", "infra.compliance-changed", "credentials.confirmed"),
+        ),
         *_rpc("registry"),
     ),
     "rollout": (

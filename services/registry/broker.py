@@ -83,10 +83,8 @@ class CellBroker:
         await self.api.put_user(cell_id, password)
 
     async def close_connections(self, cell_id: str, reason: str) -> int:
-        connections = await self.api.connections(user=cell_id)
-        for conn in connections:
-            await self.api.close_connection(str(conn["name"]), reason)
-        return len(connections)
+        """Close every connection of the cell's user, one opened a moment ago included."""
+        return await self.api.close_user_connections(cell_id, reason)
 
     async def socket_limit(self) -> int | None:
         """How many sockets the broker accepts (its open-files limit leaves room for about that

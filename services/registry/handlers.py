@@ -21,6 +21,7 @@ from common.messages import (
     CellRegister,
     CellReport,
     CellUpgrade,
+    CredentialsConfirmed,
     Delivery,
     FlagsChanged,
     InfraComplianceChanged,
@@ -180,6 +181,19 @@ async def on_compliance_changed(
     msg: InfraComplianceChanged, delivery: Delivery, deps: Deps
 ) -> None:
     await deps.store.transition(msg.cell_id, lambda r: transitions.compliance(r, msg))
+
+
+async def on_credentials_confirmed(
+    msg: CredentialsConfirmed, delivery: Delivery, deps: Deps
+) -> None:
+    """The agent holds its new secret: every connection of the cell's user still open was
+    opened with the old one, so all are closed. The agent reconnects with the new secret; a
+    holder of the old one cannot. Announced through the outbox with the confirmation, so a
+    registry that dies in between closes them when the event is delivered again."""
+    closed = await deps.accounts.close_connections(
+        msg.cell_id, "credentials rotated: reconnect with the new secret"
+    )
+    log.info("cell %s: closed %d connections opened with its old secret", msg.cell_id, closed)
 
 
 # -- operator requests --------------------------------------------------------------------------
@@ -354,6 +368,7 @@ def event_routes(deps: Deps) -> list[Route]:
     return [
         route(FlagsChanged, on_flags_changed, deps),
         route(InfraComplianceChanged, on_compliance_changed, deps),
+        route(CredentialsConfirmed, on_credentials_confirmed, deps),
     ]
 
 

@@ -29,6 +29,7 @@ from common.messages import (
     CellRegistered,
     CellRegistrationRefused,
     CellTemplateChanged,
+    CredentialsConfirmed,
     Event,
     InfraComplianceChanged,
 )
@@ -266,7 +267,13 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
         and record.pending_credential_id
         and msg.credential_id == record.pending_credential_id
     )
+    events: list[Event] = []
     if confirmed:
+        # The old secret's connections are closed once this is written (the event's handler).
+        assert msg.credential_id is not None
+        events.append(
+            CredentialsConfirmed(at=now, cell_id=msg.cell_id, credential_id=msg.credential_id)
+        )
         changes.update(
             {
                 "credential_id": msg.credential_id,
@@ -290,7 +297,6 @@ def heartbeat(record: CellRecord, msg: CellHeartbeat, now: datetime) -> Transiti
                 took = _stay(record, now)
                 changes.update({"maintenance_since": None, "maintenance_until": None})
                 add = {"maintenance_seconds_total": took}
-    events: list[Event] = []
     outcome = Outcome.APPLIED
     if record.status == "offline":
         changes["status"] = "online"

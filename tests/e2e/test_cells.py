@@ -180,12 +180,16 @@ async def _no_connections(services: Services, cell: str) -> bool:
 
 @pytest.mark.e2e
 @pytest.mark.fault
-async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_working(
+async def test_rotation_evicts_the_old_secret_and_the_agent_carries_on_with_the_new_one(
     procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
 ) -> None:
+    """Rotation evicts: once the agent confirms its new secret, every connection opened with
+    the old one is closed (a thief's too, which before stayed up and kept publishing), and the
+    agent carries on over a new connection with the new secret."""
     (onboarded,) = await onboard(procs, moto, tmp_path)
     cell, created = onboarded.cell_id, onboarded.created
     (before,) = await eventually(lambda: cell_connections(services, cell), timeout=15)
+    thief = await aio_pika.connect(created["amqp_url"])
 
     code, rotated, err = await procs.ctl("cells", "rotate-credentials", cell)
     assert code == 0, err
@@ -193,8 +197,12 @@ async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_wor
         lambda: _confirmed(procs, cell, rotated["credential_id"]), timeout=15, interval=0.3
     )
     assert confirmed["status"] == "online"
-    (after,) = await cell_connections(services, cell)
-    assert after["name"] == before["name"], "the agent stayed on its connection"
+    await eventually(lambda: _closed(thief), timeout=15, what="the thief's connection closed")
+    (after,) = await eventually(
+        lambda: _connections_but(services, cell, before["name"]), timeout=15,
+        what="the agent connected again with its new secret",
+    )  # fmt: skip
+    assert after["name"] != before["name"]
 
     with pytest.raises(ProbableAuthenticationError):
         await aio_pika.connect(created["amqp_url"])
@@ -206,6 +214,22 @@ async def test_rotation_keeps_the_agent_connected_and_the_old_password_stops_wor
     await eventually(
         lambda: _heartbeat_after(procs, cell, first), timeout=10, interval=0.3, what="heartbeat"
     )
+
+
+async def _closed(connection: aio_pika.abc.AbstractConnection) -> bool:
+    """Whether the broker closed ``connection`` (it refuses a new channel on it)."""
+    try:
+        channel = await asyncio.wait_for(connection.channel(), 5)
+    except Exception:
+        return True
+    await channel.close()
+    return False
+
+
+async def _connections_but(services: Services, cell: str, name: str) -> list[dict[str, Any]]:
+    """The cell's connections, once none of them is the one named."""
+    found = await cell_connections(services, cell)
+    return [] if any(c["name"] == name for c in found) else found
 
 
 async def _confirmed(procs: Processes, cell: str, credential_id: str) -> dict[str, Any] | None:
