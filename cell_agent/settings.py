@@ -9,7 +9,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common import broker_urls
-from common.messages import CellId
+from common.fields import CellId
 
 
 class AgentSettings(BaseSettings):

@@ -6,14 +6,25 @@ newer producer's message); a breaking change is a new ``vN+1`` class consumed be
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from common.fields import (
+    CellId,
+    Digest,
+    Name,
+    Region,
+    RoleArn,
+    StackName,
+    Text,
+    Version,
+    WireInt,
+    clean_text,
+)
 from common.vocabulary import (
     ComplianceState,
     DebugAccessAction,
@@ -33,45 +44,6 @@ RPC_EXCHANGE = "substrate.rpc"
 DLX_EXCHANGE = "substrate.dlx"
 # Fanout, bound to every cell's command queue: one publish reaches the whole fleet.
 BROADCAST_EXCHANGE = "substrate.broadcast"
-
-# Every whole number a message carries is at most this. Redis's Lua guards compare numbers as
-# doubles, exact only below 2**53, and a cell's report order multiplies its generation by the
-# phases of an upgrade: a number above it compares one way in Python and another in Redis, and
-# a write guarded on it is refused for ever.
-WIRE_INT_MAX = 2**50 - 1
-WireInt = Annotated[int, Field(ge=0, le=WIRE_INT_MAX)]
-
-CELL_ID_PATTERN = r"^[a-z][a-z0-9-]{1,40}[a-z0-9]$"
-# Service and operator broker users take these prefixes; a cell id never may, so a cell can
-# never be given a broker user that collides with a control-plane one.
-RESERVED_PREFIXES = ("svc-", "op-")
-
-_CELL_ID_RE = re.compile(CELL_ID_PATTERN)
-
-
-def cell_id_problem(value: str) -> str | None:
-    """Why ``value`` is not a usable cell id, or None when it is."""
-    if not _CELL_ID_RE.fullmatch(value):
-        return (
-            f"cell id {value!r} is not a DNS label of 3 to 42 characters "
-            "(lower-case letters, digits and '-', starting with a letter)"
-        )
-    for prefix in RESERVED_PREFIXES:
-        if value.startswith(prefix):
-            return f"cell id {value!r} uses the reserved prefix {prefix!r}"
-    return None
-
-
-def _check_cell_id(value: str) -> str:
-    problem = cell_id_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-CellId = Annotated[str, AfterValidator(_check_cell_id)]
-Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
-Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z.+-]+$")]
 
 
 def command_queue(cell_id: str) -> str:
@@ -177,30 +149,30 @@ class CellReport(Message):
 class CellRegister(CellReport):
     kind: ClassVar[str] = "register"
 
-    agent_version: str
+    agent_version: Name
     aws_account_id: Annotated[str, Field(pattern=r"^[0-9]{12}$")]
-    region: str
-    stack_name: str | None = None
-    template_version: str | None = None
-    installed_release: str | None = None
+    region: Region
+    stack_name: StackName | None = None
+    template_version: Name | None = None
+    installed_release: Name | None = None
     # Made once with the agent's state directory. A registration from a new incarnation (a
     # re-bootstrapped cell) starts a new sequence; within one, ``seq`` only grows.
-    incarnation: str | None = None
+    incarnation: Name | None = None
 
 
 @wire("cell.heartbeat.v1")
 class CellHeartbeat(CellReport):
     kind: ClassVar[str] = "heartbeat"
 
-    agent_version: str
-    installed_release: str | None = None
+    agent_version: Name
+    installed_release: Name | None = None
     applied_generation: WireInt | None = None
     maintenance: bool = False
-    template_version: str | None = None
+    template_version: Name | None = None
     flags_snapshot_version: WireInt | None = None
     # The id (never the secret) of the credentials the agent holds, so the registry knows a
     # rotation reached it.
-    credential_id: str | None = None
+    credential_id: Name | None = None
 
 
 @wire("cell.upgrade.v1")
@@ -208,9 +180,9 @@ class CellUpgrade(CellReport):
     kind: ClassVar[str] = "upgrade"
 
     generation: WireInt
-    release_version: str | None
+    release_version: Name | None
     phase: UpgradePhase
-    error: str | None = None
+    error: Text | None = None
 
 
 @wire("cell.maintenance.v1")
@@ -219,7 +191,7 @@ class CellMaintenance(CellReport):
 
     enabled: bool
     enabled_until: AwareDatetime | None = None
-    reason: str = ""
+    reason: Text = ""
 
 
 @wire("cell.debug-access.v1")
@@ -227,10 +199,10 @@ class CellDebugAccess(CellReport):
     kind: ClassVar[str] = "debug-access"
 
     action: DebugAccessAction
-    role_arn: str
+    role_arn: RoleArn
     expires_at: AwareDatetime | None = None
-    reason: str = ""
-    granted_by: str = ""
+    reason: Text = ""
+    granted_by: Annotated[str, clean_text(256)] = ""
     # When it happened (a report can wait in the cell while the control plane is away).
     occurred_at: AwareDatetime | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.fields import printable
 from common.requests.registry import (
     MAX_PAGE,
     CellsAudit,
@@ -41,7 +42,7 @@ LIST_COLUMNS = [
 def _record(record: CellView) -> str:
     lines = [fields(record.model_dump(mode="json", exclude={"refused_registrations"}))]
     lines += [
-        f"refused registration at {refusal['at']}: {refusal['reason']}"
+        f"refused registration at {refusal['at']}: {printable(str(refusal['reason']))}"
         for refusal in record.refused_registrations
     ]
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from common.fields import printable
+
 
 def plain(payload: object) -> object:
     """JSON-ready data from a response model (or a list of them)."""
@@ -36,7 +38,8 @@ def _cell(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
-    return str(value)
+    # Whatever a cell reported is shown, never sent to the terminal as control characters.
+    return printable(str(value))
 
 
 def _value(row: BaseModel | Mapping[str, object], column: str) -> object:

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.live import Live
 from rich.text import Text
 
+from common.fields import printable
 from common.requests import Request
 from common.requests.rollout import (
     Plan,
@@ -62,8 +63,8 @@ def _where(r: RolloutView) -> str:
 def _rollout(r: RolloutView) -> str:
     lines = [_where(r)]
     if r.halt:
-        lines.append(f"halted: {r.halt.reason}")
-        lines += [f"  {failure.cell_id}: {failure.error}" for failure in r.halt.failures]
+        lines.append(f"halted: {printable(r.halt.reason)}")
+        lines += [f"  {failure.cell_id}: {printable(failure.error)}" for failure in r.halt.failures]
     rows = [{"stage": stage, **r.stages[stage].model_dump()} for stage in STAGES]
     lines.append(table(rows, ["stage", "total", *COUNTS]))
     return "\n".join(lines)
@@ -97,7 +98,7 @@ def _progress_lines(r: RolloutView) -> list[str]:
             + (f"; {rest}" if rest else "")
         )
     if r.halt:
-        lines.append(f"  halted: {r.halt.reason}")
+        lines.append(f"  halted: {printable(r.halt.reason)}")
     return lines
 
 
@@ -148,7 +149,8 @@ async def abort(ctl: Ctl) -> int:
 
 async def explain(ctl: Ctl) -> int:
     return await ctl.ask(
-        RolloutExplain(id=ctl.args.cell), lambda r: f"{r.cell}: {r.reason}\n{r.explanation}"
+        RolloutExplain(id=ctl.args.cell),
+        lambda r: f"{r.cell}: {r.reason}\n{printable(r.explanation)}",
     )
 
 

@@ -72,9 +72,13 @@ class Processes:
 
     async def ctl(self, *args: str, **env: str) -> tuple[int, Any, str]:
         """Run ``substratectl --json ARGS``: exit code, parsed stdout, stderr."""
+        code, out, err = await self.ctl_text("--json", *args, **env)
+        return code, json.loads(out) if out.strip() else None, err
+
+    async def ctl_text(self, *args: str, **env: str) -> tuple[int, str, str]:
+        """Run ``substratectl ARGS`` as a person would (no --json): exit code, stdout, stderr."""
         process = await asyncio.create_subprocess_exec(
             str(BIN / "substratectl"),
-            "--json",
             *args,
             env=self.env(**env),
             stdout=asyncio.subprocess.PIPE,
@@ -82,8 +86,7 @@ class Processes:
         )
         out, err = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode is not None
-        parsed = json.loads(out) if out.strip() else None
-        return process.returncode, parsed, err.decode()
+        return process.returncode, out.decode(errors="replace"), err.decode()
 
 
 @asynccontextmanager

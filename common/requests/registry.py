@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from common.messages import CellId
+from common.fields import CellId
 from common.requests import Request, Response, ServiceStatus, rpc
 from common.vocabulary import CellStatus, ComplianceState, DebugAccessAction, Stage
 

@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.messages import CellFailure, Component, Digest, Release
+from common.fields import Digest
+from common.messages import CellFailure, Component, Release
 from common.requests import Request, Response, ServiceStatus, rpc
 from common.versions import SemVerText
 from common.vocabulary import CellStatus, ExplainReason, RolloutState, SkipReason, Stage

@@ -268,3 +268,43 @@ async def test_numbers_no_guard_compares_exactly_are_refused_and_hold_up_no_one(
         assert record["status"] == "online"
     after = await registry.metric("substrate_bus_consumed_messages_total", **dead_lettered)
     assert after - before == flood
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_an_escape_code_a_cell_sends_never_reaches_an_operators_terminal(
+    procs: Processes, registry: Registry, services: Services
+) -> None:
+    """A registration whose stack name carried an escape sequence was stored and printed raw by
+    `cells show`, clearing the operator's screen. Names are refused unless they are names (the
+    free text a cell may send, an upgrade's error or a debug reason, is stored with its control
+    characters as visible escapes), and the CLI prints any control character as an escape."""
+    cell = new_cell_id()
+    url = (await create_cell(procs, cell))["amqp_url"]
+    register = {
+        "cell_id": cell, "sent_at": NOW.isoformat(), "agent_version": "1", "incarnation": "i",
+        "aws_account_id": "123456789012", "region": "eu-west-1",
+    }  # fmt: skip
+    for seq, stack in ((1, "stack"), (2, "stack\x1b[2J")):
+        body = json.dumps({**register, "seq": seq, "stack_name": stack}).encode()
+        await raw_publish(url, "substrate.cells", f"{cell}.register", body,
+                          type=CellRegister.wire_name, user_id=cell)  # fmt: skip
+
+    found: list[str] = []
+
+    async def settled() -> bool:
+        """The second registration refused (its dead letter read) or stored."""
+        dead = await read_all(services.amqp_url, dead_letter_name("registry.cells"))
+        key = f"{cell}.register"
+        found.extend(
+            str(m.headers["x-substrate-dead-reason"])
+            for m in dead
+            if m.headers.get("x-substrate-original-routing-key") == key
+        )
+        return bool(found) or (await show(procs, cell))["stack_name"] != "stack"
+
+    await eventually(settled, timeout=15, what="the second registration handled")
+    code, shown, err = await procs.ctl_text("cells", "show", cell)
+    assert code == 0, err
+    assert "\x1b" not in shown
+    assert len(found) == 1 and "stack_name" in found[0], found

@@ -20,7 +20,7 @@ from common.topology import (
     control_plane,
     dead_letter_name,
 )
-from substratectl.output import table
+from substratectl.output import fields, table
 
 
 def test_missing_setting_exits_naming_the_variable(
@@ -136,3 +136,12 @@ def test_status_details_read_as_one_line() -> None:
     assert empty == "ready, cells: none"
     down = status_line(ServiceRow("flags", False, "did not answer"))
     assert down == "did not answer"
+
+
+def test_tables_and_records_print_control_characters_as_visible_escapes() -> None:
+    """Whatever a cell reported reaches an operator's terminal as text, never as a sequence
+    the terminal would act on (clear the screen, move the cursor, retitle the window)."""
+    evil = "stack\x1b[2J\x07\x9b31m"
+    shown = table([{"id": "a", "stack": evil}], ["id", "stack"]) + fields({"stack": evil})
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown)
+    assert "stack\\x1b[2J\\x07\\x9b31m" in shown

@@ -8,17 +8,17 @@ import pytest
 from pydantic import ValidationError
 
 from common import requests
+from common.fields import WIRE_INT_MAX, cell_id_problem
 from common.messages import (
     CELL_REPORT_KINDS,
     MESSAGES,
-    WIRE_INT_MAX,
     CellHeartbeat,
     CellRegistered,
+    CellUpgrade,
     Component,
     DesiredState,
     Release,
     RpcRequest,
-    cell_id_problem,
     command_queue,
     json_schema,
 )
@@ -172,3 +172,27 @@ def test_a_number_past_the_bound_is_refused_naming_the_field(field: str) -> None
         with pytest.raises(ValidationError) as refused:
             CellHeartbeat.model_validate({**fields, field: bad})
         assert refused.value.errors()[0]["loc"] == (field,)
+
+
+def test_names_a_cell_sends_are_refused_unless_they_are_names_naming_the_field() -> None:
+    fields = {"cell_id": "acme-1", "seq": 1, "sent_at": NOW, "agent_version": "1"}
+    for field, bad in (
+        ("agent_version", "1\x1b[2J"),
+        ("installed_release", "x" * 65),
+        ("template_version", "2\n"),
+        ("credential_id", "id with spaces"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            CellHeartbeat.model_validate({**fields, field: bad})
+        assert refused.value.errors()[0]["loc"] == (field,)
+
+
+def test_free_text_a_cell_sends_is_kept_printable_and_cut_to_its_length() -> None:
+    failed = CellUpgrade(
+        cell_id="acme-1", seq=1, sent_at=NOW, generation=1, release_version="1.0",
+        phase="failed", error="apply failed\x1b[2J\r\n" + "x" * 2000,
+    )  # fmt: skip
+    assert failed.error is not None
+    assert failed.error.startswith("apply failed\\x1b[2J\\x0d\\x0a")
+    assert len(failed.error) == 1000
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in failed.error)
