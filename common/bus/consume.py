@@ -39,6 +39,9 @@ from common.topology import DELIVERY_LIMIT, dead_letter_name
 log = logging.getLogger(__name__)
 
 DEAD_REASON_HEADER = "x-substrate-dead-reason"
+# An oversized body is dead-lettered cut to its first bytes, its size in this header.
+ORIGINAL_BYTES_HEADER = "x-substrate-original-bytes"
+KEPT_OF_OVERSIZED_BODY = 4096
 # 256 KiB: the largest legitimate message (a desired state with a release manifest, a flags
 # snapshot) is a few tens of KiB; anything larger from a cell is abuse or a bug.
 MAX_BODY_BYTES = 256 * 1024
@@ -288,7 +291,10 @@ class Consumers:
             return "requeued"
         if len(message.body) > max_body_bytes:
             return await self._dead(
-                routes, message, f"body of {len(message.body)} bytes exceeds {max_body_bytes}"
+                routes,
+                message,
+                f"body of {len(message.body)} bytes exceeds {max_body_bytes}",
+                keep_bytes=KEPT_OF_OVERSIZED_BODY,
             )
         entry = routes.by_type.get(message.type or "")
         if entry is None:
@@ -350,7 +356,9 @@ class Consumers:
         await self._nack(message)
         return "retried"
 
-    async def _dead(self, routes: _Routes, message: _Delivered, reason: str) -> str:
+    async def _dead(
+        self, routes: _Routes, message: _Delivered, reason: str, keep_bytes: int | None = None
+    ) -> str:
         """Move a delivery to ``<queue>.dead`` with the reason in a header, then ack it (or,
         where it cannot be moved, hand it back to be tried again).
 
@@ -365,7 +373,13 @@ class Consumers:
             self._acker(message).settled_otherwise(message.delivery_tag)
             routes.settled(message)
             return "dead_lettered"
+        body = message.body
         headers = dict(message.headers)
+        if keep_bytes is not None and len(body) > keep_bytes:
+            # The reason is what an operator needs; a copy of an oversized body per consuming
+            # service is what a cell flooding them would fill the broker's storage with.
+            body = body[:keep_bytes]
+            headers[ORIGINAL_BYTES_HEADER] = len(message.body)
         headers.update(
             {
                 DEAD_REASON_HEADER: reason,
@@ -375,7 +389,7 @@ class Consumers:
             }
         )
         dead = aio_pika.Message(
-            message.body,
+            body,
             content_type=message.content_type,
             delivery_mode=DeliveryMode.PERSISTENT,
             type=message.type,

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 import aio_pika
 import pytest
 
-from common.bus.consume import DEAD_REASON_HEADER
+from common.bus.consume import DEAD_REASON_HEADER, KEPT_OF_OVERSIZED_BODY, ORIGINAL_BYTES_HEADER
 from common.bus.errors import (
     PublishNacked,
     PublishRefused,
@@ -123,7 +123,8 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_the_stream_flows
     assert handled == [1, 2]
     dead_queue = dead_letter_name(queue)
     await eventually(lambda: _count_is(bus, dead_queue, 6), what="six dead letters", timeout=10)
-    reasons = [m.headers[DEAD_REASON_HEADER] for m in await read_all(services.amqp_url, dead_queue)]
+    dead = await read_all(services.amqp_url, dead_queue)
+    reasons = [m.headers[DEAD_REASON_HEADER] for m in dead]
     assert len(reasons) == 6
     assert "Invalid JSON" in str(reasons[0])
     assert "seq" in str(reasons[1]) and "sent_at" in str(reasons[1])
@@ -131,6 +132,9 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_the_stream_flows
     assert str(reasons[3]).startswith("invalid cell.heartbeat.v1")
     assert str(reasons[4]).startswith("invalid cell.heartbeat.v1")
     assert "exceeds" in str(reasons[5])
+    # The reason is kept, not a copy of the oversized body: its first bytes and its size.
+    assert len(dead[5].body) == KEPT_OF_OVERSIZED_BODY
+    assert dead[5].headers[ORIGINAL_BYTES_HEADER] == 300_000
 
 
 async def _count_is(bus: RabbitBus, queue: str, n: int) -> bool:
