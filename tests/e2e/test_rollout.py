@@ -283,15 +283,24 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 async def test_rollout_watch_follows_a_rollout_to_its_end(fleet: Fleet, procs: Processes) -> None:
+    """`rollout watch --json` prints a line at each change until the rollout completes. The
+    rollout is paused until the watch has drawn its first frame, so the changes it follows do
+    not depend on how fast a loaded machine starts the command."""
     await fleet.add("staging")
     await fleet.add("dedicated", 2)
     version = await fleet.publish(1)
+    code, _, err = await procs.ctl("rollout", "pause", version)
+    assert code == 0, err
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "substratectl"), "--json", "rollout", "watch", version,
         "--interval", "0.2", env=procs.env(), stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    assert process.stdout is not None
+    first = json.loads(await asyncio.wait_for(process.stdout.readline(), 60))
+    code, _, err = await procs.ctl("rollout", "resume", version)
+    assert code == 0, err
     out, _ = await asyncio.wait_for(process.communicate(), 90)
     assert process.returncode == 0
-    frames = _json_lines(out.decode())
+    frames = [first, *_json_lines(out.decode())]
     assert frames[-1]["state"] == "completed"
     assert len(frames) >= 3 and frames[0]["version"] == version
