@@ -386,7 +386,8 @@ async def until(check: Callable[[], Awaitable[bool]], interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _online_at_least(bench: Bench, n: int) -> bool:
+async def online_at_least(bench: Bench, n: int) -> bool:
+    """The registry counts at least ``n`` cells online (asked with a status request)."""
     return await bench.online_count() >= n
 
 
@@ -436,7 +437,7 @@ async def ingest(args: argparse.Namespace) -> None:
         took = await bench.connect_cells()
         print(f"  {args.cells} cells connected in {took:.1f}s", flush=True)
         await gather_limited(args.cells, 200, lambda i: bench.cells[i].register())
-        await until(lambda: _online_at_least(bench, args.cells), 0.2)
+        await until(lambda: online_at_least(bench, args.cells), 0.2)
         print(f"  {args.cells} cells online", flush=True)
 
         raw_queue = "bench.raw-heartbeats"

@@ -44,6 +44,7 @@ from bench.fleet import (
     bench_environment,
     broker_and_redis_pids,
     events_taken_in,
+    online_at_least,
     until,
 )
 from common.messages import Component, DesiredState, Release
@@ -202,11 +203,7 @@ async def rounds(
     await bench.control.call(NO_SOAKS)
 
     # Every cell registered and known to rollout (from the registry's events).
-    async def all_online() -> bool:
-        online: int = await bench.online_count()
-        return online >= int(args.cells)
-
-    await until(all_online, 0.2)
+    await until(lambda: online_at_least(bench, args.cells), 0.2)
 
     # Until the services have taken in the registrations' events (rollout starts with them
     # all queued, and the registry's outbox may still hold some), so that the fleet is at rest

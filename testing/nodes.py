@@ -284,9 +284,6 @@ class PrivateCluster:
     async def kill(self) -> None:
         await asyncio.gather(*(node.kill() for node in self.nodes))
 
-    def by_name(self, erlang_node: str) -> PrivateRabbit:
-        return next(n for n in self.nodes if n.node == erlang_node)
-
 
 @dataclass
 class PrivateRedis:

@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import pytest
 
-from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
 from testing.fleet import Fleet, quick_fleet
@@ -21,7 +20,7 @@ from testing.ledger import CELLS, Ledger, applied, applier_env
 from testing.nodes import PrivateCluster, PrivateRedis, running
 from testing.polling import eventually
 from testing.processes import Processes, start_registry
-from testing.services import Services, isolated_services
+from testing.services import Services, declare_control_plane, isolated_services
 from testing.simulator import Simulators, gather_limited
 
 SERVICE_QUEUES = ("registry.cells", "rollout.cells", "rollout.events", "flags.cells")
@@ -44,11 +43,8 @@ async def private(cluster: PrivateCluster, redis_node: PrivateRedis) -> AsyncIte
     first, second = cluster.nodes[0], cluster.nodes[1]
     urls = (cluster.amqp_url, second.api_url, redis_node.url)
     async with isolated_services(urls, "cluster") as own:
-        bus = await RabbitBus.connect(
-            f"{first.amqp_url.rstrip('/')}/{quote(own.vhost, safe='')}", name="cluster-topology"
-        )
-        await bus.declare(topology.control_plane())
-        await bus.close()
+        first_url = f"{first.amqp_url.rstrip('/')}/{quote(own.vhost, safe='')}"
+        await declare_control_plane(first_url, "cluster-topology")
         yield own
         # Deleting the vhost's quorum queues waits for every member: the killed node comes back
         # first (as an operator would bring it back).
