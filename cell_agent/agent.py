@@ -35,7 +35,7 @@ from cell_agent.pending import (
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
-from common import broker_urls
+from common import broker_urls, sealing
 from common.bus.errors import BusError, QueueMissing
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
@@ -53,6 +53,7 @@ from common.messages import (
     FlagsSnapshot,
     InfraRequired,
     RotateCredentials,
+    SealedRotateCredentials,
     command_queue,
 )
 from common.metrics import MetricsServer, Response
@@ -291,6 +292,7 @@ class Agent:
                 template_version=self.template_version,
                 installed_release=self.installed[0],
                 incarnation=state.incarnation,
+                rotation_key=self.state.public_key(),
             )
         )
         if sent:
@@ -330,18 +332,40 @@ class Agent:
 
     # -- commands -------------------------------------------------------------------------------
 
+    async def on_sealed_rotate_credentials(
+        self, msg: SealedRotateCredentials, delivery: Delivery
+    ) -> None:
+        """A new password sealed to this agent's key. One that does not open (sealed to a key
+        an earlier state directory held) is dropped: the operator delivers the URL by hand."""
+        if self.state.credential_id(self.settings.amqp_url) == msg.credential_id:
+            return
+        try:
+            password = self.state.unseal(msg.sealed_password, msg.sealing_context())
+        except sealing.SealingError:
+            log.error(
+                "rotated credentials %s were sealed to another key than this agent's (%s): "
+                "ask the operator for the new URL (cells rotate-credentials --rebind)",
+                msg.credential_id,
+                sealing.fingerprint(self.state.public_key()),
+            )
+            return
+        await self._take_password(msg.credential_id, password)
+
     async def on_rotate_credentials(self, msg: RotateCredentials, delivery: Delivery) -> None:
+        if self.state.credential_id(self.settings.amqp_url) == msg.credential_id:
+            return
+        await self._take_password(msg.credential_id, msg.password)
+
+    async def _take_password(self, credential_id: str, password: str) -> None:
         """Take the new password on the open connection, keep it on disk, then confirm it in a
         heartbeat. Idempotent: a redelivered rotation that is already in force is a no-op."""
         env_url = self.settings.amqp_url
-        if self.state.credential_id(env_url) == msg.credential_id:
-            return
         assert self.bus is not None
-        await self.bus.update_secret(msg.password)
+        await self.bus.update_secret(password)
         current = self.state.broker_url(env_url)
-        new_url = broker_urls.with_password(current, msg.password)
-        self.state.rotate(env_url, new_url, msg.credential_id)
-        log.info("credentials rotated to %s", msg.credential_id)
+        new_url = broker_urls.with_password(current, password)
+        self.state.rotate(env_url, new_url, credential_id)
+        log.info("credentials rotated to %s", credential_id)
         # Confirm after this handler returns (and the command is acked).
         confirm = asyncio.get_running_loop().create_task(self.heartbeat())
         self._background.add(confirm)
@@ -419,6 +443,7 @@ class Agent:
         await bus.consume(
             command_queue(self.settings.id),
             [
+                route(SealedRotateCredentials, self.on_sealed_rotate_credentials),
                 route(RotateCredentials, self.on_rotate_credentials),
                 route(DesiredState, self.upgrader.on_desired_state),
                 route(FlagsSnapshot, self.on_flags_snapshot),

@@ -38,8 +38,13 @@ class Progress(BaseModel):
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` whole (a crash leaves the old file or the new one), readable
+    by the agent's user only: the state directory holds the cell's broker URL and the key its
+    rotated secrets are sealed to, and what is next to them need not be read by others."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    # Made 0600 before anything is written to it; a leftover temporary file's mode is not kept.
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -1,19 +1,22 @@
 """What the agent knows, kept in CELL_STATE_DIR so a restart loses nothing.
 
-One JSON file, replaced atomically (write, fsync, rename). Sequence numbers are reserved in
-blocks so a heartbeat does not cost a disk write, and a restart skips to the end of the last
-block: numbers may jump, they never repeat or go back.
+One JSON file, replaced atomically (write, fsync, rename), readable by the agent's user only:
+it holds the broker URL a rotation gave and the key rotated secrets are sealed to. Sequence
+numbers are reserved in blocks so a heartbeat does not cost a disk write, and a restart skips
+to the end of the last block: numbers may jump, they never repeat or go back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+from cell_agent.journal import write_atomically
+from common import sealing
 
 SEQ_BLOCK = 100
 
@@ -36,33 +39,31 @@ class AgentState(BaseModel):
     incarnation: str
     seq_reserved_until: int = 0
     credentials: Credentials | None = None
+    # The private half of the key the registry seals rotated secrets to (made once; a state
+    # written before sealing gets one at the next start).
+    rotation_key: str | None = None
 
 
 class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "agent-state.json"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists():
             self.state = AgentState.model_validate_json(self.path.read_text())
+            if self.state.rotation_key is None or self.path.stat().st_mode & 0o077:
+                self.state.rotation_key = self.state.rotation_key or sealing.new_private_key()
+                self.save()
         else:
-            self.state = AgentState(incarnation=uuid.uuid4().hex)
+            self.state = AgentState(
+                incarnation=uuid.uuid4().hex, rotation_key=sealing.new_private_key()
+            )
             self.save()
         # Start past anything a previous run may have used.
         self._next_seq = self.state.seq_reserved_until
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            f.write(self.state.model_dump_json(indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, self.state.model_dump_json(indent=2))
 
     def next_seq(self) -> int:
         if self._next_seq >= self.state.seq_reserved_until:
@@ -84,6 +85,14 @@ class StateStore:
             return creds.credential_id
         return None
 
+    def public_key(self) -> str:
+        assert self.state.rotation_key is not None
+        return sealing.public_key(self.state.rotation_key)
+
+    def unseal(self, sealed: str, context: str) -> str:
+        assert self.state.rotation_key is not None
+        return sealing.unseal(self.state.rotation_key, sealed, context)
+
     def rotate(self, env_url: str, new_url: str, credential_id: str) -> None:
         self.state.credentials = Credentials(
             url=new_url, credential_id=credential_id, replaced_env_url=_digest(env_url)
@@ -96,4 +105,8 @@ def dump(state: AgentState) -> str:
     data = json.loads(state.model_dump_json())
     if data.get("credentials"):
         data["credentials"] = {"credential_id": data["credentials"]["credential_id"]}
+    private = data.pop("rotation_key", None)
+    if private:
+        # What the operator's ``cells show`` calls the cell's rotation key, to compare.
+        data["rotation_key"] = sealing.public_key(private)
     return json.dumps(data, indent=2)

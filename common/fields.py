@@ -29,6 +29,10 @@ StackName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,127}$")]
 RoleArn = Annotated[
     str, Field(pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
 ]
+# An agent's X25519 public key (common/sealing.py): 32 bytes, base64url without padding.
+PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$")]
+# A secret sealed to one: the ephemeral key, nonce, ciphertext and tag, base64url.
+Sealed = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{100,400}$")]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

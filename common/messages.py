@@ -17,8 +17,10 @@ from common.fields import (
     CellId,
     Digest,
     Name,
+    PublicKey,
     Region,
     RoleArn,
+    Sealed,
     StackName,
     Text,
     Version,
@@ -158,6 +160,9 @@ class CellRegister(CellReport):
     # Made once with the agent's state directory. A registration from a new incarnation (a
     # re-bootstrapped cell) starts a new sequence; within one, ``seq`` only grows.
     incarnation: Name | None = None
+    # The agent's public key (common/sealing.py), bound at the first registration that has
+    # one: a rotated secret is sealed to it.
+    rotation_key: PublicKey | None = None
 
 
 @wire("cell.heartbeat.v1")
@@ -478,8 +483,27 @@ class InfraRequired(Command):
 
 @wire("command.rotate-credentials.v1")
 class RotateCredentials(Command):
+    """The new secret in the clear: what a control plane before sealing sent. Agents still
+    take it; the control plane sends only the sealed one."""
+
     credential_id: str
     password: str
+
+
+@wire("command.rotate-credentials.v2")
+class SealedRotateCredentials(Command):
+    """The new secret sealed to the key the agent registered (common/sealing.py), with
+    ``<cell_id>:<credential_id>`` as the associated data: a reader of the queue learns nothing."""
+
+    credential_id: Name
+    sealed_password: Sealed
+
+    def sealing_context(self) -> str:
+        return sealing_context(self.cell_id, self.credential_id)
+
+
+def sealing_context(cell_id: str, credential_id: str) -> str:
+    return f"{cell_id}:{credential_id}"
 
 
 # ---------------------------------------------------------------------------------------------

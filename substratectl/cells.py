@@ -106,16 +106,24 @@ async def show(ctl: Ctl) -> int:
 
 
 def _rotated(result: RotatedCredentials) -> str:
+    if result.status == "deliver_by_hand":
+        return (
+            f"new credentials {result.credential_id} for {result.id}: no key of its agent is "
+            "bound, so nothing was sent and every connection of the cell was closed.\n"
+            "Give the customer this URL (shown once) as CELL_AMQP_URL:\n"
+            f"  {result.amqp_url}"
+        )
     return (
-        f"new credentials {result.credential_id} sent to {result.id}'s agent; the old "
-        "password no longer opens new connections.\n"
+        f"new credentials {result.credential_id} sent to {result.id}'s agent, sealed to its "
+        f"key {result.rotation_key}; the old password no longer opens new connections.\n"
         "If the agent is offline, give the customer this URL (shown once) as CELL_AMQP_URL:\n"
         f"  {result.amqp_url}"
     )
 
 
 async def rotate(ctl: Ctl) -> int:
-    return await ctl.ask(CellsRotateCredentials(id=ctl.args.id), _rotated)
+    request = CellsRotateCredentials(id=ctl.args.id, rebind=ctl.args.rebind)
+    return await ctl.ask(request, _rotated)
 
 
 async def decommission(ctl: Ctl) -> int:
@@ -177,6 +185,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("rotate-credentials", help="give the cell's agent a new password")
     p.add_argument("id")
+    p.add_argument(
+        "--rebind",
+        action="store_true",
+        help="forget the agent's bound key: send nothing, close every connection now, and "
+        "print the URL to deliver by hand",
+    )
     p.set_defaults(run=rotate)
 
     p = cmds.add_parser(

@@ -36,6 +36,9 @@ class CellView(Response):
     flags_snapshot_version: int | None = None
     credential_id: str | None = None
     credentials_pending: bool = False
+    # The public key the cell's rotated secrets are sealed to (``cell-agent status`` shows
+    # the agent's own, to compare).
+    rotation_key: str | None = None
     decommissioned_at: datetime | None = None
     # Its infrastructure template's compliance (infra_compliance decides, the registry shows).
     compliance: ComplianceState | None = None
@@ -70,11 +73,18 @@ class AuditEntry(Response):
 
 
 class RotatedCredentials(Response):
+    """``pending_confirmation``: the new secret went to the agent sealed to its key, and the
+    old one's connections close when the agent confirms (or after ``grace_seconds``).
+    ``deliver_by_hand``: the cell has no key bound (an agent from before sealing, or
+    ``--rebind``), so nothing was sent and every connection was closed at once: the customer
+    sets ``amqp_url`` as CELL_AMQP_URL."""
+
     id: str
     credential_id: str
-    status: Literal["pending_confirmation"]
+    status: Literal["pending_confirmation", "deliver_by_hand"]
     amqp_url: str
     grace_seconds: float
+    rotation_key: str | None = None
 
 
 class RegistryServiceStatus(ServiceStatus):
@@ -120,6 +130,9 @@ class CellsShow(Request[ListedCell]):
 @rpc("registry", "cells.rotate_credentials")
 class CellsRotateCredentials(Request[RotatedCredentials]):
     id: str
+    # Forget the agent's bound key (its state directory was lost or may be in other hands):
+    # the new URL is delivered by hand and the next registration binds a key again.
+    rebind: bool = False
 
 
 @rpc("registry", "cells.decommission")

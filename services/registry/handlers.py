@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common import sealing
 from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import (
@@ -26,7 +27,8 @@ from common.messages import (
     FlagsChanged,
     InfraComplianceChanged,
     Message,
-    RotateCredentials,
+    SealedRotateCredentials,
+    sealing_context,
 )
 from common.requests import ServiceStatus, Status
 from common.requests.registry import (
@@ -104,6 +106,13 @@ async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) ->
     now = deps.clock.now()
     t = await deps.store.transition(msg.cell_id, lambda r: transitions.register(r, msg, now))
     metrics.REGISTRATIONS.labels(t.outcome).inc()
+    if t.foreign_rotation_key:
+        metrics.REGISTRATIONS.labels("foreign_rotation_key").inc()
+        log.warning(
+            "cell %s registered with another key than the one bound; the bound key is kept "
+            "(rotate with --rebind if the agent's state directory was replaced)",
+            msg.cell_id,
+        )
     if t.refusal is not None:
         log.warning("refused registration of %s: %s", msg.cell_id, t.refusal.reason)
         raise Refused(f"registration refused: {t.refusal.reason}")
@@ -250,12 +259,16 @@ async def on_flags_changed(msg: FlagsChanged, delivery: Delivery, deps: Deps) ->
 async def cells_rotate_credentials(
     req: CellsRotateCredentials, delivery: Delivery, deps: Deps
 ) -> RotatedCredentials:
-    """Switch the cell's broker password and deliver the new one over its command queue.
+    """Switch the cell's broker password and deliver the new one sealed to the agent's key.
 
     The broker holds one password per user, so the old one stops working for new connections
     at once; the agent's open connection stays up, takes the new secret (AMQP update-secret)
-    and confirms in its next heartbeat. A connection still unconfirmed after the grace period
-    is closed. The new URL is also returned, once, for a cell that is offline now.
+    and confirms in its next heartbeat, and then every connection opened with the old one is
+    closed (``on_credentials_confirmed``). The command queue is readable by whoever holds the
+    old secret, so the new one travels sealed to the key the agent registered: only the
+    agent's state directory opens it. A cell with no key bound (an agent from before sealing,
+    or ``rebind``) is sent nothing and cut off at once; the URL returned, once, is delivered
+    to the customer by hand, as it is for a cell that is offline now.
     """
     cell = await _must_get(req.id, deps)
     if cell.status == "decommissioned":
@@ -263,11 +276,33 @@ async def cells_rotate_credentials(
     password = secrets.token_urlsafe(24)
     credential_id = uuid.uuid4().hex[:12]
     now = deps.clock.now()
+    key = None if req.rebind else cell.rotation_key
     await deps.accounts.set_password(req.id, password)
+    url = cell_amqp_url(deps.cell_broker_url, req.id, password)
+    if key is None:
+        await deps.store.transition(
+            req.id, lambda r: transitions.replace_credential(r, credential_id)
+        )
+        closed = await deps.accounts.close_connections(
+            req.id, "credentials rotated: reconnect with the new secret"
+        )
+        metrics.ROTATIONS.labels("by_hand").inc()
+        log.info("cell %s: new credentials to deliver by hand; closed %d", req.id, closed)
+        return RotatedCredentials(
+            id=req.id,
+            credential_id=credential_id,
+            status="deliver_by_hand",
+            amqp_url=url,
+            grace_seconds=0.0,
+        )
     await deps.store.transition(req.id, lambda r: transitions.start_rotation(r, credential_id, now))
+    context = sealing_context(req.id, credential_id)
     await deps.publisher.publish(
-        RotateCredentials(
-            cell_id=req.id, issued_at=now, credential_id=credential_id, password=password
+        SealedRotateCredentials(
+            cell_id=req.id,
+            issued_at=now,
+            credential_id=credential_id,
+            sealed_password=sealing.seal(key, password, context),
         )
     )
     metrics.ROTATIONS.labels("started").inc()
@@ -275,8 +310,9 @@ async def cells_rotate_credentials(
         id=req.id,
         credential_id=credential_id,
         status="pending_confirmation",
-        amqp_url=cell_amqp_url(deps.cell_broker_url, req.id, password),
+        amqp_url=url,
         grace_seconds=deps.credential_grace,
+        rotation_key=key,
     )
 
 

@@ -41,6 +41,9 @@ class CellFields(TypedDict, total=False):
     rotation_started_at: datetime | None
     # Bound at the first registration (or at creation).
     aws_account_id: str | None
+    # The agent's public key a rotated secret is sealed to (common/sealing.py): bound at the
+    # first registration that presents one; only an operator's rotation with --rebind clears it.
+    rotation_key: str | None
     registered_at: datetime
     # The agent's run (a new state directory is a new incarnation) and its report sequence.
     incarnation: str | None
@@ -77,6 +80,7 @@ CellField = Literal[
     "pending_credential_id",
     "rotation_started_at",
     "aws_account_id",
+    "rotation_key",
     "registered_at",
     "incarnation",
     "last_seq",
@@ -110,6 +114,7 @@ class CellRecord:
     region: str | None = None
     org: str | None = None
     aws_account_id: str | None = None
+    rotation_key: str | None = None
     last_seq: int | None = None
     incarnation: str | None = None
     registered_at: datetime | None = None
@@ -150,6 +155,7 @@ class CellRecord:
             region=text("region"),
             org=text("org"),
             aws_account_id=text("aws_account_id"),
+            rotation_key=text("rotation_key"),
             last_seq=number("last_seq"),
             incarnation=text("incarnation"),
             registered_at=time("registered_at"),

@@ -116,6 +116,9 @@ class Transition(NamedTuple):
     audit: AuditEntry | None = None
     # A heartbeat that carried the credential a rotation is waiting for.
     confirmed_rotation: bool = False
+    # A registration that presented another key than the one bound (kept: a holder of the
+    # cell's URL must not be able to have the next rotated secret sealed to its own key).
+    foreign_rotation_key: bool = False
     # How long the stay in maintenance that just ended lasted.
     maintenance_seconds: float | None = None
 
@@ -154,7 +157,7 @@ def create(record: CellRecord, cell: CellsCreate, credential_id: str, now: datet
 # -- registration -------------------------------------------------------------------------------
 
 _REGISTRATION_READS: frozenset[CellField] = frozenset(
-    {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
+    {"status", "aws_account_id", "last_seq", "incarnation", "registered_at", "rotation_key"}
 )
 
 
@@ -198,10 +201,17 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
     }
     if record.registered_at is None:
         changes["registered_at"] = now
+    if record.rotation_key is None and msg.rotation_key is not None:
+        changes["rotation_key"] = msg.rotation_key
     return Transition(
         Outcome.REGISTERED,
         changes=changes,
         read=_REGISTRATION_READS,
+        foreign_rotation_key=(
+            record.rotation_key is not None
+            and msg.rotation_key is not None
+            and msg.rotation_key != record.rotation_key
+        ),
         events=(
             CellRegistered(
                 at=now,
@@ -401,6 +411,25 @@ def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Tra
     return Transition(
         Outcome.ROTATION_STARTED,
         changes={"pending_credential_id": credential_id, "rotation_started_at": now},
+        read=frozenset({"status"}),
+    )
+
+
+def replace_credential(record: CellRecord, credential_id: str) -> Transition:
+    """A new password delivered by hand: in force at once, nothing to confirm, and the bound
+    key forgotten (the next registration binds one again)."""
+    if record.status is None:
+        return Transition(Outcome.UNKNOWN_CELL)
+    if record.status == "decommissioned":
+        return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    return Transition(
+        Outcome.ROTATION_ENDED,
+        changes={
+            "credential_id": credential_id,
+            "pending_credential_id": None,
+            "rotation_started_at": None,
+            "rotation_key": None,
+        },
         read=frozenset({"status"}),
     )
 

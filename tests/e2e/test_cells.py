@@ -14,7 +14,8 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ProbableAuthenticationError
 
-from common.messages import CellRegister
+from common import broker_urls
+from common.messages import CellRegister, command_queue
 from testing.broker import raw_publish
 from testing.cells import create_cell, create_stack, new_cell_id, show, start_agent, status_is
 from testing.polling import eventually
@@ -214,6 +215,47 @@ async def test_rotation_evicts_the_old_secret_and_the_agent_carries_on_with_the_
     await eventually(
         lambda: _heartbeat_after(procs, cell, first), timeout=10, interval=0.3, what="heartbeat"
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_a_reader_of_the_cells_queue_never_learns_the_rotated_secret(
+    procs: Processes, registry: Registry, moto: str, tmp_path: Path, services: Services
+) -> None:
+    """Whoever holds the cell's old URL can read its command queue: the rotation command it
+    takes there carries the new secret sealed to the agent's key, which opens nothing. (It
+    carried the password in the clear: the thief confirmed it and logged in.)"""
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell, created = onboarded.cell_id, onboarded.created
+    record = await show(procs, cell)
+    assert record["rotation_key"], "the agent registered the key its secrets are sealed to"
+    # The thief alone reads the queue now.
+    assert await procs.stop(onboarded.agent) == 0
+    thief = await aio_pika.connect(created["amqp_url"])
+    channel = await thief.channel()
+    queue = await channel.get_queue(command_queue(cell), ensure=False)
+
+    code, rotated, err = await procs.ctl("cells", "rotate-credentials", cell)
+    assert code == 0 and rotated["status"] == "pending_confirmation", err
+    new_password = rotated["amqp_url"].split(":")[2].split("@")[0]
+    read: list[tuple[str | None, bytes]] = []
+
+    async def rotation_read() -> bool:
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            read.append((message.type, message.body))
+        return any("rotate-credentials" in (kind or "") for kind, _ in read)
+
+    await eventually(rotation_read, timeout=15, what="the rotation command in the queue")
+    assert all(new_password.encode() not in body for _, body in read)
+    (command,) = [json.loads(body) for kind, body in read if "rotate-credentials" in (kind or "")]
+    await thief.close()
+    for value in command.values():
+        if isinstance(value, str):
+            url = broker_urls.with_password(created["amqp_url"], value)
+            with pytest.raises(ProbableAuthenticationError):
+                await aio_pika.connect(url)
+    fresh = await aio_pika.connect(rotated["amqp_url"])
+    await fresh.close()
 
 
 async def _closed(connection: aio_pika.abc.AbstractConnection) -> bool:

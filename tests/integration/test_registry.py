@@ -7,14 +7,23 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from common import sealing
 from common.bus.errors import Refused, RpcFailure
 from common.clock import FakeClock
-from common.messages import CellHeartbeat, CellMaintenance, CellRegister, Delivery, Message
+from common.messages import (
+    CellHeartbeat,
+    CellMaintenance,
+    CellRegister,
+    Delivery,
+    Message,
+    SealedRotateCredentials,
+)
 from common.requests import Status
 from common.requests.registry import (
     MAX_PAGE,
@@ -127,15 +136,23 @@ async def create(deps: handlers.Deps, cell_id: str, **extra: str) -> dict[str, o
     return created.model_dump(mode="json")
 
 
-async def registered(deps: handlers.Deps) -> str:
-    """A new cell, created and registered from ACCOUNT with sequence number 1."""
+# The agent's key: rotated secrets are sealed to its public half.
+AGENT_KEY = sealing.new_private_key()
+
+
+async def registered(deps: handlers.Deps, key: str | None = AGENT_KEY) -> str:
+    """A new cell, created and registered from ACCOUNT with sequence number 1, presenting the
+    public half of ``key`` (None: an agent from before sealing)."""
     cell = new_cell_id()
     await create(deps, cell)
-    await handlers.on_cell_register(register_msg(cell, 1), delivery(cell, "register"), deps=deps)
+    public = sealing.public_key(key) if key else None
+    await handlers.on_cell_register(
+        register_msg(cell, 1, rotation_key=public), delivery(cell, "register"), deps=deps
+    )
     return cell
 
 
-def register_msg(cell_id: str, seq: int, account: str = ACCOUNT, **kw: str) -> CellRegister:
+def register_msg(cell_id: str, seq: int, account: str = ACCOUNT, **kw: str | None) -> CellRegister:
     fields = {"agent_version": "1.0", "region": "eu-west-1", "incarnation": "i1", **kw}
     return CellRegister(
         cell_id=cell_id, seq=seq, sent_at=datetime.now(UTC), aws_account_id=account, **fields
@@ -331,6 +348,13 @@ async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
     assert isinstance(publisher, FakePublisher)
     (command,) = publisher.sent
     assert command.routing_key() == cell
+    # The new secret is in the command only sealed to the agent's key, for this rotation.
+    assert isinstance(command, SealedRotateCredentials)
+    new_password = result.amqp_url.split(":")[2].split("@")[0]
+    assert new_password not in command.model_dump_json()
+    assert sealing.unseal(AGENT_KEY, command.sealed_password, command.sealing_context()) == (
+        new_password
+    )
     view = await deps.store.get(cell)
     assert view is not None and view.credentials_pending
 
@@ -344,6 +368,55 @@ async def test_rotation_is_confirmed_by_a_heartbeat_carrying_the_new_credential(
     assert view.credential_id == result.credential_id
     clock.advance(10_000)
     assert await deps.store.overdue_rotations(clock.now()) == []
+
+
+async def test_a_cell_without_a_bound_key_is_sent_nothing_and_cut_off_at_once(
+    deps: handlers.Deps,
+) -> None:
+    """An agent from before sealing (or a rotation with rebind): the new secret is not sent
+    where a holder of the old one could read it; every connection closes now, the new
+    credential is in force, and the operator delivers the URL by hand."""
+    accounts = deps.accounts
+    publisher = deps.publisher
+    assert isinstance(accounts, FakeAccounts) and isinstance(publisher, FakePublisher)
+    for cell, request in (
+        (await registered(deps, key=None), CellsRotateCredentials),
+        (await registered(deps), partial(CellsRotateCredentials, rebind=True)),
+    ):
+        publisher.sent.clear()
+        result = await handlers.cells_rotate_credentials(
+            request(id=cell), delivery(cell, "rpc"), deps=deps
+        )
+        assert result.status == "deliver_by_hand" and publisher.sent == []
+        assert accounts.closed[-1] == cell
+        view = await deps.store.get(cell)
+        assert view is not None and not view.credentials_pending
+        assert view.credential_id == result.credential_id and view.rotation_key is None
+
+
+async def test_a_second_key_never_replaces_the_one_the_cell_first_registered(
+    deps: handlers.Deps,
+) -> None:
+    """A holder of the cell's URL registering its own key does not get the next rotated
+    secret sealed to it."""
+    cell = await registered(deps)
+    thief_key = sealing.new_private_key()
+    await handlers.on_cell_register(
+        register_msg(cell, 2, incarnation="thief", rotation_key=sealing.public_key(thief_key)),
+        delivery(cell, "register"),
+        deps=deps,
+    )
+    view = await deps.store.get(cell)
+    assert view is not None and view.rotation_key == sealing.public_key(AGENT_KEY)
+    await handlers.cells_rotate_credentials(
+        CellsRotateCredentials(id=cell), delivery(cell, "rpc"), deps=deps
+    )
+    publisher = deps.publisher
+    assert isinstance(publisher, FakePublisher)
+    command = publisher.sent[-1]
+    assert isinstance(command, SealedRotateCredentials)
+    with pytest.raises(sealing.SealingError):
+        sealing.unseal(thief_key, command.sealed_password, command.sealing_context())
 
 
 async def test_decommissioned_cells_are_kept_and_refused(

@@ -48,7 +48,8 @@ def test_a_record_reads_back_what_was_written() -> None:
     at = datetime(2026, 12, 1, tzinfo=UTC)
     written: CellFields = {
         "status": "offline", "stage": "saas", "region": "eu-west-1", "org": "acme",
-        "aws_account_id": "123456789012", "last_seq": 7, "incarnation": "i",
+        "aws_account_id": "123456789012", "rotation_key": "k" * 43, "last_seq": 7,
+        "incarnation": "i",
         "registered_at": at, "last_heartbeat_at": at, "pending_credential_id": "c2",
         "maintenance_since": at, "last_maintenance_seq": 6, "infra_template_version": "2",
         "compliance_at": 1.5,

@@ -36,10 +36,13 @@ def record(**fields: object) -> CellRecord:
     return CellRecord(**{**base, **fields})  # type: ignore[arg-type]
 
 
-def register(seq: int = 1, account: str = ACCOUNT, incarnation: str | None = "i1") -> CellRegister:
+def register(
+    seq: int = 1, account: str = ACCOUNT, incarnation: str | None = "i1", key: str | None = None
+) -> CellRegister:
     return CellRegister(cell_id="acme", seq=seq, sent_at=NOW, agent_version="1.0",
                         aws_account_id=account, region="eu-west-1", incarnation=incarnation,
-                        installed_release="2026.11.1", template_version="1")  # fmt: skip
+                        installed_release="2026.11.1", template_version="1",
+                        rotation_key=key)  # fmt: skip
 
 
 def heartbeat(seq: int = 5, **kw: object) -> CellHeartbeat:
@@ -88,7 +91,30 @@ def test_a_first_registration_binds_the_account_and_brings_the_cell_online() -> 
     assert done.changes["registered_at"] == NOW and done.changes["last_heartbeat_at"] == NOW
     (registered,) = done.events
     assert isinstance(registered, CellRegistered) and registered.org == "acme"
-    assert done.read == {"status", "aws_account_id", "last_seq", "incarnation", "registered_at"}
+    assert done.read == {
+        "status", "aws_account_id", "last_seq", "incarnation", "registered_at", "rotation_key"
+    }  # fmt: skip
+
+
+def test_the_first_key_a_cell_registers_is_bound_and_another_never_replaces_it() -> None:
+    first, other = "a" * 43, "b" * 43
+    bound = t.register(record(status="created"), register(key=first), NOW)
+    assert bound.changes["rotation_key"] == first and not bound.foreign_rotation_key
+    # A new incarnation (or a holder of the cell's URL) presenting another key: registered,
+    # but the next rotated secret is still sealed to the first key.
+    again = t.register(
+        record(status="online", rotation_key=first, last_seq=1, incarnation="i1"),
+        register(seq=2, incarnation="i2", key=other),
+        NOW,
+    )
+    assert again.outcome is Outcome.REGISTERED and again.foreign_rotation_key
+    assert "rotation_key" not in again.changes
+
+
+def test_a_credential_delivered_by_hand_is_in_force_at_once_and_forgets_the_key() -> None:
+    done = t.replace_credential(record(status="online", rotation_key="a" * 43), "c9")
+    assert done.changes["credential_id"] == "c9" and done.changes["rotation_key"] is None
+    assert done.changes["pending_credential_id"] is None
 
 
 def test_a_registration_again_keeps_the_first_registration_time() -> None:
