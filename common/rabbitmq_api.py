@@ -114,6 +114,12 @@ class RabbitApi:
             {"exchange": exchange, "write": write, "read": read},
         )
 
+    async def put_policy(
+        self, vhost: str, name: str, pattern: str, definition: dict[str, str | int]
+    ) -> None:
+        body = {"pattern": pattern, "definition": definition, "apply-to": "queues", "priority": 0}
+        await self.call("PUT", f"/policies/{_q(vhost)}/{_q(name)}", body)
+
     async def set_user_limit(self, user: str, name: str, value: int) -> None:
         await self.call("PUT", f"/user-limits/{_q(user)}/{_q(name)}", {"value": value})
 

@@ -78,6 +78,12 @@ class ServiceSettings(ControlPlaneSettings):
         description="pause before a delivery whose handler failed is tried again, doubled at "
         "each failure after the first (capped at 30 s) until the delivery limit dead-letters it",
     )
+    cell_budgets: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="per kind of cell report, [rate a second, burst] a cell may send before "
+        'the rest is not applied (JSON, e.g. {"sync": [1, 20]}; a rate of 0 is no limit); '
+        "kinds not named keep common/limits.py's defaults",
+    )
     # Where the broker's definitions already hold the topology (compose loads them at boot), a
     # least-privileged service user has no configure permission to declare it again.
     declare_topology: bool = Field(

@@ -68,6 +68,54 @@ class QueueSpec:
         return args
 
 
+# The broker refuses a body larger than this (rabbitmq.conf ``max_message_size``; its default,
+# 128 MiB, let one cell put 128 MiB into a queue per publish). The largest legitimate message is
+# an operator's page of cells (MAX_PAGE of about 1.5 KiB each); what a cell sends is refused by
+# the services past 256 KiB (common/bus/consume.py). Every deployment sets it: compose's
+# rabbitmq.conf, scripts/ensure-services.sh for make dev and make test, the tests' own brokers.
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A broker policy on queues. Only one policy applies to a queue (the highest priority that
+    matches), so these patterns never overlap."""
+
+    name: str
+    pattern: str
+    definition: dict[str, str | int]
+
+
+# What bounds the broker's storage whatever the cells send: every queue the control plane
+# declares matches one of these. The registry applies them at start through the management API
+# (so make dev, the tests and any broker get them), compose's definitions hold them too.
+POLICIES = (
+    # A cell that never consumes costs the broker this much at most; a publish past it is
+    # refused to its publisher (visibly), never silently dropped.
+    PolicySpec(
+        "cell-commands",
+        r"^cell\..+\.commands$",
+        {"max-length": 10_000, "max-length-bytes": 16 * _MiB, "overflow": "reject-publish"},
+    ),
+    # Dead letters are for an operator to read: past the bound the oldest go, so one cell's
+    # flood of refused messages cannot fill the disk (and a dead letter is never refused,
+    # which would hold it in the queue it left).
+    PolicySpec(
+        "dead-letters",
+        r"\.dead$",
+        {"max-length": 100_000, "max-length-bytes": 256 * _MiB, "overflow": "drop-head"},
+    ),
+    # A service that is down keeps its backlog up to this; past it the broker refuses new
+    # messages to their publisher (the queues' reject-publish), and agents send again later.
+    PolicySpec(
+        "service-queues",
+        r"^(registry|rollout|flags|infra_compliance)\.(cells|events|rpc)$",
+        {"max-length-bytes": 1024 * _MiB},
+    ),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
     exchanges: tuple[ExchangeSpec, ...]

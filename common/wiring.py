@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
+from common.limits import limit_cell_reports
 from common.outbox import Outbox
 from common.routes import Route
 from common.settings import ServiceSettings
@@ -57,7 +58,9 @@ async def start(service: str, bus: RabbitBus, settings: ServiceSettings, wiring:
     run the outbox relay and the service's loops. Returns what stops the loops and closes
     Redis, once the bus has stopped consuming."""
     for consumed in wiring.consumes:
-        await bus.consume(consumed.queue, consumed.routes, prefetch=consumed.prefetch)
+        # What a cell sends is budgeted per cell wherever it is consumed.
+        routes = limit_cell_reports(consumed.routes, settings.cell_budgets)
+        await bus.consume(consumed.queue, routes, prefetch=consumed.prefetch)
     if wiring.answers:
         durability = redis_client.Durability.of(wiring.redis, settings)
         await bus.serve(service, wiring.answers, before_reply=durability.wait)

@@ -32,9 +32,6 @@ PASSWORDS = {
     "svc-flags": "svc-flags-demo-password",
     "svc-infra": "svc-infra-demo-password",
 }
-# Messages a cell's command queue may hold before publishes to it are refused (visibly, to the
-# publisher): bounds what a cell that never consumes can cost the broker.
-CELL_QUEUE_MAX = 10_000
 
 
 def password_hash(user: str, password: str) -> str:
@@ -117,12 +114,13 @@ def definitions(vhost: str = VHOST) -> dict[str, object]:
         "policies": [
             {
                 "vhost": vhost,
-                "name": "cell-commands",
-                "pattern": r"^cell\..+\.commands$",
+                "name": policy.name,
+                "pattern": policy.pattern,
                 "apply-to": "queues",
                 "priority": 0,
-                "definition": {"max-length": CELL_QUEUE_MAX, "overflow": "reject-publish"},
+                "definition": policy.definition,
             }
+            for policy in topology.POLICIES
         ],
         "exchanges": [
             {

@@ -57,6 +57,10 @@ if ! port_open 15672; then
   rabbitmq-plugins -q enable rabbitmq_management rabbitmq_prometheus >/dev/null
 fi
 wait_port 15672 "RabbitMQ management API" 120
+# The largest body the broker takes (common/topology.py BROKER_MAX_MESSAGE_BYTES; its default,
+# 128 MiB, let one cell put that much into a queue per publish). Set on the running broker,
+# for channels opened from now on, every time: a broker restarted by hand gets it back here.
+rabbitmqctl -q eval 'application:set_env(rabbit, max_message_size, 16777216).' >/dev/null
 # Prometheus's promtool checks the alert rules; the observability tests run a real Prometheus.
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   echo "installing prometheus (for promtool and the dashboards' tests)"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from common.topology import BROKER_MAX_MESSAGE_BYTES
 from testing.ports import free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -169,6 +170,7 @@ class PrivateRabbit:
             f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.api_port}\n"
             f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
             "loopback_users = none\n"
+            f"max_message_size = {BROKER_MAX_MESSAGE_BYTES}\n"
             + (
                 f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
                 f"ssl_options.cacertfile = {self.tls / 'ca.pem'}\n"

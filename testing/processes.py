@@ -184,8 +184,8 @@ async def start_rollout(procs: Processes, **env: str) -> Service:
     return Service(proc, port)
 
 
-async def start_flags(procs: Processes) -> Proc:
-    proc = await procs.start(f"flags-{len(procs.running)}", "substrate-flags")
+async def start_flags(procs: Processes, **env: str) -> Proc:
+    proc = await procs.start(f"flags-{len(procs.running)}", "substrate-flags", **env)
 
     async def answers() -> bool:
         code, _, _ = await procs.ctl("flags", "list")

@@ -58,7 +58,15 @@ def _from_containers() -> Iterator[ServiceUrls]:
     from testcontainers.community.rabbitmq import RabbitMqContainer
     from testcontainers.community.redis import RedisContainer
 
-    rabbit = RabbitMqContainer("rabbitmq:3.10-management").with_exposed_ports(15672)
+    rabbit = (
+        RabbitMqContainer("rabbitmq:3.10-management")
+        .with_exposed_ports(15672)
+        # The cap every deployment sets (scripts/ensure-services.sh for the local broker).
+        .with_env(
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+            f"-rabbit max_message_size {topology.BROKER_MAX_MESSAGE_BYTES}",
+        )
+    )
     with rabbit, RedisContainer("redis:7") as cache:
         host = rabbit.get_container_host_ip()
         amqp = f"amqp://guest:guest@{host}:{rabbit.get_exposed_port(5672)}/"

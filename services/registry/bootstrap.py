@@ -12,11 +12,11 @@ import redis.asyncio as aioredis
 from common import broker_urls, redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.limits import PerCellLimit
 from common.rabbitmq_api import RabbitApi
 from common.wiring import Consumed, Wiring
 from services.registry import handlers
 from services.registry.broker import CellBroker
-from services.registry.limits import PerCellLimit
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 
@@ -58,6 +58,12 @@ async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Even
 async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None) -> Wiring:
     redis = redis_client.from_settings(settings)
     deps = build_deps(bus, settings, redis, clock or SystemClock())
+    assert isinstance(deps.accounts, CellBroker)
+    try:
+        await deps.accounts.ensure_policies()
+    except Exception:
+        # Cells are still served; the operator sees why the broker's limits are missing.
+        log.exception("could not apply the broker policies that bound queue storage")
     return Wiring(
         redis=redis,
         outbox=deps.store.outbox,

@@ -11,7 +11,7 @@ import time
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
-from common.topology import Topology, cell_commands
+from common.topology import POLICIES, Topology, cell_commands
 from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, broker_grant
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,12 @@ class CellBroker:
         self.socket_limit_wait = socket_limit_wait
         # (when read, monotonic; the limit read)
         self._socket_limit: tuple[float, int] | None = None
+
+    async def ensure_policies(self) -> None:
+        """The policies that bound every queue's storage (common/topology.py); putting the
+        same one again changes nothing."""
+        for policy in POLICIES:
+            await self.api.put_policy(self.vhost, policy.name, policy.pattern, policy.definition)
 
     async def provision(self, cell_id: str, password: str) -> None:
         """User, permissions, topic permissions, limits, command queue. The caller undoes a

@@ -15,6 +15,7 @@ from typing import Protocol
 from common import sealing
 from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
+from common.limits import PerCellLimit
 from common.messages import (
     CellDebugAccess,
     CellHeartbeat,
@@ -48,7 +49,6 @@ from common.requests.registry import (
 from common.routes import Route, route
 from common.vocabulary import REGISTERED
 from services.registry import metrics, transitions
-from services.registry.limits import PerCellLimit
 from services.registry.model import cell_amqp_url, offline_cutoff, stack_parameters
 from services.registry.store import RegistryStore
 from services.registry.transitions import Outcome

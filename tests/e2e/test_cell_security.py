@@ -8,18 +8,21 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from common.messages import CellHeartbeat, CellRegister
-from common.topology import dead_letter_name
+from common.messages import CellHeartbeat, CellRegister, CellSync, command_queue
+from common.topology import BROKER_MAX_MESSAGE_BYTES, POLICIES, dead_letter_name
 from testing.broker import raw_publish, read_all
 from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
 from testing.polling import eventually
-from testing.processes import Processes, Registry, start_registry
+from testing.ports import free_port
+from testing.processes import Processes, Registry, metric, start_flags, start_registry
 from testing.services import Services
 
 NOW = datetime.now(UTC)
@@ -308,3 +311,97 @@ async def test_an_escape_code_a_cell_sends_never_reaches_an_operators_terminal(
     assert code == 0, err
     assert "\x1b" not in shown
     assert len(found) == 1 and "stack_name" in found[0], found
+
+
+async def _queues(services: Services) -> dict[str, dict[str, Any]]:
+    found = await services.api.call("GET", f"/queues/{quote(services.vhost, safe='')}")
+    return {q["name"]: q for q in found}
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_oversized_and_flooded_messages_leave_broker_storage_bounded(
+    procs: Processes, registry: Registry, services: Services, tmp_path: Path
+) -> None:
+    """One cell could fill the broker's storage: it took bodies up to 128 MiB, each service
+    dead-lettered a copy of an oversized one, no queue had a length or byte bound, and each
+    sync the cell sent put a command in its own queue (1,500 syncs, 1,500 commands). Now the
+    broker refuses a body past its cap, a refused body is dead-lettered as its first bytes,
+    every queue the control plane declares is bounded in bytes, and syncs past the cell's
+    budget are counted and answered by nothing."""
+    flags_port = free_port()
+    await start_flags(procs, SUBSTRATE_METRICS_PORT=str(flags_port))
+    # A cell without a snapshot is sent one for each sync it sends.
+    flag = tmp_path / "flag.yaml"
+    flag.write_text("key: storage-flag\nowner: team\nrules:\n  - serve: on\n")
+    code, _, err = await procs.ctl("flags", "set", str(flag))
+    assert code == 0, err
+    cell = new_cell_id()
+    url = (await create_cell(procs, cell))["amqp_url"]
+    await register_as_cell(url, cell)
+    await eventually(lambda: status_is(procs, cell, "online"), timeout=15, interval=0.3)
+
+    # Every queue the control plane declared (the cell's too) is under a byte bound.
+    queues = await _queues(services)
+    assert command_queue(cell) in queues and "registry.cells.dead" in queues
+    bounds = {name: q.get("effective_policy_definition") or {} for name, q in queues.items()}
+    unbounded = [name for name, bound in bounds.items() if not bound.get("max-length-bytes")]
+    assert unbounded == [], unbounded
+    assert {q["policy"] for q in queues.values()} <= {p.name for p in POLICIES}
+
+    # Past the broker's cap, a body is refused by the broker itself.
+    connection = await aio_pika.connect(url)
+    try:
+        huge = aio_pika.Message(b"x" * (BROKER_MAX_MESSAGE_BYTES + 1), user_id=cell)
+        err = await _refused(
+            connection,
+            lambda ch: _publish(ch, "substrate.cells", f"{cell}.heartbeat", huge),
+        )
+        assert "PRECONDITION_FAILED" in err and "max size" in err, err
+
+        # Under the cap but past what a service takes: dead-lettered as its first bytes.
+        dead_before = (await _queues(services))["registry.cells.dead"]["message_bytes"]
+        channel = await connection.channel(publisher_confirms=True)
+        cells_exchange = await channel.get_exchange("substrate.cells", ensure=False)
+        big = b'{"cell_id": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+        for _ in range(10):
+            await cells_exchange.publish(
+                aio_pika.Message(big, type=CellHeartbeat.wire_name, user_id=cell),
+                f"{cell}.heartbeat",
+            )
+
+        async def dead_lettered() -> int | None:
+            dead = (await _queues(services))["registry.cells.dead"]
+            return dead["message_bytes"] if dead["messages"] >= 10 else None
+
+        dead_after = await eventually(dead_lettered, timeout=20, what="10 dead letters")
+        assert dead_after - dead_before < 10 * 16 * 1024, "a dead letter copied the whole body"
+
+        # A sync flood: the cell's budget answers about its burst, not 1,500 of them.
+        sync = {"cell_id": cell, "sent_at": NOW.isoformat(), "reason": "periodic"}
+        flood = 1500
+        await asyncio.gather(*(
+            cells_exchange.publish(
+                aio_pika.Message(json.dumps({**sync, "seq": 10 + i}).encode(),
+                                 type=CellSync.wire_name, user_id=cell),
+                f"{cell}.sync",
+            )
+            for i in range(flood)
+        ))  # fmt: skip
+    finally:
+        await connection.close()
+
+    async def limited() -> bool:
+        counted = await metric(flags_port, "substrate_cell_messages_limited_total", kind="sync")
+        return counted >= flood - 100
+
+    await eventually(limited, timeout=30, what="flags to have counted the syncs past the budget")
+    commands = (await _queues(services))[command_queue(cell)]["messages"]
+    assert commands <= 60, f"{commands} commands queued for one cell's sync flood"
+
+
+async def _publish(
+    channel: AbstractChannel, exchange: str, key: str, message: aio_pika.Message
+) -> None:
+    ex = await channel.get_exchange(exchange, ensure=False)
+    await ex.publish(message, key)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from common import topology
 from deploy import rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +66,23 @@ def test_the_definitions_file_is_what_the_code_makes_and_holds_no_cell() -> None
     assert all(n.startswith(("svc-", "op-")) for n in names)
     queues = [q["name"] for q in definitions["queues"]]  # type: ignore[attr-defined]
     assert not any(q.startswith("cell.") for q in queues)
+
+
+def test_every_deployment_caps_the_brokers_message_size_and_bounds_its_queues() -> None:
+    """compose's broker, the one make dev and make test use, and the tests' own brokers all
+    refuse a body past the same cap; compose's definitions hold the policies the registry
+    applies elsewhere."""
+    cap = topology.BROKER_MAX_MESSAGE_BYTES
+    conf = (ROOT / "compose" / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert f"max_message_size = {cap}" in conf
+    ensure = (ROOT / "scripts" / "ensure-services.sh").read_text()
+    assert f"max_message_size, {cap})" in ensure
+    policies = rabbitmq.definitions()["policies"]
+    assert [(p["name"], p["pattern"], p["definition"]) for p in policies] == [  # type: ignore[attr-defined]
+        (p.name, p.pattern, p.definition) for p in topology.POLICIES
+    ]
+    ports = [port for svc in _compose()["services"].values() for port in svc.get("ports", [])]
+    assert ports and all(p.startswith("${SUBSTRATE_BIND_ADDRESS:-127.0.0.1}:") for p in ports)
 
 
 def test_redis_keeps_acknowledged_state_across_restarts() -> None:
