@@ -34,7 +34,7 @@ from common.requests.infra import (
     PublishedTemplate,
 )
 from common.routes import Route, route
-from services.infra_compliance import model
+from services.infra_compliance import metrics, model
 from services.infra_compliance.store import Conflict, InfraStore, TemplateRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ async def reconcile(
             continue
         if plan.timers:
             deps.wake_timers()
+        if not model.is_published(published, cell.template_version):
+            metrics.UNPUBLISHED.inc()
+            log.warning(
+                "cell %s reports template %r, never published: counted as none",
+                cell_id,
+                cell.template_version,
+            )
         log.info(
             "cell %s: %s (template %s, required %s)",
             cell_id,

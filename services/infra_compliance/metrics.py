@@ -14,3 +14,7 @@ BREACHES = Counter("substrate_infra_breaches", "Cells that passed their deadline
 NOTICES = Counter(
     "substrate_infra_notices", "SNS messages to organisations' topics, by outcome", ["outcome"]
 )
+UNPUBLISHED = Counter(
+    "substrate_infra_unpublished_versions",
+    "Cells found reporting a template version never published (counted as none), per change",
+)

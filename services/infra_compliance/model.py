@@ -76,12 +76,24 @@ class Requirement:
         return [self.deadline - timedelta(days=d) * scale for d in REMINDER_DAYS]
 
 
+def is_published(templates: list[Template], cell_version: str | None) -> bool:
+    """Whether ``cell_version`` is none, or one of the published (with none published, any
+    is as good as none)."""
+    if cell_version is None or not templates:
+        return True
+    return version_number(cell_version) in {t.version for t in templates}
+
+
 def requirement(
     templates: list[Template], cell_version: str | None, seen_at: datetime
 ) -> Requirement | None:
     """What a cell on ``cell_version`` (first seen on it at ``seen_at``) must apply; None when
-    it runs the newest published version (or no version was published)."""
+    it runs the newest published version (or no version was published). A version never
+    published counts as none: a cell reporting a template newer than any (``99``) would
+    otherwise be compliant for ever without applying one."""
     runs = version_number(cell_version) or 0
+    if not is_published(templates, cell_version):
+        runs = 0
     newer = [t for t in templates if t.version > runs]
     if not newer:
         return None

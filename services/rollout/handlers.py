@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from common.bus.errors import RpcFailure, refuse_foreign_sender
+from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import CellSync, CellUpgrade, Delivery, DesiredState, Message, ReleasePublished
+from common.metrics import cell_messages_refused
 from common.requests import ServiceStatus, Status
 from common.requests.rollout import (
     CellsPin,
@@ -130,8 +131,33 @@ async def release_show(req: ReleaseShow, delivery: Delivery, deps: Deps) -> Rele
 # -- what rollout hears from cells ----------------------------------------------------------------
 
 
+async def report_problem(msg: CellUpgrade, deps: Deps) -> tuple[str, str] | None:
+    """Why an upgrade report cannot be about what rollout sent the cell, as (reason, message),
+    or None. A cell reports on the generations it was sent, the newest with the release sent
+    with it; an earlier one's release is at least a published one. (The generation sent only
+    grows, and is written before the command goes out: a report valid when read stays valid.)"""
+    generation, version = await deps.store.sent(msg.cell_id)
+    if generation is None or msg.generation > generation:
+        return "generation_not_sent", f"generation {msg.generation} was never sent to the cell"
+    if msg.generation == generation and msg.release_version != version:
+        return (
+            "release_not_sent",
+            f"generation {generation} carried release {version!r}, not {msg.release_version!r}",
+        )
+    if msg.release_version is not None and await deps.store.release(msg.release_version) is None:
+        return "release_not_sent", f"release {msg.release_version!r} was never published"
+    return None
+
+
 async def on_cell_upgrade(msg: CellUpgrade, delivery: Delivery, deps: Deps) -> None:
+    """A cell's progress on a desired state rollout sent it: only what was sent counts (a
+    canary reporting success for a release it was never offered would move every other
+    customer's rollout on)."""
     refuse_foreign_sender(msg, delivery)
+    problem = await report_problem(msg, deps)
+    if problem is not None:
+        cell_messages_refused().labels(problem[0]).inc()
+        raise Refused(f"upgrade report refused: {problem[1]}")
     recorded = await deps.store.upgrade(msg, deps.clock.now())
     if recorded is None or msg.phase not in TERMINAL_PHASES:
         return

@@ -151,6 +151,14 @@ class RolloutStore:
             return Recorded(desired_at=datetime.fromtimestamp(float(sent), UTC))
         return Recorded(desired_at=None)
 
+    async def sent(self, cell_id: str) -> tuple[int | None, str | None]:
+        """The generation and release last sent to the cell (None, None: nothing yet)."""
+        sent: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+            CELL + cell_id, ["desired_generation", "desired_version"]
+        )
+        generation, version = sent
+        return (int(generation) if generation else None), version or None
+
     async def cell(self, cell_id: str) -> CellFacts | None:
         fleet = await self.fleet.get(cell_id)
         if fleet is None:

@@ -22,7 +22,14 @@ from testing.broker import raw_publish, read_all
 from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
 from testing.polling import eventually
 from testing.ports import free_port
-from testing.processes import Processes, Registry, metric, start_flags, start_registry
+from testing.processes import (
+    Processes,
+    Registry,
+    metric,
+    start_flags,
+    start_registry,
+    start_rollout,
+)
 from testing.services import Services
 
 NOW = datetime.now(UTC)
@@ -405,3 +412,61 @@ async def _publish(
 ) -> None:
     ex = await channel.get_exchange(exchange, ensure=False)
     await ex.publish(message, key)
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_an_outcome_for_what_was_never_sent_changes_no_view(
+    procs: Processes, registry: Registry, services: Services, tmp_path: Path
+) -> None:
+    """A canary reporting success for a release it was never offered (and a generation never
+    sent) was written into rollout's view of it, and the rollout went on as if the canary
+    had taken the release. Rollout takes an outcome only for what it sent that cell: the rest
+    is refused, dead-lettered with the reason and counted, and no view moves."""
+    await start_rollout(procs)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("soak_seconds: {staging: 3600, saas: 3600, dedicated: 3600}\n")
+    code, _, err = await procs.ctl("rollout", "policy", "set", str(policy))
+    assert code == 0, err
+    # A staging cell that never reports keeps the release in staging.
+    cell, staging = new_cell_id(), new_cell_id()
+    url = (await create_cell(procs, cell, stage="dedicated"))["amqp_url"]
+    await register_as_cell(url, cell)
+    await register_as_cell(
+        (await create_cell(procs, staging, stage="staging"))["amqp_url"], staging
+    )
+    for each in (cell, staging):
+        online = partial(status_is, procs, each, "online")
+        await eventually(online, timeout=15, interval=0.3, what=f"{each} online")
+    version = "2026.12.9"
+    release = tmp_path / "release.yaml"
+    release.write_text(
+        f"version: {version}\ncomponents:\n  - name: server\n"
+        f"    image: example.com/substrate/server\n    digest: sha256:{'a' * 64}\n"
+    )
+    code, _, err = await procs.ctl("release", "publish", str(release))
+    assert code == 0, err
+    code, before, err = await procs.ctl("rollout", "explain", cell)
+    assert code == 0, err
+
+    forged = {"cell_id": cell, "sent_at": NOW.isoformat(), "phase": "succeeded"}
+    for seq, generation, release_version in ((5, 1, version), (6, 99, "2099.1.1")):
+        body = {**forged, "seq": seq, "generation": generation, "release_version": release_version}
+        await raw_publish(url, "substrate.cells", f"{cell}.upgrade", json.dumps(body).encode(),
+                          type="cell.upgrade.v1", user_id=cell)  # fmt: skip
+
+    async def both_refused() -> list[str] | None:
+        dead = await read_all(services.amqp_url, dead_letter_name("rollout.cells"))
+        key = f"{cell}.upgrade"
+        reasons = [str(m.headers["x-substrate-dead-reason"]) for m in dead
+                   if m.headers.get("x-substrate-original-routing-key") == key]  # fmt: skip
+        return reasons if len(reasons) == 2 else None
+
+    reasons = await eventually(both_refused, timeout=15, what="both forged outcomes refused")
+    assert all("was never sent to the cell" in r for r in reasons), reasons
+    code, after, err = await procs.ctl("rollout", "explain", cell)
+    assert code == 0, err
+    assert after == before
+    code, status, err = await procs.ctl("rollout", "status", version)
+    assert code == 0, err
+    assert status["stages"]["dedicated"]["updated"] == 0, status

@@ -43,6 +43,14 @@ def test_a_cell_on_an_older_version_must_apply_the_newest_by_the_earliest_deadli
     assert model.requirement([], "1", T0) is None
 
 
+def test_a_version_never_published_counts_as_none() -> None:
+    """A cell reporting a template newer than any published was compliant for ever."""
+    published = [template(2, T0, 14 * DAY), template(3, T0 + 5 * DAY, 14 * DAY)]
+    for claimed in ("99", "4", "-5", "x"):
+        req = model.requirement(published, claimed, seen_at=T0)
+        assert req is not None and req.version == 3, claimed
+
+
 def test_a_cell_seen_later_gets_the_whole_grace_from_then() -> None:
     req = model.requirement([template(2)], "1", seen_at=T0 + 20 * DAY)
     assert req is not None and req.deadline == T0 + 34 * DAY
