@@ -343,3 +343,62 @@ class Snapshot:
 
 
 EMPTY = Snapshot(0, {})
+
+
+# -- what a cell may read -------------------------------------------------------------------------
+
+# The attributes that name a customer: conditions on them are decided before a snapshot leaves
+# the control plane, so no cell reads another's id or org. (Stages, regions and versions name
+# no one; the agent evaluates those itself.)
+NAMING: tuple[Attribute, ...] = ("id", "org")
+# A rule no cell matches (no cell id is empty): what a rule that cannot apply to the reader
+# becomes, so the rules keep their numbers and answers keep agreeing with central evaluation.
+_NEVER = InCondition(attribute="id", op="in", values=("",))
+
+
+def _naming_holds(c: InCondition | MatchCondition, cell: Mapping[str, str] | None) -> bool:
+    """Whether a condition on a naming attribute holds for ``cell`` (None: a cell no
+    condition names, for which ``in`` and ``matches`` fail and ``not_in`` holds)."""
+    if cell is None:
+        return c.op == "not_in"
+    return _compile_condition(c)(cell)
+
+
+def names(cell: Mapping[str, str], flags: Mapping[str, Flag]) -> bool:
+    """Whether any condition of ``flags`` names ``cell``: lists its id or org, or has a
+    pattern that matches it. Such a cell is sent a snapshot of its own; every other cell reads
+    the same one (``for_reader(flag, None)``)."""
+    for flag in flags.values():
+        for rule in flag.rules:
+            for c in rule.when:
+                if c.attribute not in NAMING:
+                    continue
+                if isinstance(c, InCondition) and cell.get(c.attribute) in c.values:
+                    return True
+                if isinstance(c, MatchCondition) and _compile_condition(c)(cell):
+                    return True
+    return False
+
+
+def for_reader(flag: Flag, cell: Mapping[str, str] | None) -> Flag:
+    """``flag`` as the cell ``cell`` (its id and org; None: a cell no condition names) may
+    read it: no description or owner, every condition on an id or org decided (one that holds
+    is dropped; a rule with one that fails never matches and loses its name). It evaluates
+    for that cell exactly as ``flag`` does."""
+    rules = []
+    for rule in flag.rules:
+        naming = [c for c in rule.when if not isinstance(c, SemverCondition)]
+        if all(_naming_holds(c, cell) for c in naming if c.attribute in NAMING):
+            when = tuple(c for c in rule.when if c.attribute not in NAMING)
+            rules.append(rule.model_copy(update={"when": when}))
+        else:
+            rules.append(rule.model_copy(update={"when": (_NEVER,), "name": None}))
+    return flag.model_copy(update={"description": "", "owner": "-", "rules": tuple(rules)})
+
+
+def wire_for_reader(snapshot: Snapshot, cell: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """What a cell is sent of ``snapshot`` (see ``for_reader``)."""
+    return [
+        for_reader(snapshot.flags[k], cell).model_dump(mode="json", exclude_none=True)
+        for k in sorted(snapshot.flags)
+    ]

@@ -57,6 +57,11 @@ def needs_snapshot(held: int | None, current: Snapshot) -> bool:
     return held is None or held < current.version
 
 
+def reader(cell_id: str, cell: FleetCell) -> dict[str, str]:
+    """What decides which flags' conditions name a cell, and how they evaluate for it."""
+    return {"id": cell_id, **({"org": cell.org} if cell.org else {})}
+
+
 def cell_attributes(cell: FleetCell) -> dict[str, str]:
     """What a cell's agent cannot know by itself and evaluates rules with: its stage, region
     and org as the control plane has them (it adds its own id, release and agent version)."""

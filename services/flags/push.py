@@ -1,5 +1,10 @@
 """The flags service's push: a change reaches every cell in one broadcast, and a cell that
-syncs behind the current snapshot gets one addressed to it."""
+syncs behind the current snapshot gets one addressed to it.
+
+No cell reads another customer's names, rules or descriptions (common/flags.py ``for_reader``):
+the broadcast carries the flags as a cell that no condition names reads them, and each cell a
+condition names (its id or org listed, or matched by a pattern) is sent its own snapshot first,
+which the broadcast of the same version then does not replace."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import logging
 from common.bus.errors import BusError, Unroutable
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock
-from common.flags import Snapshot
+from common.flags import Snapshot, names, wire_for_reader
 from common.fleet import FleetCell
 from common.messages import FlagsBroadcast, FlagsSnapshot
 from common.runner import wait_any
@@ -17,6 +22,9 @@ from services.flags import metrics, model
 from services.flags.store import FlagsStore
 
 log = logging.getLogger(__name__)
+
+# Snapshots of their own in flight at once, for the cells a change's conditions name.
+PERSONAL_AT_ONCE = 256
 
 
 class Pusher:
@@ -49,7 +57,7 @@ class Pusher:
             cell_id=cell_id,
             issued_at=self.clock.now(),
             version=snapshot.version,
-            flags=tuple(snapshot.to_wire()),
+            flags=tuple(wire_for_reader(snapshot, model.reader(cell_id, cell))),
             cell=model.cell_attributes(cell),
         )
         try:
@@ -85,8 +93,23 @@ class Pusher:
         agent keeps those of the last snapshot addressed to it."""
         snapshot = await self.store.snapshot()
         metrics.SNAPSHOT_VERSION.set(snapshot.version)
+        named = [
+            cell
+            for cell in await self.store.fleet.all()
+            if cell.status != "decommissioned"
+            and names(model.reader(cell.id, cell), snapshot.flags)
+        ]
+        for start in range(0, len(named), PERSONAL_AT_ONCE):
+            await asyncio.gather(
+                *(
+                    self._publish(cell.id, cell, snapshot, "named")
+                    for cell in named[start : start + PERSONAL_AT_ONCE]
+                )
+            )
         msg = FlagsBroadcast(
-            issued_at=self.clock.now(), version=snapshot.version, flags=tuple(snapshot.to_wire())
+            issued_at=self.clock.now(),
+            version=snapshot.version,
+            flags=tuple(wire_for_reader(snapshot, None)),
         )
         try:
             await self.bus.publish(

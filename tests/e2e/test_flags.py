@@ -194,6 +194,67 @@ async def test_a_broadcast_change_is_evaluated_with_the_cells_own_attributes(
     assert answer["value"] is True and answer["snapshot_version"] == result["snapshot_version"]
 
 
+NAMING = """
+key: {key}
+owner: globex-team
+description: Globex's secret beta
+rules:
+  - name: globex beta
+    when: [{{attribute: org, op: in, values: [globex-secret]}}]
+    serve: on
+  - name: globex vip
+    when: [{{attribute: id, op: in, values: [{vip}]}}]
+    serve: on
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+async def test_a_cell_reads_no_other_customers_names_rules_or_descriptions(
+    procs: Processes, flags_service: Proc, moto: str, tmp_path: Path
+) -> None:
+    """Every cell was sent every flag whole: other customers' orgs, cell ids, descriptions
+    and owners. A cell now reads its flags with every condition on an id or org decided for
+    it, and a cell a condition names gets a snapshot of its own: both still evaluate as the
+    flags service does."""
+    await start_registry(procs)
+    acme, globex = new_cell_id(), new_cell_id()
+    acme_url = (await create_cell(procs, acme))["amqp_url"]
+    code, created, err = await procs.ctl(
+        "cells", "create", globex, "--stage", "dedicated", "--region", "eu-west-1",
+        "--org", "globex-secret",
+    )  # fmt: skip
+    assert code == 0, err
+    ports = {acme: free_port(), globex: free_port()}
+    for cell, url in ((acme, acme_url), (globex, created["amqp_url"])):
+        await start_agent(procs, moto, cell, url, tmp_path / cell, metrics_port=ports[cell],
+                          CELL_SYNC_SECONDS="3600")  # fmt: skip
+        await eventually(lambda c=cell: status_is(procs, c, "online"), timeout=20, interval=0.3)
+    key = f"beta-{acme}"
+    code, result, err = await procs.ctl(
+        "flags", "set", write(tmp_path / "f.yaml", NAMING.format(key=key, vip=globex))
+    )
+    assert code == 0, err
+    version = result["snapshot_version"]
+    for cell, reason in ((globex, "RULE_MATCH"), (acme, "DEFAULT")):
+        local = await eventually(
+            lambda c=cell: _at_version(ports[c], key, version), timeout=15, interval=0.1,
+            what=f"{cell}'s agent on the change",
+        )  # fmt: skip
+        assert local["reason"] == reason, (cell, local)
+        code, central, err = await procs.ctl("flags", "eval", key, "--cell", cell)
+        assert code == 0, err
+        assert (central["value"], central["reason"]) == (local["value"], local["reason"])
+    held = (tmp_path / acme / "flags" / "snapshot.json").read_text()
+    for secret in ("globex", globex, "secret beta"):
+        assert secret not in held, f"{secret!r} reached another customer's cell"
+
+
+async def _at_version(port: int, key: str, version: int) -> dict[str, Any] | None:
+    answer = await _answers(port, key)
+    return answer if answer and answer["snapshot_version"] == version else None
+
+
 @pytest.mark.e2e
 async def test_a_kill_switch_flipped_while_a_cell_is_offline_applies_when_it_syncs(
     procs: Processes, flags_service: Proc, moto: str, tmp_path: Path

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cell_agent.flags import LocalFlags
-from common.flags import ATTRIBUTES, BUCKETS, Flag, Snapshot, bucket
+from common.flags import ATTRIBUTES, BUCKETS, Flag, Snapshot, bucket, names, wire_for_reader
 from common.messages import FlagsSnapshot
 from common.versions import SemVer
 
@@ -243,3 +243,30 @@ def test_central_and_local_evaluation_agree(
     if expected.get("rule") is None:
         expected.pop("rule", None)
     assert central.as_json() == agent.as_json() == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(flag=flags(), cell=cells)
+def test_what_a_cell_is_sent_evaluates_as_the_whole_flag_and_names_no_one(
+    flag: dict[str, Any], cell: dict[str, Any]
+) -> None:
+    """A cell is sent its flags with every condition on an id or org decided for it (or, when
+    none names it, decided for any cell none names): no other customer's id or org, no
+    description or owner, and the same answer as the whole flag."""
+    flag = {**flag, "description": "for globex only", "owner": "globex's team"}
+    parsed = Flag.model_validate(flag)
+    whole = Snapshot(3, {parsed.key: parsed})
+    reader = {"id": cell["id"], **({"org": cell["org"]} if "org" in cell else {})}
+    views = [wire_for_reader(whole, reader)]
+    if "org" in cell and not names(reader, whole.flags):
+        views.append(wire_for_reader(whole, None))
+    for view in views:
+        (sent,) = view
+        assert sent["description"] == "" and sent["owner"] == "-"
+        naming = [c for rule in sent.get("rules", []) for c in rule.get("when", [])
+                  if c["attribute"] in ("id", "org")]  # fmt: skip
+        assert all(c == {"attribute": "id", "op": "in", "values": [""]} for c in naming)
+        read = Snapshot.from_wire(3, view)
+        assert (
+            read.evaluate(parsed.key, cell).as_json() == whole.evaluate(parsed.key, cell).as_json()
+        )
