@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cell_agent.debug_access import DebugAccess, Grant, Refused
+from cell_agent.debug_access import DebugAccess, Grant, Refused, external_id
 from cell_agent.infra import InfraProblem, RequirementFile, Stack, download
 from cell_agent.pending import PendingDebugAccess, PendingReports
 from cell_agent.settings import AgentSettings
@@ -143,8 +143,14 @@ def debug_grant(
     settings: AgentSettings, hours: float, reason: str, by: str | None, as_json: bool
 ) -> None:
     principal = _principal(settings)
+    external = external_id(settings.id)
     grant = DebugAccess(settings.aws_region).grant(
-        principal, hours, reason, _who(settings, by), settings.debug_max_hours
+        principal,
+        hours,
+        reason,
+        _who(settings, by),
+        max_hours=settings.debug_max_hours,
+        external=external,
     )
     PendingReports(settings.state_dir).add(
         PendingDebugAccess(
@@ -158,10 +164,10 @@ def debug_grant(
     )
     lines = [
         f"debug access granted until {grant.expires_at.isoformat()}: {grant.role_arn}",
-        f"only {principal} may assume it, read-only; `cell-agent debug-access revoke "
-        f"{grant.role_name}` closes it sooner",
+        f"only {principal} may assume it, with external id {external}, read-only; "
+        f"`cell-agent debug-access revoke {grant.role_name}` closes it sooner",
     ]
-    _print(_grant_json(grant), lines, as_json)
+    _print({**_grant_json(grant), "external_id": external}, lines, as_json)
 
 
 def debug_list(settings: AgentSettings, as_json: bool) -> None:

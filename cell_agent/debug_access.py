@@ -1,8 +1,11 @@
 """Emergency debug access, opened only by the customer.
 
 A grant is an IAM role in the cell's own account, under the path ``/substrate-debug/``, that
-only the vendor's support principal may assume, read-only (``ReadOnlyAccess``), until a time
-written into its trust policy (``aws:CurrentTime``): AWS itself refuses it afterwards. The agent
+only the vendor's support principal (a role or user, never a whole account) may assume, with
+the cell's external id (``substrate:<cell id>``: the vendor acting for another customer cannot
+be talked into assuming it), read-only (``ReadOnlyAccess``, also its permissions boundary),
+until a time written into its trust policy (``aws:CurrentTime``): AWS itself refuses it
+afterwards. The agent
 also deletes it when it expires (checked at start and then periodically, so also after a
 restart), and the customer can revoke it at any time. Nothing the control plane sends can
 create or extend one: there is no message for it, and the cell's template lets the agent's role
@@ -53,17 +56,32 @@ class Grant:
         return self.expires_at <= datetime.now(UTC)
 
 
-def trust_policy(principal: str, expires_at: datetime) -> dict[str, object]:
-    """Only ``principal`` may assume the role, and only until ``expires_at``."""
+def external_id(cell_id: str) -> str:
+    """What the vendor's support principal must present to assume the cell's debug role: unique
+    to the cell and chosen by the vendor (the cell id), so a request made for another customer
+    cannot be turned against this one (the confused deputy)."""
+    return f"substrate:{cell_id}"
+
+
+def check_principal(principal: str) -> str:
+    """A role or user: a whole account (``:root``) would let anyone in it assume the role."""
+    if principal.endswith(":root") or (":role/" not in principal and ":user/" not in principal):
+        raise Refused(f"support principal {principal!r}: name a role or user, not an account")
+    return principal
+
+
+def trust_policy(principal: str, expires_at: datetime, external: str) -> dict[str, object]:
+    """Only ``principal`` may assume the role, presenting ``external``, until ``expires_at``."""
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
                 "Effect": "Allow",
-                "Principal": {"AWS": principal},
+                "Principal": {"AWS": check_principal(principal)},
                 "Action": "sts:AssumeRole",
                 "Condition": {
-                    "DateLessThan": {"aws:CurrentTime": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                    "DateLessThan": {"aws:CurrentTime": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                    "StringEquals": {"sts:ExternalId": external},
                 },
             }
         ],
@@ -99,7 +117,14 @@ class DebugAccess:
         self._iam: IAMClient = boto3.client("iam", region_name=region)
 
     def grant(
-        self, principal: str, hours: float, reason: str, granted_by: str, max_hours: float
+        self,
+        principal: str,
+        hours: float,
+        reason: str,
+        granted_by: str,
+        *,
+        max_hours: float,
+        external: str,
     ) -> Grant:
         reason = check_grant(hours, reason, max_hours)
         now = datetime.now(UTC).replace(microsecond=0)
@@ -108,7 +133,10 @@ class DebugAccess:
         role = self._iam.create_role(
             Path=PATH,
             RoleName=name,
-            AssumeRolePolicyDocument=json.dumps(trust_policy(principal, expires_at)),
+            AssumeRolePolicyDocument=json.dumps(trust_policy(principal, expires_at, external)),
+            # The most the role can ever do, whatever is attached to it later: the template lets
+            # the agent's role create only roles with this boundary.
+            PermissionsBoundary=POLICY,
             Description=f"Substrate support, read-only, until {expires_at.isoformat()}",
             MaxSessionDuration=3600,
             Tags=[

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ async def test_a_cell_reads_no_other_customers_names_rules_or_descriptions(
     for cell, url in ((acme, acme_url), (globex, created["amqp_url"])):
         await start_agent(procs, moto, cell, url, tmp_path / cell, metrics_port=ports[cell],
                           CELL_SYNC_SECONDS="3600")  # fmt: skip
-        await eventually(lambda c=cell: status_is(procs, c, "online"), timeout=20, interval=0.3)
+        await eventually(partial(status_is, procs, cell, "online"), timeout=20, interval=0.3)
     key = f"beta-{acme}"
     code, result, err = await procs.ctl(
         "flags", "set", write(tmp_path / "f.yaml", NAMING.format(key=key, vip=globex))
@@ -238,7 +239,7 @@ async def test_a_cell_reads_no_other_customers_names_rules_or_descriptions(
     version = result["snapshot_version"]
     for cell, reason in ((globex, "RULE_MATCH"), (acme, "DEFAULT")):
         local = await eventually(
-            lambda c=cell: _at_version(ports[c], key, version), timeout=15, interval=0.1,
+            partial(_at_version, ports[cell], key, version), timeout=15, interval=0.1,
             what=f"{cell}'s agent on the change",
         )  # fmt: skip
         assert local["reason"] == reason, (cell, local)

@@ -203,31 +203,31 @@ async def test_a_template_update_with_reminders_a_hold_and_the_catch_up(
     for cell in (quick, late):
         assert (await show(procs, cell.id))["infra_template_version"] == "1"
 
-    code, published, err = await procs.ctl("infra", "publish", "2", "--template", str(TEMPLATE),
+    code, published, err = await procs.ctl("infra", "publish", "3", "--template", str(TEMPLATE),
                                            "--grace", "20s")  # fmt: skip
     assert code == 0, err
-    assert published["version"] == "2" and published["location"].startswith(f"s3://{infra.bucket}/")
+    assert published["version"] == "3" and published["location"].startswith(f"s3://{infra.bucket}/")
     code, listed, _ = await procs.ctl("infra", "list")
-    assert [t["version"] for t in listed] == ["2"]
+    assert [t["version"] for t in listed] == ["3"]
 
     # The customer of the quick cell sees what is required, previews it and applies it.
     async def required(cell: InfraCell) -> dict[str, Any] | None:
         code, shown, _ = await infra.agent_cli(cell, "infra", "status")
-        return shown if code == 0 and shown["required_version"] == "2" else None
+        return shown if code == 0 and shown["required_version"] == "3" else None
 
     status = await eventually(lambda: required(quick), timeout=20, interval=0.5)
     assert status["status"] == "pending" and status["template_version"] == "1"
     assert status["location"] == published["location"] and status["deadline"]
     code, preview, err = await infra.agent_cli(quick, "infra", "preview")
     assert code == 0, err
-    assert preview["required_version"] == "2" and preview["change_set"].startswith("substrate-")
+    assert preview["required_version"] == "3" and preview["change_set"].startswith("substrate-")
     stack = client(moto, "cloudformation").describe_stacks(StackName=quick.stack)["Stacks"][0]
     assert {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}["TemplateVersion"] == "1"
     code, applied, err = await infra.agent_cli(quick, "infra", "apply")
     assert code == 0, err
-    assert applied["template_version"] == "2"
-    await eventually(lambda: _shows(procs, quick.id, "infra_template_version", "2"), timeout=20,
-                     interval=0.3, what="the next heartbeat reports 2")  # fmt: skip
+    assert applied["template_version"] == "3"
+    await eventually(lambda: _shows(procs, quick.id, "infra_template_version", "3"), timeout=20,
+                     interval=0.3, what="the next heartbeat reports 3")  # fmt: skip
     await eventually(lambda: infra.state_is(quick, "compliant"), timeout=20, interval=0.3)
 
     # The late cell is reminded three times, then falls out of SLA at its deadline.
@@ -362,6 +362,12 @@ async def test_debug_access_is_opened_by_the_customer_expires_and_is_audited(
     assert statement[0]["Condition"]["DateLessThan"]["aws:CurrentTime"].startswith(
         grant["expires_at"][:16]
     )
+    # Only presenting the cell's external id (the confused deputy), within a read-only boundary.
+    external = {"sts:ExternalId": f"substrate:{cell.id}"}
+    assert statement[0]["Condition"]["StringEquals"] == external
+    assert grant["external_id"] == f"substrate:{cell.id}"
+    made = client(moto, "iam").get_role(RoleName=grant["role_name"])["Role"]
+    assert made["PermissionsBoundary"]["PermissionsBoundaryArn"].endswith("/ReadOnlyAccess")
     attached = client(moto, "iam").list_attached_role_policies(RoleName=grant["role_name"])
     assert [p["PolicyName"] for p in attached["AttachedPolicies"]] == ["ReadOnlyAccess"]
 

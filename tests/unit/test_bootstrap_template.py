@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_the_current_template_is_the_next_version_with_the_support_principal() -
     current = yaml.load(TEMPLATE.read_text(), Loader=_Loader)
     first = yaml.load(V1.read_text(), Loader=_Loader)
     assert first["Outputs"]["TemplateVersion"]["Value"] == "1"
-    assert current["Outputs"]["TemplateVersion"]["Value"] == "2"
+    assert current["Outputs"]["TemplateVersion"]["Value"] == "3"
     assert "SupportPrincipal" in current["Parameters"]
     assert "Default" in current["Parameters"]["SupportPrincipal"], "an update needs no new input"
     statements = current["Resources"]["AgentRole"]["Properties"]["Policies"][0][
@@ -59,6 +60,26 @@ def test_the_current_template_is_the_next_version_with_the_support_principal() -
     attach = [s for s in iam if s["Action"] == "iam:AttachRolePolicy"]
     assert "ReadOnlyAccess" in str(attach[0]["Condition"]), "only the read-only policy"
     assert [s["Action"] for s in iam if s["Resource"] == "*"] == ["iam:ListRoles"]
+
+
+def test_the_agent_and_the_debug_role_get_no_more_than_they_need() -> None:
+    """AMQPS only to the endpoint; the support principal a role or user, never an account;
+    debug roles created only with ReadOnlyAccess as their boundary; images read from the
+    product's repositories only."""
+    current = yaml.load(TEMPLATE.read_text(), Loader=_Loader)
+    (ingress,) = current["Resources"]["EndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert (ingress["FromPort"], ingress["ToPort"]) == (5671, 5671)
+    pattern = re.compile(current["Parameters"]["SupportPrincipal"]["AllowedPattern"])
+    assert pattern.match("arn:aws:iam::210987654321:role/substrate-support")
+    assert not pattern.match("arn:aws:iam::210987654321:root")
+    statements = current["Resources"]["AgentRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"]  # fmt: skip
+    (create,) = [s for s in statements if s["Action"] == "iam:CreateRole"]
+    assert "ReadOnlyAccess" in str(create["Condition"]["StringEquals"]["iam:PermissionsBoundary"])
+    reads = [s for s in statements if "ecr:BatchGetImage" in s["Action"]]
+    assert [s["Resource"] for s in reads] == ["ProductRepositories"]
+    anywhere = [s["Action"] for s in statements if s["Resource"] == "*"]
+    assert anywhere == ["ecr:GetAuthorizationToken", "iam:ListRoles"]
 
 
 def test_create_supplies_every_parameter_without_a_default() -> None:
