@@ -126,9 +126,9 @@ if "$BIN/python" scripts/dev_release.py "$AWS_ENDPOINT_URL" "$DEV_DIR" >/dev/nul
     && setup_ctl rollout policy set "$DEV_DIR/dev-policy.yaml" >/dev/null; then
   echo "  demo release file $DEV_DIR/demo-release.yaml; rollout policy: 5 s soaks"
 fi
-if setup_ctl infra publish 2 --template cell_agent/bootstrap/cell.yaml --grace 1h \
+if setup_ctl infra publish 3 --template cell_agent/bootstrap/cell.yaml --grace 1h \
     >/dev/null 2>"$DEV_DIR/demo-template.err"; then
-  echo "  demo infrastructure template 2 published: the cells have an hour to apply it"
+  echo "  demo infrastructure template 3 published: the cells have an hour to apply it"
 fi
 echo
 echo "Try: $BIN/substratectl cells list; $BIN/substratectl release publish $DEV_DIR/demo-release.yaml"

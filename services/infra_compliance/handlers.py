@@ -184,6 +184,15 @@ async def infra_publish(req: InfraPublish, delivery: Delivery, deps: Deps) -> Pu
     findings = await deps.aws.lint(req.template)
     if findings:
         raise RpcFailure("invalid", "template fails cfn-lint: " + "; ".join(findings[:10]))
+    # A stack reports the version its template declares: one that declares another would
+    # leave every cell that applies it on a version never published (counted as none).
+    declared = model.template_version_of(req.template)
+    if declared != str(version):
+        raise RpcFailure(
+            "invalid",
+            f"template's TemplateVersion output is {declared!r}, not {req.version!r}: publish "
+            "it as the version it declares",
+        )
     # The content's hash in the key: a publish that loses a race writes beside the winner's.
     digest = hashlib.sha256(req.template.encode()).hexdigest()[:12]
     location = await deps.aws.store(f"templates/{version}/{digest}.yaml", req.template)

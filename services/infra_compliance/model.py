@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import yaml
+
 from common.messages import Event, InfraComplianceChanged, InfraReminder, InfraRequired
 from common.vocabulary import ComplianceState
 
@@ -74,6 +76,25 @@ class Requirement:
         """When the customer is reminded, earliest first (days left scaled to the grace)."""
         scale = self.grace / DEFAULT_GRACE
         return [self.deadline - timedelta(days=d) * scale for d in REMINDER_DAYS]
+
+
+class _TemplateLoader(yaml.SafeLoader):
+    """Reads CloudFormation's short-form tags (!Ref, !Sub, ...) as plain values."""
+
+
+_TemplateLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def template_version_of(text: str) -> str | None:
+    """The ``TemplateVersion`` output a template declares (what a stack made from it reports),
+    or None where it declares none or does not parse."""
+    try:
+        parsed = yaml.load(text, Loader=_TemplateLoader)
+    except yaml.YAMLError:
+        return None
+    output = parsed.get("Outputs", {}).get("TemplateVersion") if isinstance(parsed, dict) else None
+    value = output.get("Value") if isinstance(output, dict) else None
+    return str(value) if isinstance(value, (str, int)) else None
 
 
 def is_published(templates: list[Template], cell_version: str | None) -> bool:

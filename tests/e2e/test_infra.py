@@ -271,7 +271,7 @@ async def test_each_reminder_and_the_breach_fire_once_across_a_kill_and_two_repl
     first = await infra.start_service()
     await infra.start_service()
     cell = await infra.add_cell()
-    code, _, err = await procs.ctl("infra", "publish", "2", "--template", str(TEMPLATE),
+    code, _, err = await procs.ctl("infra", "publish", "3", "--template", str(TEMPLATE),
                                    "--grace", "14s")  # fmt: skip
     assert code == 0, err
     # After the first reminder (7 s before the deadline), a replica dies mid-flight; a third
@@ -307,6 +307,7 @@ async def test_bad_templates_and_graces_are_refused_and_nothing_is_written(
         (["3", "--template", str(broken)], "fails cfn-lint: E3006"),
         (["3", "--template", str(TEMPLATE), "--grace", "soon"], "grace: 'soon' is not a duration"),
         (["x3", "--template", str(TEMPLATE)], "version: String should match pattern"),
+        (["4", "--template", str(TEMPLATE)], "TemplateVersion output is '3', not '4'"),
         (["3", "--template", str(tmp_path / "missing.yaml")], "cannot read"),
     ):
         code, out, err = await procs.ctl("infra", "publish", *args)

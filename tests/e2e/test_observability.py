@@ -104,7 +104,7 @@ async def test_every_dashboard_and_alert_expression_returns_data_from_a_running_
     assert (await procs.ctl("flags", "set", str(flag)))[0] == 0
     for cell in fleet.cells:
         assert (await procs.ctl("flags", "eval", "obs-editor", "--cell", cell.id))[0] == 0
-    code, _, err = await procs.ctl("infra", "publish", "2", "--template", str(TEMPLATE),
+    code, _, err = await procs.ctl("infra", "publish", "3", "--template", str(TEMPLATE),
                                    "--grace", "1h")  # fmt: skip
     assert code == 0, err
 

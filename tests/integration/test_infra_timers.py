@@ -27,6 +27,11 @@ DELIVERY = Delivery(message_id="m", user_id="op-test", routing_key="infra_compli
                     redelivered=False, delivery_count=0)  # fmt: skip
 
 
+def declaring(version: str) -> str:
+    """A template whose stacks report ``version``."""
+    return f"Resources: {{}}\nOutputs:\n  TemplateVersion:\n    Value: '{version}'\n"
+
+
 class FakeAws:
     async def lint(self, template: str) -> list[str]:
         return [] if "Resources" in template else ["E1001 line 1: no Resources"]
@@ -83,7 +88,7 @@ async def test_reminders_and_the_breach_fire_once_by_one_replica_across_a_restar
     for cell in ("c-late", "c-quick"):
         await store.fleet.apply(registered(cell, clock))
     published = await handlers.infra_publish(
-        InfraPublish(version="2", template="Resources: {}", grace="14s"), DELIVERY, deps
+        InfraPublish(version="2", template=declaring("2"), grace="14s"), DELIVERY, deps
     )
     assert published.deadline == T0 + timedelta(seconds=14)
     await handlers.reconcile_fleet(deps)
@@ -139,7 +144,7 @@ async def test_a_holder_that_lost_its_lease_cannot_fire(redis: aioredis.Redis) -
     deps = handlers.Deps(store=store, clock=clock, aws=FakeAws())
     await store.fleet.apply(registered("c-1", clock))
     await handlers.infra_publish(
-        InfraPublish(version="2", template="Resources: {}", grace="14s"), DELIVERY, deps
+        InfraPublish(version="2", template=declaring("2"), grace="14s"), DELIVERY, deps
     )
     await handlers.reconcile_fleet(deps)
     notices = Notices()
@@ -165,14 +170,14 @@ async def test_publishing_refuses_a_template_that_is_not_newer_or_does_not_lint(
     clock = FakeClock(T0)
     store = InfraStore(redis)
     deps = handlers.Deps(store=store, clock=clock, aws=FakeAws())
-    await handlers.infra_publish(
-        InfraPublish(version="3", template="Resources: {}"), DELIVERY, deps
-    )
+    await handlers.infra_publish(InfraPublish(version="3", template=declaring("3")), DELIVERY, deps)
     for version, template, grace, needle in (
-        ("3", "Resources: {}", "14d", "already published"),
-        ("2", "Resources: {}", "14d", "older than 3"),
+        ("3", declaring("3"), "14d", "already published"),
+        ("2", declaring("2"), "14d", "older than 3"),
         ("4", "Outputs: {}", "14d", "fails cfn-lint: E1001"),
-        ("4", "Resources: {}", "two weeks", "grace: 'two weeks' is not a duration"),
+        ("4", declaring("4"), "two weeks", "grace: 'two weeks' is not a duration"),
+        ("4", declaring("5"), "14d", "TemplateVersion output is '5', not '4'"),
+        ("4", "Resources: {}", "14d", "TemplateVersion output is None"),
     ):
         with pytest.raises(RpcFailure, match=needle):
             await handlers.infra_publish(
@@ -190,7 +195,7 @@ async def test_a_cell_that_registers_again_is_told_what_is_required_again(
     deps = handlers.Deps(store=store, clock=clock, aws=FakeAws())
     await handlers.on_fact(registered("c-1", clock), DELIVERY, deps)
     await handlers.infra_publish(
-        InfraPublish(version="2", template="Resources: {}", grace="14s"), DELIVERY, deps
+        InfraPublish(version="2", template=declaring("2"), grace="14s"), DELIVERY, deps
     )
     await handlers.reconcile_fleet(deps)
     assert (await outbox_types(redis)).count("command.infra-required.v1") == 1
