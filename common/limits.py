@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from common.bus.errors import refuse_foreign_sender
 from common.messages import CellReport, Delivery
 from common.routes import Route
 
@@ -88,9 +89,9 @@ def limit_cell_reports(
     budgets: Mapping[str, tuple[float, float]] | None = None,
     now: Callable[[], float] = time.monotonic,
 ) -> list[Route]:
-    """``routes`` with each cell report's handler behind a budget per cell and kind. The
-    budget is the broker-authenticated sender's (``user_id``), so a message naming another
-    cell spends its sender's budget, never the cell it names."""
+    """``routes`` with each cell report's handler behind a budget per cell and kind. A report
+    that speaks for another cell is refused first (dead-lettered, never silently dropped);
+    the budget is the broker-authenticated sender's (``user_id``)."""
     kinds = {**DEFAULT_BUDGETS, **(budgets or {})}
     limited: list[Route] = []
     for r in routes:
@@ -112,6 +113,8 @@ def _budgeted(
     counter = _limited().labels(kind)
 
     async def within_budget(msg: Any, delivery: Delivery) -> Any:
+        # One that speaks for another cell is refused visibly, over budget or not.
+        refuse_foreign_sender(msg, delivery)
         if not limit.allow(delivery.user_id or delivery.routing_key, now()):
             counter.inc()
             return None

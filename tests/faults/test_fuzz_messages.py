@@ -1,15 +1,19 @@
 """Bad input from the outside (RELIABILITY.md 7): every message type a cell may send, from valid
 to garbage (wrong types, huge strings, deep nesting, bad UTF-8, duplicate keys, other cells'
-ids, unknown types), published with a real cell's credentials to the real services on a private
-broker. A message the contract refuses lands in the `.dead` queue of every queue it reached,
-with a reason, and changes nothing in Redis; one it accepts is handled; and the stream keeps
-flowing for the other cells (a witness cell's heartbeats go through after each example)."""
+ids, unknown types) and the extremes (numbers past what every layer compares exactly, negative
+ones, control characters, every field at and past its length, bodies at the size limit),
+published with a real cell's credentials to the real services on a private broker. A message
+the contract refuses lands in the `.dead` queue of every queue it reached, with a reason, and
+changes nothing in Redis; one it accepts is handled, and stores no control character; and the
+stream keeps flowing for the other cells (a witness cell's heartbeats go through after each
+example)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -51,6 +55,9 @@ MODELS: dict[str, type[CellReport]] = {
     m.kind: m
     for m in (CellRegister, CellHeartbeat, CellUpgrade, CellMaintenance, CellDebugAccess, CellSync)
 }
+# The budgets per cell have their own tests (test_limits.py, test_cell_security.py).
+NO_BUDGETS = json.dumps({kind: [0, 1] for kind in ("register", "sync", "upgrade", "maintenance",
+                                                   "debug-access")})  # fmt: skip
 # Lease keys are renewed on their own; nothing a cell sends may change anything else.
 _MOVING = ("lease", "leader")
 QUIET_SECONDS = 0.3
@@ -61,6 +68,20 @@ def _queues(kind: str) -> list[str]:
     return [spec.name for specs in SERVICE_QUEUES.values() for spec in specs
             if any(b.exchange == CELLS_EXCHANGE and b.routing_key == f"*.{kind}"
                    for b in spec.bindings)]  # fmt: skip
+
+
+# The fields each kind may carry besides the ones _valid fills.
+OPTIONAL: dict[str, tuple[str, ...]] = {
+    "register": ("stack_name", "template_version", "installed_release", "incarnation",
+                 "rotation_key"),
+    "heartbeat": ("installed_release", "applied_generation", "template_version",
+                  "flags_snapshot_version", "credential_id", "maintenance"),
+    "upgrade": ("error",),
+    "maintenance": ("reason", "enabled_until"),
+    "debug-access": ("reason", "granted_by", "expires_at", "occurred_at"),
+    "sync": ("reason", "applied_generation", "flags_snapshot_version"),
+}  # fmt: skip
+CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _valid(kind: str, cell: str) -> dict[str, Any]:
@@ -75,6 +96,16 @@ def _valid(kind: str, cell: str) -> dict[str, Any]:
     fields = by_kind[kind]
     return {"cell_id": cell, "seq": 1, "sent_at": NOW.isoformat(), **fields}
 
+
+# What probing as a cell found the contract let through, or compared differently in Python and
+# Redis's Lua: numbers at and past 2**50 and 2**53, negative ones, escape sequences and other
+# control characters, names at and past their length, and free text far past it.
+extremes = st.sampled_from([
+    2**50 - 1, 2**50, 2**53 + 1, 10**30 + 7, -1, -5, -(2**63),
+    "stack\x1b[2J", "\x07\x08\x00", "a" * 64, "a" * 65, "é" * 1000, "x" * 5000, "",
+])  # fmt: skip
+# Every field of a report at the sizes and shapes it takes when valid, and the extremes.
+max_names = st.sampled_from(["A" * 64, "a" * 128, "9" * 12, "eu-west-1", "eu-west-12"])
 
 junk = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=40),
@@ -99,13 +130,19 @@ def _examples(kind: str, cell: str, other: str) -> st.SearchStrategy[Example]:
         if k == "cell_id":
             return st.one_of(st.just(v), st.just(other), junk)
         if k == "seq":
-            return st.one_of(st.just(v), st.integers(-5, 2**70), junk)
-        return st.one_of(st.just(v), junk)
+            return st.one_of(st.just(v), st.integers(-5, 2**70), extremes, junk)
+        return st.one_of(st.just(v), extremes, max_names, junk)
 
+    # The report's optional fields too, each valid, extreme or junk.
+    optional = {k: st.one_of(extremes, max_names, junk) for k in OPTIONAL[kind]}
     doc = st.fixed_dictionaries({k: values(k, v) for k, v in base.items()},
-                                optional={"extra": junk})  # fmt: skip
+                                optional={"extra": junk, **optional})  # fmt: skip
     body = st.one_of(
         doc.map(lambda d: json.dumps(d).encode()),
+        # At the size limit and just past it (a valid report padded with an unknown field).
+        st.sampled_from([256 * 1024 - 200, 256 * 1024 + 1]).map(
+            lambda n: json.dumps({**base, "pad": "p" * n}).encode()
+        ),
         doc.map(lambda d: json.dumps(d).encode()[: len(json.dumps(d)) // 2]),  # truncated
         st.binary(max_size=100).map(lambda b: b"\xff\xfe" + b),  # not UTF-8
         st.integers(10, 3000).map(lambda n: (b"[" * n) + (b"]" * n)),  # deep nesting
@@ -214,9 +251,10 @@ async def rig(rabbit: PrivateRabbit, redis_node: PrivateRedis,
         # The fuzz sends one cell's heartbeats far faster than its budget: every valid one must
         # be applied here (the budget has its own test, test_flood.py).
         await start_registry(procs, SUBSTRATE_OFFLINE_AFTER_SECONDS="3600",
-                             SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND="0")  # fmt: skip
-        await start_rollout(procs)
-        await procs.start("flags", "substrate-flags")
+                             SUBSTRATE_HEARTBEAT_LIMIT_PER_SECOND="0",
+                             SUBSTRATE_CELL_BUDGETS=NO_BUDGETS)  # fmt: skip
+        await start_rollout(procs, SUBSTRATE_CELL_BUDGETS=NO_BUDGETS)
+        await procs.start("flags", "substrate-flags", SUBSTRATE_CELL_BUDGETS=NO_BUDGETS)
         cell, witness = new_cell_id(), new_cell_id()
         urls_of = {c: (await create_cell(procs, c))["amqp_url"] for c in (cell, witness)}
         connection = await aio_pika.connect(urls_of[cell])
@@ -262,6 +300,11 @@ async def _one(rig: Rig, kind: str, example: Example) -> None:
     rig.settling = rig.settling or acceptable
     # Either way, another cell's heartbeat still goes through.
     await rig.witness_beat()
+    # Nothing a cell sent is kept with a control character in it (an operator's terminal
+    # prints the record).
+    record = await rig.redis.hgetall(f"registry:cell:{rig.cell}")
+    kept = [v if isinstance(v, bytes) else v.encode() for v in record.values()]
+    assert not [v for v in kept if CONTROL.search(v)], record
     if acceptable and "registry.cells" in _queues(kind):
         # Handled, not refused (the registry took the witness's heartbeat after it).
         assert await rig.dead("registry.cells", message_id) is None, example

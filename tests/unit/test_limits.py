@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from common import limits
+from common.bus.errors import Refused
 from common.limits import PerCellLimit, limit_cell_reports
 from common.messages import CellSync, Delivery, FlagsChanged
 from common.routes import route
@@ -69,14 +70,15 @@ async def test_a_cells_reports_past_its_budget_are_not_handled_and_count_against
         return CellSync(cell_id=cell, seq=1, sent_at=sent)
 
     for _ in range(10):
-        await sync_handler(sync("flooder"), _delivery("flooder"))
-    # Naming another cell spends the sender's budget (the broker-checked user), not the named.
-    await sync_handler(sync("quiet"), _delivery("flooder"))
-    await sync_handler(sync("quiet"), _delivery("quiet"))
+        await sync_handler(sync("flooder"), _delivery("flooder", "flooder.sync"))
+    # One speaking for another cell is refused (dead-lettered), over budget or not.
+    with pytest.raises(Refused):
+        await sync_handler(sync("quiet"), _delivery("flooder", "quiet.sync"))
+    await sync_handler(sync("quiet"), _delivery("quiet", "quiet.sync"))
     event = FlagsChanged(at=sent, key="f", snapshot_version=1, actor="op")
     for _ in range(10):
         await event_handler(event, _delivery(None, "flags.changed"))
     assert handled == ["flooder"] * 3 + ["quiet"] + ["event"] * 10
     now = 1.0
-    await sync_handler(sync("flooder"), _delivery("flooder"))
+    await sync_handler(sync("flooder"), _delivery("flooder", "flooder.sync"))
     assert handled[-1] == "flooder" and len(handled) == 15
