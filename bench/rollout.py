@@ -24,8 +24,9 @@ over the cores, is the least time this machine could take with the cells elsewhe
 
 It reaches into one service once: before the rollout service starts it sets the service's
 generation counter (``rollout:generation`` in Redis) far above the baseline's generations, so
-that a baseline report, which the rollout service takes in like any cell's report, is always
-older than any generation the service sends and never taken for one of its own.
+that every generation the service sends is newer than any a simulated cell applied in a
+baseline round (a cell applies only a newer generation). The baseline's reports reach the
+rollout service too; it refuses them, as it refuses any outcome for what it did not send.
 """
 
 from __future__ import annotations
