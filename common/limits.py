@@ -100,6 +100,10 @@ def limit_cell_reports(
             limited.append(r)
             continue
         rate, burst = kinds.get(kind, (0.0, 1.0))
+        if rate <= 0:
+            # No budget (heartbeats have the registry's own): the handler as it is.
+            limited.append(r)
+            continue
         limited.append(Route(r.model, _budgeted(r.handler, PerCellLimit(rate, burst), kind, now)))
     return limited
 
