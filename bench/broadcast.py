@@ -48,7 +48,13 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from bench.fleet import AMQP_URL, API_URL, REDIS_URL, _with_path, remove_vhost
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import SystemClock
-from common.messages import BROADCAST_EXCHANGE, FlagsBroadcast, FlagsSnapshot, command_queue
+from common.messages import (
+    BROADCAST_EXCHANGE,
+    CellRegistered,
+    FlagsBroadcast,
+    FlagsSnapshot,
+    command_queue,
+)
 from common.rabbitmq_api import RabbitApi
 from common.topology import cell_commands, control_plane
 from services.flags import metrics
@@ -175,7 +181,14 @@ async def measure(
     ids: list[str],
 ) -> None:
     """The rounds: the flags service's broadcast, raw aio-pika's, and the per-cell baseline."""
-    pusher = Pusher(bus, FlagsStore(redis), SystemClock())
+    store = FlagsStore(redis)
+    # The flags service's view of the fleet, as the registry's events make it: the push reads
+    # it to find the cells a condition names (none here: every cell reads the broadcast).
+    now = datetime.now(UTC)
+    await gather_limited(args.cells, 200, lambda i: store.fleet.apply(CellRegistered(
+        at=now, cell_id=ids[i], stage="dedicated", region="eu-west-1", org=f"org-{i % 50}",
+        aws_account_id="123456789012", agent_version="1")))  # fmt: skip
+    pusher = Pusher(bus, store, SystemClock())
     sent = metrics.PUSHED.labels("change", "sent")
     snapshot = await FlagsStore(redis).snapshot()
     raw_channel = await raw.channel(publisher_confirms=True)
