@@ -11,7 +11,8 @@ service, and a consumer sharing the pusher's process would add its CPU to the ti
 times from the start of the push until every cell has its message, for:
 
 - broadcast: the flags service's own push (``Pusher.push_all``), run in this process,
-  counting what it published;
+  counting what it published, with its view of the fleet holding the N cells (it reads it for
+  the cells a condition names: none here);
 - raw fan-out: one persistent message published with raw aio-pika to the broadcast exchange,
   the broker's own floor for the same delivery;
 - raw transient fan-out: the same message not persistent, which the architecture rules out
