@@ -402,12 +402,19 @@ def go_offline(record: CellRecord, cell_id: str, cutoff: datetime, now: datetime
 # -- credentials and decommissioning ------------------------------------------------------------
 
 
-def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Transition:
-    """A new password is in force at the broker; the cell confirms it in a heartbeat."""
+def _gone(record: CellRecord) -> Transition | None:
+    """What an operator's change to a cell that does not exist or is decommissioned comes to."""
     if record.status is None:
         return Transition(Outcome.UNKNOWN_CELL)
     if record.status == "decommissioned":
         return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    return None
+
+
+def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Transition:
+    """A new password is in force at the broker; the cell confirms it in a heartbeat."""
+    if (gone := _gone(record)) is not None:
+        return gone
     return Transition(
         Outcome.ROTATION_STARTED,
         changes={"pending_credential_id": credential_id, "rotation_started_at": now},
@@ -418,10 +425,8 @@ def start_rotation(record: CellRecord, credential_id: str, now: datetime) -> Tra
 def replace_credential(record: CellRecord, credential_id: str) -> Transition:
     """A new password delivered by hand: in force at once, nothing to confirm, and the bound
     key forgotten (the next registration binds one again)."""
-    if record.status is None:
-        return Transition(Outcome.UNKNOWN_CELL)
-    if record.status == "decommissioned":
-        return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    if (gone := _gone(record)) is not None:
+        return gone
     return Transition(
         Outcome.ROTATION_ENDED,
         changes={
@@ -448,10 +453,8 @@ def end_rotation(record: CellRecord) -> Transition:
 
 def decommission(record: CellRecord, cell_id: str, now: datetime) -> Transition:
     """The record is kept as history; the cell is refused from now on."""
-    if record.status is None:
-        return Transition(Outcome.UNKNOWN_CELL)
-    if record.status == "decommissioned":
-        return Transition(Outcome.ALREADY_DECOMMISSIONED)
+    if (gone := _gone(record)) is not None:
+        return gone
     return Transition(
         Outcome.DECOMMISSIONED,
         changes={
