@@ -423,12 +423,14 @@ async def _publish(
 @pytest.mark.e2e
 @pytest.mark.fault
 async def test_an_outcome_for_what_was_never_sent_changes_no_view(
-    procs: Processes, registry: Registry, services: Services, tmp_path: Path
+    procs: Processes, control_plane: None, services: Services, tmp_path: Path
 ) -> None:
     """A canary reporting success for a release it was never offered (and a generation never
     sent) was written into rollout's view of it, and the rollout went on as if the canary
     had taken the release. Rollout takes an outcome only for what it sent that cell: the rest
     is refused, dead-lettered with the reason and counted, and no view moves."""
+    # The cells send no heartbeats: they must not go offline while the test looks.
+    await start_registry(procs, SUBSTRATE_OFFLINE_AFTER_SECONDS="3600")
     await start_rollout(procs)
     policy = tmp_path / "policy.yaml"
     policy.write_text("soak_seconds: {staging: 3600, saas: 3600, dedicated: 3600}\n")
