@@ -105,3 +105,8 @@ def test_cells_reach_the_broker_over_tls_verified_against_the_demo_ca() -> None:
     agents = [s for n, s in services.items() if n.startswith("agent-")]
     assert len(agents) == 5
     assert all(a["environment"]["CELL_CA_FILE"] == "/tls/ca.pem" for a in agents)
+    # The broker's key is its user's alone (uid 999 in the official image and the stand-in).
+    made = " ".join(services["certs"]["command"])
+    assert "chown 999:999 /tls/broker.key && chmod 600 /tls/broker.key" in made
+    stand_in = (ROOT / "compose" / "images" / "rabbitmq" / "Dockerfile").read_text()
+    assert "--uid 999" in stand_in
