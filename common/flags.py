@@ -364,20 +364,28 @@ def _naming_holds(c: InCondition | MatchCondition, cell: Mapping[str, str] | Non
     return _compile_condition(c)(cell)
 
 
-def names(cell: Mapping[str, str], flags: Mapping[str, Flag]) -> bool:
-    """Whether any condition of ``flags`` names ``cell``: lists its id or org, or has a
-    pattern that matches it. Such a cell is sent a snapshot of its own; every other cell reads
-    the same one (``for_reader(flag, None)``)."""
+def naming(flags: Mapping[str, Flag]) -> Callable[[Mapping[str, str]], bool]:
+    """Whether a condition of ``flags`` names a cell: lists its id or org, or has a pattern
+    that matches it. Such a cell is sent a snapshot of its own; every other cell reads the
+    same one (``for_reader(flag, None)``). The conditions are compiled once, for a whole fleet."""
+    listed: dict[str, set[str]] = {attribute: set() for attribute in NAMING}
+    patterns: list[Callable[[Cell], bool]] = []
     for flag in flags.values():
         for rule in flag.rules:
             for c in rule.when:
                 if c.attribute not in NAMING:
                     continue
-                if isinstance(c, InCondition) and cell.get(c.attribute) in c.values:
-                    return True
-                if isinstance(c, MatchCondition) and _compile_condition(c)(cell):
-                    return True
-    return False
+                if isinstance(c, InCondition):
+                    listed[c.attribute].update(c.values)
+                elif isinstance(c, MatchCondition):
+                    patterns.append(_compile_condition(c))
+
+    def names(cell: Mapping[str, str]) -> bool:
+        return any(cell.get(a) in values for a, values in listed.items()) or any(
+            test(cell) for test in patterns
+        )
+
+    return names
 
 
 def for_reader(flag: Flag, cell: Mapping[str, str] | None) -> Flag:
@@ -387,8 +395,8 @@ def for_reader(flag: Flag, cell: Mapping[str, str] | None) -> Flag:
     for that cell exactly as ``flag`` does."""
     rules = []
     for rule in flag.rules:
-        naming = [c for c in rule.when if not isinstance(c, SemverCondition)]
-        if all(_naming_holds(c, cell) for c in naming if c.attribute in NAMING):
+        decided = [c for c in rule.when if c.attribute in NAMING]
+        if all(_naming_holds(c, cell) for c in decided if not isinstance(c, SemverCondition)):
             when = tuple(c for c in rule.when if c.attribute not in NAMING)
             rules.append(rule.model_copy(update={"when": when}))
         else:

@@ -95,13 +95,10 @@ def limit_cell_reports(
     kinds = {**DEFAULT_BUDGETS, **(budgets or {})}
     limited: list[Route] = []
     for r in routes:
-        kind = getattr(r.model, "kind", None)
-        if not (isinstance(r.model, type) and issubclass(r.model, CellReport)) or kind is None:
-            limited.append(r)
-            continue
-        rate, burst = kinds.get(kind, (0.0, 1.0))
-        if rate <= 0:
-            # No budget (heartbeats have the registry's own): the handler as it is.
+        kind = r.model.kind if issubclass(r.model, CellReport) else None
+        rate, burst = kinds.get(kind, (0.0, 1.0)) if kind else (0.0, 1.0)
+        if kind is None or rate <= 0:
+            # Not a cell's report, or no budget (heartbeats have the registry's own): as it is.
             limited.append(r)
             continue
         limited.append(Route(r.model, _budgeted(r.handler, PerCellLimit(rate, burst), kind, now)))

@@ -14,7 +14,7 @@ import logging
 from common.bus.errors import BusError, Unroutable
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock
-from common.flags import Snapshot, names, wire_for_reader
+from common.flags import Snapshot, naming, wire_for_reader
 from common.fleet import FleetCell
 from common.messages import FlagsBroadcast, FlagsSnapshot
 from common.runner import wait_any
@@ -93,11 +93,11 @@ class Pusher:
         agent keeps those of the last snapshot addressed to it."""
         snapshot = await self.store.snapshot()
         metrics.SNAPSHOT_VERSION.set(snapshot.version)
+        names = naming(snapshot.flags)
         named = [
             cell
             for cell in await self.store.fleet.all()
-            if cell.status != "decommissioned"
-            and names(model.reader(cell.id, cell), snapshot.flags)
+            if cell.status != "decommissioned" and names(model.reader(cell.id, cell))
         ]
         for start in range(0, len(named), PERSONAL_AT_ONCE):
             await asyncio.gather(

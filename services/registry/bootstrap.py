@@ -24,17 +24,16 @@ log = logging.getLogger(__name__)
 
 
 def build_deps(
-    bus: RabbitBus, settings: RegistrySettings, redis: aioredis.Redis, clock: Clock
+    bus: RabbitBus,
+    settings: RegistrySettings,
+    redis: aioredis.Redis,
+    clock: Clock,
+    accounts: CellBroker,
 ) -> handlers.Deps:
     return handlers.Deps(
         store=RegistryStore(redis),
         clock=clock,
-        accounts=CellBroker(
-            RabbitApi(settings.rabbitmq_api_url),
-            bus,
-            broker_urls.vhost(settings.amqp_url),
-            quorum_queues=settings.cell_queues == "quorum",
-        ),
+        accounts=accounts,
         publisher=bus,
         cell_broker_url=settings.cell_amqp_url or settings.amqp_url,
         privatelink_service=settings.privatelink_service_name,
@@ -57,10 +56,15 @@ async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Even
 
 async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None) -> Wiring:
     redis = redis_client.from_settings(settings)
-    deps = build_deps(bus, settings, redis, clock or SystemClock())
-    assert isinstance(deps.accounts, CellBroker)
+    accounts = CellBroker(
+        RabbitApi(settings.rabbitmq_api_url),
+        bus,
+        broker_urls.vhost(settings.amqp_url),
+        quorum_queues=settings.cell_queues == "quorum",
+    )
+    deps = build_deps(bus, settings, redis, clock or SystemClock(), accounts)
     try:
-        await deps.accounts.ensure_policies()
+        await accounts.ensure_policies()
     except Exception:
         # Cells are still served; the operator sees why the broker's limits are missing.
         log.exception("could not apply the broker policies that bound queue storage")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cell_agent.flags import LocalFlags
-from common.flags import ATTRIBUTES, BUCKETS, Flag, Snapshot, bucket, names, wire_for_reader
+from common.flags import ATTRIBUTES, BUCKETS, Flag, Snapshot, bucket, naming, wire_for_reader
 from common.messages import FlagsSnapshot
 from common.versions import SemVer
 
@@ -258,14 +258,14 @@ def test_what_a_cell_is_sent_evaluates_as_the_whole_flag_and_names_no_one(
     whole = Snapshot(3, {parsed.key: parsed})
     reader = {"id": cell["id"], **({"org": cell["org"]} if "org" in cell else {})}
     views = [wire_for_reader(whole, reader)]
-    if "org" in cell and not names(reader, whole.flags):
+    if "org" in cell and not naming(whole.flags)(reader):
         views.append(wire_for_reader(whole, None))
     for view in views:
         (sent,) = view
         assert sent["description"] == "" and sent["owner"] == "-"
-        naming = [c for rule in sent.get("rules", []) for c in rule.get("when", [])
-                  if c["attribute"] in ("id", "org")]  # fmt: skip
-        assert all(c == {"attribute": "id", "op": "in", "values": [""]} for c in naming)
+        decided = [c for rule in sent.get("rules", []) for c in rule.get("when", [])
+                   if c["attribute"] in ("id", "org")]  # fmt: skip
+        assert all(c == {"attribute": "id", "op": "in", "values": [""]} for c in decided)
         read = Snapshot.from_wire(3, view)
         assert (
             read.evaluate(parsed.key, cell).as_json() == whole.evaluate(parsed.key, cell).as_json()
