@@ -48,7 +48,8 @@ from bench.fleet import (
     online_at_least,
     until,
 )
-from common.messages import Component, DesiredState, Release
+from common.messages import DesiredState
+from common.releases import Component, Release
 from common.requests.rollout import (
     PolicySet,
     ReleaseFile,

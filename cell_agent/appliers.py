@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cell_agent.journal import write_atomically
-from common.messages import Component, Release
+from common.releases import Component, Release
 
 
 class ApplyFailed(Exception):

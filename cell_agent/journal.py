@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import AwareDatetime, BaseModel
 
-from common.messages import Release
+from common.releases import Release
 from common.vocabulary import UpgradePhase
 
 

@@ -29,7 +29,8 @@ from cell_agent.journal import Applied, Desired, Journal, Progress
 from cell_agent.maintenance import MaintenanceGate
 from common.clock import Clock
 from common.crashpoints import crash_point
-from common.messages import Component, Delivery, DesiredState, Release
+from common.messages import Delivery, DesiredState
+from common.releases import Component, Release
 from common.runner import wait_any
 from common.vocabulary import TERMINAL_PHASES, UpgradePhase
 

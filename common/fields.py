@@ -14,8 +14,8 @@ from pydantic import AfterValidator, Field
 
 # Every whole number a message carries is at most this. Redis's Lua guards compare numbers as
 # doubles, exact only below 2**53, and a cell's report order multiplies its generation by the
-# phases of an upgrade: a number above it compares one way in Python and another in Redis, and
-# a write guarded on it is refused for ever.
+# eight reports one upgrade can make: a number above it compares one way in Python and another
+# in Redis, and a write guarded on it is refused for ever.
 WIRE_INT_MAX = 2**50 - 1
 WireInt = Annotated[int, Field(ge=0, le=WIRE_INT_MAX)]
 

@@ -38,9 +38,10 @@ from common.messages import (
     InfraComplianceChanged,
     Message,
 )
+from common.report_order import report_order
 from common.routes import Route, route
 from common.scripts import Change, Changes
-from common.vocabulary import CellStatus, ComplianceState, Stage
+from common.vocabulary import TERMINAL_PHASES, CellStatus, ComplianceState, Stage
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,11 @@ class FleetCell:
     compliance_deadline: str | None = None
     # The newest fact applied from each source (see the module's ordering rule).
     facts_at: float = 0.0
+    # The order (common.report_order) of the upgrade report that set installed_release.
     release_generation: int | None = None
     compliance_at: float = 0.0
+    # The agent's incarnation: a re-bootstrapped cell (new state directory) has a new one.
+    incarnation: str | None = None
 
     @property
     def known(self) -> bool:
@@ -121,13 +125,16 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
     if current.status == "decommissioned":
         return None
     if isinstance(msg, CellUpgrade):
-        if msg.phase != "succeeded":
+        # A success installs its release; any outcome from an agent that says what it runs
+        # after it (a rollback, on a bad verdict too) sets that.
+        says = "installed_release" in msg.model_fields_set
+        if msg.phase not in TERMINAL_PHASES or not (msg.phase == "succeeded" or says):
             return None
-        if current.release_generation is not None and msg.generation <= current.release_generation:
+        order = report_order(msg.generation, msg.phase, msg.verdict)
+        if current.release_generation is not None and order <= current.release_generation:
             return None
-        return replace(
-            current, installed_release=msg.release_version, release_generation=msg.generation
-        )
+        installed = msg.installed_release if says else msg.release_version
+        return replace(current, installed_release=installed, release_generation=order)
     if isinstance(msg, InfraComplianceChanged):
         at = _time(msg.at)
         if at < current.compliance_at:
@@ -147,6 +154,9 @@ def apply_fact(cell: FleetCell | None, cell_id: str, msg: Message) -> FleetCell 
     if isinstance(msg, CellCreated):
         return replace(new, stage=msg.stage, region=msg.region, org=msg.org, status="created")
     if isinstance(msg, CellRegistered):
+        if msg.incarnation is not None and msg.incarnation != current.incarnation:
+            # A new incarnation runs what it reports, and its upgrade reports start afresh.
+            new = replace(new, incarnation=msg.incarnation, release_generation=None)
         return replace(
             new,
             stage=msg.stage,

@@ -15,7 +15,6 @@ from pydantic.json_schema import models_json_schema
 
 from common.fields import (
     CellId,
-    Digest,
     Name,
     PublicKey,
     Region,
@@ -23,10 +22,11 @@ from common.fields import (
     Sealed,
     StackName,
     Text,
-    Version,
     WireInt,
     clean_text,
 )
+from common.health import HealthSpec, Verdict
+from common.releases import Release
 from common.vocabulary import (
     ComplianceState,
     DebugAccessAction,
@@ -108,26 +108,7 @@ class Delivery:
     reply_to: str | None = None
 
 
-# ---------------------------------------------------------------------------------------------
-# Releases: carried by events and commands, so they live in the contract.
-
-
-class Component(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
-    image: Annotated[str, Field(min_length=1, max_length=512)]
-    digest: Digest
-    requires_maintenance: bool = False
-
-
-class Release(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    version: Version
-    components: tuple[Component, ...] = Field(min_length=1)
-    reversible: bool = True
-    notes: str = ""
+# Releases (common/releases.py) are carried by events and commands, so they are in the contract.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +169,12 @@ class CellUpgrade(CellReport):
     release_version: Name | None
     phase: UpgradePhase
     error: Text | None = None
+    # After a ``succeeded`` (or a ``rolled_back`` it caused): the health checks' verdict, the
+    # check that decided it, and in ``error`` what that check saw against what it wanted.
+    verdict: Verdict | None = None
+    check: Name | None = None
+    # What the cell runs after this report (a rollback runs the previous release again).
+    installed_release: Name | None = None
 
 
 @wire("cell.maintenance.v1")
@@ -275,6 +262,8 @@ class CellRegistered(Event):
     agent_version: str
     installed_release: str | None = None
     template_version: str | None = None
+    # A new incarnation (a re-bootstrapped cell) has nothing of what the last one was sent.
+    incarnation: str | None = None
 
 
 @wire("cell.registration-refused.v1")
@@ -442,6 +431,8 @@ class DesiredState(Command):
 
     generation: WireInt
     release: Release | None
+    # What to check after applying it, and for how long (None: nothing).
+    health: HealthSpec | None = None
 
 
 @wire("command.flags-snapshot.v1")

@@ -3,12 +3,16 @@ where it is. The release file and the policy file are the requests' own schemas.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.fields import Digest
-from common.messages import CellFailure, Component, Release
+from common.health import Check, HealthFile
+from common.messages import CellFailure
+from common.releases import Component, Release
 from common.requests import Request, Response, ServiceStatus, rpc
 from common.versions import SemVerText
 from common.vocabulary import CellStatus, ExplainReason, RolloutState, SkipReason, Stage
@@ -35,6 +39,10 @@ class ReleaseFile(BaseModel):
     components: list[ComponentFile] = Field(min_length=1)
     reversible: bool = True
     notes: str = Field(default="", max_length=10_000)
+    # Checks the agent runs after applying it, during a bake and a watch (common/health.py).
+    health: HealthFile | None = None
+    # A cell behind a required release installs it before anything newer (an upgrade path).
+    required: bool = False
 
     @field_validator("components")
     @classmethod
@@ -51,6 +59,8 @@ class ReleaseFile(BaseModel):
             components=tuple(Component(**c.model_dump()) for c in self.components),
             reversible=self.reversible,
             notes=self.notes,
+            health=self.health.wire() if self.health else None,
+            required=self.required,
         )
 
 
@@ -91,6 +101,64 @@ class SoakTimes(BaseModel):
         return float(getattr(self, stage))
 
 
+_PERCENT = re.compile(r"^([0-9]{1,3}(?:\.[0-9]+)?)%$")
+
+
+class StagePolicy(BaseModel):
+    """How a stage judges a release by its cells' health verdicts (common/health.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How long a cell checks its health after applying before its verdict, and how long it
+    # keeps checking after a healthy one (a lasting breach then still counts against the
+    # release). A release's own ``health.bake_seconds``/``watch_seconds`` take precedence.
+    bake_seconds: float = Field(default=0, ge=0, le=7 * 86400)
+    watch_seconds: float = Field(default=0, ge=0, le=7 * 86400)
+    # Failed or unhealthy cells the stage tolerates, as a count ("2") or a share of the
+    # stage's cells in the rollout ("10%", rounded down); one more halts the rollout. None:
+    # the policy's ``failure_threshold``.
+    failure_budget: int | str | None = None
+    # An inconclusive verdict: pause the rollout for an operator, or count it as failed.
+    inconclusive: Literal["pause", "fail"] = "pause"
+    # At most this many cells of the stage updating (sent, no verdict yet) at once.
+    max_updating: int | None = Field(default=None, ge=1)
+
+    @field_validator("failure_budget")
+    @classmethod
+    def _count_or_share(cls, budget: int | str | None) -> int | str | None:
+        if isinstance(budget, int):
+            if budget < 0:
+                raise ValueError("a failure budget is a count of at least 0 or a share like '10%'")
+            return budget
+        if isinstance(budget, str):
+            match = _PERCENT.fullmatch(budget.strip())
+            if match is None or float(match.group(1)) > 100:
+                raise ValueError(f"{budget!r} is neither a count nor a share from '0%' to '100%'")
+            return budget.strip()
+        return budget
+
+    def allowed(self, cells: int, threshold: int) -> int:
+        """Failures the budget lets through over a stage of ``cells`` cells."""
+        if self.failure_budget is None:
+            return threshold
+        if isinstance(self.failure_budget, int):
+            return self.failure_budget
+        share = float(self.failure_budget.rstrip("%"))
+        return math.floor(cells * share / 100 + 1e-9)
+
+
+class StagePolicies(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    staging: StagePolicy = Field(default_factory=StagePolicy)
+    saas: StagePolicy = Field(default_factory=StagePolicy)
+    dedicated: StagePolicy = Field(default_factory=StagePolicy)
+
+    def of(self, stage: Stage) -> StagePolicy:
+        policy: StagePolicy = getattr(self, stage)
+        return policy
+
+
 class RolloutPolicy(BaseModel):
     """What ``substratectl rollout policy set FILE`` accepts; every key is optional and the
     defaults are the documented ones."""
@@ -106,6 +174,16 @@ class RolloutPolicy(BaseModel):
     # skip: an offline cell is left out of its wave and updated when it returns.
     # wait: it stays in its wave and counts as failed if it has not updated by the deadline.
     offline_cells: Literal["skip", "wait"] = "skip"
+    # Per stage: bake, watch, failure budget, inconclusive verdicts, cells updating at once.
+    stages: StagePolicies = Field(default_factory=StagePolicies)
+    # Checks for a release that declares none (common/health.py).
+    health_checks: list[Check] = Field(default_factory=list, max_length=32)
+    # A cell whose install failed with nothing changed (images not found, say) outside any
+    # wave is sent the release again after this long, until it installs.
+    retry_failed_seconds: float = Field(default=300, gt=0)
+
+    def default_checks(self) -> tuple[dict[str, Any], ...]:
+        return tuple(c.model_dump(exclude_none=True) for c in self.health_checks)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -144,6 +222,7 @@ class StageCounts(Response):
     updated: int = 0
     in_progress: int = 0
     failed: int = 0
+    inconclusive: int = 0
     offline: int = 0
     held: int = 0
     pinned: int = 0

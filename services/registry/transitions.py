@@ -223,6 +223,7 @@ def register(record: CellRecord, msg: CellRegister, now: datetime) -> Transition
                 agent_version=msg.agent_version,
                 installed_release=msg.installed_release,
                 template_version=msg.template_version,
+                incarnation=msg.incarnation,
             ),
         ),
     )

@@ -35,6 +35,7 @@ from services.rollout.model import (
     Rollout,
     RolloutPolicy,
     catch_up,
+    health_for,
     step,
     superseded,
 )
@@ -140,7 +141,9 @@ class Controller:
             busy = True
             r = rollouts[version]
             new = r.model_copy(update={"state": "superseded", "updated_at": now})
-            rollouts[version] = await self._write(fence, r, new, assign=[], events=[], now=now) or r
+            rollouts[version] = (
+                await self._write(fence, r, new, assign=[], events=[], now=now, policy=policy) or r
+            )
             log.info("rollout %s superseded by a newer release", version)
 
         awaiting = []
@@ -154,7 +157,13 @@ class Controller:
             if decision.rollout == r and not decision.changed:
                 continue
             written = await self._write(
-                fence, r, decision.rollout, assign=decision.assign, events=decision.events, now=now
+                fence,
+                r,
+                decision.rollout,
+                assign=decision.assign,
+                events=decision.events,
+                now=now,
+                policy=policy,
             )
             if written is None:
                 continue
@@ -164,10 +173,12 @@ class Controller:
                     metrics.HALTS.labels(event.stage).inc()
                     log.warning("rollout %s halted: %s", event.version, event.reason)
 
-        extra = catch_up(list(by_id.values()), list(rollouts.values()))
+        extra = catch_up(
+            list(by_id.values()), list(rollouts.values()), now, policy.retry_failed_seconds
+        )
         if extra:
             busy = True
-            await self._write(fence, None, None, assign=extra, events=[], now=now)
+            await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
         if not busy:
             self._quiet = (policy, rollouts)
@@ -186,19 +197,23 @@ class Controller:
         assign: list[Assign],
         events: Sequence[Message],
         now: datetime,
+        policy: RolloutPolicy,
     ) -> Rollout | None:
         """Write a step; None if an operator changed the rollout meanwhile (the next step
         decides again from what they wrote)."""
         generations = await self.store.generations(len(assign)) if assign else []
-        commands: list[Message] = [
-            DesiredState(
-                cell_id=a.cell_id,
-                issued_at=now,
-                generation=g,
-                release=await self.store.release(a.version),
+        commands: list[Message] = []
+        bakes: dict[str, float | None] = {}
+        for a, g in zip(assign, generations, strict=True):
+            release = await self.store.release(a.version)
+            cell = self._cells.get(a.cell_id) if self._cells is not None else None
+            health = health_for(release, policy, cell.stage) if cell is not None else None
+            bakes[a.cell_id] = health.bake_seconds if health is not None else None
+            commands.append(
+                DesiredState(
+                    cell_id=a.cell_id, issued_at=now, generation=g, release=release, health=health
+                )
             )
-            for a, g in zip(assign, generations, strict=True)
-        ]
         pause_point("controller.before-commit", "assign" if assign else "")
         try:
             written = await self.store.commit(
@@ -208,10 +223,11 @@ class Controller:
                 assign=list(zip(assign, generations, strict=True)),
                 at=now,
                 messages=[*events, *commands],
+                bakes=bakes,
             )
         except Stale:
             return None
-        self._apply(assign, generations, now)
+        self._apply(assign, generations, now, bakes)
         metrics.ASSIGNED.inc(len(assign))
         for a, g in zip(assign, generations, strict=True):
             log.info(
@@ -236,7 +252,13 @@ class Controller:
             self._cells.pop(cell_id, None)
         return self._cells, bool(changed or gone)
 
-    def _apply(self, assign: list[Assign], generations: list[int], now: datetime) -> None:
+    def _apply(
+        self,
+        assign: list[Assign],
+        generations: list[int],
+        now: datetime,
+        bakes: dict[str, float | None],
+    ) -> None:
         """What was just written, into the copy of the cells."""
         if self._cells is None:
             return
@@ -249,5 +271,6 @@ class Controller:
                         "desired_generation": generation,
                         "desired_at": now,
                         "previous_version": a.previous,
+                        "desired_bake": bakes.get(a.cell_id),
                     }
                 )

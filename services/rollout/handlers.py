@@ -47,6 +47,7 @@ from services.rollout.model import (
     Rollout,
     abort,
     explain,
+    health_for,
     new_rollout,
     newer,
     newest_first,
@@ -179,6 +180,7 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     if msg.applied_generation is not None and msg.applied_generation >= cell.desired_generation:
         return
     release = await deps.store.release(cell.desired_version)
+    health = health_for(release, await deps.store.policy(), cell.stage)
     if deps.send is not None:
         await deps.send(
             DesiredState(
@@ -186,6 +188,7 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
                 issued_at=deps.clock.now(),
                 generation=cell.desired_generation,
                 release=release,
+                health=health,
             )
         )
 

@@ -6,8 +6,9 @@ rollout:releases             set: every published version
 rollout:rollouts             hash: version -> the release's rollout (model.Rollout as JSON)
 rollout:revisions            hash: version -> its rollout's revision, bumped by every write
 rollout:policy               string: the rollout policy (JSON; absent: the defaults)
-rollout:cell:<id>            hash: the desired state rollout last sent the cell, the cell's
-                             last report on it, and an operator's pin
+rollout:cell:<id>            hash: the desired state rollout last sent the cell (with the
+                             bake it asked for and the incarnation it went to), the cell's
+                             last report on it and its verdict, and an operator's pin
 rollout:cells                set: every cell with a rollout:cell hash
 rollout:dirty                set: cells changed by something other than the controller since
                              its last step (facts, outcome reports, pins): what it reloads
@@ -22,7 +23,7 @@ whole or not at all, and only by the current holder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,12 +31,14 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from common.fleet import FleetCell, FleetView
-from common.messages import CellUpgrade, Event, Message, Release
+from common.messages import CellUpgrade, Event, Message
 from common.outbox import Outbox, outbox_entry
+from common.releases import Release
+from common.report_order import report_order
 from common.requests.rollout import RolloutPolicy
 from common.scripts import Change, Changes, Hashes
 from common.vocabulary import TERMINAL_PHASES
-from services.rollout.model import Assign, CellFacts, Rollout, report_order
+from services.rollout.model import Assign, CellFacts, Rollout
 
 PREFIX = "rollout:"
 RELEASE = PREFIX + "release:"
@@ -71,6 +74,10 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         return own.get(key) or None
 
     assert cell.stage is not None, "only known cells are read"
+    if own.get("incarnation", "") != (cell.incarnation or "") and own.get("incarnation"):
+        # What was sent, and reported, was for an earlier incarnation of the cell (it was
+        # bootstrapped again with an empty state directory): this one has none of it.
+        own = {k: v for k, v in own.items() if k == "pinned"}
     gen = own.get("desired_generation")
     report_gen = own.get("report_generation")
     # Built without validating again: a step reads every cell, and validation was most of its
@@ -89,9 +96,16 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         if own.get("desired_at")
         else None,
         previous_version=opt("previous_version"),
+        desired_bake=float(own["desired_bake"]) if own.get("desired_bake") else None,
         report_generation=int(report_gen) if report_gen else None,
         report_phase=opt("report_phase"),
         report_error=opt("report_error"),
+        report_verdict=opt("report_verdict"),
+        report_check=opt("report_check"),
+        report_at=datetime.fromtimestamp(float(own["report_at"]), UTC)
+        if own.get("report_at")
+        else None,
+        incarnation=cell.incarnation,
     )
 
 
@@ -122,17 +136,20 @@ class RolloutStore:
 
     async def report(self, msg: CellUpgrade, at: datetime) -> Recorded | None:
         key = CELL + msg.cell_id
+        order = report_order(msg.generation, msg.phase, msg.verdict)
         change = (
             Change()
             .requiring(self.fleet.key, msg.cell_id)
-            .if_newer(key, "report_order", report_order(msg.generation, msg.phase))
+            .if_newer(key, "report_order", order)
             .hset(
                 key,
                 {
-                    "report_order": report_order(msg.generation, msg.phase),
+                    "report_order": order,
                     "report_generation": msg.generation,
                     "report_phase": msg.phase,
                     "report_error": msg.error or "",
+                    "report_verdict": msg.verdict or "",
+                    "report_check": msg.check or "",
                     "report_at": at.timestamp(),
                 },
             )
@@ -242,6 +259,7 @@ class RolloutStore:
         assign: Sequence[tuple[Assign, int]] = (),
         at: datetime,
         messages: Sequence[Message] = (),
+        bakes: Mapping[str, float | None] | None = None,
     ) -> Rollout | None:
         """Write one controller step whole: the rollout's new state (if it read revision
         ``expected_rev``), the cells' desired states and the messages announcing them. The
@@ -256,7 +274,10 @@ class RolloutStore:
         for a, generation in assign:
             desired = {"desired_version": a.version, "desired_generation": generation}
             sent = {"desired_at": at.timestamp(), "previous_version": a.previous}
-            change.hset(CELL + a.cell_id, {**desired, **sent})
+            # The bake it was asked for ("": no checks) and the incarnation it was sent to.
+            bake = (bakes or {}).get(a.cell_id)
+            judged = {"desired_bake": "" if bake is None else bake, "incarnation": a.incarnation}
+            change.hset(CELL + a.cell_id, {**desired, **sent, **judged})
             change.run("SADD", CELLS, a.cell_id)
         if not (await self._changes.apply(change)).written:
             if await self.redis.get(LEASE) != fence:

@@ -13,7 +13,8 @@ import pytest
 
 from cell_agent.maintenance import MESSAGE
 from common.bus.rabbit_bus import RabbitBus
-from common.messages import CELLS_EXCHANGE, CellUpgrade, Component, DesiredState, Release
+from common.messages import CELLS_EXCHANGE, CellUpgrade, DesiredState
+from common.releases import Component, Release
 from common.topology import Binding, Topology, consuming_queue
 from testing.broker import read_all
 from testing.cells import create_cell, new_cell_id, show, start_agent, status_is

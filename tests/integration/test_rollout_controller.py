@@ -18,7 +18,8 @@ from common import topology
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import FakeClock
 from common.lease import Lease
-from common.messages import CellRegistered, CellUpgrade, Release, ReleasePublished
+from common.messages import CellRegistered, CellUpgrade, ReleasePublished
+from common.releases import Release
 from common.vocabulary import Stage, UpgradePhase
 from common.wiring import start
 from services.rollout import controller as controller_module

@@ -16,7 +16,8 @@ from cell_agent.journal import Journal
 from cell_agent.maintenance import MESSAGE, MaintenanceGate
 from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
 from common.clock import FakeClock
-from common.messages import Component, Delivery, DesiredState, Release
+from common.messages import Delivery, DesiredState
+from common.releases import Component, Release
 from testing.fleet import push_image
 from testing.polling import eventually
 

@@ -15,8 +15,8 @@ from common.messages import (
     CellUpgrade,
     InfraComplianceChanged,
 )
+from common.report_order import report_order
 from common.vocabulary import UpgradePhase
-from services.rollout.model import report_order
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -67,9 +67,31 @@ def test_decommissioned_stays_decommissioned() -> None:
 
 def test_upgrades_are_ordered_by_generation_not_by_any_clock() -> None:
     cell = fold(registered(10, installed="1"), upgrade(5, version="3"), upgrade(4, version="2"))
-    assert cell is not None and cell.installed_release == "3" and cell.release_generation == 5
+    assert cell is not None and cell.installed_release == "3"
+    assert cell.release_generation == report_order(5, "succeeded")
     assert apply_fact(cell, "acme", upgrade(5, version="3")) is None, "a duplicate changes nothing"
     assert apply_fact(cell, "acme", upgrade(6, phase="failed")) is None, "only a success counts"
+
+
+def test_a_rollback_after_a_bad_verdict_runs_the_previous_release_again() -> None:
+    applied = fold(registered(0, installed="1"), upgrade(5, version="2"))
+    unhealthy = CellUpgrade(cell_id="acme", seq=9, sent_at=at(0), generation=5,
+                            release_version="2", phase="rolled_back", verdict="unhealthy",
+                            check="errors", installed_release="1")  # fmt: skip
+    cell = fold(applied, unhealthy)
+    assert cell is not None and cell.installed_release == "1"
+    assert apply_fact(cell, "acme", upgrade(5, version="2")) is None, "the success is older"
+
+
+def test_a_new_incarnation_starts_its_upgrade_reports_afresh() -> None:
+    first = registered(0, installed="1").model_copy(update={"incarnation": "a"})
+    cell = fold(first, upgrade(7, version="2"))
+    again = registered(5).model_copy(update={"incarnation": "b"})
+    cell = fold(cell, again)
+    assert cell is not None and cell.installed_release is None and cell.incarnation == "b"
+    # Its first install may carry a generation the last incarnation already reported.
+    cell = fold(cell, upgrade(7, version="2"))
+    assert cell is not None and cell.installed_release == "2"
 
 
 def test_compliance_has_its_own_order_beside_the_registrys() -> None:

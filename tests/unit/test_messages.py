@@ -15,13 +15,12 @@ from common.messages import (
     CellHeartbeat,
     CellRegistered,
     CellUpgrade,
-    Component,
     DesiredState,
-    Release,
     RpcRequest,
     command_queue,
     json_schema,
 )
+from common.releases import Component, Release
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 DIGEST = "sha256:" + "a" * 64

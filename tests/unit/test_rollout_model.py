@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.messages import Release, RolloutCompleted, RolloutHalted, RolloutProgressed
+from common.messages import RolloutCompleted, RolloutHalted, RolloutProgressed
+from common.releases import Release
 from services.rollout.model import (
     STAGE_ORDER,
     ActionRefused,

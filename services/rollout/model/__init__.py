@@ -9,10 +9,11 @@ calls these and writes what they return.
     step.py       one controller step of one rollout; which rollouts a newer one supersedes
     catch_up.py   desired states no wave takes care of (first install, back online, pins)
     actions.py    pause, resume, abort
+    health.py     what a desired state asks a cell to check
     explain.py    why a cell is (not) on the newest release, as a table of cases
-    reports.py    the order of a cell's upgrade reports
 
-The release file and the policy are request schemas: ``common.requests.rollout``.
+The release file and the policy are request schemas: ``common.requests.rollout``; the order
+of a cell's upgrade reports is ``common.report_order``, which the fleet view follows too.
 """
 
 from common.requests.rollout import Halt, ReleaseFile, RolloutPolicy, SoakTimes, WavePolicy
@@ -29,8 +30,8 @@ from services.rollout.model.cells import (
     newest_first,
 )
 from services.rollout.model.explain import explain
+from services.rollout.model.health import health_for
 from services.rollout.model.plan import plan, skip_reason, split_waves
-from services.rollout.model.reports import report_order
 from services.rollout.model.rollout import Rollout, new_rollout
 from services.rollout.model.step import Assign, Decision, stage_counts, step, superseded
 
@@ -53,12 +54,12 @@ __all__ = [
     "cell_progress",
     "explain",
     "failure_of",
+    "health_for",
     "new_rollout",
     "newer",
     "newest_first",
     "pause",
     "plan",
-    "report_order",
     "resume",
     "skip_reason",
     "split_waves",

@@ -25,7 +25,16 @@ def resume(r: Rollout, now: datetime) -> Rollout:
     reachable cell is passed, and its cells get the release when they return."""
     if r.state == "paused":
         state: RolloutState = "soaking" if r.soak_until is not None else "in_progress"
-        return r.model_copy(update={"state": state, "updated_at": now})
+        # Paused by the policy for inconclusive verdicts: resuming accepts those cells.
+        judged = tuple(f.cell_id for f in (r.halt.failures if r.halt else ()))
+        return r.model_copy(
+            update={
+                "state": state,
+                "halt": None,
+                "accepted": r.accepted + judged,
+                "updated_at": now,
+            }
+        )
     if r.state != "halted":
         raise ActionRefused(
             f"rollout {r.version} is {r.state}; only a paused or halted one resumes"

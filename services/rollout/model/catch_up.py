@@ -3,6 +3,8 @@ a cell back from offline or from an infrastructure hold, and a pinned cell's pin
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from common.vocabulary import RUNNING_STATES, STAGES
 from services.rollout.model.cells import CellFacts, at_least
 from services.rollout.model.rollout import Rollout
@@ -42,10 +44,34 @@ class _Reach:
         return self.stage_reached
 
 
-def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
+def _retry_due(
+    cell: CellFacts, target: str, now: datetime | None, retry_seconds: float | None
+) -> bool:
+    """Whether the cell's install of ``target`` failed with nothing changed long enough ago
+    to try again (a release that rolled back, or turned unhealthy, is never tried again)."""
+    return (
+        now is not None
+        and retry_seconds is not None
+        and cell.desired_version == target
+        and cell.report_generation == cell.desired_generation
+        and cell.report_phase == "failed"
+        and cell.report_verdict is None
+        and cell.report_at is not None
+        and (now - cell.report_at).total_seconds() >= retry_seconds
+    )
+
+
+def catch_up(
+    cells: list[CellFacts],
+    rollouts: list[Rollout],
+    now: datetime | None = None,
+    retry_seconds: float | None = None,
+) -> list[Assign]:
     """Desired states for reachable cells that no wave is taking care of: a newly registered
     cell's first install, a cell back from offline or from an infrastructure hold, and a
-    pinned cell's pin. A cell only ever moves forward here."""
+    pinned cell's pin; and, ``retry_seconds`` after it reported it, a cell whose install
+    failed with nothing changed (images not found, say) is sent the release again, so it
+    installs once what it lacked exists. A cell only ever moves forward here."""
     newest_first_rollouts = [
         _Reach(r) for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)
     ]
@@ -67,7 +93,11 @@ def catch_up(cells: list[CellFacts], rollouts: list[Rollout]) -> list[Assign]:
                     break
             if target is None or at_least(cell.installed_release, target):
                 continue
-            if cell.desired_generation is not None and at_least(cell.desired_version, target):
+            if (
+                cell.desired_generation is not None
+                and at_least(cell.desired_version, target)
+                and not _retry_due(cell, target, now, retry_seconds)
+            ):
                 continue  # on its way there, or it failed there and waits for a newer release
-        out.append(Assign(cell.id, target, cell.installed_release))
+        out.append(Assign(cell.id, target, cell.installed_release, cell.incarnation or ""))
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 from typing import Literal
 
@@ -32,10 +32,17 @@ class CellFacts(BaseModel):
     desired_generation: int | None = None
     desired_at: datetime | None = None
     previous_version: str | None = None
-    # The cell's last upgrade report.
+    # The bake the desired state asked for (None: no health checks, the outcome decides).
+    desired_bake: float | None = None
+    # The cell's last upgrade report, and its health verdict.
     report_generation: int | None = None
     report_phase: str | None = None
     report_error: str | None = None
+    report_verdict: str | None = None
+    report_check: str | None = None
+    report_at: datetime | None = None
+    # The agent's incarnation (a re-bootstrapped cell has a new one, and nothing it was sent).
+    incarnation: str | None = None
 
 
 # The controller compares a fleet's few versions for every cell on every step.
@@ -63,6 +70,7 @@ CellProgress = Literal[
     "updated",
     "in_progress",
     "failed",
+    "inconclusive",
     "timed_out",
     "superseded",
     "pinned",
@@ -77,22 +85,27 @@ CellProgress = Literal[
 def cell_progress(
     cell: CellFacts, version: str, policy: RolloutPolicy, now: datetime
 ) -> CellProgress:
+    """Where the cell stands with ``version``. A cell sent it is judged by its own report on
+    what it was sent (never by a release it reports running: a cell that baked it and turned
+    unhealthy runs it too); with health checks it counts as updated only once healthy, and
+    without, running it is enough (its outcome report may have been missed)."""
     if cell.status == "decommissioned":
         return "decommissioned"
     if cell.status == "created":
         return "not_registered"
-    if at_least(cell.installed_release, version):
-        return "updated"
     if cell.desired_generation is not None and cell.desired_version == version:
         if cell.report_generation == cell.desired_generation:
-            if cell.report_phase in FAILED_PHASES:
-                return "failed"
-            if cell.report_phase == "succeeded":
-                return "updated"
-        deadline = timedelta(seconds=policy.progress_deadline_seconds)
-        if cell.desired_at is not None and now - cell.desired_at > deadline:
+            judged = _judged(cell)
+            if judged is not None:
+                return judged
+        if cell.desired_bake is None and at_least(cell.installed_release, version):
+            return "updated"  # its outcome report missed, but it runs the release
+        deadline = policy.progress_deadline_seconds + (cell.desired_bake or 0.0)
+        if cell.desired_at is not None and (now - cell.desired_at).total_seconds() > deadline:
             return "timed_out"
         return "in_progress"
+    if at_least(cell.installed_release, version):
+        return "updated"
     if cell.desired_generation is not None and newer(cell.desired_version, version):
         return "superseded"
     if cell.pinned is not None:
@@ -104,7 +117,23 @@ def cell_progress(
     return "pending"
 
 
+def _judged(cell: CellFacts) -> CellProgress | None:
+    """The cell's report on the desired state it was sent, as progress (None: still going)."""
+    if cell.report_phase in FAILED_PHASES or cell.report_verdict == "unhealthy":
+        return "failed"
+    if cell.report_phase != "succeeded":
+        return None
+    if cell.desired_bake is None or cell.report_verdict == "healthy":
+        return "updated"
+    if cell.report_verdict == "inconclusive":
+        return "inconclusive"
+    return None  # applied; baking
+
+
 def failure_of(cell: CellFacts, progress: CellProgress, policy: RolloutPolicy) -> str:
+    if progress in ("failed", "inconclusive") and cell.report_verdict is not None:
+        check = f"check {cell.report_check}: " if cell.report_check else ""
+        return f"{cell.report_verdict}: {check}{cell.report_error or 'no detail'}"
     if progress == "failed":
         return cell.report_error or f"upgrade {cell.report_phase}"
     if progress == "timed_out":

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from common.messages import Release
+from common.releases import Release
 from common.requests.rollout import Halt
 from common.versions import SemVer
 from common.vocabulary import RolloutState, Stage

@@ -36,6 +36,8 @@ class Assign:
     cell_id: str
     version: str | None
     previous: str | None
+    # The incarnation of the cell it is sent to ("": not known).
+    incarnation: str = ""
 
 
 @dataclass
@@ -55,9 +57,13 @@ class Decision:
 def stage_counts(
     rollout: Rollout, cells: list[CellFacts], policy: RolloutPolicy, now: datetime
 ) -> dict[str, dict[str, int]]:
-    """Per stage: cells ``total``, ``updated``, ``in_progress``, ``failed``, ``offline``,
+    """Per stage: cells ``total``, ``updated``, ``in_progress``, ``failed``,
+    ``inconclusive``, ``offline``,
     ``held``, ``pinned`` and ``pending`` for this release (decommissioned cells not counted)."""
-    keys = ("total", "updated", "in_progress", "failed", "offline", "held", "pinned", "pending")
+    keys = (
+        "total", "updated", "in_progress", "failed", "inconclusive", "offline", "held",
+        "pinned", "pending",
+    )  # fmt: skip
     counts: dict[str, dict[str, int]] = {stage: dict.fromkeys(keys, 0) for stage in STAGES}
     bucket = {
         "updated": "updated",
@@ -65,6 +71,7 @@ def stage_counts(
         "superseded": "in_progress",
         "failed": "failed",
         "timed_out": "failed",
+        "inconclusive": "inconclusive",
         "offline": "offline",
         "held": "held",
         "pinned": "pinned",
@@ -145,7 +152,12 @@ class _Stepper:
                     and cell.status != "decommissioned"
                 ):
                     self.assign.append(
-                        Assign(cell.id, cell.previous_version, cell.installed_release)
+                        Assign(
+                            cell.id,
+                            cell.previous_version,
+                            cell.installed_release,
+                            cell.incarnation or "",
+                        )
                     )
         self.update(reverted=True)
 
@@ -176,9 +188,13 @@ class _Stepper:
     def evaluate_wave(self) -> None:
         r, policy = self.r, self.policy
         assert r.waves is not None
+        stage_policy = policy.stages.of(r.stage)
         wave = r.waves[r.wave] if r.wave < len(r.waves) else ()
         offline_waiting = False  # offline cells the wave waits for (no outcome to count)
         failures: list[CellFailure] = []
+        inconclusive: list[CellFailure] = []
+        pending: list[CellFacts] = []
+        updating = 0
         deadline = timedelta(seconds=policy.progress_deadline_seconds)
         for cell_id in wave:
             cell = self.by_id.get(cell_id)
@@ -186,10 +202,10 @@ class _Stepper:
                 continue
             progress = cell_progress(cell, r.version, policy, self.now)
             if progress == "pending":
-                self.send(cell, r.version)
-                self.awaiting += 1
+                pending.append(cell)
             elif progress == "in_progress":
                 self.awaiting += 1
+                updating += 1
             elif progress == "offline" and policy.offline_cells == "wait":
                 started = r.wave_started_at or self.now
                 if self.now - started > deadline:
@@ -204,22 +220,81 @@ class _Stepper:
                 failures.append(
                     CellFailure(cell_id=cell_id, error=failure_of(cell, progress, policy))
                 )
-        if len(failures) > policy.failure_threshold:
-            label = (
-                "canary"
-                if r.stage == "dedicated" and r.wave == 0 and policy.waves.canary
-                else f"wave {r.wave + 1}"
-            )
-            self.halt(
-                f"{len(failures)} cell(s) failed in {r.stage} {label}"
-                f" (the wave tolerates {policy.failure_threshold})",
-                tuple(failures),
-            )
+            elif progress == "inconclusive" and not counted:
+                judged = CellFailure(cell_id=cell_id, error=failure_of(cell, progress, policy))
+                (failures if stage_policy.inconclusive == "fail" else inconclusive).append(judged)
+        for cell in pending:
+            # A stage's cap on cells updating at once: the rest wait for a free place.
+            if stage_policy.max_updating is None or updating < stage_policy.max_updating:
+                self.send(cell, r.version)
+                updating += 1
+            self.awaiting += 1
+        if stage_policy.failure_budget is not None:
+            # A stage with a budget counts every cell it started: one of an earlier wave that
+            # turned unhealthy in its watch counts against the release too.
+            failures = [*self.earlier_failures(wave), *failures]
+        allowed = stage_policy.allowed(sum(len(w) for w in r.waves), policy.failure_threshold)
+        if len(failures) > allowed:
+            self.halt(self.too_many(failures, allowed), tuple(failures))
+        elif inconclusive:
+            self.wait_for_operator(inconclusive)
         elif not (self.awaiting or offline_waiting):
             self.wave_done()
 
+    def earlier_failures(self, wave: tuple[str, ...]) -> list[CellFailure]:
+        r = self.r
+        assert r.waves is not None
+        out = []
+        for earlier in r.waves[: r.wave]:
+            for cell_id in earlier:
+                cell = self.by_id.get(cell_id)
+                if cell is None or cell_id in r.accepted or cell_id in wave:
+                    continue
+                progress = cell_progress(cell, r.version, self.policy, self.now)
+                if progress in ("failed", "timed_out"):
+                    error = failure_of(cell, progress, self.policy)
+                    out.append(CellFailure(cell_id=cell_id, error=error))
+        return out
+
+    def too_many(self, failures: list[CellFailure], allowed: int) -> str:
+        r, policy = self.r, self.policy
+        label = (
+            "canary"
+            if r.stage == "dedicated" and r.wave == 0 and policy.waves.canary
+            else f"wave {r.wave + 1}"
+        )
+        if policy.stages.of(r.stage).failure_budget is None:
+            tolerates = f"the wave tolerates {allowed}"
+        else:
+            tolerates = f"the stage's budget allows {allowed}"
+        first = failures[0]
+        return (
+            f"{len(failures)} cell(s) failed in {r.stage} {label} ({tolerates});"
+            f" {first.cell_id}: {first.error}"
+        )
+
+    def wait_for_operator(self, inconclusive: list[CellFailure]) -> None:
+        """Inconclusive verdicts, and a policy that asks an operator to judge them: the
+        rollout pauses (resume accepts the cells, abort sends them back)."""
+        first = inconclusive[0]
+        reason = (
+            f"{len(inconclusive)} cell(s) inconclusive in {self.r.stage}; the policy waits for"
+            f" an operator; {first.cell_id}: {first.error}"
+        )
+        self.update(state="paused", halt=Halt(reason=reason, failures=tuple(inconclusive)))
+        self.events.append(
+            RolloutHalted(
+                at=self.now,
+                version=self.r.version,
+                stage=self.r.stage,
+                wave=self.r.wave,
+                reason=reason,
+                failures=tuple(inconclusive),
+            )
+        )
+
     def send(self, cell: CellFacts, version: str) -> None:
-        self.assign.append(Assign(cell.id, version, cell.installed_release))
+        self.assign.append(Assign(cell.id, version, cell.installed_release, cell.incarnation or ""))
         cell = cell.model_copy(
             update={
                 "desired_version": version,
