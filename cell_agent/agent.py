@@ -39,6 +39,7 @@ from common import broker_urls, sealing
 from common.bus.errors import BusError, QueueMissing
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.health import Verdict
 from common.messages import (
     CellDebugAccess,
     CellHeartbeat,
@@ -200,12 +201,27 @@ class Agent:
             confirm.add_done_callback(self._background.discard)
 
     async def report_upgrade(
-        self, generation: int, version: str | None, phase: UpgradePhase, error: str | None
+        self,
+        generation: int,
+        version: str | None,
+        phase: UpgradePhase,
+        error: str | None,
+        *,
+        verdict: Verdict | None = None,
+        check: str | None = None,
     ) -> bool:
         """Kept in the outbox, then sent if the broker is there: True once it is kept (it goes
         out, in order, when the link returns)."""
         self.pending.add(
-            PendingUpgrade(generation=generation, release_version=version, phase=phase, error=error)
+            PendingUpgrade(
+                generation=generation,
+                release_version=version,
+                phase=phase,
+                error=error,
+                verdict=verdict,
+                check=check,
+                installed_release=self.installed[0],
+            )
         )
         await self.send_pending()
         return True
@@ -464,6 +480,7 @@ class Agent:
             asyncio.create_task(self._every(self.settings.sync_seconds, "sync", stop)),
             asyncio.create_task(self._every(self.settings.debug_check_seconds, "debug", stop)),
             asyncio.create_task(self.upgrader.run(stop)),
+            asyncio.create_task(self.upgrader.judge(stop)),
         ]
         log.info("cell agent %s running", self.settings.id)
         await stop.wait()

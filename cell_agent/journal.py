@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel
 
+from common.health import HealthSpec, Verdict
 from common.releases import Release
 from common.vocabulary import UpgradePhase
 
@@ -17,6 +19,8 @@ class Desired(BaseModel):
     generation: int
     release: Release | None
     received_at: AwareDatetime
+    # What to check after applying it (None: nothing; the outcome is the verdict).
+    health: HealthSpec | None = None
 
 
 class Applied(BaseModel):
@@ -35,6 +39,14 @@ class Progress(BaseModel):
     reported: bool = False
     # Components of this generation already applied: a restart mid-apply goes on from the next.
     done: tuple[str, ...] = ()
+    # After it applied: baking until bake_until, then watching until watch_until, then done;
+    # a restart carries on where it was. The verdict, the check that decided it and (in
+    # ``error``) what that check saw, once there is one.
+    health: Literal["baking", "watching", "done"] | None = None
+    bake_until: AwareDatetime | None = None
+    watch_until: AwareDatetime | None = None
+    verdict: Verdict | None = None
+    check: str | None = None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter, ValidationError
 
 from cell_agent.journal import write_atomically
+from common.health import Verdict
 from common.vocabulary import DebugAccessAction, UpgradePhase
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class PendingUpgrade(BaseModel):
     release_version: str | None
     phase: UpgradePhase
     error: str | None = None
+    verdict: Verdict | None = None
+    check: str | None = None
+    # What the cell runs once this report is made.
+    installed_release: str | None = None
 
 
 class PendingMaintenance(BaseModel):

@@ -20,19 +20,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Protocol
 
 import boto3
 
 from cell_agent.appliers import Applier
+from cell_agent.health import Judge, Judgement
 from cell_agent.journal import Applied, Desired, Journal, Progress
 from cell_agent.maintenance import MaintenanceGate
 from common.clock import Clock
 from common.crashpoints import crash_point
+from common.health import Verdict
 from common.messages import Delivery, DesiredState
 from common.releases import Component, Release
 from common.runner import wait_any
-from common.vocabulary import TERMINAL_PHASES, UpgradePhase
+from common.vocabulary import FAILED_PHASES, TERMINAL_PHASES, UpgradePhase
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,19 @@ class EcrVerifier:
         return await asyncio.to_thread(self._missing, components)
 
 
-Report = Callable[[int, str | None, UpgradePhase, str | None], Awaitable[bool]]
+class Report(Protocol):
+    async def __call__(
+        self,
+        generation: int,
+        version: str | None,
+        phase: UpgradePhase,
+        error: str | None,
+        *,
+        verdict: Verdict | None = None,
+        check: str | None = None,
+    ) -> bool: ...
+
+
 MaintenanceReport = Callable[[bool, str], Awaitable[bool]]
 
 
@@ -107,11 +122,17 @@ class Upgrader:
         # report still going out (the loop keeps only weak references to tasks).
         self._progress_due: asyncio.Task[None] | None = None
         self._reporting: set[asyncio.Task[None]] = set()
+        # Applying a release and rolling one back after a bad verdict never overlap.
+        self._changing = asyncio.Lock()
+        self._judge_wake = asyncio.Event()
 
     async def on_desired_state(self, msg: DesiredState, delivery: Delivery) -> None:
         """Journal it (newest generation wins) and return: the command is acked now."""
         desired = Desired(
-            generation=msg.generation, release=msg.release, received_at=self.clock.now()
+            generation=msg.generation,
+            release=msg.release,
+            received_at=self.clock.now(),
+            health=msg.health,
         )
         if self.journal.want(desired):
             log.info("desired state generation %d journaled", msg.generation)
@@ -119,6 +140,7 @@ class Upgrader:
 
     def wake(self) -> None:
         self._wake.set()
+        self._judge_wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -148,7 +170,8 @@ class Upgrader:
             )
         ):
             return  # this generation failed; only a newer one is tried
-        await self._upgrade(desired, progress)
+        async with self._changing:
+            await self._upgrade(desired, progress)
 
     async def _set(
         self, progress: Progress, phase: UpgradePhase, error: str | None = None
@@ -195,7 +218,23 @@ class Upgrader:
     async def _report_outcome(self, progress: Progress) -> None:
         desired = self.journal.desired
         version = desired.release.version if desired and desired.release else None
-        if await self.report(progress.generation, version, progress.phase, progress.error):
+        if progress.phase in FAILED_PHASES or progress.verdict == "unhealthy":
+            log.warning(
+                "generation %d (%s) %s: %s",
+                progress.generation,
+                version or "nothing",
+                progress.verdict or progress.phase,
+                progress.error or "no reason given",
+            )
+        reported = await self.report(
+            progress.generation,
+            version,
+            progress.phase,
+            progress.error,
+            verdict=progress.verdict,
+            check=progress.check,
+        )
+        if reported:
             self.journal.set_progress(progress.model_copy(update={"reported": True}))
 
     async def _upgrade(self, desired: Desired, progress: Progress | None) -> None:
@@ -272,10 +311,142 @@ class Upgrader:
         if maintenance:
             self.gate.leave()
             await self.report_maintenance(False, "update finished")
+        if release is not None and desired.health is not None:
+            now = self.clock.now()
+            bake_until = now + timedelta(seconds=desired.health.bake_seconds)
+            watch_until = bake_until + timedelta(seconds=desired.health.watch_seconds)
+            progress = progress.model_copy(
+                update={"health": "baking", "bake_until": bake_until, "watch_until": watch_until}
+            )
         progress = await self._set(progress, "succeeded")
         await self._report_outcome(progress)
         log.info(
-            "generation %d applied (%s)",
+            "generation %d applied (%s)%s",
             desired.generation,
             release.version if release else "nothing",
+            f"; checking its health for {desired.health.bake_seconds:g}s"
+            if desired.health is not None and progress.health
+            else "",
         )
+        self._judge_wake.set()
+
+    # -- health: the bake and the watch after applying (cell_agent/health.py) ------------------
+
+    def _judged(self) -> tuple[Desired, Progress] | None:
+        """The applied generation under bake or watch, if there is one."""
+        progress, desired = self.journal.progress, self.journal.desired
+        if (
+            progress is None
+            or progress.health not in ("baking", "watching")
+            or desired is None
+            or desired.health is None
+            or desired.generation != progress.generation
+            or self.journal.applied.generation != progress.generation
+        ):
+            return None
+        return desired, progress
+
+    async def judge(self, stop: asyncio.Event) -> None:
+        """Bake, then watch, the release applied last: look at its checks every interval and
+        report the verdict (rolling a reversible release back when it is unhealthy)."""
+        judge: Judge | None = None
+        while not stop.is_set():
+            self._judge_wake.clear()
+            current = self._judged()
+            if current is None:
+                judge = None
+                await wait_any(stop, self._judge_wake)
+                continue
+            desired, progress = current
+            assert desired.health is not None
+            if judge is None or judge.generation != progress.generation:
+                judge = Judge(desired.health.checks, generation=progress.generation)
+            try:
+                pause = await self._look(judge, desired, progress)
+            except Exception:
+                log.exception("judging generation %d failed; trying again", progress.generation)
+                pause = desired.health.interval_seconds
+            await wait_any(stop, self._judge_wake, timeout=pause)
+
+    async def _look(self, judge: Judge, desired: Desired, progress: Progress) -> float:
+        """One look at the checks; how long to wait before the next."""
+        assert desired.health is not None and progress.bake_until and progress.watch_until
+        bake_until, watch_until = progress.bake_until, progress.watch_until
+        failed = await judge.look(self.clock.monotonic())
+        now = self.clock.now()
+        if self._judged() != (desired, progress):
+            return 0.0  # a newer desired state came meanwhile: it is judged afresh
+        if failed is not None:
+            await self._unhealthy(desired, progress, failed)
+            return 0.0
+        if progress.health == "baking" and now >= bake_until:
+            verdict = judge.at_end(self.clock.monotonic())
+            watch = verdict.verdict == "healthy" and now < watch_until
+            progress = progress.model_copy(
+                update={
+                    "health": "watching" if watch else "done",
+                    "verdict": verdict.verdict,
+                    "check": verdict.check,
+                    "error": verdict.evidence,
+                    "reported": False,
+                }
+            )
+            self.journal.set_progress(progress)
+            log.info(
+                "generation %d baked: %s%s",
+                progress.generation,
+                verdict.verdict,
+                f" (check {verdict.check}: {verdict.evidence})" if verdict.check else "",
+            )
+            await self._report_outcome(progress)
+            return 0.0
+        if progress.health == "watching" and now >= watch_until:
+            self.journal.set_progress(progress.model_copy(update={"health": "done"}))
+            return 0.0
+        until = bake_until if progress.health == "baking" else watch_until
+        left = (until - now).total_seconds()
+        return max(0.0, min(desired.health.interval_seconds, left))
+
+    async def _unhealthy(self, desired: Desired, progress: Progress, failed: Judgement) -> None:
+        """A check's failure counted: a reversible release goes back to the one before it
+        (the cell's own decision, before any control plane hears of it); an irreversible one
+        stays, and the verdict halts its rollout."""
+        release = desired.release
+        assert release is not None
+        async with self._changing:
+            if self._judged() is None:
+                return  # a newer desired state is being applied
+            log.warning(
+                "release %s is unhealthy: check %s: %s",
+                release.version,
+                failed.check,
+                failed.evidence,
+            )
+            phase: UpgradePhase = "succeeded"
+            previous = progress.previous
+            if release.reversible and previous is not None:
+                before = {c.name: c.digest for c in previous.components}
+                changed = [c for c in release.components if before.get(c.name) != c.digest]
+                maintenance = any(c.requires_maintenance for c in changed)
+                if maintenance:
+                    self.gate.enter(f"rolling {release.version} back")
+                    await self.report_maintenance(True, f"rolling {release.version} back")
+                await self._restore(previous, changed)
+                self.journal.set_applied(Applied(generation=desired.generation, release=previous))
+                if maintenance:
+                    self.gate.leave()
+                    await self.report_maintenance(False, "unhealthy release rolled back")
+                phase = "rolled_back"
+                log.warning("rolled back to %s", previous.version)
+            progress = progress.model_copy(
+                update={
+                    "phase": phase,
+                    "health": "done",
+                    "verdict": "unhealthy",
+                    "check": failed.check,
+                    "error": failed.evidence,
+                    "reported": False,
+                }
+            )
+            self.journal.set_progress(progress)
+            await self._report_outcome(progress)

@@ -1,25 +1,34 @@
 """Applying a desired state inside the cell, with images verified against moto's ECR: the
-phases, maintenance, failure and rollback, newest-generation-wins, and resuming a crash."""
+phases, maintenance, failure and rollback, newest-generation-wins, and resuming a crash; then
+judging it: its health checks (an HTTP page, a command, a Prometheus query against a
+Prometheus-compatible endpoint on loopback) over its bake and watch, the verdict that is all
+that leaves the cell, and a reversible release rolled back by the cell itself."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cell_agent.appliers import LocalApplier
+from cell_agent.health import Judge
 from cell_agent.journal import Journal
 from cell_agent.maintenance import MESSAGE, MaintenanceGate
 from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
 from common.clock import FakeClock
+from common.health import HealthSpec, NoData, Verdict
 from common.messages import Delivery, DesiredState
 from common.releases import Component, Release
+from common.vocabulary import UpgradePhase
 from testing.fleet import push_image
 from testing.polling import eventually
+from testing.probes import Probed, probe_server
 
 DELIVERY = Delivery(
     message_id=None, user_id="svc", routing_key="c", redelivered=False, delivery_count=0
@@ -66,6 +75,7 @@ class Cell:
         self.clock = FakeClock()
         self.reports: list[tuple[int, str | None, str, str | None]] = []
         self.maintenance: list[bool] = []
+        self.verdicts: list[tuple[int, str, str | None, str | None]] = []
         self.restart()
 
     def restart(self, progress_after: float = 0.0) -> None:
@@ -79,17 +89,29 @@ class Cell:
             report_maintenance=self.report_maintenance, progress_after=progress_after,
         )  # fmt: skip
 
-    async def report(self, gen: int, version: str | None, phase: str, error: str | None) -> bool:
-        self.reports.append((gen, version, phase, error))
+    async def report(
+        self,
+        generation: int,
+        version: str | None,
+        phase: UpgradePhase,
+        error: str | None,
+        *,
+        verdict: Verdict | None = None,
+        check: str | None = None,
+    ) -> bool:
+        self.reports.append((generation, version, phase, error))
+        self.verdicts.append((generation, phase, verdict, check))
         return True
 
     async def report_maintenance(self, enabled: bool, reason: str) -> bool:
         self.maintenance.append(enabled)
         return True
 
-    async def want(self, generation: int, release: Release | None) -> None:
+    async def want(
+        self, generation: int, release: Release | None, health: HealthSpec | None = None
+    ) -> None:
         msg = DesiredState(cell_id="acme", issued_at=self.clock.now(), generation=generation,
-                           release=release)  # fmt: skip
+                           release=release, health=health)  # fmt: skip
         await self.upgrader.on_desired_state(msg, DELIVERY)
 
     def phases(self, generation: int) -> list[str]:
@@ -267,3 +289,179 @@ async def test_maintenance_is_time_boxed_even_if_the_agent_dies(cell: Cell) -> N
         assert (await cell.gate.route_gate(f"/gate/{action}")).status == 200
     body = json.loads((await cell.gate.route_maintenance("/maintenance")).body)
     assert body["maintenance"] is False
+
+
+# -- health: the bake, the watch and the verdict -------------------------------------------------
+
+
+@pytest.fixture
+def probed() -> Iterator[Probed]:
+    with probe_server() as probed:
+        yield probed
+
+
+@pytest.fixture
+async def judging(cell: Cell) -> AsyncIterator[asyncio.Event]:
+    """The agent's judging loop, running beside the test."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(cell.upgrader.judge(stop))
+    yield stop
+    stop.set()
+    cell.upgrader.wake()
+    await asyncio.wait_for(task, 10)
+
+
+def http(probed: Probed, **extra: Any) -> dict[str, Any]:
+    return {"name": "web", "type": "http", "url": probed.url + "/healthz", **extra}
+
+
+def spec(*checks: dict[str, Any], bake: float = 0, watch: float = 0) -> HealthSpec:
+    return HealthSpec(checks=checks, bake_seconds=bake, watch_seconds=watch, interval_seconds=0.05)
+
+
+def verdicts(cell: Cell, generation: int) -> list[tuple[str, str | None, str | None]]:
+    return [(p, v, c) for g, p, v, c in cell.verdicts if g == generation and v is not None]
+
+
+async def installed(
+    cell: Cell, moto: str, health: HealthSpec, *, reversible: bool = True
+) -> Release:
+    """Release 1.0 applied with nothing to check, then 2.0 applied with ``health``."""
+    r1 = release(moto, "1.0")
+    await cell.want(1, r1)
+    await cell.upgrader.reconcile()
+    r2 = release(moto, "2.0").model_copy(update={"reversible": reversible})
+    await cell.want(2, r2, health)
+    await cell.upgrader.reconcile()
+    assert cell.phases(2)[-1] == "succeeded", "applied first; the verdict follows"
+    return r1
+
+
+async def test_a_reversible_release_that_fails_its_check_rolls_back_by_itself(
+    cell: Cell, moto: str, probed: Probed, judging: asyncio.Event
+) -> None:
+    probed.status = 503
+    r1 = await installed(cell, moto, spec(http(probed)))
+    await eventually(lambda: verdicts(cell, 2), what="a verdict")
+    assert verdicts(cell, 2) == [("rolled_back", "unhealthy", "web")]
+    gen, _, phase, evidence = cell.reports[-1]
+    assert (gen, phase) == (2, "rolled_back") and evidence == "status 503, wants 200"
+    assert cell.journal.applied.release == r1, "the cell runs the release before it again"
+    assert cell.local.manifest("db")["release"] == "1.0"  # type: ignore[index]
+    assert cell.maintenance[-2:] == [True, False], "the rollback ran inside maintenance"
+
+
+async def test_an_irreversible_release_stays_and_says_it_is_unhealthy(
+    cell: Cell, moto: str, probed: Probed, judging: asyncio.Event
+) -> None:
+    probed.body = "starting"
+    await installed(cell, moto, spec(http(probed, body_contains="ready")), reversible=False)
+    await eventually(lambda: verdicts(cell, 2), what="a verdict")
+    assert verdicts(cell, 2) == [("succeeded", "unhealthy", "web")]
+    assert cell.journal.applied.release is not None
+    assert cell.journal.applied.release.version == "2.0"
+    assert "without 'ready' in the body" in (cell.reports[-1][3] or "")
+
+
+async def test_a_healthy_bake_is_watched_and_a_later_breach_still_counts(
+    cell: Cell, moto: str, probed: Probed, judging: asyncio.Event
+) -> None:
+    await installed(cell, moto, spec(http(probed), bake=0, watch=3600))
+    await eventually(lambda: verdicts(cell, 2), what="the bake's verdict")
+    assert verdicts(cell, 2) == [("succeeded", "healthy", None)]
+    hits = probed.hits
+    await eventually(lambda: probed.hits > hits + 2, what="looks during the watch")
+    probed.status = 500
+    await eventually(lambda: len(verdicts(cell, 2)) == 2, what="the watch's verdict")
+    assert verdicts(cell, 2)[-1] == ("rolled_back", "unhealthy", "web")
+
+
+@pytest.mark.parametrize(
+    ("no_data", "expected"),
+    [("fail", "unhealthy"), ("pass", "healthy"), ("inconclusive", "inconclusive")],
+)
+async def test_a_query_with_no_data_counts_as_its_check_declares(
+    cell: Cell, moto: str, probed: Probed, judging: asyncio.Event, no_data: NoData, expected: str
+) -> None:
+    check = {"name": "errors", "type": "prometheus", "url": probed.url, "no_data": no_data,
+             "query": "rate(errors[5m])", "comparison": "<", "threshold": 0.05}  # fmt: skip
+    await installed(cell, moto, spec(check))
+    await eventually(lambda: verdicts(cell, 2), what="a verdict")
+    [(_, verdict, _)] = verdicts(cell, 2)
+    assert verdict == expected
+    if expected != "healthy":
+        assert "no data: the query returned no sample" in (cell.reports[-1][3] or "")
+
+
+async def test_a_query_names_the_value_it_saw_against_the_threshold(
+    cell: Cell, moto: str, probed: Probed, judging: asyncio.Event
+) -> None:
+    probed.samples["errors"] = [0.01, 0.31, 0.2]
+    check = {"name": "errors", "type": "prometheus", "url": probed.url, "query": "errors",
+             "comparison": "<", "threshold": 0.05}  # fmt: skip
+    await installed(cell, moto, spec(check))
+    await eventually(lambda: verdicts(cell, 2), what="a verdict")
+    assert verdicts(cell, 2) == [("rolled_back", "unhealthy", "errors")]
+    assert cell.reports[-1][3] == "observed 0.31, wants < 0.05"
+
+
+async def test_a_command_check_judges_by_its_exit_code_and_its_timeout() -> None:
+    ok = {"name": "ok", "type": "command", "command": ["sh", "-c", "exit 0"]}
+    bad = {"name": "bad", "type": "command", "command": ["sh", "-c", "exit 3"]}
+    slow = {"name": "slow", "type": "command", "command": ["sleep", "30"],
+            "timeout_seconds": 0.2, "no_data": "inconclusive"}  # fmt: skip
+    failed = await Judge([ok, bad]).look(0.0)
+    assert failed is not None and (failed.check, failed.evidence) == ("bad", "exit code 3, wants 0")
+    judge = Judge([ok, slow])
+    assert await judge.look(0.0) is None
+    end = judge.at_end(0.0)
+    assert (end.verdict, end.check) == ("inconclusive", "slow")
+    assert "still running after 0.2s" in (end.evidence or "")
+
+
+async def test_a_breach_counts_only_once_it_has_lasted_its_for_seconds(probed: Probed) -> None:
+    judge = Judge([http(probed, for_seconds=30)])
+    probed.status = 500
+    assert await judge.look(0.0) is None
+    assert await judge.look(29.0) is None
+    end = judge.at_end(29.0)
+    assert end.verdict == "inconclusive", "a breach not yet long enough decides nothing"
+    probed.status = 200
+    assert await judge.look(40.0) is None, "a pass in between starts it again"
+    probed.status = 500
+    assert await judge.look(50.0) is None
+    failed = await judge.look(80.0)
+    assert failed is not None and failed.verdict == "unhealthy"
+
+
+async def test_a_check_this_agent_does_not_know_is_inconclusive_not_refused() -> None:
+    judge = Judge([{"name": "future", "type": "tracing", "service": "x"}])
+    assert await judge.look(0.0) is None
+    end = judge.at_end(0.0)
+    assert (end.verdict, end.check) == ("inconclusive", "future")
+    assert "this agent cannot run it" in (end.evidence or "")
+
+
+async def test_a_restart_mid_bake_goes_on_baking_and_reports_once(
+    cell: Cell, moto: str, probed: Probed
+) -> None:
+    await installed(cell, moto, spec(http(probed), bake=600))
+    progress = cell.journal.progress
+    assert progress is not None and progress.health == "baking"
+    cell.restart()  # the agent dies mid-bake; the journal is all that is left
+    stop = asyncio.Event()
+    task = asyncio.create_task(cell.upgrader.judge(stop))
+    try:
+        await eventually(lambda: probed.hits >= 2, what="looks after the restart")
+        assert verdicts(cell, 2) == [], "the bake is not over"
+        cell.clock.advance(601)
+        await eventually(lambda: verdicts(cell, 2), what="the bake's verdict")
+        assert verdicts(cell, 2) == [("succeeded", "healthy", None)]
+        done = cell.journal.progress
+        assert done is not None and done.health == "done" and done.reported
+        cell.restart()
+        assert cell.upgrader._judged() is None, "judged once: a later start looks no more"
+    finally:
+        stop.set()
+        cell.upgrader.wake()
+        await asyncio.wait_for(task, 10)
