@@ -45,6 +45,7 @@ ExplainReason = Literal[
     "up_to_date",
     "in_progress",
     "failed",
+    "inconclusive",
     "waiting_for_stage",
     "waiting_for_wave",
     "offline",

@@ -28,6 +28,7 @@ from common.requests.rollout import (
     RolloutShow,
     RolloutView,
     StageCounts,
+    StagePolicy,
 )
 from common.vocabulary import FINISHED_STATES, STAGES
 from substratectl.context import Ctl, read_mapping_file
@@ -60,11 +61,18 @@ def _where(r: RolloutView) -> str:
     return f"{r.version}: {r.state} in {r.stage}{wave}{soak}"
 
 
+def _halt_lines(r: RolloutView, indent: str) -> list[str]:
+    """Why it stopped, and each cell with its evidence (the check, what it saw)."""
+    if not r.halt:
+        return []
+    return [
+        f"{indent}{r.state}: {printable(r.halt.reason)}",
+        *(f"{indent}  {f.cell_id}: {printable(f.error)}" for f in r.halt.failures),
+    ]
+
+
 def _rollout(r: RolloutView) -> str:
-    lines = [_where(r)]
-    if r.halt:
-        lines.append(f"halted: {printable(r.halt.reason)}")
-        lines += [f"  {failure.cell_id}: {printable(failure.error)}" for failure in r.halt.failures]
+    lines = [_where(r), *_halt_lines(r, "")]
     rows = [{"stage": stage, **r.stages[stage].model_dump()} for stage in STAGES]
     lines.append(table(rows, ["stage", "total", *COUNTS]))
     return "\n".join(lines)
@@ -97,9 +105,7 @@ def _progress_lines(r: RolloutView) -> list[str]:
             f"  {stage:<9} {_bar(c.updated, c.total)} {c.updated}/{c.total} updated"
             + (f"; {rest}" if rest else "")
         )
-    if r.halt:
-        lines.append(f"  halted: {printable(r.halt.reason)}")
-    return lines
+    return lines + _halt_lines(r, "  ")
 
 
 async def watch(ctl: Ctl) -> int:
@@ -178,7 +184,19 @@ def _policy_text(p: RolloutPolicy) -> str:
             "failure threshold": f"{p.failure_threshold} per wave",
             "progress deadline": f"{p.progress_deadline_seconds:g}s",
             "offline cells": p.offline_cells,
+            "retry failed installs": f"after {p.retry_failed_seconds:g}s",
+            "default health checks": ", ".join(c.name for c in p.health_checks) or "none",
+            **{f"{stage}": _stage_text(p.stages.of(stage)) for stage in STAGES},
         }
+    )
+
+
+def _stage_text(s: StagePolicy) -> str:
+    budget = "the failure threshold" if s.failure_budget is None else str(s.failure_budget)
+    cap = f", at most {s.max_updating} updating at once" if s.max_updating else ""
+    return (
+        f"bake {s.bake_seconds:g}s, watch {s.watch_seconds:g}s, failure budget {budget},"
+        f" inconclusive: {s.inconclusive}{cap}"
     )
 
 
@@ -225,6 +243,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "file",
         help="soak_seconds {staging, saas, dedicated}, waves {canary, fractions}, "
-        "failure_threshold, progress_deadline_seconds, offline_cells",
+        "failure_threshold, progress_deadline_seconds, offline_cells, retry_failed_seconds, "
+        "health_checks, stages {STAGE: {bake_seconds, watch_seconds, failure_budget, "
+        "inconclusive, max_updating}}",
     )
     p.set_defaults(run=policy_set)

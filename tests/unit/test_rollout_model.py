@@ -21,6 +21,7 @@ from services.rollout.model import (
     Rollout,
     RolloutPolicy,
     SoakTimes,
+    StagePolicies,
     abort,
     catch_up,
     explain,
@@ -28,6 +29,7 @@ from services.rollout.model import (
     newer,
     pause,
     resume,
+    stage_counts,
     step,
     superseded,
 )
@@ -61,6 +63,9 @@ class Fleet:
         self.events: list[object] = []
         self.generation = 0
         self.outcome: Outcome = ok
+        # Set: releases carry health checks, and this is each cell's verdict after its bake
+        # (None: still baking).
+        self.verdict: Callable[[CellFacts, str], str | None] | None = None
 
     def add(self, n: int, stage: str, *, installed: str | None = V1, status: str = "online",
             prefix: str | None = None) -> list[str]:  # fmt: skip
@@ -98,6 +103,7 @@ class Fleet:
             self.cells[a.cell_id] = cell.model_copy(update={
                 "desired_version": a.version, "desired_generation": self.generation,
                 "desired_at": self.now, "previous_version": a.previous,
+                "desired_bake": 0.0 if self.verdict else None,
             })  # fmt: skip
             self.sent.append((self.now, a.cell_id, a.version))
 
@@ -118,6 +124,18 @@ class Fleet:
             }
             if result == "succeeded":
                 update["installed_release"] = cell.desired_version
+            if result == "succeeded" and self.verdict is not None:
+                verdict = self.verdict(cell, cell.desired_version or "")
+                if verdict is None:
+                    continue  # baking
+                update["report_verdict"] = verdict
+                if verdict != "healthy":
+                    update["report_check"] = "web"
+                    update["report_error"] = "status 503, wants 200"
+                if verdict == "unhealthy":
+                    # A reversible release goes back by itself.
+                    update["report_phase"] = "rolled_back"
+                    update["installed_release"] = cell.installed_release
             self.cells[cell.id] = cell.model_copy(update=update)
 
     def run(self, *, seconds: float = 0, max_ticks: int = 200, step_seconds: float = 1) -> None:
@@ -619,3 +637,94 @@ def test_random_fleets_never_go_backwards_or_skip_a_stage(
         assert waves_failed <= threshold * 7  # at most `threshold` per wave, 6 waves at most
     assert all(fleet.installed(c) in (V1, V2) for c in fleet.cells)
     assert not any(c in first for c in fleet.cells if fleet.cells[c].status == "offline")
+
+
+# -- health verdicts, budgets and caps ------------------------------------------------------------
+
+
+def with_stages(**stages: dict[str, object]) -> RolloutPolicy:
+    return NO_SOAK.model_copy(update={"stages": StagePolicies.model_validate(stages)})
+
+
+def test_a_release_unhealthy_only_on_dedicated_cells_stops_at_the_canary() -> None:
+    fleet = standard_fleet()
+    fleet.verdict = lambda cell, v: "unhealthy" if cell.stage == "dedicated" else "healthy"
+    fleet.publish(V2)
+    fleet.run()
+    r = fleet.r(V2)
+    assert r.state == "halted" and r.halt is not None
+    [canary] = fleet.got(V2, "dedicated")
+    assert fleet.installed(canary) == V1, "the canary rolled itself back"
+    assert all(fleet.installed(c) == V2 for c in fleet.got(V2) if c != canary)
+    assert f"{canary}: unhealthy: check web: status 503, wants 200" in r.halt.reason
+    assert [(f.cell_id, f.error) for f in r.halt.failures] == [
+        (canary, "unhealthy: check web: status 503, wants 200")
+    ]
+
+
+def test_a_cell_still_baking_is_not_yet_updated() -> None:
+    fleet = standard_fleet()
+    fleet.verdict = lambda cell, v: None
+    fleet.publish(V2)
+    fleet.run(max_ticks=20)
+    r = fleet.r(V2)
+    assert (r.state, r.stage) == ("in_progress", "staging")
+    counts = stage_counts(r, list(fleet.cells.values()), fleet.policy, fleet.now)
+    assert counts["staging"]["in_progress"] == 2 and counts["staging"]["updated"] == 0
+
+
+@pytest.mark.parametrize(("bad", "state"), [(2, "completed"), (3, "halted")])
+def test_a_share_budget_lets_through_exactly_the_failures_it_allows(bad: int, state: str) -> None:
+    # 20 dedicated cells, "10%": two failures pass, the third halts.
+    fleet = standard_fleet(with_stages(dedicated={"failure_budget": "10%"}))
+    failing: list[str] = []
+
+    def verdict(cell: CellFacts, version: str) -> str:
+        if cell.stage == "dedicated" and (cell.id in failing or len(failing) < bad):
+            failing.append(cell.id) if cell.id not in failing else None
+            return "unhealthy"
+        return "healthy"
+
+    fleet.verdict = verdict
+    fleet.publish(V2)
+    fleet.run()
+    r = fleet.r(V2)
+    assert r.state == state
+    if state == "halted":
+        assert r.halt is not None and len(r.halt.failures) == 3
+        assert "3 cell(s) failed in dedicated" in r.halt.reason
+        assert "the stage's budget allows 2" in r.halt.reason
+    else:
+        assert len(fleet.got(V2, "dedicated")) == 20
+
+
+def test_inconclusive_verdicts_pause_for_an_operator_or_count_as_failed() -> None:
+    fleet = standard_fleet()
+    fleet.verdict = lambda cell, v: "inconclusive" if cell.stage == "saas" else "healthy"
+    fleet.publish(V2)
+    fleet.run()
+    r = fleet.r(V2)
+    assert r.state == "paused" and r.halt is not None and "waits for an operator" in r.halt.reason
+    assert fleet.got(V2, "dedicated") == []
+    fleet.rollouts[V2] = resume(r, fleet.now)
+    fleet.run()
+    assert fleet.r(V2).state == "completed", "resuming accepts the inconclusive cell"
+
+    strict = standard_fleet(with_stages(saas={"inconclusive": "fail"}))
+    strict.verdict = fleet.verdict
+    strict.publish(V2)
+    strict.run()
+    assert strict.r(V2).state == "halted"
+
+
+def test_a_stage_updates_no_more_cells_at_once_than_its_cap() -> None:
+    fleet = Fleet(with_stages(staging={"max_updating": 2}))
+    fleet.add(5, "staging")
+    fleet.verdict = lambda cell, v: "healthy"
+    fleet.publish(V2)
+    fleet.run()
+    assert fleet.r(V2).state == "completed"
+    per_tick: dict[datetime, int] = {}
+    for when, _, _ in fleet.sent:
+        per_tick[when] = per_tick.get(when, 0) + 1
+    assert max(per_tick.values()) == 2 and sum(per_tick.values()) == 5

@@ -16,7 +16,15 @@ The release file and the policy are request schemas: ``common.requests.rollout``
 of a cell's upgrade reports is ``common.report_order``, which the fleet view follows too.
 """
 
-from common.requests.rollout import Halt, ReleaseFile, RolloutPolicy, SoakTimes, WavePolicy
+from common.requests.rollout import (
+    Halt,
+    ReleaseFile,
+    RolloutPolicy,
+    SoakTimes,
+    StagePolicies,
+    StagePolicy,
+    WavePolicy,
+)
 from common.vocabulary import STAGES as STAGE_ORDER
 from services.rollout.model.actions import ActionRefused, abort, pause, resume
 from services.rollout.model.catch_up import catch_up
@@ -47,6 +55,8 @@ __all__ = [
     "Rollout",
     "RolloutPolicy",
     "SoakTimes",
+    "StagePolicies",
+    "StagePolicy",
     "WavePolicy",
     "abort",
     "at_least",

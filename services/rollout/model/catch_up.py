@@ -26,6 +26,11 @@ class _Reach:
         self.stage_reached = r.stage in r.reached
         self.started = r.started_cells()
         self.waiting = r.waiting_cells()
+        # The wave under way sends its own cells (as its stage's cap allows).
+        waves = r.waves or ()
+        self.current = (
+            set(waves[r.wave]) if r.state == "in_progress" and r.wave < len(waves) else set()
+        )
 
     def reaches(self, cell: CellFacts) -> bool:
         """The cell's stage is past, or its wave has started, or (a cell that was in no wave)
@@ -37,6 +42,8 @@ class _Reach:
         mine = _STAGE_INDEX[cell.stage]
         if mine != self.stage:
             return mine < self.stage
+        if cell.id in self.current:
+            return False
         if cell.id in self.started:
             return True
         if cell.id in self.waiting:

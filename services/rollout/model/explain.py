@@ -47,13 +47,18 @@ class Situation:
     def installed(self) -> str:
         return self.cell.installed_release or "nothing"
 
-    @property
+    @cached_property
     def in_flight(self) -> str | None:
-        """The release the cell was last sent, while it is not on it."""
+        """The release the cell was last sent, while it does not count as updated to it (its
+        own report decides: one baking or unhealthy may already run it)."""
         cell = self.cell
         sent = cell.desired_version if cell.desired_generation is not None else None
-        if sent is None or at_least(cell.installed_release, sent):
+        if sent is None or cell_progress(cell, sent, self.policy, self.now) == "updated":
             return None
+        if cell.report_generation != cell.desired_generation and at_least(
+            cell.installed_release, sent
+        ):
+            return None  # it runs it; whatever it was sent is in its past
         return sent
 
     @cached_property
@@ -82,6 +87,28 @@ class Situation:
             and self.cell.id not in newest.started_cells()
             and self.cell.stage not in newest.reached
         )
+
+
+def _failed(s: Situation) -> str:
+    cell = s.cell
+    again = ""
+    if cell.report_phase == "failed" and cell.report_verdict is None:
+        again = f" It is sent it again {s.policy.retry_failed_seconds:g}s after it failed."
+    return (
+        f"Updating {cell.id} to {s.in_flight} failed"
+        f" ({failure_of(cell, s.progress or 'failed', s.policy)});"
+        f" it runs {s.installed} and waits for a newer release or an operator.{again}"
+    )
+
+
+def _updating(s: Situation) -> str:
+    cell = s.cell
+    if cell.report_generation == cell.desired_generation and cell.report_phase == "succeeded":
+        return (
+            f"{cell.id} applied {s.in_flight} and is checking its health"
+            f" (a bake of {cell.desired_bake or 0:g}s); it counts once its verdict is healthy."
+        )
+    return f"{cell.id} is being updated to {s.in_flight}."
 
 
 def _halt_reason(s: Situation) -> str:
@@ -158,6 +185,19 @@ CASES: tuple[Case, ...] = (
         ),
         _newest,
     ),
+    # What the cell reports on the release it was sent comes before what it runs: a cell that
+    # baked the newest release and turned unhealthy runs it, and is not up to date.
+    Case("failed", lambda s: s.progress in ("failed", "timed_out"), _failed, _in_flight),
+    Case(
+        "inconclusive",
+        lambda s: s.progress == "inconclusive",
+        lambda s: (
+            f"{s.cell.id}'s health after {s.in_flight} is inconclusive"
+            f" ({failure_of(s.cell, 'inconclusive', s.policy)}); an operator decides."
+        ),
+        _in_flight,
+    ),
+    Case("in_progress", lambda s: s.progress == "in_progress", _updating, _in_flight),
     Case(
         "up_to_date",
         lambda s: at_least(s.cell.installed_release, s.v),
@@ -173,22 +213,6 @@ CASES: tuple[Case, ...] = (
             " no application update until the new template is applied."
         ),
         _newest,
-    ),
-    Case(
-        "failed",
-        lambda s: s.progress in ("failed", "timed_out"),
-        lambda s: (
-            f"Updating {s.cell.id} to {s.in_flight} failed"
-            f" ({failure_of(s.cell, s.progress or 'failed', s.policy)});"
-            f" it runs {s.installed} and waits for a newer release or an operator."
-        ),
-        _in_flight,
-    ),
-    Case(
-        "in_progress",
-        lambda s: s.progress == "in_progress",
-        lambda s: f"{s.cell.id} is being updated to {s.in_flight}.",
-        _in_flight,
     ),
     Case(
         "offline",
