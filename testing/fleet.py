@@ -109,7 +109,9 @@ class Fleet:
         missing_image: bool = False,
         reversible: bool = True,
         maintenance: bool = False,
+        health: str = "",
     ) -> str:
+        """Publish release ``patch``; ``health``: the release file's ``health`` (YAML)."""
         version = self.version(patch)
         digest = push_image(self.moto, "substrate/server", version)
         if missing_image:
@@ -119,6 +121,7 @@ class Fleet:
             f"version: {version}\nreversible: {str(reversible).lower()}\ncomponents:\n"
             f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
             f"    requires_maintenance: {str(maintenance).lower()}\n"
+            + (f"health: {health}\n" if health else "")
         )
         code, _, err = await self.procs.ctl("release", "publish", str(path))
         assert code == 0, err
@@ -200,6 +203,30 @@ def push_image(moto: str, repository: str, tag: str) -> str:
         }
     )
     image = ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag)
+    return str(image["image"]["imageId"]["imageDigest"])
+
+
+def _ecr(moto: str) -> Any:
+    return boto3.client(
+        "ecr",
+        endpoint_url=moto,
+        region_name="eu-west-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def hide_image(moto: str, repository: str, tag: str) -> str:
+    """Delete an image from moto's ECR (as a fresh moto would not have it); its manifest, to
+    put it back with the same digest."""
+    ecr = _ecr(moto)
+    [image] = ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageTag": tag}])["images"]
+    ecr.batch_delete_image(repositoryName=repository, imageIds=[{"imageTag": tag}])
+    return str(image["imageManifest"])
+
+
+def restore_image(moto: str, repository: str, tag: str, manifest: str) -> str:
+    image = _ecr(moto).put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag)
     return str(image["image"]["imageId"]["imageDigest"])
 
 

@@ -35,6 +35,7 @@ from services.rollout.model import (
     Rollout,
     RolloutPolicy,
     catch_up,
+    failed_with_nothing_changed,
     health_for,
     step,
     superseded,
@@ -176,7 +177,8 @@ class Controller:
         extra = catch_up(
             list(by_id.values()), list(rollouts.values()), now, policy.retry_failed_seconds
         )
-        if extra:
+        if extra or any(failed_with_nothing_changed(c) for c in by_id.values()):
+            # A failed install is tried again after a while: the time matters to the next step.
             busy = True
             await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
         metrics.observe(list(rollouts.values()), list(by_id.values()))

@@ -22,6 +22,12 @@ WAVE = Gauge(
 )
 ACTIVE = Gauge("substrate_rollouts_active", "Rollouts in progress, soaking, halted or paused")
 HALTED = Gauge("substrate_rollouts_halted", "Rollouts halted and waiting for an operator")
+HALTED_RELEASE = Gauge(
+    "substrate_rollout_halted_release",
+    "1 for each release whose rollout the controller halted (failures or unhealthy verdicts "
+    "past its budget), by the stage it stopped in, until an operator resumes or aborts it",
+    ["version", "stage"],
+)
 HALTS = Counter("substrate_rollout_halts", "Rollouts halted, by stage", ["stage"])
 LEADER = Gauge(
     "substrate_rollout_leader", "1 while this replica holds the rollout controller's lease"
@@ -69,6 +75,10 @@ def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
             CELLS_BY_RELEASE.labels(stage, "none").set(0)
     STATE.clear()
     WAVE.clear()
+    HALTED_RELEASE.clear()
+    for r in rollouts:
+        if r.state == "halted":
+            HALTED_RELEASE.labels(r.version, r.stage).set(1)
     for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)[:SHOWN_ROLLOUTS]:
         STATE.labels(r.version, r.state, r.stage).set(1)
         WAVE.labels(r.version).set(r.wave)

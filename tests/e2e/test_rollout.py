@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from common.messages import EVENTS_EXCHANGE, RolloutProgressed
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
 from testing.broker import read_all
 from testing.cells import status_is
-from testing.fleet import POLICY, Fleet, quick_fleet
+from testing.fleet import POLICY, Fleet, hide_image, quick_fleet, restore_image
 from testing.ledger import applier_env
 from testing.polling import eventually
 from testing.processes import Processes, start_registry, start_rollout
@@ -299,3 +300,90 @@ async def test_rollout_watch_follows_a_rollout_to_its_end(fleet: Fleet, procs: P
     frames = _json_lines(out.decode())
     assert frames[-1]["state"] == "completed"
     assert len(frames) >= 3 and frames[0]["version"] == version
+
+
+# A check that fails where the cell's state directory holds a file named "unhealthy": the
+# release applies everywhere, and hurts only where that file is.
+HEALTH = (
+    "{checks: [{name: no-unhealthy-file, type: command, command: [sh, -c,"
+    " 'test ! -e \"$CELL_STATE_DIR/unhealthy\"']}], bake_seconds: 1}"
+)
+
+
+@pytest.mark.e2e
+async def test_a_release_unhealthy_on_dedicated_stops_at_the_canary_which_rolls_back(
+    fleet: Fleet,
+) -> None:
+    await fleet.add("staging")
+    await fleet.add("saas")
+    dedicated = await fleet.add("dedicated", 3)
+    good = await fleet.publish(1)
+    await fleet.wait_state(good, "completed", timeout=90)
+    for cell in dedicated:
+        (cell.state / "unhealthy").write_text("")
+    bad = await fleet.publish(2, health=HEALTH)
+
+    halted = await fleet.wait_state(bad, "halted", timeout=90)
+    assert (halted["stage"], halted["wave"]) == ("dedicated", 1)
+    [failure] = halted["halt"]["failures"]
+    canary = next(c for c in dedicated if c.id == failure["cell_id"])
+    evidence = "unhealthy: check no-unhealthy-file: exit code 1, wants 0"
+    assert failure["error"] == evidence
+    assert "canary" in halted["halt"]["reason"] and evidence in halted["halt"]["reason"]
+    # Exactly the canary got it, and went back by itself; staging and saas stay on it.
+    got_bad = {r.cell_id for r in await fleet.upgrades() if r.release_version == bad}
+    assert got_bad & {c.id for c in dedicated} == {canary.id}
+    verdicts = [(r.phase, r.verdict) for r in await fleet.upgrades()
+                if r.cell_id == canary.id and r.verdict is not None]  # fmt: skip
+    assert verdicts == [("rolled_back", "unhealthy")]
+    await fleet.wait_installed(dedicated, good)
+    await fleet.wait_installed(fleet.of("staging") + fleet.of("saas"), bad)
+    assert halted["stages"]["saas"]["updated"] == 1 and halted["stages"]["dedicated"]["failed"] == 1
+    explained = await fleet.explain(canary)
+    assert explained["reason"] == "failed" and evidence in explained["explanation"]
+    code, text, _ = await fleet.procs.ctl_text("rollout", "status", bad)
+    assert code == 0 and f"{canary.id}: {evidence}" in text
+    assert fleet.rollout is not None
+    halts = await fleet.rollout.metric(
+        "substrate_rollout_halted_release", version=bad, stage="dedicated"
+    )
+    assert halts == 1
+
+
+@pytest.mark.e2e
+async def test_a_re_bootstrapped_cell_shows_its_failed_install_then_converges(
+    fleet: Fleet, moto: str
+) -> None:
+    (fleet.root / "retry.yaml").write_text(POLICY + "retry_failed_seconds: 2\n")
+    code, _, err = await fleet.procs.ctl("rollout", "policy", "set", str(fleet.root / "retry.yaml"))
+    assert code == 0, err
+    [cell] = await fleet.add("staging")
+    version = await fleet.publish(1)
+    await fleet.wait_state(version, "completed", timeout=60)
+    await fleet.wait_installed([cell], version)
+
+    # The cell is bootstrapped again (an empty state directory: a new incarnation) while its
+    # release's image is gone from the registry (as after a fresh demo ECR).
+    await fleet.stop_agent(cell)
+    shutil.rmtree(cell.state)
+    manifest = hide_image(moto, "substrate/server", version)
+    await fleet.start_agent(cell)
+
+    async def failed() -> dict[str, Any] | None:
+        status = await fleet.status(version)
+        return status if status["stages"]["staging"]["failed"] == 1 else None
+
+    status = await eventually(failed, timeout=60, interval=0.3, what="the failure shown")
+    assert status["stages"]["staging"]["updated"] == 0
+    explained = await fleet.explain(cell)
+    assert explained["reason"] == "failed" and "images not found" in explained["explanation"]
+    assert "images not found" in cell.agent.log.read_text()
+
+    restore_image(moto, "substrate/server", version, manifest)
+
+    async def updated() -> bool:
+        return bool((await fleet.status(version))["stages"]["staging"]["updated"] == 1)
+
+    await eventually(updated, timeout=60, interval=0.3, what="converged to updated")
+    await fleet.wait_installed([cell], version)
+    assert (await fleet.explain(cell))["reason"] == "up_to_date"

@@ -27,7 +27,7 @@ from common.requests.rollout import (
 )
 from common.vocabulary import STAGES as STAGE_ORDER
 from services.rollout.model.actions import ActionRefused, abort, pause, resume
-from services.rollout.model.catch_up import catch_up
+from services.rollout.model.catch_up import catch_up, failed_with_nothing_changed
 from services.rollout.model.cells import (
     CellFacts,
     CellProgress,
@@ -63,6 +63,7 @@ __all__ = [
     "catch_up",
     "cell_progress",
     "explain",
+    "failed_with_nothing_changed",
     "failure_of",
     "health_for",
     "new_rollout",

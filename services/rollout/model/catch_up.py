@@ -60,11 +60,20 @@ def _retry_due(
         now is not None
         and retry_seconds is not None
         and cell.desired_version == target
+        and failed_with_nothing_changed(cell)
+        and cell.report_at is not None
+        and (now - cell.report_at).total_seconds() >= retry_seconds
+    )
+
+
+def failed_with_nothing_changed(cell: CellFacts) -> bool:
+    """The cell's install of what it was last sent failed before anything changed (it is
+    tried again, so the time matters to a step while such a cell waits)."""
+    return (
+        cell.desired_generation is not None
         and cell.report_generation == cell.desired_generation
         and cell.report_phase == "failed"
         and cell.report_verdict is None
-        and cell.report_at is not None
-        and (now - cell.report_at).total_seconds() >= retry_seconds
     )
 
 
