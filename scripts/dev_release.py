@@ -31,6 +31,11 @@ digest = image["image"]["imageId"]["imageDigest"]
     f"version: {version}\nnotes: a demo release (make dev)\ncomponents:\n"
     f"  - name: server\n    image: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/substrate/server\n"
     f"    digest: {digest}\n"
+    # Checked in each cell for 5 s after it applies: unhealthy where the cell's state directory
+    # holds a file named "unhealthy" (README: make the demo canary unhealthy).
+    "health:\n  bake_seconds: 5\n  interval_seconds: 1\n  checks:\n"
+    "    - name: no-unhealthy-file\n      type: command\n"
+    "      command: [sh, -c, 'test ! -e \"$CELL_STATE_DIR/unhealthy\"']\n"
 )
 (out / "dev-policy.yaml").write_text(
     "soak_seconds: {staging: 5, saas: 5, dedicated: 5}\nprogress_deadline_seconds: 120\n"

@@ -4,6 +4,7 @@ test asserts what reached which cell, in which order."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -11,6 +12,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from common.messages import RolloutCompleted, RolloutHalted, RolloutProgressed
 from common.releases import Release
@@ -18,6 +20,7 @@ from services.rollout.model import (
     STAGE_ORDER,
     ActionRefused,
     CellFacts,
+    ReleaseFile,
     Rollout,
     RolloutPolicy,
     SoakTimes,
@@ -728,3 +731,36 @@ def test_a_stage_updates_no_more_cells_at_once_than_its_cap() -> None:
     for when, _, _ in fleet.sent:
         per_tick[when] = per_tick.get(when, 0) + 1
     assert max(per_tick.values()) == 2 and sum(per_tick.values()) == 5
+
+
+def test_the_release_file_and_the_policy_name_the_field_of_a_bad_check_or_budget() -> None:
+    base = {"version": V2, "components": [{"name": "api", "image": "r/api",
+                                           "digest": "sha256:" + "a" * 64}]}  # fmt: skip
+    bad_checks = [
+        (
+            {
+                "name": "e",
+                "type": "prometheus",
+                "url": "http://p",
+                "query": "q",
+                "comparison": "=<",
+                "threshold": 1,
+            },
+            "health.checks.0.prometheus.comparison",
+        ),
+        ({"name": "w", "type": "http", "url": "ftp://x"}, "health.checks.0.http.url"),
+        ({"name": "c", "type": "command", "command": []}, "health.checks.0.command.command"),
+        ({"name": "w", "type": "http", "url": "http://x", "treshold": 1}, "treshold"),
+        ({"name": "w", "type": "gauge"}, "health.checks.0"),
+    ]
+    for check, field_named in bad_checks:
+        with pytest.raises(ValidationError, match=re.escape(field_named)):
+            ReleaseFile.model_validate({**base, "health": {"checks": [check]}})
+    with pytest.raises(ValidationError, match="repeated: w"):
+        ReleaseFile.model_validate({**base, "health": {"checks": [
+            {"name": "w", "type": "http", "url": "http://x"}] * 2}})  # fmt: skip
+    for budget in ("110%", "-1", -1, "ten"):
+        with pytest.raises(ValidationError, match=r"stages\.dedicated\.failure_budget"):
+            RolloutPolicy.model_validate({"stages": {"dedicated": {"failure_budget": budget}}})
+    policy = RolloutPolicy.model_validate({"stages": {"dedicated": {"failure_budget": "10%"}}})
+    assert policy.stages.dedicated.allowed(29, 0) == 2 and policy.stages.saas.allowed(5, 1) == 1
