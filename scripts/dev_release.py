@@ -19,7 +19,9 @@ ecr = boto3.client("ecr", endpoint_url=endpoint, region_name="eu-west-1",
 with suppress(ecr.exceptions.RepositoryAlreadyExistsException):
     ecr.create_repository(repositoryName="substrate/server")
 # A unique layer: moto gives layerless manifests one of a few random digests.
-version = time.strftime("%Y.%-m.") + str(int(time.time()) % 100_000)
+# Newer than every demo release before it (an older one would be refused): the whole time in
+# seconds, never cut to a few digits that wrap.
+version = time.strftime("%Y.%-m.") + str(int(time.time()))
 layer = "sha256:" + hashlib.sha256(version.encode()).hexdigest()
 manifest = json.dumps({
     "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.requests.rollout import ReleaseList, ReleasePublish, ReleaseRecord, ReleaseShow
+from common.requests.rollout import (
+    ReleaseList,
+    ReleasePublish,
+    ReleaseRecord,
+    ReleaseShow,
+    RolloutPlan,
+)
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.output import fields, table
+from substratectl.rollouts import plan_text
 
 
 def _record(record: ReleaseRecord) -> str:
@@ -21,6 +28,14 @@ def _record(record: ReleaseRecord) -> str:
 
 async def publish(ctl: Ctl) -> int:
     release = read_mapping_file(Path(ctl.args.file), "a mapping with version and components")
+    if ctl.args.dry_run:
+        # The file checked and its plan shown; nothing is published. Exit 1 if publishing it
+        # would be refused (the reason is printed).
+        preview = await ctl.call(
+            RolloutPlan.model_validate({"version": str(release.get("version")), "release": release})
+        )
+        ctl.show(preview, plan_text)
+        return 1 if preview.refused else 0
     return await ctl.ask(
         ReleasePublish.model_validate({"release": release}),
         lambda r: f"published release {r.version} ({r.components} components)",
@@ -42,7 +57,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("publish", help="publish a release file (YAML or JSON), once per version")
     p.add_argument(
         "file",
-        help="version, components (name, image, digest, requires_maintenance), reversible, notes",
+        help="version, components (name, image, digest, requires_maintenance), reversible, "
+        "required, health {checks, bake_seconds, watch_seconds, interval_seconds}, notes",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the file and show which cells it would reach, each cell's upgrade path and "
+        "its health checks, without publishing (exit 1 if publishing would be refused)",
     )
     p.set_defaults(run=publish)
     p = cmds.add_parser("list", help="published releases, newest first")

@@ -37,14 +37,24 @@ from substratectl.output import console, fields, on_terminal, plain, table
 COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
 
-def _plan(result: Plan) -> str:
+def plan_text(result: Plan) -> str:
     lines = [f"plan for {result.version} (nothing is sent):"]
+    if result.refused:
+        lines.insert(0, f"publishing it would be refused: {printable(result.refused)}")
     for stage, waves in result.stages.items():
         if not waves:
             lines.append(f"  {stage}: no cells")
         for n, cells in enumerate(waves, 1):
             label = "canary" if stage == "dedicated" and n == 1 else f"wave {n}"
             lines.append(f"  {stage} {label}: {len(cells)} cells: {', '.join(cells)}")
+    if result.checks:
+        bakes = ", ".join(f"{stage} {s:g}s" for stage, s in result.bake_seconds.items())
+        lines.append(f"  health checks: {', '.join(result.checks)}; bake: {bakes}")
+    else:
+        lines.append("  health checks: none (a cell counts as updated once it applies it)")
+    paths = [{"cell": c, "path": " -> ".join(p)} for c, p in sorted(result.paths.items())]
+    if paths:
+        lines += ["", "upgrade paths (required releases first):", table(paths, ["cell", "path"])]
     skipped = [{"cell": c, "reason": r} for c, r in sorted(result.skipped.items())]
     if skipped:
         lines += ["", "skipped:", table(skipped, ["cell", "reason"])]
@@ -52,7 +62,7 @@ def _plan(result: Plan) -> str:
 
 
 async def plan(ctl: Ctl) -> int:
-    return await ctl.ask(RolloutPlan(version=ctl.args.version), _plan)
+    return await ctl.ask(RolloutPlan(version=ctl.args.version), plan_text)
 
 
 def _where(r: RolloutView) -> str:

@@ -21,6 +21,7 @@ from testing.broker import read_all
 from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
 from testing.polling import eventually
 from testing.processes import Proc, Processes, Service, start_rollout
+from testing.versions import fresh_minor
 
 HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
 
@@ -48,7 +49,8 @@ class Fleet:
         self.procs, self.moto, self.root, self.bus = procs, moto, root, bus
         self.cells: list[Cell] = []
         self.reports = f"test.rollout.{root.name}"[:200]
-        self.minor = abs(hash(root)) % 10_000
+        # Newer than every release published before in the session (an older one is refused).
+        self.minor = fresh_minor()
         self._reports: list[CellUpgrade] = []
         self.rollout: Service | None = None
 
@@ -110,6 +112,7 @@ class Fleet:
         reversible: bool = True,
         maintenance: bool = False,
         health: str = "",
+        required: bool = False,
     ) -> str:
         """Publish release ``patch``; ``health``: the release file's ``health`` (YAML)."""
         version = self.version(patch)
@@ -118,7 +121,8 @@ class Fleet:
             digest = "sha256:" + "0" * 64
         path = self.root / f"{version}.yaml"
         path.write_text(
-            f"version: {version}\nreversible: {str(reversible).lower()}\ncomponents:\n"
+            f"version: {version}\nreversible: {str(reversible).lower()}\n"
+            f"required: {str(required).lower()}\ncomponents:\n"
             f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
             f"    requires_maintenance: {str(maintenance).lower()}\n"
             + (f"health: {health}\n" if health else "")

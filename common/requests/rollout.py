@@ -206,6 +206,13 @@ class Plan(Response):
     version: str
     stages: dict[str, list[list[str]]]
     skipped: dict[str, SkipReason]
+    # Cells behind a required release: the releases each installs on the way, in order.
+    paths: dict[str, list[str]] = Field(default_factory=dict)
+    # A dry run of a release file: why publishing it would be refused (None: it would not).
+    refused: str | None = None
+    # The health checks its cells would run (names) and the bake per stage.
+    checks: list[str] = Field(default_factory=list)
+    bake_seconds: dict[str, float] = Field(default_factory=dict)
 
 
 class Halt(BaseModel):
@@ -293,9 +300,11 @@ class ReleaseShow(Request[ReleaseRecord]):
 
 @rpc("rollout", "rollout.plan", read_only=True)
 class RolloutPlan(Request[Plan]):
-    """Dry run: which cells a release would reach in which stage and wave (nothing is sent)."""
+    """Dry run: which cells a release would reach in which stage and wave (nothing is sent);
+    with ``release``, a release file not yet published (``release publish --dry-run``)."""
 
     version: str
+    release: ReleaseFile | None = None
 
 
 @rpc("rollout", "rollout.status", read_only=True)

@@ -37,6 +37,7 @@ from services.rollout.model import (
     catch_up,
     failed_with_nothing_changed,
     health_for,
+    required_versions,
     step,
     superseded,
 )
@@ -147,12 +148,13 @@ class Controller:
             )
             log.info("rollout %s superseded by a newer release", version)
 
+        required = required_versions(list(rollouts.values()))
         awaiting = []
         for r in sorted(rollouts.values(), key=lambda r: r.semver):
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             busy = True
-            decision = step(r, list(by_id.values()), policy, now)
+            decision = step(r, list(by_id.values()), policy, now, required)
             if decision.awaiting:
                 awaiting.append(decision.awaiting)
             if decision.rollout == r and not decision.changed:
@@ -175,7 +177,11 @@ class Controller:
                     log.warning("rollout %s halted: %s", event.version, event.reason)
 
         extra = catch_up(
-            list(by_id.values()), list(rollouts.values()), now, policy.retry_failed_seconds
+            list(by_id.values()),
+            list(rollouts.values()),
+            now,
+            policy.retry_failed_seconds,
+            required,
         )
         if extra or any(failed_with_nothing_changed(c) for c in by_id.values()):
             # A failed install is tried again after a while: the time matters to the next step.
@@ -274,5 +280,6 @@ class Controller:
                         "desired_at": now,
                         "previous_version": a.previous,
                         "desired_bake": bakes.get(a.cell_id),
+                        "desired_for": a.path_to,
                     }
                 )

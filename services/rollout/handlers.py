@@ -12,6 +12,7 @@ from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
 from common.messages import CellSync, CellUpgrade, Delivery, DesiredState, Message, ReleasePublished
 from common.metrics import cell_messages_refused
+from common.releases import Release
 from common.requests import ServiceStatus, Status
 from common.requests.rollout import (
     CellsPin,
@@ -42,6 +43,7 @@ from common.routes import Route, route
 from common.vocabulary import ACTIVE_STATES, FAILED_PHASES, TERMINAL_PHASES
 from services.rollout import metrics
 from services.rollout.model import (
+    STAGE_ORDER,
     ActionRefused,
     CellFacts,
     Rollout,
@@ -53,6 +55,7 @@ from services.rollout.model import (
     newest_first,
     pause,
     plan,
+    required_versions,
     resume,
     stage_counts,
 )
@@ -101,8 +104,26 @@ async def _record(deps: Deps, version: str) -> ReleaseRecord:
     return ReleaseRecord(**dict(_summary(published)), release=published.release)
 
 
+async def publish_problem(version: str, deps: Deps) -> tuple[str, str] | None:
+    """Why a release of ``version`` cannot be published, as (code, message), or None."""
+    versions = await deps.store.versions()
+    if version in versions:
+        return "exists", f"release {version} is already published; publish a new version"
+    newest = newest_first(versions)[0] if versions else None
+    if newest is not None and newer(newest, version):
+        return (
+            "conflict",
+            f"release {version} is older than {newest}, the newest published: no cell goes"
+            f" backwards, so it would reach none; publish a version newer than {newest}",
+        )
+    return None
+
+
 async def release_publish(req: ReleasePublish, delivery: Delivery, deps: Deps) -> ReleaseRecord:
     release = req.release.release()
+    problem = await publish_problem(release.version, deps)
+    if problem is not None:
+        raise RpcFailure(*problem)
     now = deps.clock.now()
     by = delivery.user_id or "unknown"
     published = await deps.store.publish(
@@ -197,10 +218,34 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
 
 
 async def rollout_plan(req: RolloutPlan, delivery: Delivery, deps: Deps) -> Plan:
-    if await deps.store.get(req.version) is None:
-        raise RpcFailure("not_found", f"release {req.version!r} is not published")
-    policy = await deps.store.policy()
-    return plan(req.version, await deps.store.cells(), policy.waves)
+    """A published release's plan, or (``release``) a release file's before it is published:
+    its waves, each cell's path, its checks and bakes, and whether publishing would be
+    refused."""
+    policy, rollouts = await deps.store.policy(), await deps.store.rollouts()
+    refused = None
+    release: Release | None
+    if req.release is not None:
+        release = req.release.release()
+        problem = await publish_problem(release.version, deps)
+        refused = problem[1] if problem else None
+        # As if published: a required one is a step on its own cells' paths.
+        rollouts = [r for r in rollouts if r.version != release.version]
+        rollouts.append(new_rollout(release, deps.clock.now()))
+    else:
+        release = await deps.store.release(req.version)
+        if release is None:
+            raise RpcFailure("not_found", f"release {req.version!r} is not published")
+    required = required_versions(rollouts)
+    result = plan(release.version, await deps.store.cells(), policy.waves, required)
+    health = {stage: health_for(release, policy, stage) for stage in STAGE_ORDER}
+    checks = next((h.checks for h in health.values() if h is not None), ())
+    return result.model_copy(
+        update={
+            "refused": refused,
+            "checks": [str(c.get("name")) for c in checks],
+            "bake_seconds": {s: h.bake_seconds for s, h in health.items() if h is not None},
+        }
+    )
 
 
 async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:

@@ -96,6 +96,7 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         if own.get("desired_at")
         else None,
         previous_version=opt("previous_version"),
+        desired_for=opt("desired_for"),
         desired_bake=float(own["desired_bake"]) if own.get("desired_bake") else None,
         report_generation=int(report_gen) if report_gen else None,
         report_phase=opt("report_phase"),
@@ -276,7 +277,11 @@ class RolloutStore:
             sent = {"desired_at": at.timestamp(), "previous_version": a.previous}
             # The bake it was asked for ("": no checks) and the incarnation it was sent to.
             bake = (bakes or {}).get(a.cell_id)
-            judged = {"desired_bake": "" if bake is None else bake, "incarnation": a.incarnation}
+            judged = {
+                "desired_bake": "" if bake is None else bake,
+                "incarnation": a.incarnation,
+                "desired_for": a.path_to or "",
+            }
             change.hset(CELL + a.cell_id, {**desired, **sent, **judged})
             change.run("SADD", CELLS, a.cell_id)
         if not (await self._changes.apply(change)).written:

@@ -31,6 +31,7 @@ from testing.processes import (
     start_rollout,
 )
 from testing.services import Services
+from testing.versions import fresh_version
 
 NOW = datetime.now(UTC)
 
@@ -446,7 +447,7 @@ async def test_an_outcome_for_what_was_never_sent_changes_no_view(
     for each in (cell, staging):
         online = partial(status_is, procs, each, "online")
         await eventually(online, timeout=15, interval=0.3, what=f"{each} online")
-    version = "2026.12.9"
+    version = fresh_version()
     release = tmp_path / "release.yaml"
     release.write_text(
         f"version: {version}\ncomponents:\n  - name: server\n"

@@ -18,6 +18,7 @@ from testing.fleet import HOST, push_image
 from testing.polling import eventually
 from testing.processes import Processes
 from testing.services import Services, aws_env
+from testing.versions import fresh_version
 
 
 def _url(base: str, user: str, vhost: str) -> str:
@@ -88,7 +89,7 @@ async def test_the_services_run_on_the_definitions_as_their_own_users(
     code, _, err = await procs.ctl("rollout", "policy", "set", str(tmp_path / "policy.yaml"),
                                    **operator)  # fmt: skip
     assert code == 0, err
-    version = f"4000.{abs(hash(tmp_path)) % 10_000}.1"
+    version = fresh_version()
     digest = push_image(moto, "substrate/server", version)
     release = tmp_path / "release.yaml"
     release.write_text(f"version: {version}\ncomponents:\n  - name: server\n"

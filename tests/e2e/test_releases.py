@@ -15,6 +15,7 @@ from testing.cells import create_cell, new_cell_id, register_as_cell
 from testing.polling import eventually
 from testing.processes import Processes, start_registry
 from testing.services import Services
+from testing.versions import fresh_version
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -53,9 +54,8 @@ async def test_publish_list_show_and_the_event(
     await bus.declare(
         Topology((), consuming_queue(events, Binding(EVENTS_EXCHANGE, "release.published")))
     )
-    version = f"2026.11.{abs(hash(tmp_path)) % 100_000}"
-    older = f"2026.10.{abs(hash(tmp_path)) % 100_000}"
-    for v in (version, older):
+    older, version = fresh_version(), fresh_version()
+    for v in (older, version):
         path = tmp_path / f"{v}.yaml"
         path.write_text(release_yaml(v))
         code, record, err = await procs.ctl("release", "publish", str(path))
@@ -72,6 +72,17 @@ async def test_publish_list_show_and_the_event(
 
     code, _, err = await procs.ctl("release", "publish", str(tmp_path / f"{version}.yaml"))
     assert code == 1 and f"release {version} is already published" in err
+    # One older than the newest would reach no cell: refused, and a dry run says so first.
+    late = older.rsplit(".", 1)[0] + ".2"
+    (tmp_path / "late.yaml").write_text(release_yaml(late))
+    code, preview, _ = await procs.ctl(
+        "release", "publish", "--dry-run", str(tmp_path / "late.yaml")
+    )
+    assert code == 1 and preview["refused"].startswith(f"release {late} is older than {version}")
+    code, _, err = await procs.ctl("release", "publish", str(tmp_path / "late.yaml"))
+    assert code == 1 and f"release {late} is older than {version}, the newest published" in err
+    code, _, _ = await procs.ctl("release", "show", late)
+    assert code == 1, "nothing was published"
 
     published = await eventually(lambda: read_all(services.amqp_url, events), timeout=10)
     bodies = [ReleasePublished.model_validate_json(m.body) for m in published]
@@ -131,7 +142,7 @@ async def test_rollout_plan_follows_the_fleet_from_the_registrys_events(
         created = await create_cell(procs, cell_id, stage=stage)
         if cell_id != silent:
             await register_as_cell(created["amqp_url"], cell_id)
-    version = f"2027.1.{abs(hash(tmp_path)) % 100_000}"
+    version = fresh_version()
     path = tmp_path / "release.yaml"
     path.write_text(release_yaml(version))
     code, _, err = await procs.ctl("release", "publish", str(path))

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +388,42 @@ async def test_a_re_bootstrapped_cell_shows_its_failed_install_then_converges(
     await eventually(updated, timeout=60, interval=0.3, what="converged to updated")
     await fleet.wait_installed([cell], version)
     assert (await fleet.explain(cell))["reason"] == "up_to_date"
+
+
+@pytest.mark.e2e
+async def test_a_cell_back_from_two_releases_behind_walks_the_required_one_first(
+    fleet: Fleet,
+) -> None:
+    healthy = '{checks: [{name: agent-up, type: command, command: ["true"]}], bake_seconds: 0}'
+    [on_time, away] = await fleet.add("staging", 2)
+    await fleet.stop_agent(away)
+    await eventually(
+        partial(status_is, fleet.procs, away.id, "offline"), timeout=30, interval=0.3,
+        what="the cell offline",
+    )  # fmt: skip
+    required = await fleet.publish(1, required=True, health=healthy)
+    await fleet.wait_state(required, "completed", timeout=60)
+    newest = await fleet.publish(2, health=healthy)
+    await fleet.wait_state(newest, "completed", timeout=60)
+    # The plan of a third shows the returning cell's path, before anything is published.
+    preview = fleet.root / "preview.yaml"
+    preview.write_text(f"version: {fleet.version(3)}\ncomponents: [{{name: server, image: x/s,"
+                       f" digest: 'sha256:{'a' * 64}'}}]\n")  # fmt: skip
+    code, plan, err = await fleet.procs.ctl("release", "publish", "--dry-run", str(preview))
+    assert code == 0 and plan["refused"] is None, err
+    assert plan["paths"] == {away.id: [required, fleet.version(3)]}
+    code, _, _ = await fleet.procs.ctl("release", "show", fleet.version(3))
+    assert code == 1, "a dry run publishes nothing"
+
+    await fleet.start_agent(away)
+    await fleet.wait_installed([away], newest, timeout=60)
+    verdicts = [(r.release_version, r.phase, r.verdict) for r in await fleet.upgrades()
+                if r.cell_id == away.id and r.phase == "succeeded"]  # fmt: skip
+    assert verdicts == [
+        (required, "succeeded", None),
+        (required, "succeeded", "healthy"),
+        (newest, "succeeded", None),
+        (newest, "succeeded", "healthy"),
+    ], "the required release first, verified healthy, then the newest"
+    assert [r.release_version for r in await fleet.upgrades() if r.cell_id == on_time.id
+            and r.verdict == "healthy"] == [required, newest]  # fmt: skip

@@ -31,6 +31,7 @@ from services.rollout.model import (
     new_rollout,
     newer,
     pause,
+    required_versions,
     resume,
     stage_counts,
     step,
@@ -82,8 +83,11 @@ class Fleet:
             ids.append(cid)
         return ids
 
-    def publish(self, version: str, *, reversible: bool = True) -> None:
-        self.rollouts[version] = new_rollout(release(version, reversible=reversible), self.now)
+    def publish(self, version: str, *, reversible: bool = True, required: bool = False) -> None:
+        published = release(version, reversible=reversible).model_copy(
+            update={"required": required}
+        )
+        self.rollouts[version] = new_rollout(published, self.now)
 
     def set(self, cell_id: str, **changes: object) -> None:
         self.cells[cell_id] = self.cells[cell_id].model_copy(update=changes)
@@ -92,12 +96,14 @@ class Fleet:
         """One controller step, as controller.tick does it."""
         for v in superseded(list(self.rollouts.values())):
             self.rollouts[v] = self.rollouts[v].model_copy(update={"state": "superseded"})
+        required = required_versions(list(self.rollouts.values()))
         for r in sorted(self.rollouts.values(), key=lambda r: r.semver):
-            d = step(r, list(self.cells.values()), self.policy, self.now)
+            d = step(r, list(self.cells.values()), self.policy, self.now, required)
             self.rollouts[r.version] = d.rollout
             self.events += d.events
             self._assign(d.assign)
-        self._assign(catch_up(list(self.cells.values()), list(self.rollouts.values())))
+        cells, rollouts = list(self.cells.values()), list(self.rollouts.values())
+        self._assign(catch_up(cells, rollouts, self.now, None, required))
 
     def _assign(self, assigns: list) -> None:  # type: ignore[type-arg]
         for a in assigns:
@@ -107,6 +113,7 @@ class Fleet:
                 "desired_version": a.version, "desired_generation": self.generation,
                 "desired_at": self.now, "previous_version": a.previous,
                 "desired_bake": 0.0 if self.verdict else None,
+                "desired_for": a.path_to,
             })  # fmt: skip
             self.sent.append((self.now, a.cell_id, a.version))
 
@@ -166,6 +173,9 @@ class Fleet:
 
     def installed(self, cell_id: str) -> str | None:
         return self.cells[cell_id].installed_release
+
+    def of_stage(self, stage: str) -> list[str]:
+        return sorted(c for c, cell in self.cells.items() if cell.stage == stage)
 
 
 def standard_fleet(policy: RolloutPolicy = NO_SOAK, dedicated: int = 20) -> Fleet:
@@ -764,3 +774,41 @@ def test_the_release_file_and_the_policy_name_the_field_of_a_bad_check_or_budget
             RolloutPolicy.model_validate({"stages": {"dedicated": {"failure_budget": budget}}})
     policy = RolloutPolicy.model_validate({"stages": {"dedicated": {"failure_budget": "10%"}}})
     assert policy.stages.dedicated.allowed(29, 0) == 2 and policy.stages.saas.allowed(5, 1) == 1
+
+
+# -- upgrade paths --------------------------------------------------------------------------------
+
+
+def test_a_cell_two_releases_behind_installs_the_required_one_first() -> None:
+    fleet = standard_fleet(dedicated=2)
+    [late] = fleet.add(1, "dedicated", status="offline", prefix="late")
+    fleet.verdict = lambda cell, v: "healthy"
+    fleet.publish(V2, required=True)
+    fleet.run()
+    fleet.publish(V3)
+    fleet.run()
+    assert fleet.r(V3).state == "completed" and fleet.installed(late) == V1
+    on_time = fleet.of_stage("dedicated")[0]
+    assert [v for _, c, v in fleet.sent if c == on_time] == [V2, V3]
+
+    fleet.set(late, status="online")  # back after weeks
+    fleet.run()
+    assert [v for _, c, v in fleet.sent if c == late] == [V2, V3], "the required one first"
+    assert fleet.installed(late) == V3
+
+
+def test_a_cell_whose_required_step_fails_goes_no_further() -> None:
+    fleet = standard_fleet(dedicated=2)
+    [late] = fleet.add(1, "dedicated", status="offline", prefix="late")
+    fleet.publish(V2, required=True)
+    fleet.run()
+    fleet.publish(V3)
+    fleet.run()
+    fleet.verdict = lambda cell, v: "unhealthy" if cell.id == late and v == V2 else "healthy"
+    fleet.set(late, status="online")
+    fleet.run()
+    assert [v for _, c, v in fleet.sent if c == late] == [V2]
+    assert fleet.installed(late) == V1
+    reason, sentence, _ = explain(fleet.cells[late], list(fleet.rollouts.values()),
+                                  fleet.policy, fleet.now)  # fmt: skip
+    assert reason == "failed" and V2 in sentence

@@ -5,6 +5,7 @@ calls these and writes what they return.
 
     cells.py      what rollout knows of a cell; where a cell stands with one release
     rollout.py    a release's rollout, as kept between steps
+    path.py       upgrade paths: required releases a cell installs on the way
     plan.py       the stages and waves of a release (``rollout plan``)
     step.py       one controller step of one rollout; which rollouts a newer one supersedes
     catch_up.py   desired states no wave takes care of (first install, back online, pins)
@@ -39,6 +40,7 @@ from services.rollout.model.cells import (
 )
 from services.rollout.model.explain import explain
 from services.rollout.model.health import health_for
+from services.rollout.model.path import next_step, path, required_versions
 from services.rollout.model.plan import plan, skip_reason, split_waves
 from services.rollout.model.rollout import Rollout, new_rollout
 from services.rollout.model.step import Assign, Decision, stage_counts, step, superseded
@@ -69,8 +71,11 @@ __all__ = [
     "new_rollout",
     "newer",
     "newest_first",
+    "next_step",
+    "path",
     "pause",
     "plan",
+    "required_versions",
     "resume",
     "skip_reason",
     "split_waves",

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from common.vocabulary import RUNNING_STATES, STAGES
 from services.rollout.model.cells import CellFacts, at_least
+from services.rollout.model.path import next_step
 from services.rollout.model.rollout import Rollout
 from services.rollout.model.step import Assign
 
@@ -82,12 +83,14 @@ def catch_up(
     rollouts: list[Rollout],
     now: datetime | None = None,
     retry_seconds: float | None = None,
+    required: tuple[str, ...] = (),
 ) -> list[Assign]:
     """Desired states for reachable cells that no wave is taking care of: a newly registered
     cell's first install, a cell back from offline or from an infrastructure hold, and a
     pinned cell's pin; and, ``retry_seconds`` after it reported it, a cell whose install
     failed with nothing changed (images not found, say) is sent the release again, so it
-    installs once what it lacked exists. A cell only ever moves forward here."""
+    installs once what it lacked exists. A cell behind a required release is sent that first
+    (model/path.py). A cell only ever moves forward here."""
     newest_first_rollouts = [
         _Reach(r) for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)
     ]
@@ -115,5 +118,18 @@ def catch_up(
                 and not _retry_due(cell, target, now, retry_seconds)
             ):
                 continue  # on its way there, or it failed there and waits for a newer release
+            step = next_step(cell.installed_release, target, required)
+            if (
+                step != target
+                and cell.desired_generation is not None
+                and cell.desired_version == step
+                and not _retry_due(cell, step, now, retry_seconds)
+            ):
+                continue  # on the step of its path it was sent, or failed there
+            if step != target:
+                out.append(
+                    Assign(cell.id, step, cell.installed_release, cell.incarnation or "", target)
+                )
+                continue
         out.append(Assign(cell.id, target, cell.installed_release, cell.incarnation or ""))
     return out

@@ -32,6 +32,8 @@ class CellFacts(BaseModel):
     desired_generation: int | None = None
     desired_at: datetime | None = None
     previous_version: str | None = None
+    # Set when the desired state is a step on an upgrade path: the release it leads to.
+    desired_for: str | None = None
     # The bake the desired state asked for (None: no health checks, the outcome decides).
     desired_bake: float | None = None
     # The cell's last upgrade report, and its health verdict.
@@ -93,13 +95,20 @@ def cell_progress(
         return "decommissioned"
     if cell.status == "created":
         return "not_registered"
-    if cell.desired_generation is not None and cell.desired_version == version:
+    sent = cell.desired_version
+    if cell.desired_generation is not None and version in (sent, cell.desired_for):
+        # Sent ``version``, or a step on its path to it (then done with the step: the next).
+        done: CellProgress = "pending" if sent != version else "updated"
         if cell.report_generation == cell.desired_generation:
             judged = _judged(cell)
             if judged is not None:
-                return judged
-        if cell.desired_bake is None and at_least(cell.installed_release, version):
-            return "updated"  # its outcome report missed, but it runs the release
+                return done if judged == "updated" else judged
+        if (
+            cell.desired_bake is None
+            and sent is not None
+            and at_least(cell.installed_release, sent)
+        ):
+            return done  # its outcome report missed, but it runs the release
         deadline = policy.progress_deadline_seconds + (cell.desired_bake or 0.0)
         if cell.desired_at is not None and (now - cell.desired_at).total_seconds() > deadline:
             return "timed_out"

@@ -103,6 +103,11 @@ def _failed(s: Situation) -> str:
 
 def _updating(s: Situation) -> str:
     cell = s.cell
+    if cell.desired_for is not None and cell.desired_version != cell.desired_for:
+        return (
+            f"{cell.id} walks its upgrade path to {cell.desired_for}: it installs"
+            f" {cell.desired_version}, a required release, first."
+        )
     if cell.report_generation == cell.desired_generation and cell.report_phase == "succeeded":
         return (
             f"{cell.id} applied {s.in_flight} and is checking its health"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 from common.requests.rollout import Plan, WavePolicy
 from common.versions import SemVer
 from common.vocabulary import STAGES, SkipReason
 from services.rollout.model.cells import CellFacts
+from services.rollout.model.path import path
 
 
 def _order_key(version: str, cell_id: str) -> str:
@@ -50,10 +52,17 @@ def skip_reason(cell: CellFacts, version: str) -> SkipReason | None:
     return None
 
 
-def plan(version: str, cells: list[CellFacts], policy: WavePolicy) -> Plan:
-    """Which cells a release reaches in which stage and wave, and which are skipped and why.
-    staging and saas go as one wave each; dedicated goes in the policy's waves."""
+def plan(
+    version: str,
+    cells: list[CellFacts],
+    policy: WavePolicy,
+    required: Sequence[str] = (),
+) -> Plan:
+    """Which cells a release reaches in which stage and wave, and which are skipped and why;
+    for a cell behind a required release, the path it walks. staging and saas go as one wave
+    each; dedicated goes in the policy's waves."""
     skipped: dict[str, SkipReason] = {}
+    paths: dict[str, list[str]] = {}
     by_stage: dict[str, list[str]] = {stage: [] for stage in STAGES}
     for cell in sorted(cells, key=lambda c: c.id):
         reason = skip_reason(cell, version)
@@ -61,10 +70,14 @@ def plan(version: str, cells: list[CellFacts], policy: WavePolicy) -> Plan:
             by_stage[cell.stage].append(cell.id)
         else:
             skipped[cell.id] = reason
+        if reason in (None, "offline", "held"):  # it gets the release, now or when it can
+            walk = path(cell.installed_release, version, required)
+            if len(walk) > 1:
+                paths[cell.id] = walk
     stages = {
         stage: (
             split_waves(ids, version, policy) if stage == "dedicated" else ([ids] if ids else [])
         )
         for stage, ids in by_stage.items()
     }
-    return Plan(version=version, stages=stages, skipped=skipped)
+    return Plan(version=version, stages=stages, skipped=skipped, paths=paths)

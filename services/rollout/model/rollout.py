@@ -19,6 +19,8 @@ class Rollout(BaseModel):
 
     version: str
     reversible: bool = True
+    # A required release: every cell behind it installs it before anything newer.
+    required: bool = False
     state: RolloutState = "in_progress"
     stage: Stage = "staging"
     # The current stage's waves, fixed when the stage starts (None: not started yet).
@@ -54,5 +56,9 @@ class Rollout(BaseModel):
 
 def new_rollout(release: Release, now: datetime) -> Rollout:
     return Rollout(
-        version=release.version, reversible=release.reversible, created_at=now, updated_at=now
+        version=release.version,
+        reversible=release.reversible,
+        required=release.required,
+        created_at=now,
+        updated_at=now,
     )

@@ -38,6 +38,8 @@ class Assign:
     previous: str | None
     # The incarnation of the cell it is sent to ("": not known).
     incarnation: str = ""
+    # Set when ``version`` is a step on an upgrade path: the release the path leads to.
+    path_to: str | None = None
 
 
 @dataclass
@@ -98,9 +100,15 @@ class _Stepper:
     """One step of one rollout: a small state machine over an immutable Rollout."""
 
     def __init__(
-        self, r: Rollout, cells: list[CellFacts], policy: RolloutPolicy, now: datetime
+        self,
+        r: Rollout,
+        cells: list[CellFacts],
+        policy: RolloutPolicy,
+        now: datetime,
+        required: tuple[str, ...] = (),
     ) -> None:
         self.r = r
+        self.required = required
         self.by_id = {c.id: c for c in cells}
         self.policy = policy
         self.now = now
@@ -357,11 +365,18 @@ def _add(stages: tuple[Stage, ...], stage: Stage) -> tuple[Stage, ...]:
     return stages if stage in stages else (*stages, stage)
 
 
-def step(r: Rollout, cells: list[CellFacts], policy: RolloutPolicy, now: datetime) -> Decision:
+def step(
+    r: Rollout,
+    cells: list[CellFacts],
+    policy: RolloutPolicy,
+    now: datetime,
+    required: tuple[str, ...] = (),
+) -> Decision:
     """What the controller does next for one rollout: the rollout's new state, the desired
     states to send and the events to announce. Calling it again with the result changes
-    nothing, so a step that was written is never repeated and one that was not is redone."""
-    return _Stepper(r, cells, policy, now).run()
+    nothing, so a step that was written is never repeated and one that was not is redone.
+    ``required``: the required releases (model/path.py), which cells install on the way."""
+    return _Stepper(r, cells, policy, now, required).run()
 
 
 def superseded(rollouts: list[Rollout]) -> list[str]:
