@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 
 from cell_agent import customer
 from cell_agent.agent import AGENT_VERSION, Agent
@@ -15,7 +17,8 @@ from cell_agent.aws import CellAws
 from cell_agent.flags import LocalFlags
 from cell_agent.journal import Journal
 from cell_agent.settings import AgentSettings
-from cell_agent.state import StateStore, dump
+from cell_agent.state import StateStore
+from cell_agent.status import describe
 from common.runner import configure_logging, run, wait_for_signal
 from common.settings import load
 
@@ -32,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON (infra, debug-access)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="connect out, register, heartbeat and reconcile until stopped")
-    sub.add_parser("state", help="print what the agent keeps in CELL_STATE_DIR (no secrets)")
+    sub.add_parser(
+        "state",
+        help="what the agent keeps in CELL_STATE_DIR (no secrets): the installed release, the "
+        "last upgrade's outcome and verdict, the flags snapshot, whether it is connected",
+    )
     flags = sub.add_parser("flags", help="the flags snapshot this cell holds")
     flags_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
     p = flags_sub.add_parser(
@@ -110,12 +117,23 @@ async def _run(settings: AgentSettings) -> None:
             await waiter
 
 
+def state(state_dir: str | None) -> int:
+    """Reads CELL_STATE_DIR alone: it works without the broker URL or the control plane."""
+    if not state_dir:
+        print("error: CELL_STATE_DIR: not set (the agent's state directory)", file=sys.stderr)
+        return 2
+    if not Path(state_dir).is_dir():
+        print(f"error: CELL_STATE_DIR: {state_dir} is not a directory", file=sys.stderr)
+        return 2
+    print(json.dumps(describe(Path(state_dir)), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = load(AgentSettings)
     if args.command == "state":
-        print(dump(StateStore(settings.state_dir).state))
-        return
+        sys.exit(state(os.environ.get("CELL_STATE_DIR")))
+    settings = load(AgentSettings)
     if args.command == "flags":
         sys.exit(flags_eval(settings, args.key, args.default))
     if args.command in ("infra", "debug-access"):

@@ -34,6 +34,7 @@ from cell_agent.pending import (
 )
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
+from cell_agent.status import write_link
 from cell_agent.upgrade import EcrVerifier, ImageVerifier, Upgrader
 from common import broker_urls, sealing
 from common.bus.errors import BusError, QueueMissing
@@ -332,6 +333,8 @@ class Agent:
         )
         if sent:
             LAST_HEARTBEAT.set(self.clock.now().timestamp())
+        # For `cell-agent state`, which reads the state directory alone.
+        write_link(self.settings.state_dir, connected=sent, at=self.clock.now())
         return sent
 
     async def sync(self, reason: SyncReason) -> bool:

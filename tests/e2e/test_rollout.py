@@ -345,6 +345,20 @@ async def test_a_release_unhealthy_on_dedicated_stops_at_the_canary_which_rolls_
     code, text, _ = await fleet.procs.ctl_text("rollout", "status", bad)
     assert code == 0 and f"{canary.id}: {evidence}" in text
     assert fleet.rollout is not None
+    # The customer's view, from the state directory alone (no broker URL in the environment).
+    agent_state = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cell_agent", "state", stdout=asyncio.subprocess.PIPE,
+        env={"PATH": os.environ["PATH"], "CELL_STATE_DIR": str(canary.state)},
+    )  # fmt: skip
+    out, _ = await agent_state.communicate()
+    assert agent_state.returncode == 0
+    shown = json.loads(out)
+    assert shown["installed_release"] == good and shown["connected"] is True
+    assert shown["last_upgrade"]["outcome"] == "rolled_back"
+    assert (shown["last_upgrade"]["verdict"], shown["last_upgrade"]["check"]) == (
+        "unhealthy", "no-unhealthy-file",
+    )  # fmt: skip
+    assert "flags_snapshot_version" in shown and "password" not in out.decode()
     halts = await fleet.rollout.metric(
         "substrate_rollout_halted_release", version=bad, stage="dedicated"
     )
