@@ -137,6 +137,18 @@ async def main(args: argparse.Namespace) -> int:
                         "requires_maintenance": True,
                     }
                 ],
+                # As make dev's: unhealthy where a cell's state directory holds "unhealthy".
+                "health": {
+                    "bake_seconds": 2,
+                    "interval_seconds": 1,
+                    "checks": [
+                        {
+                            "name": "no-unhealthy-file",
+                            "type": "command",
+                            "command": ["sh", "-c", 'test ! -e "$CELL_STATE_DIR/unhealthy"'],
+                        }
+                    ],
+                },
             }
         )
         try:
