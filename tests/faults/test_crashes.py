@@ -4,6 +4,8 @@ the step. Each test restarts what died (without the crash point) and ends with t
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from common.crashpoints import CRASH_EXIT
@@ -118,3 +120,35 @@ async def test_agent_killed_at_each_step_of_an_upgrade(fleet: Fleet) -> None:
         outcomes = [r.phase for r in reports
                     if r.cell_id == cell.id and r.phase in TERMINAL_PHASES]  # fmt: skip
         assert outcomes == ["succeeded"], (cell.id, outcomes)
+
+
+@pytest.mark.fault
+async def test_rollout_service_killed_mid_bake_counts_each_verdict_once(fleet: Fleet) -> None:
+    """The rollout service killed -9 while every cell of a stage bakes a release with health
+    checks: the next process takes the verdicts (the broker kept them), counts each cell once,
+    and the rollout completes; each agent reported one verdict."""
+    await fleet.tap()
+    cells = await fleet.add("staging", 2, **applier_env())
+    cells += await fleet.add("saas", 1, **applier_env())
+    health = '{checks: [{name: up, type: command, command: ["true"]}], bake_seconds: 4}'
+    version = await fleet.publish(1, health=health)
+
+    async def staging_baking() -> bool:
+        applied = {r.cell_id for r in await fleet.upgrades()
+                   if r.phase == "succeeded" and r.verdict is None}  # fmt: skip
+        return {c.id for c in cells if c.stage == "staging"} <= applied
+
+    await eventually(staging_baking, timeout=60, interval=0.1, what="staging baking")
+    assert fleet.rollout is not None
+    fleet.rollout.proc.process.send_signal(signal.SIGKILL)
+    await fleet.rollout.proc.process.wait()
+    fleet.rollout = await start_rollout(fleet.procs)
+
+    done = await fleet.wait_state(version, "completed", timeout=120)
+    assert [done["stages"][s]["updated"] for s in ("staging", "saas")] == [2, 1]
+    assert done["stages"]["staging"]["failed"] == done["stages"]["staging"]["in_progress"] == 0
+    reports = await fleet.upgrades()
+    for cell in cells:
+        verdicts = [r.verdict for r in reports if r.cell_id == cell.id and r.verdict is not None]
+        assert verdicts == ["healthy"], (cell.id, verdicts)
+    Ledger.of([(c.id, c.state) for c in cells], version).check()
