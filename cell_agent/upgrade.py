@@ -156,7 +156,12 @@ class Upgrader:
     async def reconcile(self) -> None:
         progress = self.journal.progress
         desired = self.journal.desired
-        if progress is not None and progress.phase in TERMINAL_PHASES and not progress.reported:
+        if (
+            progress is not None
+            and progress.phase in TERMINAL_PHASES
+            and not progress.reported
+            and not self._verdict_reports(desired, progress)
+        ):
             await self._report_outcome(progress)
         if desired is None or desired.generation <= self.journal.applied.generation:
             return
@@ -319,7 +324,8 @@ class Upgrader:
                 update={"health": "baking", "bake_until": bake_until, "watch_until": watch_until}
             )
         progress = await self._set(progress, "succeeded")
-        await self._report_outcome(progress)
+        if not self._verdict_reports(desired, progress):
+            await self._report_outcome(progress)
         log.info(
             "generation %d applied (%s)%s",
             desired.generation,
@@ -331,6 +337,18 @@ class Upgrader:
         self._judge_wake.set()
 
     # -- health: the bake and the watch after applying (cell_agent/health.py) ------------------
+
+    @staticmethod
+    def _verdict_reports(desired: Desired | None, progress: Progress) -> bool:
+        """With a bake of no length the verdict follows at once: the outcome goes out with it,
+        one report instead of two (over a large rollout, half its messages)."""
+        return (
+            progress.health == "baking"
+            and desired is not None
+            and desired.generation == progress.generation
+            and desired.health is not None
+            and desired.health.bake_seconds == 0
+        )
 
     def _judged(self) -> tuple[Desired, Progress] | None:
         """The applied generation under bake or watch, if there is one."""

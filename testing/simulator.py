@@ -139,7 +139,9 @@ class Worker:
         assert cell.bus is not None
         bus = cell.bus
         # The outcome alone, as an agent reports an upgrade that takes a moment (its phases on
-        # the way last less than CELL_PROGRESS_REPORT_SECONDS).
+        # the way last less than CELL_PROGRESS_REPORT_SECONDS); with health checks and a bake of
+        # no length, with its verdict (healthy: the checks pass), as the agent sends them.
+        judged = msg.health is not None and msg.health.bake_seconds == 0
         report = CellUpgrade(
             cell_id=cell.cell_id,
             seq=cell.next_seq(),
@@ -147,6 +149,8 @@ class Worker:
             generation=msg.generation,
             release_version=version,
             phase="succeeded",
+            verdict="healthy" if judged else None,
+            installed_release=version,
         )
         await SimCell.until_taken(partial(bus.publish, report))
         cell.installed = version

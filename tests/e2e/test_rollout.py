@@ -433,11 +433,9 @@ async def test_a_cell_back_from_two_releases_behind_walks_the_required_one_first
     await fleet.wait_installed([away], newest, timeout=60)
     verdicts = [(r.release_version, r.phase, r.verdict) for r in await fleet.upgrades()
                 if r.cell_id == away.id and r.phase == "succeeded"]  # fmt: skip
-    assert verdicts == [
-        (required, "succeeded", None),
-        (required, "succeeded", "healthy"),
-        (newest, "succeeded", None),
-        (newest, "succeeded", "healthy"),
-    ], "the required release first, verified healthy, then the newest"
+    # (A bake of no length: each outcome and its verdict in one report.)
+    assert verdicts == [(required, "succeeded", "healthy"), (newest, "succeeded", "healthy")], (
+        "the required release first, verified healthy, then the newest"
+    )
     assert [r.release_version for r in await fleet.upgrades() if r.cell_id == on_time.id
             and r.verdict == "healthy"] == [required, newest]  # fmt: skip

@@ -333,7 +333,10 @@ async def installed(
     r2 = release(moto, "2.0").model_copy(update={"reversible": reversible})
     await cell.want(2, r2, health)
     await cell.upgrader.reconcile()
-    assert cell.phases(2)[-1] == "succeeded", "applied first; the verdict follows"
+    progress = cell.journal.progress
+    assert progress is not None and progress.phase == "succeeded", "applied; the verdict follows"
+    # A bake with a length reports the outcome at once; one of none, with its verdict.
+    assert (cell.phases(2)[-1:] == ["succeeded"]) == (health.bake_seconds > 0)
     return r1
 
 
@@ -389,6 +392,8 @@ async def test_a_query_with_no_data_counts_as_its_check_declares(
     await eventually(lambda: verdicts(cell, 2), what="a verdict")
     [(_, verdict, _)] = verdicts(cell, 2)
     assert verdict == expected
+    outcomes = [p for g, p, _, _ in cell.verdicts if g == 2 and p in ("succeeded", "rolled_back")]
+    assert len(outcomes) == 1, "a bake of no length: the outcome and its verdict in one report"
     if expected != "healthy":
         assert "no data: the query returned no sample" in (cell.reports[-1][3] or "")
 
