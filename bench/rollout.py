@@ -1,6 +1,7 @@
 """Rollout speed: N simulated dedicated cells, zero soak, an instant applier.
 
     python -m bench.rollout [--cells 1000] [--rounds 2] [--processes N] [--with-flags]
+                            [--bake SECONDS]
 
 Each simulated cell has its own broker user and connection (made through the registry; the
 cells are spread over simulator processes, testing/simulator.py) and
@@ -15,7 +16,10 @@ measures, per round:
   stages and waves (a canary, then 10%, 50%, 100% of the rest);
 
 and the control plane's CPU seconds (rollout + registry processes, from /proc) per cell
-updated. The targets: 1,000 cells updated within 10 seconds, 10,000 within 20.
+updated. The targets: 1,000 cells updated within 10 seconds, 10,000 within 20. With
+``--bake``, every release carries a health check with that bake (the simulated cells answer a
+bake of 0 with their outcome and a healthy verdict in one report, as agents do), in both the
+baseline and the rollout.
 
 Every part shares this machine's cores, so each round also says where the CPU went: the
 broker, Redis, the simulated cells (which in a real fleet run on machines of their own), the
@@ -48,6 +52,7 @@ from bench.fleet import (
     online_at_least,
     until,
 )
+from common.health import HealthSpec, ReleaseHealth
 from common.messages import DesiredState
 from common.releases import Component, Release
 from common.requests.rollout import (
@@ -66,16 +71,24 @@ ROLLOUT_GENERATIONS = 10_000_000
 IDLE_SECONDS = 20.0
 
 
-def release(version: str) -> Release:
+CHECK = {"name": "up", "type": "command", "command": ["true"]}
+
+
+def release(version: str, bake: float | None = None) -> Release:
+    health = None if bake is None else ReleaseHealth(checks=(CHECK,), bake_seconds=bake)
     return Release(
-        version=version, components=(Component(name="server", image="r/s", digest=DIGEST),)
+        version=version,
+        components=(Component(name="server", image="r/s", digest=DIGEST),),
+        health=health,
     )
 
 
-def publish(version: str) -> ReleasePublish:
+def publish(version: str, bake: float | None = None) -> ReleasePublish:
     """The operator's request that publishes ``release(version)`` (and starts its rollout)."""
     return ReleasePublish(
-        release=ReleaseFile.model_validate(release(version).model_dump(mode="json"))
+        release=ReleaseFile.model_validate(
+            release(version, bake).model_dump(mode="json", exclude_none=True)
+        )
     )
 
 
@@ -87,11 +100,12 @@ Spent = dict[str, float]
 
 
 async def baseline_round(
-    bench: Bench, sims: Simulators, generation: int, meter: CpuMeter
+    bench: Bench, sims: Simulators, generation: int, meter: CpuMeter, bake: float | None = None
 ) -> tuple[float, Spent]:
     """Desired states straight to every queue, until every cell reports succeeded."""
     await sims.command("forget", "forgot")
-    rel = release(f"0.0.{generation}")
+    rel = release(f"0.0.{generation}", bake)
+    health = None if bake is None else HealthSpec(checks=(CHECK,), bake_seconds=bake)
     cpu_before = meter.read()
     started = time.perf_counter()
 
@@ -102,6 +116,7 @@ async def baseline_round(
                 issued_at=datetime.now(UTC),
                 generation=generation,
                 release=rel,
+                health=health,
             ),
             # The bus's 10 s was once not enough with 10,000 cells keeping the broker busy (no
             # alarm): the round then failed. The rollout's outbox retries where this would not.
@@ -114,13 +129,13 @@ async def baseline_round(
 
 
 async def rollout_round(
-    bench: Bench, sims: Simulators, version: str, meter: CpuMeter
+    bench: Bench, sims: Simulators, version: str, meter: CpuMeter, bake: float | None = None
 ) -> tuple[float, Spent]:
     """From publishing the release to every cell's `succeeded` report for it (as the
     simulators count them, so the measurement does not load the service with status requests)."""
     cpu_before = meter.read()
     started = time.perf_counter()
-    await bench.control.call(publish(version))
+    await bench.control.call(publish(version, bake))
     await sims.all_updated(version)
     elapsed = time.perf_counter() - started
     spent = meter.since(cpu_before)
@@ -219,8 +234,8 @@ async def rounds(
     print(f"at rest for {IDLE_SECONDS:.0f}s: {CpuMeter.line(spent, IDLE_SECONDS)}", flush=True)
     baselines, rollouts = [], []
     for n in range(args.rounds):
-        base, base_cpu = await baseline_round(bench, sims, n + 1, meter)
-        elapsed, cpu = await rollout_round(bench, sims, f"1.0.{n}", meter)
+        base, base_cpu = await baseline_round(bench, sims, n + 1, meter, args.bake)
+        elapsed, cpu = await rollout_round(bench, sims, f"1.0.{n}", meter, args.bake)
         baselines.append((base, base_cpu))
         rollouts.append((elapsed, cpu))
         control = control_plane(cpu)
@@ -244,6 +259,12 @@ def cli() -> None:
     )
     parser.add_argument(
         "--with-flags", action="store_true", help="run the flags service too, as deployed"
+    )
+    parser.add_argument(
+        "--bake",
+        type=float,
+        default=None,
+        help="releases carry a health check with this bake (seconds; 0: judged at once)",
     )
     run(main(parser.parse_args()))
 

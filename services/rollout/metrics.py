@@ -24,8 +24,8 @@ ACTIVE = Gauge("substrate_rollouts_active", "Rollouts in progress, soaking, halt
 HALTED = Gauge("substrate_rollouts_halted", "Rollouts halted and waiting for an operator")
 HALTED_RELEASE = Gauge(
     "substrate_rollout_halted_release",
-    "1 for each release whose rollout the controller halted (failures or unhealthy verdicts "
-    "past its budget), by the stage it stopped in, until an operator resumes or aborts it",
+    "1 while a recent release's rollout is halted by the controller (failures or unhealthy "
+    "verdicts past its budget), by the stage it is in; 0 otherwise",
     ["version", "stage"],
 )
 HALTS = Counter("substrate_rollout_halts", "Rollouts halted, by stage", ["stage"])
@@ -76,11 +76,9 @@ def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
     STATE.clear()
     WAVE.clear()
     HALTED_RELEASE.clear()
-    for r in rollouts:
-        if r.state == "halted":
-            HALTED_RELEASE.labels(r.version, r.stage).set(1)
     for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)[:SHOWN_ROLLOUTS]:
         STATE.labels(r.version, r.state, r.stage).set(1)
         WAVE.labels(r.version).set(r.wave)
+        HALTED_RELEASE.labels(r.version, r.stage).set(r.state == "halted")
     ACTIVE.set(sum(r.state in ACTIVE_STATES for r in rollouts))
     HALTED.set(sum(r.state == "halted" for r in rollouts))
