@@ -412,6 +412,9 @@ class Agent:
 
     async def _after_reconnect(self) -> None:
         await self.register()
+        # The last outcome again: a report the control plane missed (lost with its state, or
+        # refused while it was away) is what it converges on; one it has changes nothing.
+        await self.upgrader.report_again()
         await self.send_pending()
         await self.sync("reconnect")
         # Kept reports went out above; the upgrader looks again for work the outage held up.
@@ -474,6 +477,7 @@ class Agent:
             # does not count deliveries: the bus counts this consumer's failures itself.
             reject_to_dead=True,
         )
+        await self.upgrader.report_again()
         await self.send_pending()
         await self.sync("start")
         await self.heartbeat()

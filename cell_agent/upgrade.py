@@ -142,6 +142,14 @@ class Upgrader:
         self._wake.set()
         self._judge_wake.set()
 
+    async def report_again(self) -> None:
+        """Report the last outcome (and verdict) once more, if it was reported: at start and
+        after a reconnect, so a control plane that missed it converges on what the cell runs
+        (report order makes a copy it has a no-op)."""
+        progress = self.journal.progress
+        if progress is not None and progress.phase in TERMINAL_PHASES and progress.reported:
+            await self._report_outcome(progress)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
