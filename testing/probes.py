@@ -1,6 +1,7 @@
 """An in-cell service for health checks to look at, on loopback: an HTTP page whose status and
-body a test sets, and a Prometheus-compatible instant-query endpoint (``/api/v1/query``) that
-answers each query with the samples a test sets (none: an empty result; a status: an error)."""
+body a test sets, a Prometheus-compatible instant-query endpoint (``/api/v1/query``) that
+answers each query with the samples a test sets (none: an empty result), and ``/metrics`` for a
+real Prometheus to scrape."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class Probed:
     body: str = "ok"
     # query -> the samples' values (an empty list: no data).
     samples: dict[str, list[float]] = field(default_factory=dict)
+    # Served on /metrics in Prometheus's text format, for a real Prometheus to scrape.
+    metrics: dict[str, float] = field(default_factory=dict)
     hits: int = 0
 
 
@@ -40,6 +43,9 @@ def probe_server() -> Iterator[Probed]:
                     {"status": "success", "data": {"resultType": "vector", "result": result}}
                 ).encode()
                 status = 200
+            elif url.path == "/metrics":
+                status = 200
+                body = "".join(f"{k} {v}\n" for k, v in probed.metrics.items()).encode()
             else:
                 status, body = probed.status, probed.body.encode()
             self.send_response(status)

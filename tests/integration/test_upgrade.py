@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from cell_agent.appliers import LocalApplier
-from cell_agent.health import Judge
+from cell_agent.health import Judge, Judgement
 from cell_agent.journal import Journal
 from cell_agent.maintenance import MESSAGE, MaintenanceGate
 from cell_agent.upgrade import EcrVerifier, Upgrader, repository_of
@@ -28,6 +29,7 @@ from common.releases import Component, Release
 from common.vocabulary import UpgradePhase
 from testing.fleet import push_image
 from testing.polling import eventually
+from testing.ports import free_port
 from testing.probes import Probed, probe_server
 
 DELIVERY = Delivery(
@@ -470,3 +472,56 @@ async def test_a_restart_mid_bake_goes_on_baking_and_reports_once(
         stop.set()
         cell.upgrader.wake()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_query_is_judged_against_a_real_prometheus(probed: Probed, tmp_path: Path) -> None:
+    """The same check against Debian's Prometheus, scraping a metric the test sets."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: make test installs Debian's package"
+    probed.metrics["product_error_ratio"] = 0.31
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    target = probed.url.removeprefix("http://")
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: product, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        # Inconclusive until Prometheus is up and has scraped (no answer, no sample).
+        errors = {
+            "name": "errors",
+            "type": "prometheus",
+            "url": url,
+            "no_data": "inconclusive",
+            "query": "max(product_error_ratio)",
+            "comparison": "<",
+            "threshold": 0.05,
+        }
+        absent = {**errors, "name": "absent", "query": "product_missing_metric",
+                  "no_data": "inconclusive"}  # fmt: skip
+
+        async def judged() -> Judgement | None:
+            return await Judge([errors]).look(0.0)
+
+        failed = await eventually(judged, timeout=60, interval=0.5, what="a scraped sample")
+        assert (failed.check, failed.evidence) == ("errors", "observed 0.31, wants < 0.05")
+        nothing = Judge([absent])
+        assert await nothing.look(0.0) is None
+        end = nothing.at_end(0.0)
+        assert end.verdict == "inconclusive" and "no sample" in (end.evidence or "")
+        probed.metrics["product_error_ratio"] = 0.01
+        await eventually(lambda: _passes(errors), timeout=30, interval=0.5, what="recovered")
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def _passes(check: dict[str, Any]) -> bool:
+    judge = Judge([check])
+    return await judge.look(0.0) is None and judge.at_end(0.0).verdict == "healthy"
