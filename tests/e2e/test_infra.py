@@ -206,7 +206,7 @@ async def test_a_template_update_with_reminders_a_hold_and_the_catch_up(
     # Long enough for the quick cell's customer to apply it on a busy machine (with 20 s, one
     # run's quick cell fell out of SLA before its apply was heard).
     code, published, err = await procs.ctl("infra", "publish", "3", "--template", str(TEMPLATE),
-                                           "--grace", "40s")  # fmt: skip
+                                           "--grace", "30s")  # fmt: skip
     assert code == 0, err
     assert published["version"] == "3" and published["location"].startswith(f"s3://{infra.bucket}/")
     code, listed, _ = await procs.ctl("infra", "list")

@@ -130,7 +130,7 @@ async def test_rollout_service_killed_mid_bake_counts_each_verdict_once(fleet: F
     await fleet.tap()
     cells = await fleet.add("staging", 2, **applier_env())
     cells += await fleet.add("saas", 1, **applier_env())
-    health = '{checks: [{name: up, type: command, command: ["true"]}], bake_seconds: 4}'
+    health = '{checks: [{name: up, type: command, command: ["true"]}], bake_seconds: 2}'
     version = await fleet.publish(1, health=health)
 
     async def staging_baking() -> bool:
