@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 export SUBSTRATE_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export SUBSTRATE_REDIS_URL ?= redis://127.0.0.1:6379/0
 export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
+# The local broker's guest (loopback only) operates the dev fleet and the tests as an admin;
+# op-admin is compose's. Operators added with `substratectl operators add` get their own roles.
+export SUBSTRATE_ADMINS ?= guest,op-admin
 
 .PHONY: install lock services lint format test test-only chaos dev bench dashboards definitions clean
 

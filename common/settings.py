@@ -69,6 +69,14 @@ class ServiceSettings(ControlPlaneSettings):
         default="http://guest:guest@127.0.0.1:15672",
         description="RabbitMQ management API with credentials",
     )
+    admins: str = Field(
+        default="op-admin",
+        description="broker users, comma-separated, that are admins whatever the operators' "
+        "roster says: the first admin, and the way back in if the roster is lost",
+    )
+    audit_retention_days: float = Field(
+        default=400, gt=0, description="how long each service keeps its audit log"
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     metrics_host: str = "127.0.0.1"
     drain_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -168,7 +168,8 @@ def _rpc(service: str) -> tuple[QueueSpec, ...]:
 # upgrade progress: rollout follows upgrades and answers a cell's sync with its desired state;
 # flags answers sync with a snapshot and follows upgrades (the installed release is a flag
 # attribute); every service keeps the cell facts it needs from the registry's events. The
-# registry hears of flag changes to tell which cells hold an old snapshot.
+# registry hears of flag changes to tell which cells hold an old snapshot. The registry keeps
+# the operators; the others keep the roster it publishes, to authorise requests.
 SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
     "registry": (
         *consuming_queue(
@@ -186,16 +187,20 @@ SERVICE_QUEUES: dict[str, tuple[QueueSpec, ...]] = {
     ),
     "rollout": (
         *consuming_queue("rollout.cells", *_cells("upgrade", "sync")),
-        *consuming_queue("rollout.events", *_events("cell.#", "infra.compliance-changed")),
+        *consuming_queue(
+            "rollout.events", *_events("cell.#", "infra.compliance-changed", "operators.roster")
+        ),
         *_rpc("rollout"),
     ),
     "flags": (
         *consuming_queue("flags.cells", *_cells("sync", "upgrade")),
-        *consuming_queue("flags.events", *_events("cell.#", "infra.compliance-changed")),
+        *consuming_queue(
+            "flags.events", *_events("cell.#", "infra.compliance-changed", "operators.roster")
+        ),
         *_rpc("flags"),
     ),
     "infra_compliance": (
-        *consuming_queue("infra_compliance.events", *_events("cell.#")),
+        *consuming_queue("infra_compliance.events", *_events("cell.#", "operators.roster")),
         *_rpc("infra_compliance"),
     ),
 }

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+# What an operator may do: a viewer reads; an operator also publishes releases, pauses and
+# resumes, sets flags and approves; an admin also creates and decommissions cells and manages
+# operators and policy (common/operators.py).
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
 # A release reaches the stages in this order.
 Stage = Literal["staging", "saas", "dedicated"]
 STAGES: tuple[Stage, ...] = get_args(Stage)

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from common import redis_client
+from common.audit import AuditLog, Guard
 from common.bus.rabbit_bus import RabbitBus
+from common.clock import SystemClock
 from common.limits import limit_cell_reports
+from common.operators import RoleSource, admins_from
 from common.outbox import Outbox
 from common.routes import Route
 from common.settings import ServiceSettings
@@ -48,6 +52,9 @@ class Wiring:
     consumes: Sequence[Consumed]
     # The request/reply methods it answers (``substrate.rpc``, routing key the service name).
     answers: Sequence[Route]
+    # The role of an operator's broker user: the registry's own operators, or the roster every
+    # other service keeps from its events (common/operators.py).
+    roles: RoleSource | None = None
     loops: Mapping[str, Loop] = field(default_factory=dict)
     # Tasks the service starts on its own as it runs; waited for when it stops.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -62,8 +69,20 @@ async def start(service: str, bus: RabbitBus, settings: ServiceSettings, wiring:
         routes = limit_cell_reports(consumed.routes, settings.cell_budgets)
         await bus.consume(consumed.queue, routes, prefetch=consumed.prefetch)
     if wiring.answers:
+        assert wiring.roles is not None, f"{service} answers requests but knows no roles"
         durability = redis_client.Durability.of(wiring.redis, settings)
-        await bus.serve(service, wiring.answers, before_reply=durability.wait)
+        guard = Guard(
+            service,
+            wiring.roles,
+            admins_from(settings.admins),
+            AuditLog(
+                wiring.redis,
+                f"{service}:audit",
+                SystemClock(),
+                timedelta(days=settings.audit_retention_days),
+            ),
+        )
+        await bus.serve(service, wiring.answers, before_reply=durability.wait, guard=guard)
     stop = asyncio.Event()
     loops: dict[str, Loop] = {"outbox": partial(wiring.outbox.relay, bus), **wiring.loops}
     tasks = [

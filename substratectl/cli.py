@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from common.bus.errors import BusError, RemoteError, validation_summary
 from common.settings import ControlPlaneSettings, load
-from substratectl import cells, control_plane, flags, infra, releases, rollouts
+from substratectl import audit, cells, control_plane, flags, infra, operators, releases, rollouts
 from substratectl.context import Ctl, FileProblem
 from substratectl.output import fail
 
@@ -26,10 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The broker URL comes from SUBSTRATE_AMQP_URL.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (the default) or json (the same as --json)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log bus activity")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)
-    for module in (control_plane, cells, releases, rollouts, flags, infra):
+    for module in (control_plane, cells, releases, rollouts, flags, infra, operators, audit):
         module.add_commands(sub)
     return parser
 
@@ -61,6 +68,7 @@ EXIT_CLOSED_PIPE = 141
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.json = args.json or args.output == "json"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
     # Settings are read before the event loop starts so a missing variable is one clean line.
     settings = None if args.offline else load(ControlPlaneSettings)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -192,6 +193,26 @@ async def start_flags(procs: Processes, **env: str) -> Proc:
         return code == 0
 
     await eventually(answers, timeout=30, interval=0.3, what="flags answering")
+    return proc
+
+
+async def start_infra(procs: Processes, moto: str, **env: str) -> Proc:
+    """infra_compliance against moto's server, its templates in a bucket of its own."""
+    from testing.services import aws_env
+
+    proc = await procs.start(
+        f"infra-{len(procs.running)}",
+        "substrate-infra-compliance",
+        SUBSTRATE_TEMPLATES_BUCKET=f"templates-{uuid.uuid4().hex[:8]}",
+        SUBSTRATE_TICK_SECONDS="0.2",
+        **{**aws_env(moto), **env},
+    )
+
+    async def answers() -> bool:
+        code, _, _ = await procs.ctl("infra", "list")
+        return code == 0
+
+    await eventually(answers, timeout=30, interval=0.3, what="infra_compliance answering")
     return proc
 
 

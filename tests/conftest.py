@@ -6,6 +6,7 @@ itself takes ``fresh_services``, a vhost and database of its own.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +15,10 @@ import pytest
 from common.bus.rabbit_bus import RabbitBus
 from testing import services as shared
 from testing.services import Services, ServiceUrls, declare_control_plane, isolated_services
+
+# The tests operate as the broker user of their URL (guest on the local broker): an admin, as
+# make test and make dev make it. Set before any service reads its settings.
+os.environ.setdefault("SUBSTRATE_ADMINS", "guest,op-admin")
 
 
 @pytest.fixture(scope="session")

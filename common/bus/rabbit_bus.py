@@ -16,6 +16,7 @@ from typing import Any
 import aiormq
 
 from common import broker_urls
+from common.audit import Guard
 from common.bus import rpc
 from common.bus.connection import ClusterConnection, open_connection
 from common.bus.consume import HANDLER_RETRY_SECONDS, Consumers
@@ -186,9 +187,17 @@ class RabbitBus:
         routes: Sequence[Route],
         *,
         before_reply: Callable[[], Awaitable[None]] | None = None,
+        guard: Guard | None = None,
     ) -> None:
         """Answer requests to ``service`` with ``routes`` (``rpc.serve``)."""
-        await rpc.serve(self._consumers, self.publisher, service, routes, before_reply=before_reply)
+        await rpc.serve(
+            self._consumers,
+            self.publisher,
+            service,
+            routes,
+            before_reply=before_reply,
+            guard=guard,
+        )
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
+from common.audit import Forbidden, Guard
 from common.bus.consume import Consumers
 from common.bus.errors import (
     BusError,
@@ -34,6 +35,7 @@ from common.bus.publish import Publisher
 from common.messages import Delivery, RpcErrorBody, RpcReply, RpcRequest, rpc_queue
 from common.requests import Request
 from common.routes import Handler, Route, routes_for
+from common.vocabulary import Role
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,17 @@ async def serve(
     routes: Sequence[Route],
     *,
     before_reply: Callable[[], Awaitable[None]] | None = None,
+    guard: Guard | None = None,
 ) -> None:
     """Answer requests to ``service``: each route's model is a Request, validated from the
     envelope's params; the handler's result is its response. RpcFailure and ValidationError
     become error replies the caller raises. ``before_reply`` runs after a handler succeeded
     and before its answer goes out (e.g. waiting for Redis replicas); an RpcFailure from it is
-    the answer instead."""
+    the answer instead. ``guard`` refuses a sender whose role may not make the request, and
+    audits each write and each refusal before the answer goes out (``audit.list`` reads it)."""
     methods: dict[str, tuple[type[Request[Any]], Handler]] = {}
+    if guard is not None:
+        routes = [*routes, *guard.routes()]
     for model, handler in routes_for(routes).items():
         assert issubclass(model, Request), f"{model.__name__} is not a request"
         methods[model.method] = (model, handler)
@@ -66,6 +72,7 @@ async def serve(
         if not delivery.reply_to:
             raise Refused("request without reply_to")
         found = methods.get(request.method)
+        role: Role | None = None
         try:
             if found is None:
                 raise RpcFailure(
@@ -74,6 +81,8 @@ async def serve(
                     f"(it has: {', '.join(sorted(methods))})",
                 )
             model, handler = found
+            if guard is not None:
+                role = await guard.admit(model, delivery)
             result = await handler(model.model_validate(request.params), delivery)
             if before_reply is not None:
                 await before_reply()
@@ -81,6 +90,9 @@ async def serve(
             # status), and its own fields are part of the answer.
             answer = model.response.dump_python(result, mode="json", serialize_as_any=True)
             reply = RpcReply(ok=True, result=answer)
+        except Forbidden as exc:
+            role = exc.role
+            reply = RpcReply(ok=False, error=RpcErrorBody(code="forbidden", message=str(exc)))
         except RpcFailure as exc:
             reply = RpcReply(ok=False, error=RpcErrorBody(code=exc.code, message=exc.message))
         except ValidationError as exc:
@@ -93,6 +105,8 @@ async def serve(
                 ok=False,
                 error=RpcErrorBody(code="internal", message=f"{type(exc).__name__}: {exc}"),
             )
+        if guard is not None and found is not None:
+            await _audit(guard, found[0], request, delivery, role=role, reply=reply)
         # Not mandatory: a caller that gave up has no reply queue any more, and that is not
         # an error of this service.
         await publisher.publish(
@@ -103,6 +117,33 @@ async def serve(
         )
 
     await consumers.consume(rpc_queue(service), [Route(RpcRequest, on_request)])
+
+
+async def _audit(
+    guard: Guard,
+    model: type[Request[Any]],
+    request: RpcRequest,
+    delivery: Delivery,
+    *,
+    role: Role | None,
+    reply: RpcReply,
+) -> None:
+    """A write, and any refused request, goes into the service's audit log."""
+    error = reply.error
+    if error is not None and error.code == "forbidden":
+        await guard.record(
+            model.method, request.params, delivery, role, result="refused", detail=error.message
+        )
+    elif not model.read_only:
+        detail = f"{error.code}: {error.message}" if error is not None else ""
+        await guard.record(
+            model.method,
+            request.params,
+            delivery,
+            role,
+            result="ok" if reply.ok else "failed",
+            detail=detail,
+        )
 
 
 class RpcClient:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
+from common.vocabulary import Role
+
 R = TypeVar("R")
 Q = TypeVar("Q", bound="Request[Any]")
 
@@ -32,6 +34,8 @@ class Request(BaseModel, Generic[R]):
     method: ClassVar[str]
     # A request that only reads: safe to send again when the broker nacked it (bus.call does).
     read_only: ClassVar[bool] = False
+    # The least role that may send it (common/operators.py).
+    needs: ClassVar[Role] = "operator"
     response_type: ClassVar[Any]
     response: ClassVar[TypeAdapter[Any]]
 
@@ -63,9 +67,12 @@ class Response(BaseModel):
 REQUESTS: dict[tuple[str, str], type[Request[Any]]] = {}
 
 
-def rpc(service: str, method: str, *, read_only: bool = False) -> Callable[[type[Q]], type[Q]]:
+def rpc(
+    service: str, method: str, *, read_only: bool = False, role: Role | None = None
+) -> Callable[[type[Q]], type[Q]]:
     """Register a request model as ``service``'s method ``method``; ``read_only`` for a method
-    that changes nothing."""
+    that changes nothing. ``role`` is the least role that may send it: by default a viewer
+    for a read and an operator for a write."""
 
     def register(cls: type[Q]) -> type[Q]:
         if (service, method) in REQUESTS:
@@ -73,6 +80,7 @@ def rpc(service: str, method: str, *, read_only: bool = False) -> Callable[[type
         cls.service = service
         cls.method = method
         cls.read_only = read_only
+        cls.needs = role or ("viewer" if read_only else "operator")
         REQUESTS[(service, method)] = cls
         return cls
 
@@ -96,7 +104,7 @@ class Status(Request[ServiceStatus]):
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of every method's request and response."""
-    for module in ("registry", "rollout", "flags", "infra"):
+    for module in ("registry", "rollout", "flags", "infra", "audit", "operators"):
         importlib.import_module(f"{__name__}.{module}")  # each registers its methods
     out: dict[str, Any] = {}
     for (service, method), cls in sorted(REQUESTS.items()):

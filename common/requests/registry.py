@@ -100,7 +100,7 @@ class RegistryServiceStatus(ServiceStatus):
 MAX_PAGE = 5000
 
 
-@rpc("registry", "cells.create")
+@rpc("registry", "cells.create", role="admin")
 class CellsCreate(Request[CreatedCell]):
     """Create a cell: its record, its broker user and its command queue."""
 
@@ -127,7 +127,7 @@ class CellsShow(Request[ListedCell]):
     id: str
 
 
-@rpc("registry", "cells.rotate_credentials")
+@rpc("registry", "cells.rotate_credentials", role="admin")
 class CellsRotateCredentials(Request[RotatedCredentials]):
     id: str
     # Forget the agent's bound key (its state directory was lost or may be in other hands):
@@ -135,7 +135,7 @@ class CellsRotateCredentials(Request[RotatedCredentials]):
     rebind: bool = False
 
 
-@rpc("registry", "cells.decommission")
+@rpc("registry", "cells.decommission", role="admin")
 class CellsDecommission(Request[CellView]):
     id: str
 

@@ -344,7 +344,7 @@ class PolicyShow(Request[RolloutPolicy]):
     pass
 
 
-@rpc("rollout", "rollout.policy.set")
+@rpc("rollout", "rollout.policy.set", role="admin")
 class PolicySet(Request[RolloutPolicy]):
     """Replace the policy (keys left out take their defaults)."""
 

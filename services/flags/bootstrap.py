@@ -5,12 +5,13 @@ from __future__ import annotations
 from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.operators import RosterView
 from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
 from services.flags import handlers, metrics
 from services.flags.push import Pusher
 from services.flags.settings import FlagsSettings
-from services.flags.store import FlagsStore
+from services.flags.store import PREFIX, FlagsStore
 
 
 async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
@@ -20,6 +21,7 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     store = FlagsStore(redis)
+    roster = RosterView(redis, PREFIX + "roster")
     pusher = Pusher(bus, store, clock, broadcast_confirm_seconds=own.broadcast_confirm_seconds)
     deps = handlers.Deps(
         store=store, clock=clock, changed=pusher.changed, send_snapshot=pusher.send
@@ -29,9 +31,10 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         redis=redis,
         outbox=store.outbox,
         consumes=[
-            Consumed("flags.events", store.fleet.event_routes()),
+            Consumed("flags.events", [*store.fleet.event_routes(), *roster.routes()]),
             Consumed("flags.cells", handlers.cell_routes(deps)),
         ],
         answers=handlers.rpc_routes(deps),
+        roles=roster.role_of,
         loops={"pusher": pusher.run},
     )

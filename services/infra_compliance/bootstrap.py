@@ -9,12 +9,13 @@ from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.lease import Lease
+from common.operators import RosterView
 from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
 from services.infra_compliance import handlers
 from services.infra_compliance.aws import InfraAws
 from services.infra_compliance.settings import InfraSettings
-from services.infra_compliance.store import LEASE, InfraStore
+from services.infra_compliance.store import LEASE, PREFIX, InfraStore
 from services.infra_compliance.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     store = InfraStore(redis)
+    roster = RosterView(redis, PREFIX + "roster")
     aws = InfraAws(own.aws_region, own.templates_bucket)
     background: set[asyncio.Task[int]] = set()
 
@@ -49,8 +51,11 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     return Wiring(
         redis=redis,
         outbox=store.outbox,
-        consumes=[Consumed("infra_compliance.events", handlers.event_routes(deps))],
+        consumes=[
+            Consumed("infra_compliance.events", [*handlers.event_routes(deps), *roster.routes()])
+        ],
         answers=handlers.rpc_routes(deps),
+        roles=roster.role_of,
         loops={"timers": timers.run},
         background=background,
     )

@@ -13,10 +13,17 @@ from common import broker_urls, redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.limits import PerCellLimit
+from common.operators import admins_from
 from common.rabbitmq_api import RabbitApi
 from common.wiring import Consumed, Wiring
 from services.registry import handlers
 from services.registry.broker import CellBroker
+from services.registry.operators import (
+    Operators,
+    OperatorStore,
+    publish_roster_forever,
+    rpc_routes,
+)
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 
@@ -62,7 +69,15 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
         broker_urls.vhost(settings.amqp_url),
         quorum_queues=settings.cell_queues == "quorum",
     )
-    deps = build_deps(bus, settings, redis, clock or SystemClock(), accounts)
+    clock = clock or SystemClock()
+    deps = build_deps(bus, settings, redis, clock, accounts)
+    operators = Operators(
+        OperatorStore(redis, deps.store.outbox, clock),
+        accounts.api,
+        accounts.vhost,
+        clock,
+        admins_from(settings.admins),
+    )
     try:
         await accounts.ensure_policies()
     except Exception:
@@ -77,6 +92,12 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
             Consumed("registry.cells", handlers.cell_routes(deps), prefetch=256),
             Consumed("registry.events", handlers.event_routes(deps)),
         ],
-        answers=handlers.rpc_routes(deps),
-        loops={"sweep": partial(sweep_forever, deps, settings.sweep_interval)},
+        answers=[*handlers.rpc_routes(deps), *rpc_routes(operators)],
+        roles=operators.store.role_of,
+        loops={
+            "sweep": partial(sweep_forever, deps, settings.sweep_interval),
+            "roster": partial(
+                publish_roster_forever, operators.store, settings.roster_interval_seconds
+            ),
+        },
     )

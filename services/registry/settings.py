@@ -15,6 +15,12 @@ class RegistrySettings(ServiceSettings):
     offline_after_seconds: float = Field(
         default=90.0, gt=0, description="no heartbeat for this long: offline (3 x 30 s)"
     )
+    roster_interval_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="how often the operators' roster is published again (besides each change), "
+        "for services that started after it changed",
+    )
     sweep_interval_seconds: float | None = Field(
         default=None, gt=0, description="how often liveness is checked; default offline_after/6"
     )

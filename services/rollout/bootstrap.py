@@ -8,6 +8,7 @@ from common.clock import Clock, SystemClock
 from common.fleet import FleetView
 from common.lease import Lease
 from common.messages import Message
+from common.operators import RosterView
 from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
 from services.rollout import handlers
@@ -25,6 +26,7 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     clock = clock or SystemClock()
     redis = redis_client.from_settings(own)
     fleet = FleetView(redis, PREFIX, changed=DIRTY)
+    roster = RosterView(redis, PREFIX + "roster")
     store = RolloutStore(redis, fleet)
     controller = Controller(
         store, clock, Lease(redis, LEASE, own.lease_seconds), tick_seconds=own.tick_seconds
@@ -44,9 +46,10 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         redis=redis,
         outbox=store.outbox,
         consumes=[
-            Consumed("rollout.events", fleet.event_routes()),
+            Consumed("rollout.events", [*fleet.event_routes(), *roster.routes()]),
             Consumed("rollout.cells", handlers.cell_routes(deps)),
         ],
         answers=handlers.rpc_routes(deps),
+        roles=roster.role_of,
         loops={"controller": controller.run},
     )

@@ -132,8 +132,23 @@ def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None
         "cells.create", "cells.rotate_credentials", "cells.decommission", "cells.pin",
         "cells.unpin", "release.publish", "rollout.pause", "rollout.resume", "rollout.abort",
         "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
+        "operators.add", "operators.set_role", "operators.remove",
     }  # fmt: skip
     assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
+
+
+def test_a_viewer_reads_an_operator_writes_an_admin_manages_cells_operators_policy() -> None:
+    requests.json_schema()  # imports every service's methods
+    needs = {method: cls.needs for (_, method), cls in requests.REQUESTS.items()}
+    assert {m for m, role in needs.items() if role == "admin"} == {
+        "cells.create", "cells.rotate_credentials", "cells.decommission", "rollout.policy.set",
+        "operators.add", "operators.set_role", "operators.remove",
+    }  # fmt: skip
+    for (_, method), cls in requests.REQUESTS.items():
+        if cls.read_only:
+            assert cls.needs == "viewer", method
+        else:
+            assert cls.needs in ("operator", "admin"), method
 
 
 def _unbounded_integers(schema: object, where: str) -> list[str]:

@@ -1,0 +1,72 @@
+"""`substratectl audit`: who asked for what, when, and what came of it. Every service keeps its
+own audit log (common/audit.py); this asks them all and merges the answers by time."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+
+from common import topology
+from common.bus.errors import BusError
+from common.requests.audit import AuditList, AuditRecord
+from substratectl.context import Ctl
+from substratectl.output import emit_json, table
+
+COLUMNS = ["at", "operator", "role", "service", "method", "target", "result", "detail"]
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def since(text: str) -> datetime:
+    """``--since``: a time (ISO 8601; UTC where no offset is given) or a duration ago (90m, 12h,
+    7d)."""
+    match = _AGO.fullmatch(text)
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNIT[match[2]]: int(match[1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a time (2026-12-07T09:00:00Z) nor a duration (90m, 12h, 7d)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+async def audit(ctl: Ctl) -> int:
+    a = ctl.args
+    ask = AuditList(since=a.since, operator=a.operator, target=a.cell or a.target, limit=a.limit)
+
+    async def one(service: str) -> list[AuditRecord] | str:
+        try:
+            return await ctl.call(ask, service=service)
+        except BusError as exc:
+            return f"{service}: {exc}"
+
+    answers = await asyncio.gather(*(one(s) for s in topology.SERVICES))
+    missing = [a for a in answers if isinstance(a, str)]
+    entries = sorted((e for a in answers if not isinstance(a, str) for e in a), key=lambda e: e.at)[
+        -ask.limit :
+    ]
+    if ctl.as_json:
+        emit_json({"entries": entries, "missing": missing})
+    else:
+        print(table(entries, COLUMNS))
+    for problem in missing:
+        # The log is incomplete without that service's part: say so, and fail.
+        print(f"substratectl: audit is missing a service's entries: {problem}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("audit", help="who asked for what, when, and the result (every service)")
+    p.add_argument("--since", type=since, help="a time (ISO 8601) or a duration ago: 90m, 7d")
+    p.add_argument("--operator", help="only this operator's requests (the broker user)")
+    p.add_argument("--cell", help="only requests about this cell")
+    p.add_argument("--target", help="only requests about this release version, flag or operator")
+    p.add_argument("--limit", type=int, default=200, help="the newest N entries (default 200)")
+    # Here too, as people type it after the command; SUPPRESS keeps the one given before it.
+    p.add_argument("-o", "--output", choices=["table", "json"], default=argparse.SUPPRESS)
+    p.set_defaults(run=audit)
