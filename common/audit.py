@@ -137,6 +137,9 @@ class Guard:
         result: AuditResult,
         detail: str = "",
     ) -> None:
+        reason = params.get("reason")
+        if not detail and isinstance(reason, str):
+            detail = reason  # why an operator did it (rollout promote --reason)
         entry = AuditRecord(
             at=self.audit.now(),
             service=self.service,

@@ -53,6 +53,8 @@ ExplainReason = Literal[
     "failed",
     "inconclusive",
     "waiting_for_stage",
+    "waiting_for_approval",
+    "scheduled",
     "waiting_for_wave",
     "offline",
     "pinned",

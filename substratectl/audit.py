@@ -5,34 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
-from datetime import UTC, datetime, timedelta
 
 from common import topology
 from common.bus.errors import BusError
 from common.requests.audit import AuditList, AuditRecord
+from substratectl import times
 from substratectl.context import Ctl
 from substratectl.output import emit_json, table
 
 COLUMNS = ["at", "operator", "role", "service", "method", "target", "result", "detail"]
-_AGO = re.compile(r"^(\d+)([smhd])$")
-_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def since(text: str) -> datetime:
-    """``--since``: a time (ISO 8601; UTC where no offset is given) or a duration ago (90m, 12h,
-    7d)."""
-    match = _AGO.fullmatch(text)
-    if match:
-        return datetime.now(UTC) - timedelta(**{_UNIT[match[2]]: int(match[1])})
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a time (2026-12-07T09:00:00Z) nor a duration (90m, 12h, 7d)"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 async def audit(ctl: Ctl) -> int:
@@ -62,7 +44,7 @@ async def audit(ctl: Ctl) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("audit", help="who asked for what, when, and the result (every service)")
-    p.add_argument("--since", type=since, help="a time (ISO 8601) or a duration ago: 90m, 7d")
+    p.add_argument("--since", type=times.ago, help="a time (ISO 8601) or a duration ago: 90m, 7d")
     p.add_argument("--operator", help="only this operator's requests (the broker user)")
     p.add_argument("--cell", help="only requests about this cell")
     p.add_argument("--target", help="only requests about this release version, flag or operator")

@@ -12,6 +12,7 @@ from common.requests.rollout import (
     ReleaseShow,
     RolloutPlan,
 )
+from substratectl import times
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.output import fields, table
 from substratectl.rollouts import plan_text
@@ -36,9 +37,11 @@ async def publish(ctl: Ctl) -> int:
         )
         ctl.show(preview, plan_text)
         return 1 if preview.refused else 0
+    at = ctl.args.at
+    starts = f"; its rollout starts at {at.isoformat()}" if at else ""
     return await ctl.ask(
-        ReleasePublish.model_validate({"release": release}),
-        lambda r: f"published release {r.version} ({r.components} components)",
+        ReleasePublish.model_validate({"release": release, "starts_at": at}),
+        lambda r: f"published release {r.version} ({r.components} components){starts}",
     )
 
 
@@ -65,6 +68,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="check the file and show which cells it would reach, each cell's upgrade path and "
         "its health checks, without publishing (exit 1 if publishing would be refused)",
+    )
+    p.add_argument(
+        "--at",
+        type=times.at,
+        help="start its rollout no earlier than this: a time (ISO 8601) or from now (30m, 2h)",
     )
     p.set_defaults(run=publish)
     p = cmds.add_parser("list", help="published releases, newest first")

@@ -19,18 +19,23 @@ from common.requests.rollout import (
     PolicySet,
     PolicyShow,
     RolloutAbort,
+    RolloutApprove,
     RolloutExplain,
     RolloutList,
     RolloutPause,
     RolloutPlan,
     RolloutPolicy,
+    RolloutPromote,
     RolloutResume,
+    RolloutRetry,
+    RolloutSchedule,
     RolloutShow,
     RolloutView,
     StageCounts,
     StagePolicy,
 )
 from common.vocabulary import FINISHED_STATES, STAGES
+from substratectl import times
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.output import console, fields, on_terminal, plain, table
 
@@ -68,7 +73,15 @@ async def plan(ctl: Ctl) -> int:
 def _where(r: RolloutView) -> str:
     wave = f" wave {r.wave} of {r.waves}" if r.waves else ""
     soak = f", soaking until {r.soak_until}" if r.state == "soaking" else ""
-    return f"{r.version}: {r.state} in {r.stage}{wave}{soak}"
+    waiting = f"; {printable(r.waiting)}" if r.waiting else ""
+    return f"{r.version}: {r.state} in {r.stage}{wave}{soak}{waiting}"
+
+
+def _gates(r: RolloutView) -> list[str]:
+    """Who approved it into which stage, and the stages' scheduled starts."""
+    lines = [f"approved into {stage} by {by}" for stage, by in r.approved.items()]
+    lines += [f"{stage} starts at {at}" for stage, at in r.starts_at.items()]
+    return lines
 
 
 def _halt_lines(r: RolloutView, indent: str) -> list[str]:
@@ -82,7 +95,7 @@ def _halt_lines(r: RolloutView, indent: str) -> list[str]:
 
 
 def _rollout(r: RolloutView) -> str:
-    lines = [_where(r), *_halt_lines(r, "")]
+    lines = [_where(r), *_halt_lines(r, ""), *_gates(r)]
     rows = [{"stage": stage, **r.stages[stage].model_dump()} for stage in STAGES]
     lines.append(table(rows, ["stage", "total", *COUNTS]))
     return "\n".join(lines)
@@ -163,6 +176,27 @@ async def abort(ctl: Ctl) -> int:
     return await _act(ctl, RolloutAbort(version=ctl.args.version), "aborted")
 
 
+async def approve(ctl: Ctl) -> int:
+    request = RolloutApprove(version=ctl.args.version, stage=ctl.args.stage)
+    return await _act(ctl, request, "approved")
+
+
+async def promote(ctl: Ctl) -> int:
+    request = RolloutPromote(version=ctl.args.version, reason=ctl.args.reason)
+    return await _act(ctl, request, "soak skipped")
+
+
+async def retry(ctl: Ctl) -> int:
+    return await _act(ctl, RolloutRetry(version=ctl.args.version), "failed cells are sent it again")
+
+
+async def schedule(ctl: Ctl) -> int:
+    a = ctl.args
+    at = None if a.cancel else a.at
+    done = f"{a.stage} starts as soon as it can" if a.cancel else f"{a.stage} starts at {a.at}"
+    return await _act(ctl, RolloutSchedule(version=a.version, stage=a.stage, at=at), done)
+
+
 async def explain(ctl: Ctl) -> int:
     return await ctl.ask(
         RolloutExplain(id=ctl.args.cell),
@@ -196,6 +230,7 @@ def _policy_text(p: RolloutPolicy) -> str:
             "offline cells": p.offline_cells,
             "retry failed installs": f"after {p.retry_failed_seconds:g}s",
             "default health checks": ", ".join(c.name for c in p.health_checks) or "none",
+            "approval (two-person rule)": ", ".join(p.approval_stages) or "none",
             **{f"{stage}": _stage_text(p.stages.of(stage)) for stage in STAGES},
         }
     )
@@ -241,6 +276,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         p.add_argument("version")
         p.set_defaults(run=fn)
 
+    p = cmds.add_parser(
+        "approve", help="let a release into the stage it waits at (not by its publisher)"
+    )
+    p.add_argument("version")
+    p.add_argument("--stage", choices=STAGES, help="approve a later stage ahead")
+    p.set_defaults(run=approve)
+    p = cmds.add_parser("promote", help="skip the rest of the current soak (audited)")
+    p.add_argument("version")
+    p.add_argument("--reason", required=True, help="why: goes into the audit log")
+    p.set_defaults(run=promote)
+    p = cmds.add_parser("retry", help="send the release again to the cells whose update failed")
+    p.add_argument("version")
+    p.add_argument(
+        "--failed", action="store_true", required=True, help="the failed cells (required)"
+    )
+    p.set_defaults(run=retry)
+    p = cmds.add_parser("schedule", help="a stage starts no earlier than a time")
+    p.add_argument("version")
+    p.add_argument("--stage", choices=STAGES, required=True)
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", type=times.at, help="a time (ISO 8601) or from now: 30m, 2h")
+    when.add_argument("--cancel", action="store_true", help="clear the stage's start time")
+    p.set_defaults(run=schedule)
+
     p = cmds.add_parser("explain", help="why a cell is (not) on the newest release")
     p.add_argument("cell")
     p.set_defaults(run=explain)
@@ -255,6 +314,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="soak_seconds {staging, saas, dedicated}, waves {canary, fractions}, "
         "failure_threshold, progress_deadline_seconds, offline_cells, retry_failed_seconds, "
         "health_checks, stages {STAGE: {bake_seconds, watch_seconds, failure_budget, "
-        "inconclusive, max_updating}}",
+        "inconclusive, max_updating}}, approval_stages",
     )
     p.set_defaults(run=policy_set)

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from common.fields import Digest
 from common.health import Check, HealthFile
@@ -15,7 +15,14 @@ from common.messages import CellFailure
 from common.releases import Component, Release
 from common.requests import Request, Response, ServiceStatus, rpc
 from common.versions import SemVerText
-from common.vocabulary import CellStatus, ExplainReason, RolloutState, SkipReason, Stage
+from common.vocabulary import (
+    STAGES,
+    CellStatus,
+    ExplainReason,
+    RolloutState,
+    SkipReason,
+    Stage,
+)
 
 # -- the release file -----------------------------------------------------------------------------
 
@@ -181,6 +188,9 @@ class RolloutPolicy(BaseModel):
     # A cell whose install failed with nothing changed (images not found, say) outside any
     # wave is sent the release again after this long, until it installs.
     retry_failed_seconds: float = Field(default=300, gt=0)
+    # Stages a release enters only once an operator other than its publisher approved it
+    # (`rollout approve`): the two-person rule, e.g. [dedicated].
+    approval_stages: list[Stage] = Field(default_factory=list, max_length=len(STAGES))
 
     def default_checks(self) -> tuple[dict[str, Any], ...]:
         return tuple(c.model_dump(exclude_none=True) for c in self.health_checks)
@@ -249,6 +259,13 @@ class RolloutView(Response):
     started_at: str
     updated_at: str
     stages: dict[Stage, StageCounts]
+    # Why the current stage has not started: the approval or the start time it waits for.
+    waiting: str | None = None
+    published_by: str = ""
+    # Stage -> the operator who approved the release into it.
+    approved: dict[str, str] = Field(default_factory=dict)
+    # Stage -> when it starts (a scheduled start).
+    starts_at: dict[str, str] = Field(default_factory=dict)
 
 
 class Explanation(Response):
@@ -286,6 +303,8 @@ class ReleasePublish(Request[ReleaseRecord]):
     """Publish a release once per version; publishing starts its rollout."""
 
     release: ReleaseFile
+    # The rollout's first stage starts no earlier than this (None: at once).
+    starts_at: AwareDatetime | None = None
 
 
 @rpc("rollout", "release.list", read_only=True)
@@ -360,3 +379,36 @@ class CellsPin(Request[Pin]):
 @rpc("rollout", "cells.unpin")
 class CellsUnpin(Request[Pin]):
     id: str
+
+
+@rpc("rollout", "rollout.approve")
+class RolloutApprove(Request[RolloutView]):
+    """Let a release into a stage the policy keeps it out of until a second operator (not its
+    publisher) approves; by default the stage it waits at."""
+
+    version: str
+    stage: Stage | None = None
+
+
+@rpc("rollout", "rollout.promote")
+class RolloutPromote(Request[RolloutView]):
+    """Skip the rest of the current soak; the reason goes into the audit log."""
+
+    version: str
+    reason: str = Field(min_length=1, max_length=300)
+
+
+@rpc("rollout", "rollout.retry")
+class RolloutRetry(Request[RolloutView]):
+    """Send the release again to the cells whose update failed."""
+
+    version: str
+
+
+@rpc("rollout", "rollout.schedule")
+class RolloutSchedule(Request[RolloutView]):
+    """A stage starts no earlier than ``at`` (None: clears its start time)."""
+
+    version: str
+    stage: Stage
+    at: AwareDatetime | None

@@ -28,12 +28,16 @@ from common.requests.rollout import (
     ReleaseShow,
     ReleaseSummary,
     RolloutAbort,
+    RolloutApprove,
     RolloutExplain,
     RolloutList,
     RolloutPause,
     RolloutPlan,
     RolloutPolicy,
+    RolloutPromote,
     RolloutResume,
+    RolloutRetry,
+    RolloutSchedule,
     RolloutServiceStatus,
     RolloutShow,
     RolloutView,
@@ -48,6 +52,7 @@ from services.rollout.model import (
     CellFacts,
     Rollout,
     abort,
+    approve,
     explain,
     health_for,
     new_rollout,
@@ -55,8 +60,11 @@ from services.rollout.model import (
     newest_first,
     pause,
     plan,
+    promote,
     required_versions,
     resume,
+    retry,
+    schedule,
     stage_counts,
 )
 from services.rollout.store import Published, RolloutStore, Stale
@@ -125,13 +133,17 @@ async def release_publish(req: ReleasePublish, delivery: Delivery, deps: Deps) -
     if problem is not None:
         raise RpcFailure(*problem)
     now = deps.clock.now()
+    if req.starts_at is not None and req.starts_at <= now:
+        raise RpcFailure(
+            "invalid", f"starts_at: {req.starts_at.isoformat()} is in the past (now {now})"
+        )
     by = delivery.user_id or "unknown"
     published = await deps.store.publish(
         release,
         at=now,
         by=by,
         event=ReleasePublished(at=now, release=release),
-        rollout=new_rollout(release, now),
+        rollout=new_rollout(release, now, by=by, starts_at=req.starts_at),
     )
     if not published:
         raise RpcFailure(
@@ -276,6 +288,10 @@ def _rollout_view(
         started_at=r.created_at.isoformat(),
         updated_at=r.updated_at.isoformat(),
         stages={stage: StageCounts(**n) for stage, n in counts.items()},
+        waiting=r.waiting,
+        published_by=r.published_by,
+        approved=dict(r.approved),
+        starts_at={stage: at.isoformat() for stage, at in r.starts_at},
     )
 
 
@@ -376,6 +392,23 @@ async def rollout_abort(req: RolloutAbort, delivery: Delivery, deps: Deps) -> Ro
     return await _act(req.version, deps, abort)
 
 
+async def rollout_approve(req: RolloutApprove, delivery: Delivery, deps: Deps) -> RolloutView:
+    by = delivery.user_id or ""
+    return await _act(req.version, deps, lambda r, now: approve(r, now, by, req.stage))
+
+
+async def rollout_promote(req: RolloutPromote, delivery: Delivery, deps: Deps) -> RolloutView:
+    return await _act(req.version, deps, promote)
+
+
+async def rollout_retry(req: RolloutRetry, delivery: Delivery, deps: Deps) -> RolloutView:
+    return await _act(req.version, deps, retry)
+
+
+async def rollout_schedule(req: RolloutSchedule, delivery: Delivery, deps: Deps) -> RolloutView:
+    return await _act(req.version, deps, lambda r, now: schedule(r, now, req.stage, req.at))
+
+
 async def cell_pin(req: CellsPin, delivery: Delivery, deps: Deps) -> Pin:
     """Keep a cell on one release: it is sent that release if it is not on it, and no rollout
     moves it until it is unpinned. A pin never takes a cell backwards."""
@@ -426,6 +459,10 @@ def rpc_routes(deps: Deps) -> list[Route]:
         route(RolloutPause, rollout_pause, deps),
         route(RolloutResume, rollout_resume, deps),
         route(RolloutAbort, rollout_abort, deps),
+        route(RolloutApprove, rollout_approve, deps),
+        route(RolloutPromote, rollout_promote, deps),
+        route(RolloutRetry, rollout_retry, deps),
+        route(RolloutSchedule, rollout_schedule, deps),
         route(RolloutExplain, rollout_explain, deps),
         route(PolicyShow, policy_show, deps),
         route(PolicySet, policy_set, deps),

@@ -132,7 +132,8 @@ def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None
         "cells.create", "cells.rotate_credentials", "cells.decommission", "cells.pin",
         "cells.unpin", "release.publish", "rollout.pause", "rollout.resume", "rollout.abort",
         "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
-        "operators.add", "operators.set_role", "operators.remove",
+        "operators.add", "operators.set_role", "operators.remove", "rollout.approve",
+        "rollout.promote", "rollout.retry", "rollout.schedule",
     }  # fmt: skip
     assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
 

@@ -27,7 +27,16 @@ from common.requests.rollout import (
     WavePolicy,
 )
 from common.vocabulary import STAGES as STAGE_ORDER
-from services.rollout.model.actions import ActionRefused, abort, pause, resume
+from services.rollout.model.actions import (
+    ActionRefused,
+    abort,
+    approve,
+    pause,
+    promote,
+    resume,
+    retry,
+    schedule,
+)
 from services.rollout.model.catch_up import catch_up, failed_with_nothing_changed
 from services.rollout.model.cells import (
     CellFacts,
@@ -61,6 +70,7 @@ __all__ = [
     "StagePolicy",
     "WavePolicy",
     "abort",
+    "approve",
     "at_least",
     "catch_up",
     "cell_progress",
@@ -75,8 +85,11 @@ __all__ = [
     "path",
     "pause",
     "plan",
+    "promote",
     "required_versions",
     "resume",
+    "retry",
+    "schedule",
     "skip_reason",
     "split_waves",
     "stage_counts",

@@ -132,6 +132,23 @@ def _stage_wait(s: Situation) -> str:
     )
 
 
+def _gated(s: Situation, why: str) -> bool:
+    """The newest rollout waits to start the cell's own stage, for ``why``."""
+    r = s.newest
+    return (
+        r is not None
+        and r.stage == s.cell.stage
+        and r.waves is None
+        and r.waiting is not None
+        and r.waiting.startswith(why)
+    )
+
+
+def _waiting(s: Situation) -> str:
+    assert s.newest is not None and s.newest.waiting is not None
+    return s.newest.waiting
+
+
 def _wave_wait(s: Situation) -> str:
     assert s.newest is not None
     waves = s.newest.waves or ()
@@ -235,6 +252,18 @@ CASES: tuple[Case, ...] = (
         "paused",
         lambda s: s.newest is not None and s.newest.state == "paused",
         _halt_reason,
+        _newest,
+    ),
+    Case(
+        "waiting_for_approval",
+        lambda s: _gated(s, "waits for approval"),
+        lambda s: f"{s.cell.id} is in {s.cell.stage}; {s.v} {_waiting(s)}.",
+        _newest,
+    ),
+    Case(
+        "scheduled",
+        lambda s: _gated(s, ""),
+        lambda s: f"{s.cell.id} is in {s.cell.stage}; {s.v}: {_waiting(s)}.",
         _newest,
     ),
     Case("waiting_for_stage", lambda s: s.waits_for_stage, _stage_wait, _newest),

@@ -36,6 +36,16 @@ class Rollout(BaseModel):
     halt: Halt | None = None
     # Set once an abort of a reversible release has sent its cells back.
     reverted: bool = False
+    # Who published it: the one operator who may not approve it (the two-person rule).
+    published_by: str = ""
+    # Stages a second operator approved it into, and by whom.
+    approved: tuple[tuple[Stage, str], ...] = ()
+    # Stages that start no earlier than a time (a scheduled start).
+    starts_at: tuple[tuple[Stage, datetime], ...] = ()
+    # Why the current stage has not started: an approval or its start time it waits for.
+    waiting: str | None = None
+    # Cells whose failed update an operator asked to try again; the next step sends them.
+    retry: tuple[str, ...] = ()
     created_at: datetime
     updated_at: datetime
     # Bumped by every write, so a write based on an older read is refused.
@@ -54,11 +64,15 @@ class Rollout(BaseModel):
         return {c for wave in (self.waves or ())[self.wave + 1 :] for c in wave}
 
 
-def new_rollout(release: Release, now: datetime) -> Rollout:
+def new_rollout(
+    release: Release, now: datetime, *, by: str = "", starts_at: datetime | None = None
+) -> Rollout:
     return Rollout(
         version=release.version,
         reversible=release.reversible,
         required=release.required,
+        published_by=by,
+        starts_at=(("staging", starts_at),) if starts_at is not None else (),
         created_at=now,
         updated_at=now,
     )

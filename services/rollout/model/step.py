@@ -138,7 +138,9 @@ class _Stepper:
     def one(self) -> None:
         r = self.r
         self.awaiting = 0  # what the last move left waiting is what counts
-        if r.state == "aborted" and not r.reverted:
+        if r.retry:
+            self.send_again()
+        elif r.state == "aborted" and not r.reverted:
             self.revert()
         elif r.state == "soaking" and r.soak_until is not None and self.now >= r.soak_until:
             self.update(state="in_progress", soak_until=None)
@@ -169,11 +171,45 @@ class _Stepper:
                     )
         self.update(reverted=True)
 
+    def send_again(self) -> None:
+        """The cells an operator asked to retry whose update failed get the release again;
+        they count as the wave's again, no longer accepted."""
+        r = self.r
+        for cell_id in r.retry:
+            cell = self.by_id.get(cell_id)
+            if cell is None or cell.status == "decommissioned":
+                continue
+            progress = cell_progress(cell, r.version, self.policy, self.now)
+            if progress in ("failed", "timed_out", "inconclusive"):
+                self.send(cell, r.version)
+        accepted = tuple(c for c in r.accepted if c not in r.retry)
+        self.update(retry=(), accepted=accepted)
+
+    def gate(self) -> str | None:
+        """Why the current stage may not start yet: its scheduled start, or the approval the
+        policy asks for; None when it may."""
+        r = self.r
+        at = dict(r.starts_at).get(r.stage)
+        if at is not None and self.now < at:
+            return f"{r.stage} starts at {at.isoformat()} (scheduled)"
+        if r.stage in self.policy.approval_stages and r.stage not in dict(r.approved):
+            asked = r.published_by or "its publisher"
+            return (
+                f"waits for approval to enter {r.stage} (asked by {asked}): another operator"
+                f" runs rollout approve {r.version}"
+            )
+        return None
+
     def start_stage(self) -> None:
         r, policy = self.r, self.policy
         members = [c for c in self.cells if c.stage == r.stage and c.status in REGISTERED]
         progress = {c.id: cell_progress(c, r.version, policy, self.now) for c in members}
         needing = [c for c in members if progress[c.id] in ("pending", "offline", "in_progress")]
+        gate = self.gate() if needing else None
+        if gate != r.waiting:
+            self.update(waiting=gate)
+        if gate is not None:
+            return
         if policy.offline_cells == "skip":
             targets = [c.id for c in needing if c.status == "online"]
         else:
