@@ -12,7 +12,7 @@ from common.bus.errors import BusError
 from common.requests.audit import AuditList, AuditRecord
 from substratectl import times
 from substratectl.context import Ctl
-from substratectl.output import emit_json, table
+from substratectl.output import emit_json, emit_yaml, table
 
 COLUMNS = ["at", "operator", "role", "service", "method", "target", "result", "detail"]
 
@@ -32,7 +32,9 @@ async def audit(ctl: Ctl) -> int:
     entries = sorted((e for a in answers if not isinstance(a, str) for e in a), key=lambda e: e.at)[
         -ask.limit :
     ]
-    if ctl.as_json:
+    if ctl.as_yaml:
+        emit_yaml({"entries": entries, "missing": missing})
+    elif ctl.as_json:
         emit_json({"entries": entries, "missing": missing})
     else:
         print(table(entries, COLUMNS))
@@ -49,6 +51,4 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--cell", help="only requests about this cell")
     p.add_argument("--target", help="only requests about this release version, flag or operator")
     p.add_argument("--limit", type=int, default=200, help="the newest N entries (default 200)")
-    # Here too, as people type it after the command; SUPPRESS keeps the one given before it.
-    p.add_argument("-o", "--output", choices=["table", "json"], default=argparse.SUPPRESS)
     p.set_defaults(run=audit)

@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o",
         "--output",
-        choices=["table", "json"],
+        choices=["table", "json", "yaml"],
         default="table",
-        help="table (the default) or json (the same as --json)",
+        help="table (the default), json (the same as --json) or yaml",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log bus activity")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,9 +65,32 @@ EXIT_INTERRUPTED = 130
 EXIT_CLOSED_PIPE = 141
 
 
+def output_options_first(argv: list[str]) -> list[str]:
+    """The output options (``-o FORMAT``, ``--output FORMAT``, ``--json``) where people type
+    them, after the command too (``flags show KEY -o yaml``), moved before it for argparse."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in ("-o", "--output") and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+            continue
+        if arg == "--json" or (arg.startswith(("--output=", "-o")) and arg != "-o"):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(output_options_first(sys.argv[1:] if argv is None else argv))
     args.json = args.json or args.output == "json"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
     # Settings are read before the event loop starts so a missing variable is one clean line.

@@ -16,7 +16,7 @@ import yaml
 from common.bus.rabbit_bus import RabbitBus
 from common.requests import Request
 from common.settings import ControlPlaneSettings
-from substratectl.output import emit_json
+from substratectl.output import emit_json, emit_yaml
 
 R = TypeVar("R")
 
@@ -31,6 +31,7 @@ class Ctl:
     def __init__(self, args: argparse.Namespace, settings: ControlPlaneSettings | None) -> None:
         self.args = args
         self.as_json: bool = args.json
+        self.as_yaml: bool = getattr(args, "output", "table") == "yaml"
         self._settings = settings
         self._bus: RabbitBus | None = None
         self._connecting = asyncio.Lock()
@@ -64,7 +65,9 @@ class Ctl:
 
     def show(self, answer: R, as_text: Callable[[R], str]) -> None:
         """An answer as one JSON document with --json, else as ``as_text`` puts it for people."""
-        if self.as_json:
+        if self.as_yaml:
+            emit_yaml(answer)
+        elif self.as_json:
             emit_json(answer)
         else:
             print(as_text(answer))

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.flags import Flag
 from common.requests.flags import (
     Answer,
     FlagChange,
+    FlagsApprove,
+    FlagsCancel,
     FlagsDelete,
+    FlagsEnable,
     FlagsEval,
     FlagsHistory,
     FlagsList,
+    FlagsPending,
     FlagsPreview,
     FlagsSet,
     FlagsShow,
@@ -19,11 +24,16 @@ from common.requests.flags import (
     HistoryEntry,
     Preview,
 )
+from substratectl import times
 from substratectl.context import Ctl, read_flag_file
-from substratectl.output import fields, table
+from substratectl.output import emit_yaml, fields, table
+
+AT_HELP = "make the change at this time (ISO 8601) or from now (30m, 2h), not at once"
 
 
 def _set(result: FlagChange) -> str:
+    if result.waits:
+        return f"flag {result.key} not changed yet: the change waits for {result.waits}"
     if result.changed:
         return f"flag {result.key} {result.action}; snapshot {result.snapshot_version}"
     return f"flag {result.key} unchanged (snapshot {result.snapshot_version})"
@@ -31,7 +41,30 @@ def _set(result: FlagChange) -> str:
 
 async def set_flag(ctl: Ctl) -> int:
     flag = read_flag_file(Path(ctl.args.file))
-    return await ctl.ask(FlagsSet.model_validate({"flag": flag}), _set)
+    return await ctl.ask(FlagsSet.model_validate({"flag": flag, "at": ctl.args.at}), _set)
+
+
+async def enable(ctl: Ctl) -> int:
+    on = ctl.args.flags_command == "enable"
+    return await ctl.ask(FlagsEnable(key=ctl.args.key, enabled=on, at=ctl.args.at), _set)
+
+
+async def approve(ctl: Ctl) -> int:
+    return await ctl.ask(FlagsApprove(key=ctl.args.key), _set)
+
+
+async def cancel(ctl: Ctl) -> int:
+    return await ctl.ask(
+        FlagsCancel(key=ctl.args.key),
+        lambda p: f"pending change of {p.key} (asked by {p.asked_by}) dropped",
+    )
+
+
+PENDING_COLUMNS = ["key", "asked_by", "asked_at", "at", "approval", "approved_by", "flips"]
+
+
+async def pending(ctl: Ctl) -> int:
+    return await ctl.ask(FlagsPending(), lambda changes: table(changes, PENDING_COLUMNS))
 
 
 LIST_COLUMNS = [
@@ -57,7 +90,13 @@ def _flag(result: FlagView) -> str:
 
 
 async def show(ctl: Ctl) -> int:
-    return await ctl.ask(FlagsShow(key=ctl.args.key), _flag)
+    view = await ctl.call(FlagsShow(key=ctl.args.key))
+    if ctl.as_yaml:
+        # The flag file itself, which flags set takes back (edit it, set it again).
+        emit_yaml(Flag.model_validate(view.model_dump(exclude={"snapshot_version"})))
+        return 0
+    ctl.show(view, _flag)
+    return 0
 
 
 def _history(entries: list[HistoryEntry]) -> str:
@@ -110,10 +149,27 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmds = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
     p = cmds.add_parser("set", help="create or replace a flag from a YAML or JSON file")
     p.add_argument("file")
+    p.add_argument("--at", type=times.at, help=AT_HELP)
     p.set_defaults(run=set_flag)
+    for name, text in (
+        ("enable", "switch a flag on"),
+        ("disable", "switch a flag off (the kill switch)"),
+    ):
+        p = cmds.add_parser(name, help=f"{text}, its rules kept")
+        p.add_argument("key")
+        p.add_argument("--at", type=times.at, help=AT_HELP)
+        p.set_defaults(run=enable)
+    p = cmds.add_parser("approve", help="make a change that waits for a second operator")
+    p.add_argument("key")
+    p.set_defaults(run=approve)
+    p = cmds.add_parser("pending", help="changes waiting for their time or an approval")
+    p.set_defaults(run=pending)
+    p = cmds.add_parser("cancel", help="drop a flag's pending change")
+    p.add_argument("key")
+    p.set_defaults(run=cancel)
     p = cmds.add_parser("list", help="every flag")
     p.set_defaults(run=list_flags)
-    p = cmds.add_parser("show", help="one flag, whole")
+    p = cmds.add_parser("show", help="one flag, whole (-o yaml: the file flags set takes)")
     p.add_argument("key")
     p.set_defaults(run=show)
     p = cmds.add_parser("history", help="who changed a flag, when, and what changed")

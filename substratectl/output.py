@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+import yaml
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
@@ -29,6 +30,16 @@ def plain(payload: object) -> object:
 def emit_json(payload: object) -> None:
     json.dump(plain(payload), sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def emit_yaml(payload: object) -> None:
+    """YAML for people who edit what they read (``flags show -o yaml`` prints a flag file)."""
+    yaml.safe_dump(
+        json.loads(json.dumps(plain(payload), default=str)),
+        sys.stdout,
+        sort_keys=False,
+        allow_unicode=True,
+    )
 
 
 def _cell(value: object) -> str:

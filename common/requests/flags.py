@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    AwareDatetime,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from common.flags import KEY_PATTERN, Flag, Reason
 from common.requests import Request, Response, ServiceStatus, rpc
@@ -20,6 +26,26 @@ class FlagChange(Response):
     snapshot_version: int
     # Absent when nothing changed.
     action: FlagAction | None = None
+    # Set when the change was kept to be made later: what it waits for (a second operator's
+    # approval, its time), in words; `flags pending` lists it.
+    waits: str | None = None
+
+
+class PendingChange(Response):
+    """A flag change kept to be made later: at its time, or once a second operator approved
+    it (a change of answers in a stage the flags service's approval_stages names)."""
+
+    key: str
+    flag: Flag
+    # The flag as it was when the change was asked for (None: it did not exist).
+    base: str | None
+    asked_by: str
+    asked_at: AwareDatetime
+    at: AwareDatetime | None = None
+    approval: Literal["needed", "approved", "not_needed"]
+    approved_by: str | None = None
+    # Cells of the approval stages whose answer it changes.
+    flips: int = 0
 
 
 class FlagDeleted(Response):
@@ -115,9 +141,38 @@ class FlagsServiceStatus(ServiceStatus):
 
 @rpc("flags", "flags.set")
 class FlagsSet(Request[FlagChange]):
-    """Create or replace a flag (unchanged content is not a change)."""
+    """Create or replace a flag (unchanged content is not a change); with ``at``, at that
+    time."""
 
     flag: Flag
+    at: AwareDatetime | None = None
+
+
+@rpc("flags", "flags.enable")
+class FlagsEnable(Request[FlagChange]):
+    """Switch a flag on or off as it is otherwise defined: the kill switch."""
+
+    key: str = Field(pattern=KEY_PATTERN)
+    enabled: bool
+    at: AwareDatetime | None = None
+
+
+@rpc("flags", "flags.approve")
+class FlagsApprove(Request[FlagChange]):
+    """Make a change that waits for approval (at its time, if it has one); never by the
+    operator who asked for it."""
+
+    key: str = Field(pattern=KEY_PATTERN)
+
+
+@rpc("flags", "flags.cancel")
+class FlagsCancel(Request[PendingChange]):
+    key: str = Field(pattern=KEY_PATTERN)
+
+
+@rpc("flags", "flags.pending", read_only=True)
+class FlagsPending(Request[list[PendingChange]]):
+    pass
 
 
 @rpc("flags", "flags.delete")

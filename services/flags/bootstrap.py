@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from common import redis_client
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.operators import RosterView
 from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
-from services.flags import handlers, metrics
+from services.flags import changes, handlers, metrics
 from services.flags.push import Pusher
 from services.flags.settings import FlagsSettings
 from services.flags.store import PREFIX, FlagsStore
@@ -24,7 +26,11 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     roster = RosterView(redis, PREFIX + "roster")
     pusher = Pusher(bus, store, clock, broadcast_confirm_seconds=own.broadcast_confirm_seconds)
     deps = handlers.Deps(
-        store=store, clock=clock, changed=pusher.changed, send_snapshot=pusher.send
+        store=store,
+        clock=clock,
+        changed=pusher.changed,
+        send_snapshot=pusher.send,
+        approval_stages=own.approval(),
     )
     metrics.SNAPSHOT_VERSION.set(await store.version())
     return Wiring(
@@ -34,7 +40,10 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
             Consumed("flags.events", [*store.fleet.event_routes(), *roster.routes()]),
             Consumed("flags.cells", handlers.cell_routes(deps)),
         ],
-        answers=handlers.rpc_routes(deps),
+        answers=[*handlers.rpc_routes(deps), *changes.rpc_routes(deps)],
         roles=roster.role_of,
-        loops={"pusher": pusher.run},
+        loops={
+            "pusher": pusher.run,
+            "due": partial(changes.run_due_forever, deps, own.due_interval_seconds),
+        },
     )

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 from common.bus.errors import RpcFailure, refuse_foreign_sender
 from common.clock import Clock
-from common.flags import Flag, Snapshot
+from common.flags import Snapshot
 from common.messages import CellSync, CellUpgrade, Delivery
 from common.requests import ServiceStatus, Status
 from common.requests.flags import (
     Answer,
-    FlagChange,
     FlagDeleted,
     FlagsDelete,
     FlagsEval,
@@ -22,7 +21,6 @@ from common.requests.flags import (
     FlagsList,
     FlagsPreview,
     FlagsServiceStatus,
-    FlagsSet,
     FlagsShow,
     FlagsSnapshotShow,
     FlagSummary,
@@ -52,36 +50,15 @@ class Deps:
     changed: Callable[[], None] = _nothing
     # Sends one cell its snapshot (a sync's answer).
     send_snapshot: Callable[[str, Snapshot], Awaitable[None]] | None = None
+    # Stages where a change of any cell's answer waits for a second operator's approval.
+    approval_stages: frozenset[str] = frozenset()
 
 
-def _actor(delivery: Delivery) -> str:
+def actor_of(delivery: Delivery) -> str:
     return delivery.user_id or "unknown"
 
 
 # -- definitions ----------------------------------------------------------------------------------
-
-
-async def flags_set(req: FlagsSet, delivery: Delivery, deps: Deps) -> FlagChange:
-    flag = req.flag
-    for _ in range(CHANGE_TRIES):
-        raw = await deps.store.raw(flag.key)
-        if raw is not None and Flag.model_validate_json(raw) == flag:
-            version = await deps.store.version()
-            return FlagChange(key=flag.key, changed=False, snapshot_version=version)
-        try:
-            version = await deps.store.change(
-                flag.key, expected=raw, new=flag, actor=_actor(delivery), at=deps.clock.now()
-            )
-        except Conflict:
-            continue
-        deps.changed()
-        return FlagChange(
-            key=flag.key,
-            changed=True,
-            snapshot_version=version,
-            action="created" if raw is None else "updated",
-        )
-    raise RpcFailure("busy", f"flag {flag.key} kept changing; try again")
 
 
 async def flags_delete(req: FlagsDelete, delivery: Delivery, deps: Deps) -> FlagDeleted:
@@ -91,7 +68,7 @@ async def flags_delete(req: FlagsDelete, delivery: Delivery, deps: Deps) -> Flag
             raise RpcFailure("not_found", f"flag {req.key!r} does not exist")
         try:
             version = await deps.store.change(
-                req.key, expected=raw, new=None, actor=_actor(delivery), at=deps.clock.now()
+                req.key, expected=raw, new=None, actor=actor_of(delivery), at=deps.clock.now()
             )
         except Conflict:
             continue
@@ -182,7 +159,6 @@ def cell_routes(deps: Deps) -> list[Route]:
 
 def rpc_routes(deps: Deps) -> list[Route]:
     return [
-        route(FlagsSet, flags_set, deps),
         route(FlagsDelete, flags_delete, deps),
         route(FlagsList, flags_list, deps),
         route(FlagsShow, flags_show, deps),

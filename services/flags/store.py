@@ -7,6 +7,10 @@ flags:history:<key>   list: the flag's audit log, newest first (who, when, what 
 flags:fleet           hash: what flags knows of each cell from events (common.fleet): one
                       HGETALL reads the whole fleet for a preview
 flags:outbox          list: events not yet published (common.outbox)
+flags:pending:<key>   string: a change of the flag kept to be made later (PendingChange)
+flags:pending         set: the keys with a pending change
+flags:due             sorted set: key -> when its pending change is made (approved or not
+                      needing approval, and timed)
 
 A change writes the flag, the version, the audit entry and the ``flags.changed`` event as one
 Change, only if the flag and the version are still what the caller read (so two operators'
@@ -24,7 +28,7 @@ from common.flags import Flag, Snapshot
 from common.fleet import FleetView
 from common.messages import FlagsChanged
 from common.outbox import Outbox, outbox_entry
-from common.requests.flags import HistoryEntry
+from common.requests.flags import HistoryEntry, PendingChange
 from common.scripts import Change, Changes
 
 PREFIX = "flags:"
@@ -33,6 +37,9 @@ KEYS = PREFIX + "keys"
 VERSION = PREFIX + "version"
 HISTORY = PREFIX + "history:"
 OUTBOX = PREFIX + "outbox"
+PENDING = PREFIX + "pending:"
+PENDING_KEYS = PREFIX + "pending"
+DUE = PREFIX + "due"
 HISTORY_KEPT = 200
 
 
@@ -87,10 +94,19 @@ class FlagsStore:
         return self._snapshot
 
     async def change(
-        self, key: str, *, expected: str | None, new: Flag | None, actor: str, at: datetime
+        self,
+        key: str,
+        *,
+        expected: str | None,
+        new: Flag | None,
+        actor: str,
+        at: datetime,
+        pending: str | None = None,
     ) -> int:
         """Write (or, with ``new`` None, delete) a flag read as ``expected``; the new version.
-        Conflict if the flag or the version moved since."""
+        Conflict if the flag or the version moved since. ``pending``: the pending change (as
+        read) this makes, removed in the same write, and Conflict if it is gone: two replicas
+        (or a restarted one) make a timed change once."""
         current = await self.version()
         version = current + 1
         old_json = json.loads(expected) if expected else None
@@ -114,6 +130,9 @@ class FlagsStore:
             .push_newest(HISTORY + key, json.dumps(entry), HISTORY_KEPT)
             .push(OUTBOX, outbox_entry(event))
         )
+        if pending is not None:
+            change.expecting_value(PENDING + key, pending).run("DEL", PENDING + key)
+            change.run("SREM", PENDING_KEYS, key).run("ZREM", DUE, key)
         if new is None:
             change.run("DEL", FLAG + key).run("SREM", KEYS, key)
         else:
@@ -125,3 +144,41 @@ class FlagsStore:
     async def history(self, key: str) -> list[HistoryEntry]:
         entries = await self.redis.lrange(HISTORY + key, 0, -1)
         return [HistoryEntry.model_validate_json(e) for e in entries]
+
+    # -- changes kept for later ------------------------------------------------------------------
+
+    async def pending_raw(self, key: str) -> str | None:
+        value = await self.redis.get(PENDING + key)
+        return str(value) if value is not None else None
+
+    async def pending(self) -> list[PendingChange]:
+        keys = sorted(str(k) for k in await self.redis.smembers(PENDING_KEYS))
+        raws = await self.redis.mget([PENDING + k for k in keys]) if keys else []
+        return [PendingChange.model_validate_json(r) for r in raws if r]
+
+    async def keep(self, change: PendingChange, *, expected: str | None) -> bool:
+        """Store a pending change if the one stored is still ``expected`` (None: none); timed
+        and approved (or needing no approval), it is also due at its time."""
+        write = (
+            Change()
+            .expecting_value(PENDING + change.key, expected)
+            .run("SET", PENDING + change.key, change.model_dump_json())
+            .run("SADD", PENDING_KEYS, change.key)
+        )
+        if change.at is not None and change.approval != "needed":
+            write.run("ZADD", DUE, change.at.timestamp(), change.key)
+        return (await self._changes.apply(write)).written
+
+    async def drop(self, key: str, *, expected: str) -> bool:
+        write = (
+            Change()
+            .expecting_value(PENDING + key, expected)
+            .run("DEL", PENDING + key)
+            .run("SREM", PENDING_KEYS, key)
+            .run("ZREM", DUE, key)
+        )
+        return (await self._changes.apply(write)).written
+
+    async def due(self, now: datetime, limit: int = 100) -> list[str]:
+        keys = await self.redis.zrangebyscore(DUE, "-inf", now.timestamp(), start=0, num=limit)
+        return [str(k) for k in keys]

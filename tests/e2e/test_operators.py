@@ -14,6 +14,7 @@ from common.bus.errors import BusError
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import RpcRequest
 from testing.fleet import write
+from testing.operators import add_operator
 from testing.polling import eventually
 from testing.processes import (
     Processes,
@@ -30,15 +31,6 @@ rules:
   - name: everyone
     serve: on
 """
-
-
-async def _add(procs: Processes, name: str, role: str) -> dict[str, str]:
-    """Add an operator as the tests' admin; the environment they run substratectl with."""
-    code, added, err = await procs.ctl("operators", "add", name, "--role", role)
-    assert code == 0, err
-    assert added["name"] == f"op-{name}" and added["role"] == role
-    url = broker_urls.with_credentials(procs.services.amqp_url, added["name"], added["password"])
-    return {"SUBSTRATE_AMQP_URL": url}
 
 
 async def _audit(procs: Processes, *args: str) -> list[dict[str, Any]]:
@@ -58,8 +50,8 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
     await start_rollout(procs)
     await start_flags(procs)
     await start_infra(procs, moto)
-    viewer = await _add(procs, "alice", "viewer")
-    operator = await _add(procs, "bob", "operator")
+    viewer = await add_operator(procs, "alice", "viewer")
+    operator = await add_operator(procs, "bob", "operator")
     flag = write(tmp_path / "f.yaml", FLAG.format(key=f"editor-{uuid.uuid4().hex[:6]}"))
 
     # The roster reaches every service from the registry's event; until then they know no
@@ -132,7 +124,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
 async def test_a_forged_user_id_is_refused_by_the_broker(own_procs: Processes) -> None:
     procs = own_procs
     await start_registry(procs)
-    viewer = await _add(procs, "carol", "viewer")
+    viewer = await add_operator(procs, "carol", "viewer")
     bus = await RabbitBus.connect(viewer["SUBSTRATE_AMQP_URL"], name="test-forger")
     try:
         # Her own identity is fine: a viewer may list cells.

@@ -133,7 +133,8 @@ def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None
         "cells.unpin", "release.publish", "rollout.pause", "rollout.resume", "rollout.abort",
         "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
         "operators.add", "operators.set_role", "operators.remove", "rollout.approve",
-        "rollout.promote", "rollout.retry", "rollout.schedule",
+        "rollout.promote", "rollout.retry", "rollout.schedule", "flags.enable", "flags.approve",
+        "flags.cancel",
     }  # fmt: skip
     assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
 
