@@ -56,6 +56,7 @@ ExplainReason = Literal[
     "waiting_for_approval",
     "scheduled",
     "waiting_for_wave",
+    "waiting_for_window",
     "offline",
     "pinned",
     "held",

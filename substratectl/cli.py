@@ -14,7 +14,17 @@ from pydantic import ValidationError
 
 from common.bus.errors import BusError, RemoteError, validation_summary
 from common.settings import ControlPlaneSettings, load
-from substratectl import audit, cells, control_plane, flags, infra, operators, releases, rollouts
+from substratectl import (
+    audit,
+    cells,
+    control_plane,
+    flags,
+    infra,
+    operators,
+    releases,
+    rollouts,
+    windows,
+)
 from substratectl.context import Ctl, FileProblem
 from substratectl.output import fail
 
@@ -36,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log bus activity")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)
-    for module in (control_plane, cells, releases, rollouts, flags, infra, operators, audit):
+    for module in (
+        control_plane,
+        cells,
+        releases,
+        rollouts,
+        windows,
+        flags,
+        infra,
+        operators,
+        audit,
+    ):
         module.add_commands(sub)
     return parser
 

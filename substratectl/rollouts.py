@@ -57,6 +57,9 @@ def plan_text(result: Plan) -> str:
         lines.append(f"  health checks: {', '.join(result.checks)}; bake: {bakes}")
     else:
         lines.append("  health checks: none (a cell counts as updated once it applies it)")
+    waits = [{"cell": c, "not before": t} for c, t in sorted(result.not_before.items())]
+    if waits:
+        lines += ["", "waiting for their maintenance window:", table(waits, ["cell", "not before"])]
     paths = [{"cell": c, "path": " -> ".join(p)} for c, p in sorted(result.paths.items())]
     if paths:
         lines += ["", "upgrade paths (required releases first):", table(paths, ["cell", "path"])]

@@ -19,6 +19,7 @@ from services.rollout.model import (
     step,
     superseded,
 )
+from services.rollout.model.windows import NO_WINDOWS
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 V1, V2, V3 = "2026.11.1", "2026.11.2", "2026.11.3"
@@ -52,6 +53,7 @@ class Fleet:
         # Set: releases carry health checks, and this is each cell's verdict after its bake
         # (None: still baking).
         self.verdict: Callable[[CellFacts, str], str | None] | None = None
+        self.windows = NO_WINDOWS
 
     def add(self, n: int, stage: str, *, installed: str | None = V1, status: str = "online",
             prefix: str | None = None) -> list[str]:  # fmt: skip
@@ -80,12 +82,14 @@ class Fleet:
             self.rollouts[v] = self.rollouts[v].model_copy(update={"state": "superseded"})
         required = required_versions(list(self.rollouts.values()))
         for r in sorted(self.rollouts.values(), key=lambda r: r.semver):
-            d = step(r, list(self.cells.values()), self.policy, self.now, required)
+            d = step(
+                r, list(self.cells.values()), self.policy, self.now, required, windows=self.windows
+            )
             self.rollouts[r.version] = d.rollout
             self.events += d.events
             self._assign(d.assign)
         cells, rollouts = list(self.cells.values()), list(self.rollouts.values())
-        self._assign(catch_up(cells, rollouts, self.now, None, required))
+        self._assign(catch_up(cells, rollouts, self.now, None, required, windows=self.windows))
 
     def _assign(self, assigns: list) -> None:  # type: ignore[type-arg]
         for a in assigns:

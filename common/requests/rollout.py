@@ -7,7 +7,14 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from common.fields import Digest
 from common.health import Check, HealthFile
@@ -23,6 +30,7 @@ from common.vocabulary import (
     SkipReason,
     Stage,
 )
+from common.windows import WindowSet
 
 # -- the release file -----------------------------------------------------------------------------
 
@@ -191,6 +199,9 @@ class RolloutPolicy(BaseModel):
     # Stages a release enters only once an operator other than its publisher approved it
     # (`rollout approve`): the two-person rule, e.g. [dedicated].
     approval_stages: list[Stage] = Field(default_factory=list, max_length=len(STAGES))
+    # Which releases wait for a cell's maintenance window (`substratectl windows`): those
+    # whose components require maintenance, or also every release to a dedicated cell.
+    window_releases: Literal["requires_maintenance", "all_to_dedicated"] = "requires_maintenance"
 
     def default_checks(self) -> tuple[dict[str, Any], ...]:
         return tuple(c.model_dump(exclude_none=True) for c in self.health_checks)
@@ -223,6 +234,9 @@ class Plan(Response):
     # The health checks its cells would run (names) and the bake per stage.
     checks: list[str] = Field(default_factory=list)
     bake_seconds: dict[str, float] = Field(default_factory=dict)
+    # Cells that wait for their maintenance window for this release: when it opens next
+    # (no sooner than that is it sent them; waves, soaks and bakes may make it later).
+    not_before: dict[str, str] = Field(default_factory=dict)
 
 
 class Halt(BaseModel):
@@ -412,3 +426,45 @@ class RolloutSchedule(Request[RolloutView]):
     version: str
     stage: Stage
     at: AwareDatetime | None
+
+
+class WindowsEntry(Response):
+    owner: str  # cell:<id> or org:<org>
+    windows: WindowSet
+    open_now: bool
+    next_open: str
+
+
+class _Owner(BaseModel):
+    """Exactly one of a cell or an org."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cell: str | None = Field(default=None, max_length=64)
+    org: str | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _one(self) -> _Owner:
+        if (self.cell is None) == (self.org is None):
+            raise ValueError("give exactly one of cell or org")
+        return self
+
+    def owner(self) -> str:
+        return f"cell:{self.cell}" if self.cell is not None else f"org:{self.org}"
+
+
+@rpc("rollout", "windows.set")
+class WindowsSet(_Owner, Request[WindowsEntry]):
+    """A cell's or an org's maintenance windows, replacing any it had."""
+
+    windows: WindowSet
+
+
+@rpc("rollout", "windows.clear")
+class WindowsClear(_Owner, Request[WindowsEntry]):
+    pass
+
+
+@rpc("rollout", "windows.list", read_only=True)
+class WindowsList(Request[list[WindowsEntry]]):
+    pass

@@ -11,7 +11,7 @@ from common.messages import Message
 from common.operators import RosterView
 from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
-from services.rollout import handlers
+from services.rollout import handlers, windows
 from services.rollout.controller import Controller
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import DIRTY, LEASE, PREFIX, RolloutStore
@@ -49,7 +49,7 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
             Consumed("rollout.events", [*fleet.event_routes(), *roster.routes()]),
             Consumed("rollout.cells", handlers.cell_routes(deps)),
         ],
-        answers=handlers.rpc_routes(deps),
+        answers=[*handlers.rpc_routes(deps), *windows.rpc_routes(deps)],
         roles=roster.role_of,
         loops={"controller": controller.run},
     )

@@ -66,7 +66,8 @@ class Controller:
         self._loaded_at = 0.0
         # The policy and rollouts of the last step, if it had nothing to do: the same step
         # over an unchanged fleet would have nothing to do either.
-        self._quiet: tuple[RolloutPolicy, dict[str, Rollout]] | None = None
+        # (policy, rollouts, windows by cell, windows by org)
+        self._quiet: tuple[object, ...] | None = None
 
     def wake(self) -> None:
         """Step soon: an operator changed something a step depends on (a release, a policy,
@@ -128,8 +129,10 @@ class Controller:
             return False
         policy = await self.store.policy()
         rollouts = {r.version: r for r in await self.store.rollouts()}
+        windows = await self.store.windows(policy, list(rollouts.values()))
         by_id, cells_changed = await self._load_cells(fence)
-        if not cells_changed and self._quiet == (policy, rollouts):
+        quiet = (policy, rollouts, windows.by_cell, windows.by_org)
+        if not cells_changed and self._quiet == quiet:
             # Between rollouts a fleet at rest changes nothing from one tick to the next, and
             # over a large fleet catch_up and the gauges would cost a step's time every tick.
             return True
@@ -154,7 +157,7 @@ class Controller:
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             busy = True
-            decision = step(r, list(by_id.values()), policy, now, required)
+            decision = step(r, list(by_id.values()), policy, now, required, windows=windows)
             if decision.awaiting:
                 awaiting.append(decision.awaiting)
             if decision.rollout == r and not decision.changed:
@@ -182,14 +185,17 @@ class Controller:
             now,
             policy.retry_failed_seconds,
             required,
+            windows=windows,
         )
         if extra or any(failed_with_nothing_changed(c) for c in by_id.values()):
             # A failed install is tried again after a while: the time matters to the next step.
             busy = True
             await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
         metrics.observe(list(rollouts.values()), list(by_id.values()))
+        if windows.withheld:
+            busy = True  # a window that opens sends what it held back
         if not busy:
-            self._quiet = (policy, rollouts)
+            self._quiet = (policy, rollouts, windows.by_cell, windows.by_org)
         # The first wave that can be done decides.
         self._awaiting = min(awaiting, default=0)
         if self._wave_may_be_done():

@@ -248,7 +248,14 @@ async def rollout_plan(req: RolloutPlan, delivery: Delivery, deps: Deps) -> Plan
         if release is None:
             raise RpcFailure("not_found", f"release {req.version!r} is not published")
     required = required_versions(rollouts)
-    result = plan(release.version, await deps.store.cells(), policy.waves, required)
+    cells = await deps.store.cells()
+    result = plan(release.version, cells, policy.waves, required)
+    windows, now = await deps.store.windows(policy, rollouts), deps.clock.now()
+    not_before = {
+        c.id: opens.isoformat()
+        for c in cells
+        if (opens := windows.opens(c, release.version, now)) is not None
+    }
     health = {stage: health_for(release, policy, stage) for stage in STAGE_ORDER}
     checks = next((h.checks for h in health.values() if h is not None), ())
     return result.model_copy(
@@ -256,6 +263,7 @@ async def rollout_plan(req: RolloutPlan, delivery: Delivery, deps: Deps) -> Plan
             "refused": refused,
             "checks": [str(c.get("name")) for c in checks],
             "bake_seconds": {s: h.bake_seconds for s, h in health.items() if h is not None},
+            "not_before": not_before,
         }
     )
 
@@ -300,7 +308,7 @@ async def _views(deps: Deps, rollouts: list[Rollout]) -> list[RolloutView]:
     return [_rollout_view(r, cells, policy, now) for r in rollouts]
 
 
-async def _known_cell(deps: Deps, cell_id: str) -> CellFacts:
+async def known_cell(deps: Deps, cell_id: str) -> CellFacts:
     cell = await deps.store.cell(cell_id)
     if cell is None:
         raise RpcFailure("not_found", f"rollout knows no cell {cell_id!r}")
@@ -332,9 +340,10 @@ async def rollout_list(req: RolloutList, delivery: Delivery, deps: Deps) -> list
 
 
 async def rollout_explain(req: RolloutExplain, delivery: Delivery, deps: Deps) -> Explanation:
-    cell = await _known_cell(deps, req.id)
+    cell = await known_cell(deps, req.id)
     policy, rollouts = await deps.store.policy(), await deps.store.rollouts()
-    reason, sentence, version = explain(cell, rollouts, policy, deps.clock.now())
+    windows = await deps.store.windows(policy, rollouts)
+    reason, sentence, version = explain(cell, rollouts, policy, deps.clock.now(), windows)
     return Explanation(
         cell=cell.id,
         stage=cell.stage,
@@ -412,7 +421,7 @@ async def rollout_schedule(req: RolloutSchedule, delivery: Delivery, deps: Deps)
 async def cell_pin(req: CellsPin, delivery: Delivery, deps: Deps) -> Pin:
     """Keep a cell on one release: it is sent that release if it is not on it, and no rollout
     moves it until it is unpinned. A pin never takes a cell backwards."""
-    cell = await _known_cell(deps, req.id)
+    cell = await known_cell(deps, req.id)
     if await deps.store.get(req.version) is None:
         raise RpcFailure("not_found", f"release {req.version!r} is not published")
     if newer(cell.installed_release, req.version):
@@ -427,7 +436,7 @@ async def cell_pin(req: CellsPin, delivery: Delivery, deps: Deps) -> Pin:
 
 
 async def cell_unpin(req: CellsUnpin, delivery: Delivery, deps: Deps) -> Pin:
-    cell = await _known_cell(deps, req.id)
+    cell = await known_cell(deps, req.id)
     await deps.store.set_pin(req.id, None)
     deps.wake()
     return Pin(cell=req.id, pinned=None, installed_release=cell.installed_release)

@@ -6,6 +6,7 @@ rollout:releases             set: every published version
 rollout:rollouts             hash: version -> the release's rollout (model.Rollout as JSON)
 rollout:revisions            hash: version -> its rollout's revision, bumped by every write
 rollout:policy               string: the rollout policy (JSON; absent: the defaults)
+rollout:windows              hash: cell:<id> or org:<org> -> its maintenance windows (JSON)
 rollout:cell:<id>            hash: the desired state rollout last sent the cell (with the
                              bake it asked for and the incarnation it went to), the cell's
                              last report on it and its verdict, and an operator's pin
@@ -38,7 +39,9 @@ from common.report_order import report_order
 from common.requests.rollout import RolloutPolicy
 from common.scripts import Change, Changes, Hashes
 from common.vocabulary import TERMINAL_PHASES
+from common.windows import WindowSet
 from services.rollout.model import Assign, CellFacts, Rollout
+from services.rollout.model.windows import Windows
 
 PREFIX = "rollout:"
 RELEASE = PREFIX + "release:"
@@ -50,6 +53,7 @@ CELL = PREFIX + "cell:"
 CELLS = PREFIX + "cells"
 DIRTY = PREFIX + "dirty"
 POLICY = PREFIX + "policy"
+WINDOWS = PREFIX + "windows"
 GENERATION = PREFIX + "generation"
 LEASE = PREFIX + "controller"
 
@@ -86,6 +90,7 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         id=cell.id,
         stage=cell.stage,
         status=cell.status,
+        org=cell.org,
         installed_release=cell.installed_release,
         pinned=opt("pinned"),
         held=cell.held,
@@ -222,6 +227,24 @@ class RolloutStore:
 
     async def set_policy(self, policy: RolloutPolicy) -> None:
         await self.redis.set(POLICY, policy.model_dump_json())
+
+    async def window_sets(self) -> dict[str, WindowSet]:
+        """Every set of maintenance windows, by ``cell:<id>`` or ``org:<org>``."""
+        raw = await self.redis.hgetall(WINDOWS)
+        return {str(k): WindowSet.model_validate_json(v) for k, v in raw.items()}
+
+    async def set_windows(self, owner: str, windows: WindowSet | None) -> None:
+        if windows is None:
+            await self.redis.hdel(WINDOWS, owner)
+        else:
+            await self.redis.hset(WINDOWS, owner, windows.model_dump_json())
+
+    async def windows(self, policy: RolloutPolicy, rollouts: list[Rollout]) -> Windows:
+        return Windows.of(
+            await self.window_sets(),
+            rollouts,
+            all_to_dedicated=policy.window_releases == "all_to_dedicated",
+        )
 
     async def rollout(self, version: str) -> Rollout | None:
         raw = await self.redis.hget(ROLLOUTS, version)

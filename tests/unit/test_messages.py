@@ -134,7 +134,7 @@ def test_only_requests_that_change_nothing_are_sent_again_after_a_nack() -> None
         "rollout.policy.set", "flags.set", "flags.delete", "infra.publish",
         "operators.add", "operators.set_role", "operators.remove", "rollout.approve",
         "rollout.promote", "rollout.retry", "rollout.schedule", "flags.enable", "flags.approve",
-        "flags.cancel",
+        "flags.cancel", "windows.set", "windows.clear",
     }  # fmt: skip
     assert requests.Status.read_only and requests.REQUESTS[("rollout", "rollout.status")].read_only
 

@@ -10,6 +10,7 @@ from services.rollout.model.cells import CellFacts, at_least
 from services.rollout.model.path import next_step
 from services.rollout.model.rollout import Rollout
 from services.rollout.model.step import Assign
+from services.rollout.model.windows import NO_WINDOWS, Windows
 
 _STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES)}
 
@@ -84,13 +85,16 @@ def catch_up(
     now: datetime | None = None,
     retry_seconds: float | None = None,
     required: tuple[str, ...] = (),
+    *,
+    windows: Windows = NO_WINDOWS,
 ) -> list[Assign]:
     """Desired states for reachable cells that no wave is taking care of: a newly registered
     cell's first install, a cell back from offline or from an infrastructure hold, and a
     pinned cell's pin; and, ``retry_seconds`` after it reported it, a cell whose install
     failed with nothing changed (images not found, say) is sent the release again, so it
     installs once what it lacked exists. A cell behind a required release is sent that first
-    (model/path.py). A cell only ever moves forward here."""
+    (model/path.py). A release that needs a window reaches a cell inside it only
+    (model/windows.py). A cell only ever moves forward here."""
     newest_first_rollouts = [
         _Reach(r) for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)
     ]
@@ -126,6 +130,8 @@ def catch_up(
                 and not _retry_due(cell, step, now, retry_seconds)
             ):
                 continue  # on the step of its path it was sent, or failed there
+            if now is not None and windows.hold(cell, step, now):
+                continue  # outside its maintenance window; the window's opening sends it
             if step != target:
                 out.append(
                     Assign(cell.id, step, cell.installed_release, cell.incarnation or "", target)

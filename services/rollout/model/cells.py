@@ -22,6 +22,7 @@ class CellFacts(BaseModel):
     id: str
     stage: Stage
     status: CellStatus
+    org: str | None = None
     installed_release: str | None = None
     pinned: str | None = None
     held: bool = False

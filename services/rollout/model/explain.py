@@ -21,6 +21,7 @@ from services.rollout.model.cells import (
     failure_of,
 )
 from services.rollout.model.rollout import Rollout
+from services.rollout.model.windows import Windows
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class Situation:
     rollouts: list[Rollout]
     policy: RolloutPolicy
     now: datetime
+    windows: Windows | None = None
+
+    @cached_property
+    def window_opens(self) -> datetime | None:
+        """When the cell's maintenance window opens, if the newest release waits for it."""
+        if self.newest is None or self.windows is None:
+            return None
+        return self.windows.opens(self.cell, self.newest.version, self.now)
 
     @cached_property
     def newest(self) -> Rollout | None:
@@ -129,6 +138,17 @@ def _stage_wait(s: Situation) -> str:
     return (
         f"{s.v} is in stage {s.newest.stage}{soak}; {s.cell.id} is in {s.cell.stage},"
         " which comes later."
+    )
+
+
+def _window_wait(s: Situation) -> str:
+    assert s.window_opens is not None and s.windows is not None
+    windows = s.windows.set_of(s.cell)
+    zone = windows.time_zone if windows is not None else "UTC"
+    local = s.window_opens.astimezone(windows.zone if windows is not None else None)
+    return (
+        f"{s.cell.id} waits for its window at {s.window_opens.isoformat()}"
+        f" ({local.strftime('%a %H:%M')} {zone}) to get {s.v}, which needs one."
     )
 
 
@@ -273,6 +293,12 @@ CASES: tuple[Case, ...] = (
         _wave_wait,
         _newest,
     ),
+    Case(
+        "waiting_for_window",
+        lambda s: s.window_opens is not None,
+        _window_wait,
+        _newest,
+    ),
     # Nothing holds it back: the next step sends it the release.
     Case(
         "in_progress",
@@ -284,10 +310,14 @@ CASES: tuple[Case, ...] = (
 
 
 def explain(
-    cell: CellFacts, rollouts: list[Rollout], policy: RolloutPolicy, now: datetime
+    cell: CellFacts,
+    rollouts: list[Rollout],
+    policy: RolloutPolicy,
+    now: datetime,
+    windows: Windows | None = None,
 ) -> tuple[ExplainReason, str, str | None]:
     """Why ``cell`` is (or is not) on the newest release: a reason, a sentence, and the release
     the answer is about."""
-    s = Situation(cell, rollouts, policy, now)
+    s = Situation(cell, rollouts, policy, now, windows)
     case = next(c for c in CASES if c.holds(s))
     return case.reason, case.says(s), case.about(s)

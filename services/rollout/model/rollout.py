@@ -21,6 +21,8 @@ class Rollout(BaseModel):
     reversible: bool = True
     # A required release: every cell behind it installs it before anything newer.
     required: bool = False
+    # A component requires maintenance: a cell with windows gets it inside one only.
+    requires_maintenance: bool = False
     state: RolloutState = "in_progress"
     stage: Stage = "staging"
     # The current stage's waves, fixed when the stage starts (None: not started yet).
@@ -71,6 +73,7 @@ def new_rollout(
         version=release.version,
         reversible=release.reversible,
         required=release.required,
+        requires_maintenance=any(c.requires_maintenance for c in release.components),
         published_by=by,
         starts_at=(("staging", starts_at),) if starts_at is not None else (),
         created_at=now,

@@ -18,6 +18,7 @@ from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, Stage
 from services.rollout.model.cells import CellFacts, cell_progress, failure_of
 from services.rollout.model.plan import split_waves
 from services.rollout.model.rollout import Rollout
+from services.rollout.model.windows import NO_WINDOWS, Windows
 
 # A step moves a rollout as far as it can go now: at most one wave per wave and one start per
 # stage, so the stages and every dedicated wave bound the passes; the rest is headroom for
@@ -106,9 +107,12 @@ class _Stepper:
         policy: RolloutPolicy,
         now: datetime,
         required: tuple[str, ...] = (),
+        *,
+        windows: Windows = NO_WINDOWS,
     ) -> None:
         self.r = r
         self.required = required
+        self.windows = windows
         self.by_id = {c.id: c for c in cells}
         self.policy = policy
         self.now = now
@@ -268,6 +272,11 @@ class _Stepper:
                 judged = CellFailure(cell_id=cell_id, error=failure_of(cell, progress, policy))
                 (failures if stage_policy.inconclusive == "fail" else inconclusive).append(judged)
         for cell in pending:
+            if self.windows.hold(cell, r.version, self.now):
+                # Outside its maintenance window: the wave waits for it (waves keep their
+                # order, and the canary stays first).
+                self.awaiting += 1
+                continue
             # A stage's cap on cells updating at once: the rest wait for a free place.
             if stage_policy.max_updating is None or updating < stage_policy.max_updating:
                 self.send(cell, r.version)
@@ -407,12 +416,15 @@ def step(
     policy: RolloutPolicy,
     now: datetime,
     required: tuple[str, ...] = (),
+    *,
+    windows: Windows = NO_WINDOWS,
 ) -> Decision:
     """What the controller does next for one rollout: the rollout's new state, the desired
     states to send and the events to announce. Calling it again with the result changes
     nothing, so a step that was written is never repeated and one that was not is redone.
-    ``required``: the required releases (model/path.py), which cells install on the way."""
-    return _Stepper(r, cells, policy, now, required).run()
+    ``required``: the required releases (model/path.py), which cells install on the way;
+    ``windows``: the cells' maintenance windows (model/windows.py)."""
+    return _Stepper(r, cells, policy, now, required, windows=windows).run()
 
 
 def superseded(rollouts: list[Rollout]) -> list[str]:
