@@ -18,6 +18,10 @@ from testing.polling import eventually
 from testing.ports import free_port
 from testing.processes import Processes, http_get, start_flags, start_registry
 
+# Broker users are not per vhost: names of their own, so parallel tests never share one.
+BOB = f"bob-{uuid.uuid4().hex[:6]}"
+CAROL = f"carol-{uuid.uuid4().hex[:6]}"
+
 FLAG = """
 key: {key}
 owner: team-editor
@@ -86,8 +90,8 @@ async def test_a_change_of_dedicated_answers_waits_for_a_second_operator(
     procs = own_procs
     await start_registry(procs)
     await start_flags(procs, SUBSTRATE_APPROVAL_STAGES="dedicated")
-    bob = await add_operator(procs, "bob", "operator")
-    carol = await add_operator(procs, "carol", "operator")
+    bob = await add_operator(procs, BOB, "operator")
+    carol = await add_operator(procs, CAROL, "operator")
     cell = new_cell_id()
     created = await create_cell(procs, cell, "dedicated")
     port = free_port()
@@ -102,20 +106,20 @@ async def test_a_change_of_dedicated_answers_waits_for_a_second_operator(
         code, kept, _ = await procs.ctl("flags", "set", flag, **bob)
         return kept if code == 0 else None
 
-    kept = await eventually(asked, timeout=30, interval=0.3, what="bob's change kept")
-    assert not kept["changed"] and "approval by an operator other than op-bob" in kept["waits"]
+    kept = await eventually(asked, timeout=30, interval=0.3, what=f"{BOB}'s change kept")
+    assert not kept["changed"] and f"approval by an operator other than op-{BOB}" in kept["waits"]
     assert "1 cell(s)" in kept["waits"]
     code, _, err = await procs.ctl("flags", "show", key)
     assert code == 1 and "does not exist" in err, "nothing changed yet"
     code, _, err = await procs.ctl("flags", "approve", key, **bob)
     assert code == 1 and "another operator must approve it" in err
     code, _, err = await procs.ctl("flags", "set", flag, **carol)
-    assert code == 1 and "has a pending change (asked by op-bob)" in err
+    assert code == 1 and f"has a pending change (asked by op-{BOB})" in err
 
     code, made, err = await procs.ctl("flags", "approve", key, **carol)
     assert code == 0 and made["changed"] and made["action"] == "created", err
     code, history, _ = await procs.ctl("flags", "history", key)
-    assert history[0]["actor"] == "op-bob, approved by op-carol"
+    assert history[0]["actor"] == f"op-{BOB}, approved by op-{CAROL}"
 
     async def on_at_the_cell() -> bool:
         status, body = await http_get(port, f"/flags/{key}")
@@ -132,6 +136,6 @@ async def test_a_change_of_dedicated_answers_waits_for_a_second_operator(
     code, kept, err = await procs.ctl("flags", "disable", key, **carol)
     assert code == 0 and "approval" in kept["waits"], err
     code, dropped, err = await procs.ctl("flags", "cancel", key, **bob)
-    assert code == 0 and dropped["asked_by"] == "op-carol", err
+    assert code == 0 and dropped["asked_by"] == f"op-{CAROL}", err
     code, _, err = await procs.ctl("flags", "approve", key, **bob)
     assert code == 1 and "has no pending change" in err

@@ -24,6 +24,11 @@ from testing.processes import (
     start_rollout,
 )
 
+# Broker users are not per vhost: names of their own, so parallel tests never share one.
+ALICE = f"alice-{uuid.uuid4().hex[:6]}"
+BOB = f"bob-{uuid.uuid4().hex[:6]}"
+CAROL = f"carol-{uuid.uuid4().hex[:6]}"
+
 FLAG = """
 key: {key}
 owner: team-editor
@@ -50,8 +55,8 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
     await start_rollout(procs)
     await start_flags(procs)
     await start_infra(procs, moto)
-    viewer = await add_operator(procs, "alice", "viewer")
-    operator = await add_operator(procs, "bob", "operator")
+    viewer = await add_operator(procs, ALICE, "viewer")
+    operator = await add_operator(procs, BOB, "operator")
     flag = write(tmp_path / "f.yaml", FLAG.format(key=f"editor-{uuid.uuid4().hex[:6]}"))
 
     # The roster reaches every service from the registry's event; until then they know no
@@ -67,7 +72,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
 
     # A viewer cannot write; the refusal is one line naming the role needed.
     code, _, err = await procs.ctl("flags", "set", flag, **viewer)
-    assert code == 1 and "op-alice is a viewer: flags.set needs the operator role" in err, err
+    assert code == 1 and f"op-{ALICE} is a viewer: flags.set needs the operator role" in err, err
     code, _, err = await procs.ctl("rollout", "pause", "2026.1.1", **viewer)
     assert code == 1 and "rollout.pause needs the operator role" in err, err
     code, _, err = await procs.ctl("operators", "add", "mallory", "--role", "admin", **viewer)
@@ -76,46 +81,46 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
     code, changed, err = await procs.ctl("flags", "set", flag, **operator)
     assert code == 0 and changed["changed"], err
     code, _, err = await procs.ctl("cells", "decommission", "some-cell", **operator)
-    assert code == 1 and "op-bob is an operator: cells.decommission needs the admin role" in err
-    code, _, err = await procs.ctl("operators", "set-role", "alice", "admin", **operator)
+    assert code == 1 and f"op-{BOB} is an operator: cells.decommission needs the admin role" in err
+    code, _, err = await procs.ctl("operators", "set-role", ALICE, "admin", **operator)
     assert code == 1 and "needs the admin role" in err
     code, listed, _ = await procs.ctl("operators", "list")
     assert {(o["name"], o["role"]) for o in listed} == {
-        ("op-alice", "viewer"),
-        ("op-bob", "operator"),
+        (f"op-{ALICE}", "viewer"),
+        (f"op-{BOB}", "operator"),
     }
     assert all(o["added_by"] == broker_urls.user(procs.services.amqp_url) for o in listed)
 
     # Every write and every refusal, with the operator's name as the broker validated it.
-    alice = await _audit(procs, "--operator", "op-alice")
+    alice = await _audit(procs, "--operator", f"op-{ALICE}")
     assert {(e["service"], e["method"], e["result"], e["role"]) for e in alice} >= {
         ("flags", "flags.set", "refused", "viewer"),
         ("rollout", "rollout.pause", "refused", "viewer"),
         ("registry", "operators.add", "refused", "viewer"),
     }
     assert not [e for e in alice if e["result"] == "ok"], "a viewer's reads are not audited"
-    bob = await _audit(procs, "--operator", "op-bob")
+    bob = await _audit(procs, "--operator", f"op-{BOB}")
     done = [e for e in bob if e["method"] == "flags.set"]
     assert [(e["result"], e["target"]) for e in done] == [("ok", changed["key"])]
     assert [e["result"] for e in bob if e["method"] == "cells.decommission"] == ["refused"]
     code, text, _ = await procs.ctl_text("audit", "--cell", "some-cell", "-o", "json")
     assert code == 0 and '"cells.decommission"' in text
-    admin = await _audit(procs, "--target", "op-alice")
+    admin = await _audit(procs, "--target", f"op-{ALICE}")
     assert [e["method"] for e in admin if e["result"] == "ok"] == ["operators.add"]
 
     # A role change takes effect at the next request; a removed operator is gone from the
     # broker (and so can ask nothing).
-    code, _, err = await procs.ctl("operators", "set-role", "op-alice", "operator")
+    code, _, err = await procs.ctl("operators", "set-role", f"op-{ALICE}", "operator")
     assert code == 0, err
 
     async def alice_writes() -> bool:
         code, _, _ = await procs.ctl("flags", "set", flag, **viewer)
         return code == 0
 
-    await eventually(alice_writes, timeout=30, interval=0.3, what="alice promoted")
-    code, _, err = await procs.ctl("operators", "remove", "bob")
+    await eventually(alice_writes, timeout=30, interval=0.3, what=f"{ALICE} promoted")
+    code, _, err = await procs.ctl("operators", "remove", BOB)
     assert code == 0, err
-    assert not await procs.services.api.user_exists("op-bob")
+    assert not await procs.services.api.user_exists(f"op-{BOB}")
     code, _, err = await procs.ctl("cells", "list", **operator)
     assert code == 1
 
@@ -124,7 +129,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
 async def test_a_forged_user_id_is_refused_by_the_broker(own_procs: Processes) -> None:
     procs = own_procs
     await start_registry(procs)
-    viewer = await add_operator(procs, "carol", "viewer")
+    viewer = await add_operator(procs, CAROL, "viewer")
     bus = await RabbitBus.connect(viewer["SUBSTRATE_AMQP_URL"], name="test-forger")
     try:
         # Her own identity is fine: a viewer may list cells.
