@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -14,11 +15,13 @@ from pathlib import Path
 from cell_agent import customer
 from cell_agent.agent import AGENT_VERSION, Agent
 from cell_agent.aws import CellAws
+from cell_agent.deferral import DeferralFile
 from cell_agent.flags import LocalFlags
 from cell_agent.journal import Journal
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
 from cell_agent.status import describe
+from common import times
 from common.runner import configure_logging, run, wait_for_signal
 from common.settings import load
 
@@ -65,7 +68,47 @@ def build_parser() -> argparse.ArgumentParser:
     debug_sub.add_parser("list", help="open debug access and when each expires")
     p = debug_sub.add_parser("revoke", help="close debug access now (all, or one role)")
     p.add_argument("role", nargs="?", help="the role's name (default: every open one)")
+
+    p = sub.add_parser(
+        "defer", help="ask the control plane not to update this cell before a time (or cancel)"
+    )
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--until", type=times.at, help="a time (ISO 8601) or from now: 36h, 3d")
+    when.add_argument("--cancel", action="store_true", help="updates may resume at once")
+    p.add_argument("--reason", default="", help="kept in both sides' audit trails")
+    p.add_argument("--by", default=getpass.getuser(), help="who asks (default: your login)")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the answer")
     return parser
+
+
+def defer(state_dir: str | None, args: argparse.Namespace) -> int:
+    """Kept for the running agent to send; waits for the control plane's answer. Exit 0
+    accepted, 1 refused (the reason on stderr), 3 no answer yet (the agent sends it when it
+    can; cell-agent state shows the answer once it comes)."""
+    if not state_dir or not Path(state_dir).is_dir():
+        print("error: CELL_STATE_DIR: not set or not a directory", file=sys.stderr)
+        return 2
+    if args.until is not None and not args.reason:
+        print("error: --reason: say why (it is kept in both audit trails)", file=sys.stderr)
+        return 2
+    file = DeferralFile(Path(state_dir))
+    request_id = file.request(None if args.cancel else args.until, args.reason, args.by)
+    answer = file.wait(request_id, args.wait)
+    if args.json:
+        print(json.dumps({"request_id": request_id, "answer": answer}, indent=2))
+    if answer is None:
+        print(
+            f"sent deferral request {request_id}; no answer within {args.wait:g}s (is the agent"
+            " running and connected?); cell-agent state shows the answer once it comes",
+            file=sys.stderr,
+        )
+        return 3
+    if not answer["accepted"]:
+        print(f"error: refused: {answer['reason']}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(answer["reason"])
+    return 0
 
 
 def flags_eval(settings: AgentSettings, key: str, default: str | None) -> int:
@@ -133,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "state":
         sys.exit(state(os.environ.get("CELL_STATE_DIR")))
+    if args.command == "defer":
+        sys.exit(defer(os.environ.get("CELL_STATE_DIR"), args))
     settings = load(AgentSettings)
     if args.command == "flags":
         sys.exit(flags_eval(settings, args.key, args.default))

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge
 from cell_agent.appliers import Applier, CommandApplier, LocalApplier
 from cell_agent.aws import CellAws
 from cell_agent.debug_access import DebugAccess
+from cell_agent.deferral import DeferralFile
 from cell_agent.flags import LocalFlags
 from cell_agent.infra import RequirementFile
 from cell_agent.journal import Journal
@@ -28,9 +29,11 @@ from cell_agent.maintenance import MaintenanceGate
 from cell_agent.pending import (
     Pending,
     PendingDebugAccess,
+    PendingDeferral,
     PendingMaintenance,
     PendingReports,
     PendingUpgrade,
+    deferral_fields,
 )
 from cell_agent.settings import AgentSettings
 from cell_agent.state import StateStore
@@ -40,6 +43,7 @@ from common import broker_urls, sealing
 from common.bus.errors import BusError, QueueMissing
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
+from common.deferrals import DeferralDecided
 from common.health import Verdict
 from common.messages import (
     CellDebugAccess,
@@ -245,6 +249,8 @@ class Agent:
             return CellUpgrade(**head, **fields)
         if isinstance(report, PendingMaintenance):
             return CellMaintenance(**head, **fields)
+        if isinstance(report, PendingDeferral):
+            return CellSync(**head, reason="defer", **deferral_fields(report))
         return CellDebugAccess(**head, **fields)
 
     async def send_pending(self) -> bool:
@@ -471,6 +477,7 @@ class Agent:
                 route(FlagsSnapshot, self.on_flags_snapshot),
                 route(FlagsBroadcast, self.on_flags_broadcast),
                 route(InfraRequired, self.requirement.on_required),
+                route(DeferralDecided, DeferralFile(self.settings.state_dir).on_decided),
             ],
             # A cell may not publish to the dead-letter exchange: a command it cannot take is
             # rejected into the queue's own (cell.commands.dead). Its queue is classic, which

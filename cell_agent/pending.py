@@ -1,9 +1,9 @@
 """Reports waiting to be sent, kept in CELL_STATE_DIR/outbox until the broker confirms them:
 every report the agent makes (upgrade phases, entering and leaving maintenance) and those the
-customer's commands make (``cell-agent debug-access``, which run beside the agent and may run
-while the control plane is away). The running agent sends them in the order they were made,
-each once it is confirmed, and numbers them then (the per-cell sequence belongs to the agent),
-so none is forgotten across an outage or a restart."""
+customer's commands make (``cell-agent debug-access`` and ``defer``, which run beside the
+agent and may run while the control plane is away). The running agent sends them in the order
+they were made, each once it is confirmed, and numbers them then (the per-cell sequence
+belongs to the agent), so none is forgotten across an outage or a restart."""
 
 from __future__ import annotations
 
@@ -52,8 +52,19 @@ class PendingDebugAccess(BaseModel):
     granted_by: str = ""
 
 
+class PendingDeferral(BaseModel):
+    """``cell-agent defer``: sent as a sync with reason "defer" (cell_agent/deferral.py)."""
+
+    kind: Literal["defer"] = "defer"
+    request_id: str
+    until: AwareDatetime | None = None
+    reason: str = ""
+    cancel: bool = False
+
+
 Pending = Annotated[
-    PendingUpgrade | PendingMaintenance | PendingDebugAccess, Field(discriminator="kind")
+    PendingUpgrade | PendingMaintenance | PendingDebugAccess | PendingDeferral,
+    Field(discriminator="kind"),
 ]
 _PENDING: TypeAdapter[Pending] = TypeAdapter(Pending)
 
@@ -85,3 +96,13 @@ class PendingReports:
 
     def sent(self, path: Path) -> None:
         path.unlink(missing_ok=True)
+
+
+def deferral_fields(report: PendingDeferral) -> dict[str, object]:
+    """A kept deferral as the sync report's fields."""
+    return {
+        "defer_id": report.request_id,
+        "defer_until": report.until,
+        "defer_reason": report.reason,
+        "defer_cancel": report.cancel,
+    }

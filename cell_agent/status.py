@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cell_agent.deferral import DeferralFile
 from cell_agent.flags import LocalFlags
 from cell_agent.journal import Journal, write_atomically
 from cell_agent.state import StateStore, dump
@@ -41,6 +42,7 @@ def describe(state_dir: Path, now: datetime | None = None) -> dict[str, Any]:
     )
     # Read as the agent reads it (a damaged file counts as none, as it does for the agent).
     out["flags_snapshot_version"] = LocalFlags(state_dir, dict).version or None
+    out["deferral"] = DeferralFile(state_dir).answer()
     link = state_dir / LINK
     if link.exists():
         said = json.loads(link.read_text())

@@ -6,6 +6,7 @@ newer producer's message); a breaking change is a new ``vN+1`` class consumed be
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -206,6 +207,11 @@ class CellSync(CellReport):
     reason: SyncReason = "periodic"
     applied_generation: WireInt | None = None
     flags_snapshot_version: WireInt | None = None
+    # With reason "defer": the customer's deferral (common/deferrals.py), or its cancellation.
+    defer_id: Name | None = None
+    defer_until: AwareDatetime | None = None
+    defer_reason: Annotated[str, clean_text(300)] = ""
+    defer_cancel: bool = False
 
 
 def sender_problem(msg: CellReport, delivery: Delivery) -> tuple[str, str] | None:
@@ -531,6 +537,9 @@ class RpcReply(Message):
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of every message, keyed by wire name."""
+    # Messages kept beside the part they belong to register themselves when imported.
+    importlib.import_module("common.operators")
+    importlib.import_module("common.deferrals")
     names = sorted(MESSAGES)
     _, schema = models_json_schema(
         [(MESSAGES[name], "validation") for name in names],

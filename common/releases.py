@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from common.fields import Digest, Version
 from common.health import ReleaseHealth
@@ -31,3 +31,8 @@ class Release(BaseModel):
     health: ReleaseHealth | None = None
     # A cell behind a required release installs it before anything newer.
     required: bool = False
+    # A security release: it reaches a deferred cell once its deadline has passed (by default
+    # the policy's security_deadline_days after it is published).
+    security: bool = False
+    # Every cell must have it by then (an SLA): no deferral holds it past this.
+    deadline: AwareDatetime | None = None

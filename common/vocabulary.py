@@ -53,6 +53,7 @@ ExplainReason = Literal[
     "failed",
     "inconclusive",
     "waiting_for_stage",
+    "deferred",
     "waiting_for_approval",
     "scheduled",
     "waiting_for_wave",
@@ -68,6 +69,7 @@ ExplainReason = Literal[
 ]
 
 # Why an agent asks for its desired state again.
-SyncReason = Literal["start", "reconnect", "periodic", "flags"]
+# "defer": the customer asks to defer updates (the sync carries the deferral).
+SyncReason = Literal["start", "reconnect", "periodic", "flags", "defer"]
 
 DebugAccessAction = Literal["granted", "revoked", "expired"]

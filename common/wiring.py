@@ -55,6 +55,9 @@ class Wiring:
     # The role of an operator's broker user: the registry's own operators, or the roster every
     # other service keeps from its events (common/operators.py).
     roles: RoleSource | None = None
+    # The service's audit log, where it records more than requests (rollout: deferrals);
+    # None: one is made for the requests.
+    audit: AuditLog | None = None
     loops: Mapping[str, Loop] = field(default_factory=dict)
     # Tasks the service starts on its own as it runs; waited for when it stops.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -75,7 +78,8 @@ async def start(service: str, bus: RabbitBus, settings: ServiceSettings, wiring:
             service,
             wiring.roles,
             admins_from(settings.admins),
-            AuditLog(
+            wiring.audit
+            or AuditLog(
                 wiring.redis,
                 f"{service}:audit",
                 SystemClock(),

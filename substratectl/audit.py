@@ -7,10 +7,9 @@ import argparse
 import asyncio
 import sys
 
-from common import topology
+from common import times, topology
 from common.bus.errors import BusError
 from common.requests.audit import AuditList, AuditRecord
-from substratectl import times
 from substratectl.context import Ctl
 from substratectl.output import emit_json, emit_yaml, table
 
@@ -27,7 +26,8 @@ async def audit(ctl: Ctl) -> int:
         except BusError as exc:
             return f"{service}: {exc}"
 
-    answers = await asyncio.gather(*(one(s) for s in topology.SERVICES))
+    services = [a.service] if a.service else topology.SERVICES
+    answers = await asyncio.gather(*(one(s) for s in services))
     missing = [a for a in answers if isinstance(a, str)]
     entries = sorted((e for a in answers if not isinstance(a, str) for e in a), key=lambda e: e.at)[
         -ask.limit :
@@ -50,5 +50,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--operator", help="only this operator's requests (the broker user)")
     p.add_argument("--cell", help="only requests about this cell")
     p.add_argument("--target", help="only requests about this release version, flag or operator")
+    p.add_argument("--service", choices=topology.SERVICES, help="only this service's log")
     p.add_argument("--limit", type=int, default=200, help="the newest N entries (default 200)")
     p.set_defaults(run=audit)

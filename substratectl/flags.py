@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import times
 from common.flags import Flag
 from common.requests.flags import (
     Answer,
@@ -24,7 +25,6 @@ from common.requests.flags import (
     HistoryEntry,
     Preview,
 )
-from substratectl import times
 from substratectl.context import Ctl, read_flag_file
 from substratectl.output import emit_yaml, fields, table
 

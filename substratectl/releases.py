@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import times
 from common.requests.rollout import (
     ReleaseList,
     ReleasePublish,
@@ -12,7 +13,6 @@ from common.requests.rollout import (
     ReleaseShow,
     RolloutPlan,
 )
-from substratectl import times
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.output import fields, table
 from substratectl.rollouts import plan_text

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.live import Live
 from rich.text import Text
 
+from common import times
 from common.fields import printable
 from common.requests import Request
 from common.requests.rollout import (
@@ -35,7 +36,6 @@ from common.requests.rollout import (
     StagePolicy,
 )
 from common.vocabulary import FINISHED_STATES, STAGES
-from substratectl import times
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.output import console, fields, on_terminal, plain, table
 

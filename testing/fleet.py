@@ -113,6 +113,8 @@ class Fleet:
         maintenance: bool = False,
         health: str = "",
         required: bool = False,
+        security: bool = False,
+        deadline: str | None = None,
     ) -> str:
         """Publish release ``patch``; ``health``: the release file's ``health`` (YAML)."""
         version = self.version(patch)
@@ -126,6 +128,8 @@ class Fleet:
             f"  - name: server\n    image: {HOST}/substrate/server\n    digest: {digest}\n"
             f"    requires_maintenance: {str(maintenance).lower()}\n"
             + (f"health: {health}\n" if health else "")
+            + f"security: {str(security).lower()}\n"
+            + (f"deadline: {deadline}\n" if deadline else "")
         )
         code, _, err = await self.procs.ctl("release", "publish", str(path))
         assert code == 0, err

@@ -58,6 +58,9 @@ class ReleaseFile(BaseModel):
     health: HealthFile | None = None
     # A cell behind a required release installs it before anything newer (an upgrade path).
     required: bool = False
+    # A security release, and a deadline (an SLA): no customer's deferral holds a cell past it.
+    security: bool = False
+    deadline: AwareDatetime | None = None
 
     @field_validator("components")
     @classmethod
@@ -76,6 +79,8 @@ class ReleaseFile(BaseModel):
             notes=self.notes,
             health=self.health.wire() if self.health else None,
             required=self.required,
+            security=self.security,
+            deadline=self.deadline,
         )
 
 
@@ -202,6 +207,10 @@ class RolloutPolicy(BaseModel):
     # Which releases wait for a cell's maintenance window (`substratectl windows`): those
     # whose components require maintenance, or also every release to a dedicated cell.
     window_releases: Literal["requires_maintenance", "all_to_dedicated"] = "requires_maintenance"
+    # A customer may defer their cell's updates (cell-agent defer) for at most this long; a
+    # security release goes through a deferral this long after it is published.
+    max_deferral_days: float = Field(default=7, gt=0, le=90)
+    security_deadline_days: float = Field(default=2, ge=0, le=90)
 
     def default_checks(self) -> tuple[dict[str, Any], ...]:
         return tuple(c.model_dump(exclude_none=True) for c in self.health_checks)
@@ -280,6 +289,10 @@ class RolloutView(Response):
     approved: dict[str, str] = Field(default_factory=dict)
     # Stage -> when it starts (a scheduled start).
     starts_at: dict[str, str] = Field(default_factory=dict)
+    # Cells whose customer deferred updates, and until when (this release's deadline, if it
+    # has one, overrides a deferral once it has passed).
+    deferred: dict[str, str] = Field(default_factory=dict)
+    deadline: str | None = None
 
 
 class Explanation(Response):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from common import redis_client
+from common.audit import AuditLog
 from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.fleet import FleetView
@@ -13,6 +16,7 @@ from common.settings import ServiceSettings
 from common.wiring import Consumed, Wiring
 from services.rollout import handlers, windows
 from services.rollout.controller import Controller
+from services.rollout.deferrals import Deferrals
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import DIRTY, LEASE, PREFIX, RolloutStore
 
@@ -35,12 +39,15 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
     async def send(message: Message) -> None:
         await bus.publish(message)
 
+    audit = AuditLog(redis, PREFIX + "audit", clock, timedelta(days=own.audit_retention_days))
+    deferrals = Deferrals(store, clock, audit, send, controller.wake)
     deps = handlers.Deps(
         store=store,
         clock=clock,
         wake=controller.wake,
         outcome=controller.outcome_reported,
         send=send,
+        defer=deferrals.on_defer,
     )
     return Wiring(
         redis=redis,
@@ -51,5 +58,6 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         ],
         answers=[*handlers.rpc_routes(deps), *windows.rpc_routes(deps)],
         roles=roster.role_of,
+        audit=audit,
         loops={"controller": controller.run},
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
 from common.clock import Clock
@@ -88,6 +88,8 @@ class Deps:
     outcome: Callable[..., None] = _no_count
     # Publishes a command to a cell (a desired state re-sent on sync).
     send: Callable[[Message], Awaitable[None]] | None = None
+    # Decides a customer's deferral, which comes in a sync (services/rollout/deferrals.py).
+    defer: Callable[[CellSync, Delivery], Awaitable[None]] | None = None
 
 
 # -- releases -------------------------------------------------------------------------------------
@@ -143,7 +145,13 @@ async def release_publish(req: ReleasePublish, delivery: Delivery, deps: Deps) -
         at=now,
         by=by,
         event=ReleasePublished(at=now, release=release),
-        rollout=new_rollout(release, now, by=by, starts_at=req.starts_at),
+        rollout=new_rollout(
+            release,
+            now,
+            by=by,
+            starts_at=req.starts_at,
+            security_deadline=timedelta(days=(await deps.store.policy()).security_deadline_days),
+        ),
     )
     if not published:
         raise RpcFailure(
@@ -205,6 +213,10 @@ async def on_cell_sync(msg: CellSync, delivery: Delivery, deps: Deps) -> None:
     """A cell asks for its desired state (after a reconnect, at start, periodically): sent
     again if it has not applied it. Level-triggered, so a copy it already has is harmless."""
     refuse_foreign_sender(msg, delivery)
+    if msg.reason == "defer":
+        if deps.defer is not None:
+            await deps.defer(msg, delivery)
+        return
     cell = await deps.store.cell(msg.cell_id)
     if cell is None or cell.desired_generation is None:
         # Nothing sent yet: a first install, if one is due, comes with the next step (as for
@@ -300,6 +312,15 @@ def _rollout_view(
         published_by=r.published_by,
         approved=dict(r.approved),
         starts_at={stage: at.isoformat() for stage, at in r.starts_at},
+        deferred={
+            c.id: c.deferred_until.isoformat()
+            for c in cells
+            if c.deferred_until is not None
+            and now < c.deferred_until
+            and not (r.deadline is not None and now >= r.deadline)
+            and r.version != c.installed_release
+        },
+        deadline=r.deadline.isoformat() if r.deadline else None,
     )
 
 

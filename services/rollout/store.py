@@ -9,7 +9,8 @@ rollout:policy               string: the rollout policy (JSON; absent: the defau
 rollout:windows              hash: cell:<id> or org:<org> -> its maintenance windows (JSON)
 rollout:cell:<id>            hash: the desired state rollout last sent the cell (with the
                              bake it asked for and the incarnation it went to), the cell's
-                             last report on it and its verdict, and an operator's pin
+                             last report on it and its verdict, an operator's pin and the
+                             customer's deferral
 rollout:cells                set: every cell with a rollout:cell hash
 rollout:dirty                set: cells changed by something other than the controller since
                              its last step (facts, outcome reports, pins): what it reloads
@@ -73,6 +74,10 @@ class FenceLost(Exception):
     """The controller's lease is held by someone else; this holder must stop writing."""
 
 
+# An operator's pin and the customer's deferral outlive a re-bootstrap of the cell.
+KEPT_ACROSS_INCARNATIONS = ("pinned", "deferred_until", "deferral_reason")
+
+
 def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
     def opt(key: str) -> str | None:
         return own.get(key) or None
@@ -81,7 +86,7 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
     if own.get("incarnation", "") != (cell.incarnation or "") and own.get("incarnation"):
         # What was sent, and reported, was for an earlier incarnation of the cell (it was
         # bootstrapped again with an empty state directory): this one has none of it.
-        own = {k: v for k, v in own.items() if k == "pinned"}
+        own = {k: v for k, v in own.items() if k in KEPT_ACROSS_INCARNATIONS}
     gen = own.get("desired_generation")
     report_gen = own.get("report_generation")
     # Built without validating again: a step reads every cell, and validation was most of its
@@ -112,6 +117,10 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         if own.get("report_at")
         else None,
         incarnation=cell.incarnation,
+        deferred_until=datetime.fromtimestamp(float(own["deferred_until"]), UTC)
+        if own.get("deferred_until")
+        else None,
+        deferral_reason=opt("deferral_reason"),
     )
 
 
@@ -198,6 +207,22 @@ class RolloutStore:
         change = (
             Change()
             .hset(CELL + cell_id, {"pinned": version})
+            .run("SADD", CELLS, cell_id)
+            .run("SADD", DIRTY, cell_id)
+        )
+        await self._changes.apply(change)
+
+    async def set_deferral(self, cell_id: str, until: datetime | None, reason: str) -> None:
+        """The customer's deferral of the cell's updates (None: none)."""
+        change = (
+            Change()
+            .hset(
+                CELL + cell_id,
+                {
+                    "deferred_until": until.timestamp() if until else None,
+                    "deferral_reason": reason if until else None,
+                },
+            )
             .run("SADD", CELLS, cell_id)
             .run("SADD", DIRTY, cell_id)
         )

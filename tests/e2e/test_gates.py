@@ -3,6 +3,10 @@ dedicated, and maintenance windows (opened by moving the rollout service's clock
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -137,3 +141,50 @@ def _bad(tmp_path: Path) -> Path:
         '  - days: [mon]\n    start: "01:00"\n    duration_minutes: 30\n'
     )
     return path
+
+
+async def _defer(cell_state: Path, *args: str) -> tuple[int, str, str]:
+    """``cell-agent defer ARGS`` as the customer runs it: the state directory alone."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cell_agent", "defer", *args,
+        env={"PATH": os.environ["PATH"], "CELL_STATE_DIR": str(cell_state)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.e2e
+async def test_a_customer_defers_within_the_budget_and_a_security_deadline_overrides_it(
+    fleet: Fleet,
+) -> None:
+    procs = fleet.procs
+    staging = await fleet.add("staging")
+    (dedicated,) = await fleet.add("dedicated")
+    code, out, err = await _defer(dedicated.state, "--until", "30d", "--reason", "quarter end")
+    assert code == 1 and "past the vendor's budget of 7 days" in err, (out, err)
+    code, out, err = await _defer(dedicated.state, "--until", "3d", "--reason", "quarter end")
+    assert code == 0 and "deferred until" in out, err
+
+    version = await fleet.publish(1)
+    await fleet.wait_state(version, "completed")
+    await fleet.wait_installed(staging, version)
+    assert await fleet.installed(dedicated) is None
+    status = await fleet.status(version)
+    assert list(status["deferred"]) == [dedicated.id]
+    said = await fleet.explain(dedicated)
+    assert said["reason"] == "deferred" and "quarter end" in said["explanation"]
+
+    # A security release with a deadline a few seconds away goes through the deferral then.
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    urgent = await fleet.publish(2, security=True, deadline=deadline.isoformat())
+    await fleet.wait_installed([dedicated], urgent, timeout=60)
+    assert datetime.now(UTC) >= deadline
+    # Both sides audited it: the control plane's log, and the cell's own.
+    code, out, err = await procs.ctl("audit", "--cell", dedicated.id, "--service", "rollout")
+    assert code == 0, err
+    defer = [(e["method"], e["result"]) for e in out["entries"] if e["service"] == "rollout"]
+    assert defer == [("cell.defer", "refused"), ("cell.defer", "ok")]
+    log = (dedicated.state / "deferral" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in log] == ["request", "answer"] * 2

@@ -303,9 +303,9 @@ async def test_a_quiet_fleet_is_not_stepped_over_again_until_something_changes(
     is still acted on at the next step."""
     looked: list[int] = []
 
-    def counting(cells: list[Any], rollouts: list[Any], *args: Any) -> Any:
+    def counting(cells: list[Any], rollouts: list[Any], *args: Any, **kwargs: Any) -> Any:
         looked.append(len(cells))
-        return catch_up(cells, rollouts, *args)
+        return catch_up(cells, rollouts, *args, **kwargs)
 
     monkeypatch.setattr(controller_module, "catch_up", counting)
     clock = FakeClock()

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from common.times import ago, at
 from substratectl.cli import output_options_first
-from substratectl.times import ago, at
 
 
 def test_output_options_are_taken_after_the_command_too() -> None:

@@ -46,6 +46,9 @@ class CellFacts(BaseModel):
     report_at: datetime | None = None
     # The agent's incarnation (a re-bootstrapped cell has a new one, and nothing it was sent).
     incarnation: str | None = None
+    # The customer deferred updates until then (cell-agent defer), and why.
+    deferred_until: datetime | None = None
+    deferral_reason: str | None = None
 
 
 # The controller compares a fleet's few versions for every cell on every step.

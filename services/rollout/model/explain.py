@@ -35,6 +35,14 @@ class Situation:
     windows: Windows | None = None
 
     @cached_property
+    def deferred(self) -> bool:
+        return (
+            self.newest is not None
+            and self.windows is not None
+            and self.windows.deferred(self.cell, self.newest.version, self.now)
+        )
+
+    @cached_property
     def window_opens(self) -> datetime | None:
         """When the cell's maintenance window opens, if the newest release waits for it."""
         if self.newest is None or self.windows is None:
@@ -272,6 +280,16 @@ CASES: tuple[Case, ...] = (
         "paused",
         lambda s: s.newest is not None and s.newest.state == "paused",
         _halt_reason,
+        _newest,
+    ),
+    Case(
+        "deferred",
+        lambda s: s.deferred,
+        lambda s: (
+            f"{s.cell.id}'s customer deferred updates until"
+            f" {s.cell.deferred_until.isoformat() if s.cell.deferred_until else '-'}"
+            f" ({s.cell.deferral_reason or 'no reason given'}); {s.v} reaches it then."
+        ),
         _newest,
     ),
     Case(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +23,8 @@ class Rollout(BaseModel):
     required: bool = False
     # A component requires maintenance: a cell with windows gets it inside one only.
     requires_maintenance: bool = False
+    # Past this, no customer's deferral holds it (a security release's, or the release's own).
+    deadline: datetime | None = None
     state: RolloutState = "in_progress"
     stage: Stage = "staging"
     # The current stage's waves, fixed when the stage starts (None: not started yet).
@@ -67,13 +69,23 @@ class Rollout(BaseModel):
 
 
 def new_rollout(
-    release: Release, now: datetime, *, by: str = "", starts_at: datetime | None = None
+    release: Release,
+    now: datetime,
+    *,
+    by: str = "",
+    starts_at: datetime | None = None,
+    security_deadline: timedelta | None = None,
 ) -> Rollout:
+    deadline = release.deadline
+    if release.security and security_deadline is not None:
+        own = now + security_deadline
+        deadline = own if deadline is None else min(deadline, own)
     return Rollout(
         version=release.version,
         reversible=release.reversible,
         required=release.required,
         requires_maintenance=any(c.requires_maintenance for c in release.components),
+        deadline=deadline,
         published_by=by,
         starts_at=(("staging", starts_at),) if starts_at is not None else (),
         created_at=now,

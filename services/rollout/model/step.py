@@ -272,6 +272,10 @@ class _Stepper:
                 judged = CellFailure(cell_id=cell_id, error=failure_of(cell, progress, policy))
                 (failures if stage_policy.inconclusive == "fail" else inconclusive).append(judged)
         for cell in pending:
+            if self.windows.deferred(cell, r.version, self.now):
+                # Its customer deferred updates: the wave goes on without it, and it catches
+                # up once the deferral ends (model/catch_up.py).
+                continue
             if self.windows.hold(cell, r.version, self.now):
                 # Outside its maintenance window: the wave waits for it (waves keep their
                 # order, and the canary stays first).
