@@ -91,6 +91,21 @@ for _ in $(seq 1 60); do
 done
 "$BIN/substratectl" status || echo "(some services are not up yet; see $DEV_DIR/*.log)"
 
+# A demo operator with the admin role, a broker user of its own (its password is shown once, so
+# its URL is kept in $DEV_DIR; one whose URL was lost is made again); the local broker's guest
+# stays an admin too (SUBSTRATE_ADMINS).
+if [ ! -s "$DEV_DIR/op-demo.url" ]; then
+  setup_ctl operators remove demo >/dev/null 2>&1 || true
+  if setup_ctl --json operators add demo --role admin >"$DEV_DIR/op-demo.json" 2>"$DEV_DIR/op-demo.err"; then
+    "$BIN/python" -c 'import json, os, sys; from common import broker_urls; a = json.load(open(sys.argv[1]))
+print(broker_urls.with_credentials(os.environ["SUBSTRATE_AMQP_URL"], a["name"], a["password"]))' \
+      "$DEV_DIR/op-demo.json" >"$DEV_DIR/op-demo.url"
+  else
+    echo "(the demo operator was not added; see $DEV_DIR/op-demo.err)"
+  fi
+fi
+[ -s "$DEV_DIR/op-demo.url" ] && echo "demo admin op-demo: SUBSTRATE_AMQP_URL=\$(cat $DEV_DIR/op-demo.url)"
+
 # The demo fleet, as customers would run it: each cell created (its agent URL is shown only
 # once, so it is kept in $DEV_DIR for the next make dev), its bootstrap stack from the
 # template's first version (the emulator starts empty), and its agent.
@@ -134,7 +149,7 @@ echo
 echo "Try: $BIN/substratectl cells list; $BIN/substratectl release publish $DEV_DIR/demo-release.yaml"
 echo "     $BIN/substratectl rollout watch   (staging, saas, then dedicated: canary and two waves)"
 echo "     $BIN/substratectl flags set $DEV_DIR/demo-flag.yaml; curl -s 127.0.0.1:$AGENT_BASE/flags/new-editor"
-echo "     $BIN/substratectl infra status"
+echo "     $BIN/substratectl infra status; $BIN/substratectl audit --since 1h"
 echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest); Prometheus: http://127.0.0.1:$PROMETHEUS_PORT"
 echo "Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
