@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellUpgrade
-from common.topology import Binding, Topology, consuming_queue
+from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
 from testing.broker import read_all
 from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
 from testing.polling import eventually
 from testing.processes import Proc, Processes, Service, start_rollout
+from testing.services import Services
 from testing.versions import fresh_minor
 
 HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
@@ -174,6 +176,18 @@ class Fleet:
         code, result, err = await self.procs.ctl("rollout", "explain", cell.id)
         assert code == 0, err
         return dict(result)
+
+
+async def forget_rollouts(services: Services) -> None:
+    """Rollout's keys and queues emptied: a rollout service started next knows only what the
+    test makes."""
+    redis = aioredis.from_url(services.redis_url)
+    keys = [k async for k in redis.scan_iter("rollout:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+    for queue in SERVICE_QUEUES["rollout"]:
+        await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
 
 
 async def quick_fleet(procs: Processes, moto: str, root: Path, bus: RabbitBus, **env: str) -> Fleet:

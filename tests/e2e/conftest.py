@@ -7,11 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
-from common.topology import SERVICE_QUEUES
-from testing.fleet import Fleet, quick_fleet
+from testing.fleet import Fleet, forget_rollouts, quick_fleet
 from testing.processes import Processes, Registry, running_processes, start_registry
 from testing.services import Services, declare_control_plane
 
@@ -49,13 +47,7 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     """A registry and a rollout service that know only this test's cells and releases: the
     session's earlier cells and releases are forgotten by rollout (its keys and queues)."""
-    redis = aioredis.from_url(services.redis_url)
-    keys = [k async for k in redis.scan_iter("rollout:*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
-    for queue in SERVICE_QUEUES["rollout"]:
-        await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
+    await forget_rollouts(services)
     await start_registry(procs)
     f = await quick_fleet(procs, moto, tmp_path, bus)
     await f.tap()

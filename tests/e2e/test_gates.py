@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
-from common.topology import SERVICE_QUEUES
-from testing.fleet import POLICY, Fleet, quick_fleet, write
+from testing.fleet import POLICY, Fleet, forget_rollouts, quick_fleet, write
 from testing.operators import add_operator
 from testing.polling import eventually
 from testing.processes import Processes, start_registry
@@ -30,13 +28,7 @@ async def clock_fleet(
     procs: Processes, services: Services, moto: str, tmp_path: Path, bus: RabbitBus
 ) -> AsyncIterator[tuple[Fleet, Path]]:
     """The conftest's fleet, its rollout service's wall clock moved by a skew file."""
-    redis = aioredis.from_url(services.redis_url)
-    keys = [k async for k in redis.scan_iter("rollout:*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
-    for queue in SERVICE_QUEUES["rollout"]:
-        await services.api.call("DELETE", f"/queues/{services.vhost}/{queue.name}/contents")
+    await forget_rollouts(services)
     await start_registry(procs)
     skew = tmp_path / "rollout.skew"
     skew.write_text("0")

@@ -29,6 +29,12 @@ ALICE = f"alice-{uuid.uuid4().hex[:6]}"
 BOB = f"bob-{uuid.uuid4().hex[:6]}"
 CAROL = f"carol-{uuid.uuid4().hex[:6]}"
 
+RELEASE = f"""
+version: 2026.1.1
+components:
+  - {{name: server, image: registry.example/server, digest: "sha256:{"a" * 64}"}}
+"""
+
 FLAG = """
 key: {key}
 owner: team-editor
@@ -44,6 +50,26 @@ async def _audit(procs: Processes, *args: str) -> list[dict[str, Any]]:
     assert out["missing"] == []
     entries: list[dict[str, Any]] = out["entries"]
     return entries
+
+
+async def _a_viewer_cannot_write(
+    procs: Processes, viewer: dict[str, str], flag: str, tmp_path: Path
+) -> None:
+    """Publish, set a flag, pause, approve, manage operators: each refused in one line naming
+    the role it needs."""
+    code, _, err = await procs.ctl("flags", "set", flag, **viewer)
+    assert code == 1 and f"op-{ALICE} is a viewer: flags.set needs the operator role" in err, err
+    release = write(tmp_path / "r.yaml", RELEASE)
+    for args, method, role in (
+        (["rollout", "pause", "2026.1.1"], "rollout.pause", "operator"),
+        (["release", "publish", release], "release.publish", "operator"),
+        (["rollout", "approve", "2026.1.1"], "rollout.approve", "operator"),
+        (["flags", "approve", "editor"], "flags.approve", "operator"),
+        (["operators", "add", "mallory", "--role", "admin"], "operators.add", "admin"),
+    ):
+        code, _, err = await procs.ctl(*args, **viewer)
+        assert code == 1 and f"{method} needs the {role} role" in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.e2e
@@ -70,13 +96,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
 
     await eventually(reads_everywhere, timeout=30, interval=0.3, what="the roster everywhere")
 
-    # A viewer cannot write; the refusal is one line naming the role needed.
-    code, _, err = await procs.ctl("flags", "set", flag, **viewer)
-    assert code == 1 and f"op-{ALICE} is a viewer: flags.set needs the operator role" in err, err
-    code, _, err = await procs.ctl("rollout", "pause", "2026.1.1", **viewer)
-    assert code == 1 and "rollout.pause needs the operator role" in err, err
-    code, _, err = await procs.ctl("operators", "add", "mallory", "--role", "admin", **viewer)
-    assert code == 1 and "operators.add needs the admin role" in err, err
+    await _a_viewer_cannot_write(procs, viewer, flag, tmp_path)
     # An operator sets flags, and cannot decommission or manage operators.
     code, changed, err = await procs.ctl("flags", "set", flag, **operator)
     assert code == 0 and changed["changed"], err
