@@ -6,7 +6,6 @@ newer producer's message); a breaking change is a new ``vN+1`` class consumed be
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -537,9 +536,6 @@ class RpcReply(Message):
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of every message, keyed by wire name."""
-    # Messages kept beside the part they belong to register themselves when imported.
-    importlib.import_module("common.operators")
-    importlib.import_module("common.deferrals")
     names = sorted(MESSAGES)
     _, schema = models_json_schema(
         [(MESSAGES[name], "validation") for name in names],

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 from dataclasses import dataclass
 
-from common import topology
+# Messages kept beside their parts register their wire names when imported; the contract
+# printed here holds them too.
+from common import deferrals, operators, topology
 from common.bus.errors import BusError
 from common.messages import MESSAGES
 from common.messages import json_schema as message_schema
@@ -14,6 +16,8 @@ from common.requests import REQUESTS, ServiceStatus, Status
 from common.requests import json_schema as request_schema
 from substratectl.context import Ctl
 from substratectl.output import emit_json, table
+
+_BESIDE = (deferrals.DeferralDecided, operators.OperatorsRoster)
 
 
 async def schema(ctl: Ctl) -> int:

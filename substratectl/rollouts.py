@@ -57,9 +57,22 @@ def plan_text(result: Plan) -> str:
         lines.append(f"  health checks: {', '.join(result.checks)}; bake: {bakes}")
     else:
         lines.append("  health checks: none (a cell counts as updated once it applies it)")
-    waits = [{"cell": c, "not before": t} for c, t in sorted(result.not_before.items())]
-    if waits:
-        lines += ["", "waiting for their maintenance window:", table(waits, ["cell", "not before"])]
+    when = [
+        {"cell": c, "sent at": t, "window": result.not_before.get(c, "-")}
+        for c, t in sorted(result.predicted.items(), key=lambda pair: (pair[1], pair[0]))
+    ]
+    if when:
+        lines += [
+            "",
+            "predicted, if the rollout started now and every cell applied it at once"
+            " (window: when a held cell's maintenance window opens):",
+            table(when, ["cell", "sent at", "window"]),
+        ]
+    if result.waits_for_approval:
+        lines.append(
+            f"{result.waits_for_approval} and the stages after it wait for an approval"
+            " (rollout approve): no time is predicted for their cells"
+        )
     paths = [{"cell": c, "path": " -> ".join(p)} for c, p in sorted(result.paths.items())]
     if paths:
         lines += ["", "upgrade paths (required releases first):", table(paths, ["cell", "path"])]

@@ -246,6 +246,11 @@ class Plan(Response):
     # Cells that wait for their maintenance window for this release: when it opens next
     # (no sooner than that is it sent them; waves, soaks and bakes may make it later).
     not_before: dict[str, str] = Field(default_factory=dict)
+    # When each cell would be sent it if the rollout started now and every cell applied it at
+    # once (model/plan.py predict); cells of a stage waiting for approval, and after, have none.
+    predicted: dict[str, str] = Field(default_factory=dict)
+    # The first stage whose start waits for an approval (the prediction stops there).
+    waits_for_approval: str | None = None
 
 
 class Halt(BaseModel):

@@ -60,6 +60,7 @@ from services.rollout.model import (
     newest_first,
     pause,
     plan,
+    predict,
     promote,
     required_versions,
     resume,
@@ -270,12 +271,26 @@ async def rollout_plan(req: RolloutPlan, delivery: Delivery, deps: Deps) -> Plan
     }
     health = {stage: health_for(release, policy, stage) for stage in STAGE_ORDER}
     checks = next((h.checks for h in health.values() if h is not None), ())
+    bakes = {s: h.bake_seconds for s, h in health.items() if h is not None}
+    own = next((r for r in rollouts if r.version == release.version), None)
+    predicted, gated = predict(
+        result,
+        cells,
+        policy,
+        windows,
+        now,
+        bakes=bakes,
+        starts_at=dict(own.starts_at) if own else None,
+        approved=[stage for stage, _ in own.approved] if own else (),
+    )
     return result.model_copy(
         update={
             "refused": refused,
             "checks": [str(c.get("name")) for c in checks],
-            "bake_seconds": {s: h.bake_seconds for s, h in health.items() if h is not None},
+            "bake_seconds": bakes,
             "not_before": not_before,
+            "predicted": {c: t.isoformat() for c, t in predicted.items()},
+            "waits_for_approval": gated,
         }
     )
 

@@ -108,6 +108,7 @@ async def test_a_cell_outside_its_window_waits_for_it_while_one_inside_updates(
     await fleet.wait_installed([inside], version)
     code, planned, _ = await procs.ctl("rollout", "plan", version)
     assert planned["not_before"] == {outside.id: opens.isoformat()}
+    assert planned["predicted"] == {outside.id: opens.isoformat()}
     said = await fleet.explain(outside)
     assert said["reason"] == "waiting_for_window"
     assert f"waits for its window at {opens.isoformat()}" in said["explanation"]

@@ -50,7 +50,7 @@ from services.rollout.model.cells import (
 from services.rollout.model.explain import explain
 from services.rollout.model.health import health_for
 from services.rollout.model.path import next_step, path, required_versions
-from services.rollout.model.plan import plan, skip_reason, split_waves
+from services.rollout.model.plan import plan, predict, skip_reason, split_waves
 from services.rollout.model.rollout import Rollout, new_rollout
 from services.rollout.model.step import Assign, Decision, stage_counts, step, superseded
 
@@ -85,6 +85,7 @@ __all__ = [
     "path",
     "pause",
     "plan",
+    "predict",
     "promote",
     "required_versions",
     "resume",

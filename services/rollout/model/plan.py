@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
-from common.requests.rollout import Plan, WavePolicy
+from common.requests.rollout import Plan, RolloutPolicy, WavePolicy
 from common.versions import SemVer
-from common.vocabulary import STAGES, SkipReason
+from common.vocabulary import STAGES, SkipReason, Stage
 from services.rollout.model.cells import CellFacts
 from services.rollout.model.path import path
+from services.rollout.model.windows import Windows
 
 
 def _order_key(version: str, cell_id: str) -> str:
@@ -81,3 +83,44 @@ def plan(
         for stage, ids in by_stage.items()
     }
     return Plan(version=version, stages=stages, skipped=skipped, paths=paths)
+
+
+def predict(
+    plan_: Plan,
+    cells: list[CellFacts],
+    policy: RolloutPolicy,
+    windows: Windows,
+    now: datetime,
+    *,
+    bakes: Mapping[Stage, float],
+    starts_at: Mapping[Stage, datetime] | None = None,
+    approved: Sequence[str] = (),
+) -> tuple[dict[str, datetime], str | None]:
+    """When each planned cell would be sent the release if its rollout started ``now`` and
+    every cell applied it at once: the stages and waves in order, each wave waiting for its
+    cells' maintenance windows (a deferred cell when its deferral ends, without holding its
+    wave), then its bake, then the soak before the next; and a stage's scheduled start. A
+    stage that waits for an approval ends the prediction there (the second value says which)."""
+    by_id = {c.id: c for c in cells}
+    when: dict[str, datetime] = {}
+    t = now
+    waves = [(stage, wave) for stage in STAGES for wave in plan_.stages.get(stage, [])]
+    for i, (stage, wave) in enumerate(waves):
+        first = i == 0 or waves[i - 1][0] != stage
+        if first:
+            t = max(t, (starts_at or {}).get(stage, t))
+            if stage in policy.approval_stages and stage not in approved:
+                return when, stage
+        end = t
+        for cell_id in wave:
+            cell = by_id[cell_id]
+            at = windows.opens(cell, plan_.version, t) or t
+            if windows.deferred(cell, plan_.version, at) and cell.deferred_until is not None:
+                when[cell_id] = max(at, cell.deferred_until)
+                continue  # a deferred cell does not hold its wave
+            when[cell_id] = at
+            end = max(end, at)
+        t = end + timedelta(seconds=bakes.get(stage, 0.0))
+        if i + 1 < len(waves):
+            t += timedelta(seconds=policy.soak_seconds.of(stage))
+    return when, None
