@@ -21,6 +21,7 @@ from pydantic import Field
 from common.fields import WireInt
 from common.messages import Delivery, Event, wire
 from common.routes import Route
+from common.scripts import Change, Changes
 from common.vocabulary import ROLES, Role
 
 
@@ -63,15 +64,6 @@ class OperatorsRoster(Event):
 # The role of a broker user, or None for one that is no operator.
 RoleSource = Callable[[str], Awaitable[Role | None]]
 
-# KEYS[1] the roster; ARGV[1] its version, ARGV[2] the roster as JSON. Newest wins: a roster
-# redelivered, or one older than a replica already stored, changes nothing.
-_APPLY = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
-if tonumber(ARGV[1]) <= current then return 0 end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'operators', ARGV[2])
-return 1
-"""
-
 
 class RosterView:
     """A service's copy of the registry's roster, in its own Redis (so each replica reads the
@@ -81,11 +73,17 @@ class RosterView:
     def __init__(self, redis: aioredis.Redis, key: str) -> None:
         self._redis = redis
         self._key = key
-        self._apply = redis.register_script(_APPLY)
+        self._changes = Changes(redis)
 
     async def apply(self, roster: OperatorsRoster) -> bool:
-        operators = json.dumps(roster.operators)
-        return bool(await self._apply(keys=[self._key], args=[roster.version, operators]))
+        """Newest wins: a roster redelivered, or older than one a replica already stored,
+        changes nothing."""
+        change = (
+            Change()
+            .if_newer(self._key, "version", roster.version)
+            .hset(self._key, {"version": roster.version, "operators": json.dumps(roster.operators)})
+        )
+        return (await self._changes.apply(change)).written
 
     async def role_of(self, user: str) -> Role | None:
         raw = await self._redis.hget(self._key, "operators")

@@ -9,7 +9,9 @@ says only what is its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -27,9 +29,27 @@ from common.outbox import Outbox
 from common.routes import Route
 from common.settings import ServiceSettings
 
+log = logging.getLogger(__name__)
+
 # A loop a service runs until the event is set.
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, object]]
 Cleanup = Callable[[], Awaitable[None]]
+
+
+def every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> Loop:
+    """A loop that does ``work`` at once and then every ``interval`` seconds until the service
+    stops; a failure is logged and the work tried again at the next interval."""
+
+    async def loop(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await work()
+            except Exception:
+                log.exception("%s failed; trying again in %gs", what, interval)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    return loop
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from services.rollout.model import (
     step,
     superseded,
 )
-from services.rollout.model.windows import NO_WINDOWS
+from services.rollout.model.windows import Windows
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 V1, V2, V3 = "2026.11.1", "2026.11.2", "2026.11.3"
@@ -53,7 +53,7 @@ class Fleet:
         # Set: releases carry health checks, and this is each cell's verdict after its bake
         # (None: still baking).
         self.verdict: Callable[[CellFacts, str], str | None] | None = None
-        self.windows = NO_WINDOWS
+        self.windows = Windows()
 
     def add(self, n: int, stage: str, *, installed: str | None = V1, status: str = "online",
             prefix: str | None = None) -> list[str]:  # fmt: skip

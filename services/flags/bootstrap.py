@@ -9,7 +9,7 @@ from common.bus.rabbit_bus import RabbitBus
 from common.clock import Clock, SystemClock
 from common.operators import RosterView
 from common.settings import ServiceSettings
-from common.wiring import Consumed, Wiring
+from common.wiring import Consumed, Wiring, every
 from services.flags import changes, handlers, metrics
 from services.flags.push import Pusher
 from services.flags.settings import FlagsSettings
@@ -44,6 +44,10 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         roles=roster.role_of,
         loops={
             "pusher": pusher.run,
-            "due": partial(changes.run_due_forever, deps, own.due_interval_seconds),
+            "due": every(
+                own.due_interval_seconds,
+                partial(changes.run_due, deps),
+                "making timed flag changes",
+            ),
         },
     )

@@ -10,9 +10,7 @@ a replica killed at any point.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import suppress
 from datetime import datetime
 
 from common.bus.errors import RpcFailure
@@ -45,10 +43,13 @@ async def flips_in_approval_stages(flag: Flag, deps: Deps) -> int:
     return sum(c.cells for c in preview.changes if c.stage in deps.approval_stages)
 
 
-async def make(flag: Flag, deps: Deps, *, actor: str, expected: str | None) -> FlagChange:
-    """Write ``flag`` now, read as ``expected``; Conflict if it moved."""
+async def make(
+    flag: Flag, deps: Deps, *, actor: str, expected: str | None, pending: str | None = None
+) -> FlagChange:
+    """Write ``flag`` now, read as ``expected`` (and, with ``pending``, remove the pending
+    change it makes, as read); Conflict if either moved."""
     version = await deps.store.change(
-        flag.key, expected=expected, new=flag, actor=actor, at=deps.clock.now()
+        flag.key, expected=expected, new=flag, actor=actor, at=deps.clock.now(), pending=pending
     )
     deps.changed()
     action = "created" if expected is None else "updated"
@@ -165,17 +166,8 @@ async def flags_approve(req: FlagsApprove, delivery: Delivery, deps: Deps) -> Fl
 
 async def _make_pending(p: PendingChange, raw: str, deps: Deps) -> FlagChange:
     actor = p.asked_by + (f", approved by {p.approved_by}" if p.approved_by else "")
-    version = await deps.store.change(
-        p.key,
-        expected=await deps.store.raw(p.key),
-        new=p.flag,
-        actor=actor,
-        at=deps.clock.now(),
-        pending=raw,
-    )
-    deps.changed()
-    action = "created" if p.base is None else "updated"
-    return FlagChange(key=p.key, changed=True, snapshot_version=version, action=action)
+    expected = await deps.store.raw(p.key)
+    return await make(p.flag, deps, actor=actor, expected=expected, pending=raw)
 
 
 async def flags_cancel(req: FlagsCancel, delivery: Delivery, deps: Deps) -> PendingChange:
@@ -202,16 +194,6 @@ async def run_due(deps: Deps) -> int:
         except Conflict:
             log.info("timed change of %s not made here (made elsewhere, or the flag moved)", key)
     return made
-
-
-async def run_due_forever(deps: Deps, interval: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await run_due(deps)
-        except Exception:
-            log.exception("making timed flag changes failed; retrying")
-        with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
 
 
 def rpc_routes(deps: Deps) -> list[Route]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import suppress
 from functools import partial
 
 import redis.asyncio as aioredis
@@ -15,13 +13,12 @@ from common.clock import Clock, SystemClock
 from common.limits import PerCellLimit
 from common.operators import admins_from
 from common.rabbitmq_api import RabbitApi
-from common.wiring import Consumed, Wiring
+from common.wiring import Consumed, Wiring, every
 from services.registry import handlers
 from services.registry.broker import CellBroker
 from services.registry.operators import (
     Operators,
     OperatorStore,
-    publish_roster_forever,
     rpc_routes,
 )
 from services.registry.settings import RegistrySettings
@@ -49,16 +46,6 @@ def build_deps(
         heartbeat_limit=PerCellLimit(settings.heartbeat_limit_per_second, settings.heartbeat_burst),
         cell_ca=settings.cell_ca_file.read_text() if settings.cell_ca_file else "",
     )
-
-
-async def sweep_forever(deps: handlers.Deps, interval: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await handlers.sweep(deps)
-        except Exception:
-            log.exception("liveness sweep failed; retrying next interval")
-        with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
 
 
 async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None = None) -> Wiring:
@@ -95,9 +82,14 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
         answers=[*handlers.rpc_routes(deps), *rpc_routes(operators)],
         roles=operators.store.role_of,
         loops={
-            "sweep": partial(sweep_forever, deps, settings.sweep_interval),
-            "roster": partial(
-                publish_roster_forever, operators.store, settings.roster_interval_seconds
+            "sweep": every(
+                settings.sweep_interval, partial(handlers.sweep, deps), "liveness sweep"
+            ),
+            # Again and again, for services that started after its last change.
+            "roster": every(
+                settings.roster_interval_seconds,
+                operators.store.publish_roster,
+                "publishing the operators' roster",
             ),
         },
     )

@@ -14,12 +14,10 @@ Redis layout (besides the registry's own, services/registry/store.py):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
 from collections.abc import Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +38,7 @@ from common.requests.operators import (
     OperatorView,
 )
 from common.routes import Route, route
+from common.scripts import Change, Changes
 from common.vocabulary import Role
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,9 @@ log = logging.getLogger(__name__)
 OPERATORS = "registry:operators"
 VERSION = "registry:operators:version"
 # What every operator's broker user may do: publish requests, nothing else.
+# A change is read, decided and written with the version it read; admins at keyboards rarely
+# collide, so a few tries are plenty.
+CHANGE_TRIES = 5
 GRANT = {"configure": "^$", "write": f"^{re.escape(RPC_EXCHANGE)}$", "read": "^$"}
 # The management console shows them the control plane's objects, never a message body.
 TAGS = "management"
@@ -57,13 +59,11 @@ class OperatorStore:
         self._redis = redis
         self._outbox = outbox
         self._clock = clock
+        self._changes = Changes(redis)
 
     async def role_of(self, user: str) -> Role | None:
-        raw = await self._redis.hget(OPERATORS, user)
-        if raw is None:
-            return None
-        view = OperatorView.model_validate_json(raw)
-        return view.role
+        view = await self.get(user)
+        return None if view is None else view.role
 
     async def get(self, user: str) -> OperatorView | None:
         raw = await self._redis.hget(OPERATORS, user)
@@ -82,31 +82,29 @@ class OperatorStore:
 
     async def _change(self, user: str, view: OperatorView | None) -> None:
         """The change (``view`` None removes), a new roster version and the roster event, in
-        one transaction (WATCH: two admins changing operators at once each publish a roster
-        holding both changes)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(OPERATORS, VERSION)
-                    roles = _roles(await pipe.hgetall(OPERATORS))
-                    version = int(await pipe.get(VERSION) or 0) + 1
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    if view is None:
-                        roles.pop(user, None)
-                        pipe.hdel(OPERATORS, user)
-                    else:
-                        roles[user] = view.role
-                        pipe.hset(OPERATORS, user, view.model_dump_json())
-                    pipe.set(VERSION, version)
-                    pipe.rpush(self._outbox.key, outbox_entry(self._event(version, roles)))
-                    await pipe.execute()
-                    return
-                except aioredis.WatchError:
-                    continue
+        one write guarded on the version it read: every change raises the version, so two
+        admins changing operators at once each publish a roster holding both changes."""
+        for _ in range(CHANGE_TRIES):
+            roster = await self.roster()
+            roles = dict(roster.operators)
+            change = Change().expecting_value(VERSION, roster.version or None)
+            if view is None:
+                roles.pop(user, None)
+                change.run("HDEL", OPERATORS, user)
+            else:
+                roles[user] = view.role
+                change.hset(OPERATORS, {user: view.model_dump_json()})
+            event = self._event(roster.version + 1, roles)
+            change.run("SET", VERSION, event.version).push(self._outbox.key, outbox_entry(event))
+            if (await self._changes.apply(change)).written:
+                return
+        raise RpcFailure("busy", "the operators kept changing; try again")
 
     async def roster(self) -> OperatorsRoster:
-        current = await self._redis.hgetall(OPERATORS)
+        # The version first: a change that lands between the two reads then fails the guard
+        # of a write decided on them, rather than being left out of its roster.
         version = int(await self._redis.get(VERSION) or 0)
+        current = await self._redis.hgetall(OPERATORS)
         return self._event(version, _roles(current))
 
     async def publish_roster(self) -> None:
@@ -195,15 +193,3 @@ def rpc_routes(ops: Operators) -> list[Route]:
         route(OperatorsSetRole, operators_set_role, ops),
         route(OperatorsRemove, operators_remove, ops),
     ]
-
-
-async def publish_roster_forever(
-    store: OperatorStore, interval: float, stop: asyncio.Event
-) -> None:
-    while not stop.is_set():
-        try:
-            await store.publish_roster()
-        except Exception:
-            log.exception("could not publish the operators' roster; trying again")
-        with suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)

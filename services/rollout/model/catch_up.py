@@ -10,7 +10,7 @@ from services.rollout.model.cells import CellFacts, at_least
 from services.rollout.model.path import next_step
 from services.rollout.model.rollout import Rollout
 from services.rollout.model.step import Assign
-from services.rollout.model.windows import NO_WINDOWS, Windows
+from services.rollout.model.windows import Windows
 
 _STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES)}
 
@@ -86,7 +86,7 @@ def catch_up(
     retry_seconds: float | None = None,
     required: tuple[str, ...] = (),
     *,
-    windows: Windows = NO_WINDOWS,
+    windows: Windows | None = None,
 ) -> list[Assign]:
     """Desired states for reachable cells that no wave is taking care of: a newly registered
     cell's first install, a cell back from offline or from an infrastructure hold, and a
@@ -95,6 +95,7 @@ def catch_up(
     installs once what it lacked exists. A cell behind a required release is sent that first
     (model/path.py). A release that needs a window reaches a cell inside it only
     (model/windows.py). A cell only ever moves forward here."""
+    windows = windows or Windows()
     newest_first_rollouts = [
         _Reach(r) for r in sorted(rollouts, key=lambda r: r.semver, reverse=True)
     ]

@@ -18,7 +18,7 @@ from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, Stage
 from services.rollout.model.cells import CellFacts, cell_progress, failure_of
 from services.rollout.model.plan import split_waves
 from services.rollout.model.rollout import Rollout
-from services.rollout.model.windows import NO_WINDOWS, Windows
+from services.rollout.model.windows import Windows
 
 # A step moves a rollout as far as it can go now: at most one wave per wave and one start per
 # stage, so the stages and every dedicated wave bound the passes; the rest is headroom for
@@ -108,11 +108,12 @@ class _Stepper:
         now: datetime,
         required: tuple[str, ...] = (),
         *,
-        windows: Windows = NO_WINDOWS,
+        windows: Windows | None = None,
     ) -> None:
         self.r = r
         self.required = required
-        self.windows = windows
+        # Its own when none is given: a view counts what it held back.
+        self.windows = windows or Windows()
         self.by_id = {c.id: c for c in cells}
         self.policy = policy
         self.now = now
@@ -421,7 +422,7 @@ def step(
     now: datetime,
     required: tuple[str, ...] = (),
     *,
-    windows: Windows = NO_WINDOWS,
+    windows: Windows | None = None,
 ) -> Decision:
     """What the controller does next for one rollout: the rollout's new state, the desired
     states to send and the events to announce. Calling it again with the result changes

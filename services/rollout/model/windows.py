@@ -40,8 +40,8 @@ class Windows:
     ) -> Windows:
         """From the stored sets (keys ``cell:<id>`` and ``org:<org>``) and the rollouts."""
         return cls(
-            by_cell={k[5:]: v for k, v in sets.items() if k.startswith("cell:")},
-            by_org={k[4:]: v for k, v in sets.items() if k.startswith("org:")},
+            by_cell={k.removeprefix("cell:"): v for k, v in sets.items() if k.startswith("cell:")},
+            by_org={k.removeprefix("org:"): v for k, v in sets.items() if k.startswith("org:")},
             maintenance=frozenset(r.version for r in rollouts if r.requires_maintenance),
             all_to_dedicated=all_to_dedicated,
             deadlines={r.version: r.deadline for r in rollouts if r.deadline is not None},
@@ -77,6 +77,3 @@ class Windows:
             return False
         self.withheld += 1
         return True
-
-
-NO_WINDOWS = Windows()
