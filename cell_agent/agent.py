@@ -26,6 +26,7 @@ from cell_agent.flags import LocalFlags
 from cell_agent.infra import RequirementFile
 from cell_agent.journal import Journal
 from cell_agent.maintenance import MaintenanceGate
+from cell_agent.ofrep import FlagRoutes
 from cell_agent.pending import (
     Pending,
     PendingDebugAccess,
@@ -62,7 +63,7 @@ from common.messages import (
     SealedRotateCredentials,
     command_queue,
 )
-from common.metrics import MetricsServer, Response
+from common.metrics import MetricsServer
 from common.routes import route
 from common.vocabulary import SyncReason, UpgradePhase
 
@@ -79,9 +80,6 @@ REPORTS = Counter(
     "cell_agent_reports", "Reports published, by kind and outcome", ["kind", "outcome"]
 )
 FLAGS_VERSION = Gauge("cell_agent_flags_snapshot_version", "The flags snapshot the agent holds")
-FLAG_EVALUATIONS = Counter(
-    "cell_agent_flag_evaluations", "Local flag evaluations by flag and reason", ["flag", "reason"]
-)
 
 
 def _tls(settings: AgentSettings) -> ssl.SSLContext | None:
@@ -177,15 +175,6 @@ class Agent:
     @property
     def flags_version(self) -> int | None:
         return self.flags.version or None
-
-    async def route_flags(self, path: str) -> Response:
-        """``GET /flags/KEY``: the same JSON answer as the flags service's."""
-        key = path.rstrip("/").rsplit("/", 1)[-1]
-        answer = self.flags.evaluate(key)
-        FLAG_EVALUATIONS.labels(
-            key if answer.reason != "FLAG_NOT_FOUND" else "(unknown)", answer.reason
-        ).inc()
-        return Response.json(200, answer.as_json())
 
     async def on_flags_broadcast(self, msg: FlagsBroadcast, delivery: Delivery) -> None:
         """A snapshot for every cell. Without attributes of its own yet (a new cell whose first
@@ -436,7 +425,9 @@ class Agent:
         server = MetricsServer(self._health, "127.0.0.1", self.settings.metrics_port)
         server.route("/maintenance", self.gate.route_maintenance)
         server.route("/gate", self.gate.route_gate)
-        server.route("/flags", self.route_flags)
+        answers = FlagRoutes(self.flags)
+        server.route("/flags", answers.flags_route)
+        server.add_routes(answers.ofrep())
         await server.start()
         url = self.state.broker_url(self.settings.amqp_url)
         connecting = asyncio.create_task(

@@ -58,7 +58,7 @@ class MaintenanceGate:
         self.state = MaintenanceState()
         self._save()
 
-    async def route_maintenance(self, path: str) -> Response:
+    async def route_maintenance(self, tail: str) -> Response:
         on = self.is_on()
         return Response.json(
             200,
@@ -71,8 +71,8 @@ class MaintenanceGate:
             },
         )
 
-    async def route_gate(self, path: str) -> Response:
-        action = path.rstrip("/").rsplit("/", 1)[-1]
+    async def route_gate(self, tail: str) -> Response:
+        action = tail.strip("/")
         if action not in GATED_ACTIONS:
             return Response.json(404, {"error": f"unknown action {action!r}"})
         if self.is_on():

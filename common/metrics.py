@@ -1,23 +1,26 @@
 """The metrics and health server every process runs, and the bus's own metrics.
 
-A tiny HTTP/1.1 server on asyncio: it serves /metrics, /healthz and whatever extra GET routes a
-process adds (the cell agent's maintenance gate and flags). It binds to one address only; the
-cell agent binds it to loopback so a cell never listens on its network.
+An aiohttp server: it serves /metrics, /healthz and whatever extra routes a process adds (the
+cell agent's maintenance gate, flags and OFREP). It binds to one address only; the cell agent
+binds it to loopback so a cell never listens on its network.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 log = logging.getLogger(__name__)
+
+# Nothing this server is sent is large: an OFREP request is a small JSON context.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,79 +33,79 @@ class Response:
     def json(cls, status: int, payload: Any) -> Response:
         return cls(status, json.dumps(payload).encode() + b"\n")
 
+    def web(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.body, headers={"Content-Type": self.content_type}
+        )
 
+
+# A GET route's handler gets what follows its prefix, URL-decoded ("" for the prefix itself).
 Route = Callable[[str], Awaitable[Response]]
 HealthCheck = Callable[[], dict[str, Any]]
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz (200 when ``health()['ok']``, else 503) and extra routes.
-
-    A route is matched by the longest registered prefix and gets the full path.
-    """
+    """Serves /metrics, /healthz (200 when ``health()['ok']``, else 503) and extra routes. GET
+    routes answer HEAD too; an unknown path is a JSON 404, a wrong method a JSON 405."""
 
     def __init__(self, health: HealthCheck, host: str = "127.0.0.1", port: int = 0) -> None:
         self._health = health
         self._host = host
         self._port = port
-        self._routes: dict[str, Route] = {}
-        self._server: asyncio.Server | None = None
+        self.app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors])
+        self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/healthz", self._healthz)
+        self._runner: web.AppRunner | None = None
 
     def route(self, prefix: str, handler: Route) -> None:
-        self._routes[prefix] = handler
+        """``GET prefix`` and ``GET prefix/ANYTHING``, before start."""
+
+        async def serve(request: web.Request) -> web.StreamResponse:
+            return (await handler(request.match_info.get("tail", ""))).web()
+
+        prefix = prefix.rstrip("/")
+        self.app.router.add_get(prefix, serve)
+        self.app.router.add_get(prefix + "/{tail:.*}", serve)
+
+    def add_routes(self, routes: Iterable[web.AbstractRouteDef]) -> None:
+        """aiohttp route definitions (other methods than GET), before start."""
+        self.app.add_routes(list(routes))
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "server not started"
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._runner is not None, "server not started"
+        return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        # Every request is not worth a log line; the metrics count what matters.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
         log.info("metrics and health on http://%s:%d/", self._host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
-    async def _respond(self, method: str, path: str) -> Response:
-        if method != "GET":
-            return Response.json(405, {"error": "only GET"})
-        if path == "/metrics":
-            return Response(200, generate_latest(), CONTENT_TYPE_LATEST)
-        if path == "/healthz":
-            state = self._health()
-            return Response.json(200 if state.get("ok") else 503, state)
-        matches = [p for p in self._routes if path == p or path.startswith(p.rstrip("/") + "/")]
-        if matches:
-            return await self._routes[max(matches, key=len)](path)
-        return Response.json(404, {"error": f"no route {path}"})
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        return Response(200, generate_latest(), CONTENT_TYPE_LATEST).web()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed: every route is a GET without a body
-            parts = request_line.decode("latin-1").split()
-            if len(parts) < 2:
-                return
-            response = await self._respond(parts[0], parts[1].split("?", 1)[0])
-            reason = _REASONS.get(response.status, "")
-            writer.write(
-                f"HTTP/1.1 {response.status} {reason}\r\n"
-                f"Content-Type: {response.content_type}\r\n"
-                f"Content-Length: {len(response.body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + response.body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("metrics server failed to answer")
-        finally:
-            writer.close()
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        state = self._health()
+        return Response.json(200 if state.get("ok") else 503, state).web()
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own 404/405/413 as JSON, like every other answer here."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return Response.json(exc.status, {"error": exc.reason}).web()
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ def configure_logging(level: str) -> None:
     # aio-pika logs every reconnect attempt at INFO with a traceback; ours says it once.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    # botocore says at INFO where it found each endpoint and credential, on every client.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:

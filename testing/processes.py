@@ -104,7 +104,7 @@ async def running_processes(services: Services, logs: Path) -> AsyncIterator[Pro
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     raw = await reader.read()
     writer.close()
     head, _, body = raw.decode().partition("\r\n\r\n")

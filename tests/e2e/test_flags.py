@@ -356,3 +356,118 @@ async def test_flag_files_are_checked_history_kept_and_changes_previewed(
     assert code == 1 and f"flag '{key}' does not exist" in err
     code, _, err = await procs.ctl("flags", "eval", key, "--cell", "nobody-here")
     assert code == 1 and "knows no cell" in err
+
+
+THEMED = """
+key: {key}
+owner: team-editor
+description: The editor's theme, by stage
+variants: {{light: light, dark: dark, classic: classic}}
+default_variant: classic
+rules:
+  - name: staging first
+    when: [{{attribute: stage, op: in, values: [staging]}}]
+    serve: dark
+  - name: saas next
+    when: [{{attribute: stage, op: in, values: [saas]}}]
+    serve: light
+"""
+
+
+async def _ofrep(
+    port: int, path: str, body: bytes, **headers: str
+) -> tuple[int, dict[str, str], Any]:
+    """One OFREP request as any HTTP client sends it (the status, headers and JSON body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode()
+        + body
+    )
+    raw = await reader.read()
+    writer.close()
+    top, _, payload = raw.decode().partition("\r\n\r\n")
+    lines = top.split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields, json.loads(payload) if payload else None
+
+
+@pytest.mark.e2e
+async def test_openfeature_and_ofrep_answer_as_flags_eval_does_in_three_cells(
+    procs: Processes, flags_service: Proc, moto: str, tmp_path: Path
+) -> None:
+    from openfeature import api
+    from openfeature.flag_evaluation import FlagEvaluationDetails
+
+    from cell_agent.openfeature_provider import SubstrateProvider
+
+    await start_registry(procs)
+    ports: dict[str, int] = {}
+    for stage in ("staging", "saas", "dedicated"):
+        cell = new_cell_id()
+        created = await create_cell(procs, cell, stage=stage)
+        ports[cell] = free_port()
+        await start_agent(procs, moto, cell, created["amqp_url"], tmp_path / cell,
+                          metrics_port=ports[cell])  # fmt: skip
+    for cell in ports:
+        await eventually(partial(status_is, procs, cell, "online"), timeout=30, interval=0.3)
+    key = f"theme-{next(iter(ports))}"
+    code, result, err = await procs.ctl(
+        "flags", "set", write(tmp_path / "f.yaml", THEMED.format(key=key))
+    )
+    assert code == 0 and result["changed"], err
+    version = result["snapshot_version"]
+    seen = set()
+    for cell, port in ports.items():
+        await eventually(partial(_snapshot_is, port, key, version), timeout=20, interval=0.1,
+                         what=f"snapshot {version} at {cell}'s agent")  # fmt: skip
+        code, central, err = await procs.ctl("flags", "eval", key, "--cell", cell)
+        assert code == 0, err
+        want = (central["value"], central["variant"], central["reason"])
+        seen.add(want)
+
+        status, _, plain = await _ofrep(port, f"/ofrep/v1/evaluate/flags/{key}",
+                                        b'{"context": {"targetingKey": "u-1"}}')  # fmt: skip
+        assert status == 200 and (plain["value"], plain["variant"], plain["reason"]) == want
+        assert plain["metadata"]["snapshotVersion"] == version
+
+        api.set_provider(SubstrateProvider(f"http://127.0.0.1:{port}"))
+        details: FlagEvaluationDetails[str] = await asyncio.to_thread(
+            api.get_client().get_string_details, key, "fallback"
+        )
+        assert (details.value, details.variant, details.reason) == want, details
+        assert details.error_code is None
+    # The three cells' answers differ (a rule per stage, the default for dedicated).
+    assert {v for v, _, _ in seen} == {"dark", "light", "classic"}
+
+    port = next(iter(ports.values()))
+    # Bulk: every flag this cell holds, and 304 while nothing changed.
+    status, headers, bulk = await _ofrep(port, "/ofrep/v1/evaluate/flags", b"{}")
+    assert status == 200 and key in {f["key"] for f in bulk["flags"]}
+    again = await _ofrep(port, "/ofrep/v1/evaluate/flags", b"{}", If_None_Match=headers["ETag"])
+    assert again[0] == 304
+    # The protocol's errors: an unknown flag, a body that is not JSON.
+    status, _, missing = await _ofrep(port, "/ofrep/v1/evaluate/flags/no-such-flag", b"{}")
+    assert status == 404 and missing["errorCode"] == "FLAG_NOT_FOUND"
+    status, _, bad = await _ofrep(port, f"/ofrep/v1/evaluate/flags/{key}", b"{not json")
+    assert status == 400 and bad["errorCode"] == "PARSE_ERROR"
+    # Through the SDK: a missing flag, a type mismatch and a stopped agent give the code's
+    # default with the error named, never an exception in application code.
+    client = api.get_client()
+    api.set_provider(SubstrateProvider(f"http://127.0.0.1:{port}"))
+    gone = await asyncio.to_thread(client.get_boolean_details, "no-such-flag", True)
+    assert gone.value is True and gone.error_code == "FLAG_NOT_FOUND"
+    wrong = await asyncio.to_thread(client.get_integer_details, key, 7)
+    assert wrong.value == 7 and wrong.error_code == "TYPE_MISMATCH"
+    api.set_provider(SubstrateProvider(f"http://127.0.0.1:{free_port()}"))
+    down = await asyncio.to_thread(client.get_string_details, key, "fallback")
+    assert down.value == "fallback" and down.reason == "ERROR"
+    # The agent's own path lists every flag at /flags, and names no flag "flags".
+    status, body = await http_get(port, "/flags/")
+    assert status == 200 and key in {f["key"] for f in json.loads(body)["flags"]}
+
+
+async def _snapshot_is(port: int, key: str, version: int) -> bool:
+    answer = await _answers(port, key)
+    return bool(answer and answer["snapshot_version"] >= version)

@@ -281,15 +281,15 @@ async def test_a_crash_while_applying_resumes_and_reports_one_outcome(
 
 async def test_maintenance_is_time_boxed_even_if_the_agent_dies(cell: Cell) -> None:
     cell.gate.enter("updating")
-    response = await cell.gate.route_gate("/gate/start")
+    response = await cell.gate.route_gate("start")
     assert response.status == 503 and MESSAGE in response.body.decode()
-    assert (await cell.gate.route_gate("/gate/running")).status == 404
+    assert (await cell.gate.route_gate("running")).status == 404
     cell.restart()  # the gate's deadline is on disk
     assert cell.gate.is_on()
     cell.clock.advance(15 * 60 + 1)
     for action in ("start", "stop", "snapshot"):
-        assert (await cell.gate.route_gate(f"/gate/{action}")).status == 200
-    body = json.loads((await cell.gate.route_maintenance("/maintenance")).body)
+        assert (await cell.gate.route_gate(action)).status == 200
+    body = json.loads((await cell.gate.route_maintenance("")).body)
     assert body["maintenance"] is False
 
 

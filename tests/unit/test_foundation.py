@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -87,9 +88,9 @@ def test_a_cell_command_queue_is_bound_to_its_own_id_and_the_broadcast_only() ->
     assert queue.arguments()["x-dead-letter-routing-key"] == "cell.commands.dead"
 
 
-async def _get(port: int, path: str) -> tuple[int, bytes]:
+async def _request(port: int, method: str, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     raw = await reader.read()
     writer.close()
@@ -97,12 +98,16 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+async def _get(port: int, path: str) -> tuple[int, bytes]:
+    return await _request(port, "GET", path)
+
+
 async def test_metrics_server_serves_metrics_health_and_routes() -> None:
     healthy = {"ok": True}
     server = MetricsServer(lambda: dict(healthy))
 
-    async def gate(path: str) -> Response:
-        return Response.json(503, {"path": path})
+    async def gate(tail: str) -> Response:
+        return Response.json(503, {"tail": tail})
 
     server.route("/gate", gate)
     await server.start()
@@ -110,11 +115,18 @@ async def test_metrics_server_serves_metrics_health_and_routes() -> None:
         status, body = await _get(server.port, "/metrics")
         assert status == 200 and b"# HELP" in body
         assert (await _get(server.port, "/healthz"))[0] == 200
+        # A monitor's HEAD is answered as its GET, without the body.
+        assert await _request(server.port, "HEAD", "/healthz") == (200, b"")
         healthy["ok"] = False
         assert (await _get(server.port, "/healthz"))[0] == 503
         status, body = await _get(server.port, "/gate/start")
-        assert status == 503 and b"/gate/start" in body
-        assert (await _get(server.port, "/nowhere"))[0] == 404
+        assert status == 503 and json.loads(body) == {"tail": "start"}
+        # The route gets the path URL-decoded.
+        assert json.loads((await _get(server.port, "/gate/a%20b"))[1]) == {"tail": "a b"}
+        status, body = await _get(server.port, "/nowhere")
+        assert status == 404 and "error" in json.loads(body)
+        status, body = await _request(server.port, "DELETE", "/healthz")
+        assert status == 405 and "error" in json.loads(body)
     finally:
         await server.stop()
 
