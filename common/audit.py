@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any
 
 from common.clock import Clock
 from common.fields import printable
@@ -23,6 +21,10 @@ from common.requests import Request
 from common.requests.audit import AuditList, AuditRecord, AuditResult
 from common.routes import Route
 from common.vocabulary import Role
+
+if TYPE_CHECKING:
+    # Only services hold an audit log; the CLI, which imports the guard's types, needs no Redis.
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,12 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class Response:
         return cls(status, json.dumps(payload).encode() + b"\n")
 
     def web(self) -> web.Response:
+        from aiohttp import web
+
         return web.Response(
             status=self.status, body=self.body, headers={"Content-Type": self.content_type}
         )
@@ -49,10 +53,15 @@ class MetricsServer:
     routes answer HEAD too; an unknown path is a JSON 404, a wrong method a JSON 405."""
 
     def __init__(self, health: HealthCheck, host: str = "127.0.0.1", port: int = 0) -> None:
+        # Imported here: the CLI imports this module (the bus's metrics) but serves nothing.
+        from aiohttp import web
+
         self._health = health
         self._host = host
         self._port = port
-        self.app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors])
+        self.app = web.Application(
+            client_max_size=MAX_REQUEST_BYTES, middlewares=[web.middleware(_json_errors)]
+        )
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/healthz", self._healthz)
         self._runner: web.AppRunner | None = None
@@ -77,6 +86,8 @@ class MetricsServer:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
+        from aiohttp import web
+
         # Every request is not worth a log line; the metrics count what matters.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -95,11 +106,12 @@ class MetricsServer:
         return Response.json(200 if state.get("ok") else 503, state).web()
 
 
-@web.middleware
 async def _json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """aiohttp's own 404/405/413 as JSON, like every other answer here."""
+    from aiohttp import web
+
     try:
         return await handler(request)
     except web.HTTPException as exc:

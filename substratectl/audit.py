@@ -11,7 +11,7 @@ from common import times, topology
 from common.bus.errors import BusError
 from common.requests.audit import AuditList, AuditRecord
 from substratectl.context import Ctl
-from substratectl.output import emit_json, emit_yaml, table
+from substratectl.output import table
 
 COLUMNS = ["at", "operator", "role", "service", "method", "target", "result", "detail"]
 
@@ -19,6 +19,7 @@ COLUMNS = ["at", "operator", "role", "service", "method", "target", "result", "d
 async def audit(ctl: Ctl) -> int:
     a = ctl.args
     ask = AuditList(since=a.since, operator=a.operator, target=a.cell or a.target, limit=a.limit)
+    await ctl.bus()  # no broker is one error, not one per service
 
     async def one(service: str) -> list[AuditRecord] | str:
         try:
@@ -32,12 +33,7 @@ async def audit(ctl: Ctl) -> int:
     entries = sorted((e for a in answers if not isinstance(a, str) for e in a), key=lambda e: e.at)[
         -ask.limit :
     ]
-    if ctl.as_yaml:
-        emit_yaml({"entries": entries, "missing": missing})
-    elif ctl.as_json:
-        emit_json({"entries": entries, "missing": missing})
-    else:
-        print(table(entries, COLUMNS))
+    ctl.show({"entries": entries, "missing": missing}, lambda _: table(entries, COLUMNS))
     for problem in missing:
         # The log is incomplete without that service's part: say so, and fail.
         print(f"substratectl: audit is missing a service's entries: {problem}", file=sys.stderr)

@@ -22,21 +22,14 @@ from common.requests.registry import (
 from common.requests.rollout import CellsPin, CellsUnpin
 from common.vocabulary import CELL_STATUSES, STAGES
 from substratectl.context import Ctl
+from substratectl.conventions import add_watch, add_yes
 from substratectl.output import fields, table
 
 # A page an operator reads on a screen; --all (or --limit) for more.
 DEFAULT_PAGE = 1000
-LIST_COLUMNS = [
-    "id",
-    "stage",
-    "region",
-    "org",
-    "status",
-    "last_heartbeat_at",
-    "agent_version",
-    "installed_release",
-    "flags_behind",
-]
+# The narrow table fits a terminal; -o wide adds the rest.
+LIST_COLUMNS = ["id", "stage", "status", "installed_release", "last_heartbeat_at"]
+WIDE_COLUMNS = ["region", "org", "agent_version", "flags_behind"]
 
 
 def _record(record: CellView) -> str:
@@ -83,9 +76,13 @@ async def list_cells(ctl: Ctl) -> int:
         after = page[-1].id
         if not ctl.as_json:
             print(f"read {len(cells):,} cells ...", file=sys.stderr, flush=True)
-    ctl.show(cells, lambda found: table(found, LIST_COLUMNS))
-    if not ctl.as_json and not args.all and len(cells) == limit:
-        next_page = f"--after {cells[-1].id}"
+    last = cells[-1].id if cells else None
+    if args.status is None:
+        # A decommissioned cell is history, not fleet: shown when asked for by status.
+        cells = [c for c in cells if c.status != "decommissioned"]
+    ctl.show(cells, lambda found: table(found, LIST_COLUMNS, WIDE_COLUMNS))
+    if ctl.output in ("table", "wide") and not args.all and last and len(cells) == limit:
+        next_page = f"--after {last}"
         print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
 
@@ -127,6 +124,10 @@ async def rotate(ctl: Ctl) -> int:
 
 
 async def decommission(ctl: Ctl) -> int:
+    ctl.confirm(
+        f"decommission {ctl.args.id}? Its credentials and queue are deleted and the id is "
+        "never used again"
+    )
     return await ctl.ask(CellsDecommission(id=ctl.args.id), _record)
 
 
@@ -164,7 +165,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--aws-account", help="bind the cell to this 12-digit AWS account now")
     p.set_defaults(run=create)
 
-    p = cmds.add_parser("list", help="list cells")
+    p = cmds.add_parser("list", help="list cells (decommissioned ones with --status only)")
     p.add_argument("--stage", choices=STAGES)
     p.add_argument("--status", choices=CELL_STATUSES)
     p.add_argument(
@@ -177,6 +178,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--after", metavar="CELL_ID", help="the cells after this id (the last of the previous page)"
     )
     p.add_argument("--all", action="store_true", help="every cell, read page by page")
+    add_watch(p)
     p.set_defaults(run=list_cells)
 
     p = cmds.add_parser("show", help="show one cell")
@@ -197,6 +199,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "decommission", help="delete the cell's credentials and queue; keep its record"
     )
     p.add_argument("id")
+    add_yes(p, "decommission")
     p.set_defaults(run=decommission)
 
     p = cmds.add_parser("audit", help="the cell's debug access: granted, revoked, expired")

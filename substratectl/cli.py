@@ -9,7 +9,9 @@ import asyncio
 import logging
 import os
 import sys
+import time
 
+import argcomplete
 from pydantic import ValidationError
 
 from common.bus.errors import BusError, RemoteError, validation_summary
@@ -25,25 +27,27 @@ from substratectl import (
     rollouts,
     windows,
 )
-from substratectl.context import Ctl, FileProblem
-from substratectl.output import fail
+from substratectl.context import Ctl, FileProblem, NotConfirmed
+from substratectl.conventions import (
+    SHELLS,
+    add_global_options,
+    complete_names,
+    completion_script,
+    finish,
+    program_version,
+)
+from substratectl.output import fail, on_terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="substratectl",
         description="Operate the Substrate control plane: cells, releases, rollouts, flags.",
-        epilog="The broker URL comes from SUBSTRATE_AMQP_URL.",
+        epilog="The broker URL comes from SUBSTRATE_AMQP_URL. Exit codes: 0 done, 1 refused or "
+        "failed (one line on stderr), 2 a usage error or a missing setting, 130 interrupted.",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument(
-        "-o",
-        "--output",
-        choices=["table", "json", "yaml"],
-        default="table",
-        help="table (the default), json (the same as --json) or yaml",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log bus activity")
+    parser.add_argument("--version", action="version", version=f"substratectl {program_version()}")
+    add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)
     for module in (
@@ -58,14 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
         audit,
     ):
         module.add_commands(sub)
+    p = sub.add_parser("completion", help="the shell completion script: bash, zsh or fish")
+    p.add_argument("shell", choices=SHELLS)
+    p.set_defaults(run=completion, offline=True)
+    finish(parser)
+    complete_names(parser)
     return parser
+
+
+async def completion(ctl: Ctl) -> int:
+    print(completion_script(ctl.args.shell), end="")
+    return 0
 
 
 async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings | None) -> int:
     ctl = Ctl(args, settings)
     try:
+        if getattr(args, "watch", False):
+            return await watched(ctl)
         code: int = await args.run(ctl)
         return code
+    except NotConfirmed as exc:
+        return fail(str(exc), as_json=ctl.as_json, code=exc.code)
     except RemoteError as exc:
         return fail(f"{exc.service}: {exc.message}", as_json=ctl.as_json)
     except ValidationError as exc:
@@ -77,6 +95,18 @@ async def run_command(args: argparse.Namespace, settings: ControlPlaneSettings |
         await ctl.close()
 
 
+async def watched(ctl: Ctl) -> int:
+    """``--watch``: the command again every --interval until Ctrl-C; on a terminal each time on
+    a cleared screen, elsewhere one after another."""
+    while True:
+        if on_terminal():
+            print("\x1b[H\x1b[2J", end="")
+        print(f"every {ctl.args.interval:g}s: {time.strftime('%H:%M:%S')}", file=sys.stderr)
+        await ctl.args.run(ctl)
+        sys.stdout.flush()
+        await asyncio.sleep(ctl.args.interval)
+
+
 # Exit codes (docs/operating.md, "substratectl"): 0 done; 1 refused or failed (the reason on
 # stderr, and as {"error": ...} with --json; also a service down for `status`, a rollout that
 # ended halted for `rollout watch`); 2 a usage error or a missing setting; 130 interrupted; 141
@@ -85,33 +115,14 @@ EXIT_INTERRUPTED = 130
 EXIT_CLOSED_PIPE = 141
 
 
-def output_options_first(argv: list[str]) -> list[str]:
-    """The output options (``-o FORMAT``, ``--output FORMAT``, ``--json``) where people type
-    them, after the command too (``flags show KEY -o yaml``), moved before it for argparse."""
-    front: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest += argv[i:]
-            break
-        if arg in ("-o", "--output") and i + 1 < len(argv):
-            front += argv[i : i + 2]
-            i += 2
-            continue
-        if arg == "--json" or (arg.startswith(("--output=", "-o")) and arg != "-o"):
-            front.append(arg)
-        else:
-            rest.append(arg)
-        i += 1
-    return front + rest
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(output_options_first(sys.argv[1:] if argv is None else argv))
-    args.json = args.json or args.output == "json"
+    # Answers the shell's completion requests (and exits) when the shell asks; nothing else.
+    argcomplete.autocomplete(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.output = "json"
+    args.json = args.output == "json"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
     # Settings are read before the event loop starts so a missing variable is one clean line.
     settings = None if args.offline else load(ControlPlaneSettings)

@@ -7,22 +7,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
 
+from common.bus.errors import BusError
 from common.bus.rabbit_bus import RabbitBus
 from common.requests import Request
 from common.settings import ControlPlaneSettings
-from substratectl.output import emit_json, emit_yaml
+from substratectl.output import STYLE, emit_json, emit_yaml, names
 
 R = TypeVar("R")
+# How long a command waits for the broker before saying it cannot reach it: a broker that is
+# restarting gets a few quick retries; one that is down is reported well within 4 s.
+CONNECT_SECONDS = 1.5
 
 
 class FileProblem(Exception):
     """A file that cannot be read or parsed; the message names the file."""
+
+
+class NotConfirmed(Exception):
+    """An irreversible command nobody confirmed: declined at the prompt (exit 1), or no
+    terminal to ask on and no --yes (exit 2, a usage error)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Ctl:
@@ -30,10 +44,13 @@ class Ctl:
 
     def __init__(self, args: argparse.Namespace, settings: ControlPlaneSettings | None) -> None:
         self.args = args
-        self.as_json: bool = args.json
-        self.as_yaml: bool = getattr(args, "output", "table") == "yaml"
+        self.output: str = getattr(args, "output", "table")
+        self.as_json: bool = self.output == "json"
+        self.as_yaml: bool = self.output == "yaml"
+        STYLE.wide = self.output == "wide"
         self._settings = settings
         self._bus: RabbitBus | None = None
+        self._unreachable: BusError | None = None
         self._connecting = asyncio.Lock()
 
     @property
@@ -42,14 +59,23 @@ class Ctl:
         return self._settings
 
     async def bus(self) -> RabbitBus:
+        """The connection, made once; a broker that cannot be reached is one error, said once
+        (every later call in the command gets the same one at once)."""
         async with self._connecting:
+            if self._unreachable is not None:
+                raise self._unreachable
             if self._bus is None:
-                self._bus = await RabbitBus.connect(
-                    self.settings.amqp_url,
-                    name="substratectl",
-                    publish_timeout=self.settings.publish_timeout_seconds,
-                    give_up_after=self.settings.rpc_timeout_seconds,
-                )
+                try:
+                    self._bus = await RabbitBus.connect(
+                        self.settings.amqp_url,
+                        name="substratectl",
+                        publish_timeout=self.settings.publish_timeout_seconds,
+                        give_up_after=min(CONNECT_SECONDS, self.settings.rpc_timeout_seconds),
+                        fail_fast=True,
+                    )
+                except BusError as exc:
+                    self._unreachable = exc
+                    raise
         return self._bus
 
     async def call(self, request: Request[R], *, service: str | None = None) -> R:
@@ -64,13 +90,27 @@ class Ctl:
         return 0
 
     def show(self, answer: R, as_text: Callable[[R], str]) -> None:
-        """An answer as one JSON document with --json, else as ``as_text`` puts it for people."""
-        if self.as_yaml:
+        """An answer as one JSON document with --json, YAML with -o yaml, its names with -o
+        name, else as ``as_text`` puts it for people."""
+        if self.output == "name":
+            for name in names(answer):
+                print(name)
+        elif self.as_yaml:
             emit_yaml(answer)
         elif self.as_json:
             emit_json(answer)
         else:
             print(as_text(answer))
+
+    def confirm(self, question: str) -> None:
+        """Go on only with --yes, or a yes typed at the terminal."""
+        if getattr(self.args, "yes", False):
+            return
+        if not sys.stdin.isatty():
+            raise NotConfirmed(f"{question}: pass --yes to confirm (no terminal to ask on)", 2)
+        print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise NotConfirmed("not confirmed; nothing was done", 1)
 
     async def close(self) -> None:
         if self._bus is not None:

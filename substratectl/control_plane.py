@@ -71,6 +71,9 @@ def status_line(row: ServiceRow) -> str:
 
 
 async def status(ctl: Ctl) -> int:
+    # No broker is one error for the command, not one per service.
+    await ctl.bus()
+
     async def one(service: str) -> ServiceRow:
         try:
             answer = await ctl.call(Status(), service=service)
@@ -79,11 +82,9 @@ async def status(ctl: Ctl) -> int:
             return ServiceRow(service, False, str(exc))
 
     rows = await asyncio.gather(*(one(s) for s in topology.SERVICES))
-    if ctl.as_json:
-        emit_json([{"service": r.service, "up": r.up, "detail": r.detail} for r in rows])
-    else:
-        shown = [{"service": r.service, "up": r.up, "detail": status_line(r)} for r in rows]
-        print(table(shown, ["service", "up", "detail"]))
+    answer = [{"service": r.service, "up": r.up, "detail": r.detail} for r in rows]
+    shown = [{"service": r.service, "up": r.up, "detail": status_line(r)} for r in rows]
+    ctl.show(answer, lambda _: table(shown, ["service", "up", "detail"]))
     return 0 if all(r.up for r in rows) else 1
 
 

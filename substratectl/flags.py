@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from common import times
@@ -26,7 +27,7 @@ from common.requests.flags import (
     Preview,
 )
 from substratectl.context import Ctl, read_flag_file
-from substratectl.output import emit_yaml, fields, table
+from substratectl.output import emit_yaml, fail, fields, plural, table
 
 AT_HELP = "make the change at this time (ISO 8601) or from now (30m, 2h), not at once"
 
@@ -83,9 +84,19 @@ async def list_flags(ctl: Ctl) -> int:
 
 
 def _flag(result: FlagView) -> str:
-    lines = [fields(result.model_dump(mode="json", exclude={"rules", "variants"}))]
-    lines.append(f"variants: {result.variants}")
-    lines += [f"rule {i}: {rule.model_dump(mode='json')}" for i, rule in enumerate(result.rules)]
+    """A flag as people read it: its fields, each variant and its value as JSON, each rule in
+    words (-o yaml prints the file)."""
+    lines = [fields(result.model_dump(mode="json", exclude={"rules", "variants"})), "variants:"]
+    lines += [f"  {name}: {json.dumps(value)}" for name, value in result.variants.items()]
+    lines.append("rules:" if result.rules else "rules: none (every cell gets the default)")
+    for i, rule in enumerate(result.rules):
+        data = rule.model_dump(mode="json", exclude_none=True)
+        when = " and ".join(
+            f"{c['attribute']} {c['op']} {json.dumps(c.get('values', c.get('value')))}"
+            for c in data.get("when", [])
+        )
+        serve = data.get("serve") or json.dumps(data.get("split"))
+        lines.append(f"  {i} {data.get('name', '')}: {when or 'every cell'} -> {serve}")
     return "\n".join(lines)
 
 
@@ -117,16 +128,26 @@ async def delete(ctl: Ctl) -> int:
 
 async def evaluate(ctl: Ctl) -> int:
     def answer(result: Answer) -> str:
-        rule = f" (rule {result.rule})" if result.rule is not None else ""
-        where = f"[{result.variant}, {result.reason}{rule}]"
-        return f"{result.key} for {ctl.args.cell}: {result.value!r} {where}"
+        rule = ""
+        if result.rule is not None:
+            rule = f", rule {result.rule} {result.rule_name or ''}".rstrip()
+        return (
+            f"{result.key} for {ctl.args.cell}: {json.dumps(result.value)} "
+            f"(variant {result.variant}, {result.reason}{rule})"
+        )
 
-    return await ctl.ask(FlagsEval(key=ctl.args.key, cell=ctl.args.cell), answer)
+    result = await ctl.call(FlagsEval(key=ctl.args.key, cell=ctl.args.cell))
+    if result.reason == "FLAG_NOT_FOUND":
+        # As `flags show` does: a key nobody defined is an error, not a default answer.
+        return fail(f"no flag {ctl.args.key!r}", as_json=ctl.as_json)
+    ctl.show(result, answer)
+    return 0
 
 
 def _preview(result: Preview) -> str:
     lines = [
-        f"{result.key}: {result.flipping} of {result.cells} cells would change (nothing is written)"
+        f"{result.key}: {result.flipping:,} of {plural(result.cells, 'cell')} would change"
+        " (nothing is written)"
     ]
     if result.held:
         lines.append(

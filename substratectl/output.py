@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import yaml
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from common.fields import printable
 
@@ -42,15 +46,73 @@ def emit_yaml(payload: object) -> None:
     )
 
 
+@dataclass
+class Style:
+    """How this run prints, set once from the options (``-o wide``) and the terminal."""
+
+    wide: bool = False
+
+
+STYLE = Style()
+# An ISO 8601 time as the services send it (in JSON answers and records).
+_ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:?\d\d)?$")
+
+
+def _as_time(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, str) and _ISO_TIME.match(value):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def age(when: datetime, now: datetime | None = None) -> str:
+    """``3m ago`` or ``in 2h``: the one way a table shows a time (JSON keeps ISO 8601)."""
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
+    later, seconds = seconds < 0, abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            amount = f"{int(seconds // size)}{unit}"
+            break
+    else:
+        amount = f"{int(seconds)}s"
+    return f"in {amount}" if later else f"{amount} ago"
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
+    when = _as_time(value)
+    if when is not None:
+        return age(when)
     # Whatever a cell reported is shown, never sent to the terminal as control characters.
     return printable(str(value))
+
+
+# The columns that hold a state, and the colour of each state's word on a terminal.
+STATE_COLUMNS = {"status", "state", "verdict", "result", "up", "compliance", "phase"}
+GOOD = {"online", "completed", "healthy", "ok", "yes", "compliant", "done", "applied", "open"}
+BAD = {
+    "offline", "halted", "failed", "unhealthy", "refused", "no", "aborted", "overdue",
+    "blocked", "decommissioned", "not_compliant", "expired",
+}  # fmt: skip
+
+
+def _styled(column: str, text: str) -> Text | str:
+    if column not in STATE_COLUMNS or not colour():
+        return text
+    if text in GOOD:
+        return Text(text, style="green")
+    if text in BAD:
+        return Text(text, style="red")
+    return Text(text, style="yellow") if text != "-" else text
 
 
 def _value(row: BaseModel | Mapping[str, object], column: str) -> object:
@@ -60,8 +122,13 @@ def _value(row: BaseModel | Mapping[str, object], column: str) -> object:
 
 
 def on_terminal() -> bool:
-    """Colour and live redrawing only when a person is looking (not in a pipe or a file)."""
+    """Live redrawing only when a person is looking (not in a pipe or a file)."""
     return sys.stdout.isatty()
+
+
+def colour() -> bool:
+    """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return on_terminal() and not os.environ.get("NO_COLOR")
 
 
 def console(buffer: io.StringIO | None = None) -> Console:
@@ -69,32 +136,70 @@ def console(buffer: io.StringIO | None = None) -> Console:
     return Console(
         file=buffer or sys.stdout,
         width=None if buffer is None else 400,
-        color_system="auto" if on_terminal() else None,
-        force_terminal=on_terminal(),
+        color_system="auto" if colour() else None,
+        force_terminal=colour(),
         highlight=False,
         soft_wrap=True,
     )
 
 
-def table(rows: Sequence[BaseModel | Mapping[str, object]], columns: Sequence[str]) -> str:
-    """Rows as aligned columns with upper-case headers (bold on a terminal)."""
+def table(
+    rows: Sequence[BaseModel | Mapping[str, object]],
+    columns: Sequence[str],
+    wide: Sequence[str] = (),
+) -> str:
+    """Rows as aligned columns with upper-case headers (bold on a terminal); ``wide`` columns
+    are added with ``-o wide``. Times read as ages (``3m ago``), states in colour on a
+    terminal."""
     if not rows:
         return "(none)"
+    columns = [*columns, *wide] if STYLE.wide else list(columns)
     grid = Table(
-        box=None, show_edge=False, pad_edge=False, header_style="bold" if on_terminal() else None
+        box=None, show_edge=False, pad_edge=False, header_style="bold" if colour() else None
     )
     for column in columns:
-        grid.add_column(column.upper(), no_wrap=True)
+        grid.add_column(column.upper().replace("_", " "), no_wrap=True)
     for row in rows:
-        grid.add_row(*(_cell(_value(row, col)) for col in columns))
+        grid.add_row(*(_styled(col, _cell(_value(row, col))) for col in columns))
     buffer = io.StringIO()
     console(buffer).print(grid)
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
+def _field(value: object) -> str:
+    """A record's field: a time exact and as an age, a list or mapping as JSON (never a
+    Python repr)."""
+    when = _as_time(value)
+    if when is not None:
+        return f"{when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({age(when)})"
+    if isinstance(value, list | tuple | Mapping):
+        return printable(json.dumps(plain(value), default=str))
+    return _cell(value)
+
+
 def fields(record: Mapping[str, object]) -> str:
     width = max((len(k) for k in record), default=0)
-    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in record.items())
+    return "\n".join(f"{k.ljust(width)}  {_field(v)}" for k, v in record.items())
+
+
+def plural(n: int, thing: str, things: str | None = None) -> str:
+    """``1 cell``, ``3 cells``."""
+    return f"{n:,} {thing if n == 1 else things or thing + 's'}"
+
+
+def names(answer: object) -> list[str]:
+    """``-o name``: what identifies each thing in an answer (a cell's id, a flag's key, a
+    release's version, an operator's name), one per line for the next command."""
+    items = answer if isinstance(answer, list | tuple) else [answer]
+    found = []
+    for item in items:
+        data = plain(item)
+        if isinstance(data, Mapping):
+            for key in ("id", "key", "version", "name", "cell"):
+                if data.get(key) is not None:
+                    found.append(str(data[key]))
+                    break
+    return found
 
 
 def fail(message: str, *, as_json: bool, code: int = 1) -> int:

@@ -14,7 +14,7 @@ from common.requests.rollout import (
     RolloutPlan,
 )
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import fields, table
+from substratectl.output import fields, plural, table
 from substratectl.rollouts import plan_text
 
 
@@ -41,7 +41,7 @@ async def publish(ctl: Ctl) -> int:
     starts = f"; its rollout starts at {at.isoformat()}" if at else ""
     return await ctl.ask(
         ReleasePublish.model_validate({"release": release, "starts_at": at}),
-        lambda r: f"published release {r.version} ({r.components} components){starts}",
+        lambda r: f"published release {r.version} ({plural(r.components, 'component')}){starts}",
     )
 
 

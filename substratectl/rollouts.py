@@ -37,7 +37,8 @@ from common.requests.rollout import (
 )
 from common.vocabulary import FINISHED_STATES, STAGES
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import console, fields, on_terminal, plain, table
+from substratectl.conventions import add_watch, add_yes, seconds
+from substratectl.output import console, fields, on_terminal, plain, plural, table
 
 COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
@@ -51,7 +52,7 @@ def plan_text(result: Plan) -> str:
             lines.append(f"  {stage}: no cells")
         for n, cells in enumerate(waves, 1):
             label = "canary" if stage == "dedicated" and n == 1 else f"wave {n}"
-            lines.append(f"  {stage} {label}: {len(cells)} cells: {', '.join(cells)}")
+            lines.append(f"  {stage} {label}: {plural(len(cells), 'cell')}: {', '.join(cells)}")
     if result.checks:
         bakes = ", ".join(f"{stage} {s:g}s" for stage, s in result.bake_seconds.items())
         lines.append(f"  health checks: {', '.join(result.checks)}; bake: {bakes}")
@@ -189,6 +190,7 @@ async def resume(ctl: Ctl) -> int:
 
 
 async def abort(ctl: Ctl) -> int:
+    ctl.confirm(f"abort the rollout of {ctl.args.version}? It cannot be resumed")
     return await _act(ctl, RolloutAbort(version=ctl.args.version), "aborted")
 
 
@@ -272,6 +274,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("status", help="a rollout's state and cells per stage (default: newest)")
     p.add_argument("version", nargs="?")
+    add_watch(p)
     p.set_defaults(run=status)
 
     p = cmds.add_parser("list", help="every release's rollout, newest first")
@@ -279,17 +282,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = cmds.add_parser("watch", help="live progress until the rollout completes or halts")
     p.add_argument("version", nargs="?")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument(
+        "--interval", type=seconds, default=1.0, help="seconds between refreshes (default 1)"
+    )
     p.add_argument("--once", action="store_true", help="print the progress once and exit")
     p.set_defaults(run=watch)
 
     for name, fn, text in (
         ("pause", pause, "stop starting new waves and stages (cells updating finish)"),
         ("resume", resume, "continue a paused or halted rollout (a halt's failures are accepted)"),
-        ("abort", abort, "stop for good; a reversible release's cells go back to their previous"),
+        ("abort", abort, "stop for good; a reversible release's cells go back to the release before"),
     ):
         p = cmds.add_parser(name, help=text)
         p.add_argument("version")
+        if name == "abort":
+            add_yes(p, "abort")
         p.set_defaults(run=fn)
 
     p = cmds.add_parser(

@@ -82,6 +82,8 @@ class Processes:
             str(BIN / "substratectl"),
             *args,
             env=self.env(**env),
+            # Nobody at a terminal: a command that would ask (decommission) needs --yes.
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

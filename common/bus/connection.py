@@ -9,6 +9,7 @@ starts would otherwise be a crash, so ``open_connection`` retries it, saying wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -72,6 +73,35 @@ class ClusterConnection(aio_pika.RobustConnection):
         return f"{self.url.host}:{self.url.port}"
 
 
+def broker_problem(exc: BaseException, where: str) -> str:
+    """What went wrong connecting to the broker at ``where``, in words (not a library's repr).
+    Also the variable that holds the URL, since that is where it is usually fixed."""
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return f"the broker at {where} refused the user name or password"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # The broker closes the connection at Connection.Open: the URL's virtual host does
+        # not exist, or the user may not use it.
+        return f"the broker at {where} refused the virtual host (none such, or not this user's)"
+    errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if errno == 111:
+        return f"nothing listens at {where} (connection refused): is RabbitMQ running?"
+    if _unresolved(exc):
+        return f"the broker's host in {where} does not resolve"
+    if isinstance(exc, TimeoutError):
+        return f"the broker at {where} did not answer in time"
+    reason = exc.args[-1] if exc.args else type(exc).__name__
+    return f"cannot connect to the broker at {where}: {reason}"
+
+
+def _unresolved(exc: BaseException) -> bool:
+    return bool(exc.args) and exc.args[0] in (-2, -3, -5)
+
+
+# Refusals that another attempt will not change: a caller that cannot fix them by waiting (the
+# CLI) fails at once.
+PERMANENT = (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.InvalidFrameError)
+
+
 async def open_connection(
     url: str,
     *,
@@ -79,13 +109,15 @@ async def open_connection(
     give_up_after: float | None,
     max_backoff: float,
     ssl_context: ssl.SSLContext | None,
+    fail_fast: bool = False,
 ) -> ClusterConnection:
     """Connect, retrying the first connection with backoff.
 
     ``url`` is one broker URL or the comma-separated URLs of a cluster's nodes; each attempt
     goes to the next node, and so does every reconnect after a node is lost. A connection
     starts at a random node, so a fleet's connections spread. ``give_up_after`` (seconds)
-    bounds the wait: NotConnected after it.
+    bounds the wait: NotConnected after it, and ``fail_fast`` gives up at once on a refusal
+    that waiting does not change (credentials, virtual host).
     """
     urls = broker_urls.split(url)
     started = time.monotonic()
@@ -101,16 +133,20 @@ async def open_connection(
             # amqps:// URLs: verified against this context's CAs (None: the system's).
             ssl_context=ssl_context,
         )
+        left = None if give_up_after is None else give_up_after - (time.monotonic() - started)
         try:
-            await connection.connect(timeout=10)
+            await connection.connect(timeout=10 if left is None else max(min(10, left), 0.5))
             return connection
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             waited = time.monotonic() - started
-            if give_up_after is not None and waited + delay > give_up_after:
-                where = broker_urls.redact(url)
-                raise NotConnected(
-                    f"broker at {where} not reachable after {waited:.1f}s: {exc!r}"
-                ) from exc
+            # Closed here, not left to the collector (which warns of a close never awaited).
+            with contextlib.suppress(Exception):
+                await connection.close()
+            permanent = fail_fast and (isinstance(exc, PERMANENT) or _unresolved(exc))
+            if permanent or (give_up_after is not None and waited + delay > give_up_after):
+                problem = broker_problem(exc, broker_urls.redact(url))
+                after = "" if permanent else f" (gave up after {waited:.1f}s)"
+                raise NotConnected(problem + after) from exc
             log.warning(
                 "waiting for the broker at %s (attempt %d, %r); retrying in %.1fs",
                 broker_urls.redact(str(connection.url)),

@@ -92,6 +92,7 @@ class RabbitBus:
         max_backoff: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         handler_retry_seconds: float = HANDLER_RETRY_SECONDS,
+        fail_fast: bool = False,
     ) -> RabbitBus:
         """Connect (see ``connection.open_connection``: one URL or a cluster's, the first
         connection retried with backoff up to ``give_up_after``). Every message published
@@ -102,6 +103,7 @@ class RabbitBus:
             give_up_after=give_up_after,
             max_backoff=max_backoff,
             ssl_context=ssl_context,
+            fail_fast=fail_fast,
         )
         stopping = Stopping()
         publisher = await Publisher.open(

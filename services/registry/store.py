@@ -195,7 +195,11 @@ class RegistryStore:
 
     async def reserve(self, cell_id: str, ttl: int = 120) -> str | None:
         """Claim ``cell_id`` for creation. Returns why it cannot be claimed, or None."""
-        if await self.redis.exists(CELL + cell_id):
+        status = await self.redis.hget(CELL + cell_id, "status")
+        if status in (b"decommissioned", "decommissioned"):
+            # Its record stays (audit, history); a new cell under its name would inherit them.
+            return f"cell {cell_id!r} was decommissioned; ids are not reused, choose another"
+        if status is not None or await self.redis.exists(CELL + cell_id):
             return f"cell {cell_id!r} already exists"
         if not await self.redis.set(CREATING + cell_id, "1", nx=True, ex=ttl):
             return f"cell {cell_id!r} is being created by another request"

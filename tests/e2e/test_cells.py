@@ -156,7 +156,7 @@ async def test_decommission_closes_the_agent_and_it_cannot_come_back(
     cell, created, agent = onboarded.cell_id, onboarded.created, onboarded.agent
     await eventually(lambda: cell_connections(services, cell), timeout=15, what="agent listed")
 
-    code, record, err = await procs.ctl("cells", "decommission", cell)
+    code, record, err = await procs.ctl("cells", "decommission", cell, "--yes")
     assert code == 0, err
     assert record["status"] == "decommissioned" and record["decommissioned_at"]
     await eventually(lambda: _no_connections(services, cell), timeout=10, what="agent disconnected")
@@ -170,7 +170,15 @@ async def test_decommission_closes_the_agent_and_it_cannot_come_back(
     assert record["status"] == "decommissioned"
     code, _, err = await procs.ctl("cells", "create", cell, "--stage", "saas", "--region",
                                    "eu-west-1", "--org", "acme")  # fmt: skip
-    assert code == 1 and "already exists" in err
+    assert code == 1 and "decommissioned; ids are not reused" in err
+    # A plain list leaves it out; asked for by status, it is there.
+    code, listed, err = await procs.ctl("cells", "list")
+    assert code == 0 and cell not in {c["id"] for c in listed}, err
+    code, listed, err = await procs.ctl("cells", "list", "--status", "decommissioned")
+    assert code == 0 and cell in {c["id"] for c in listed}, err
+    # Irreversible: nothing is done without --yes where nobody can be asked.
+    code, _, err = await procs.ctl("cells", "decommission", cell)
+    assert code == 2 and "--yes" in err
     # Cut off for good, the agent still shuts down cleanly when told to.
     assert await procs.stop(agent, timeout=25) == 0
 

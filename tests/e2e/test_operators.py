@@ -100,7 +100,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
     # An operator sets flags, and cannot decommission or manage operators.
     code, changed, err = await procs.ctl("flags", "set", flag, **operator)
     assert code == 0 and changed["changed"], err
-    code, _, err = await procs.ctl("cells", "decommission", "some-cell", **operator)
+    code, _, err = await procs.ctl("cells", "decommission", "some-cell", "--yes", **operator)
     assert code == 1 and f"op-{BOB} is an operator: cells.decommission needs the admin role" in err
     code, _, err = await procs.ctl("operators", "set-role", ALICE, "admin", **operator)
     assert code == 1 and "needs the admin role" in err

@@ -128,7 +128,7 @@ async def test_a_release_failing_on_dedicated_halts_after_the_canary_then_resume
     assert len(got_bad & dedicated_ids) == 2
 
     # Abort ends it: nothing more is sent, and every cell is on the good release.
-    code, aborted, err = await fleet.procs.ctl("rollout", "abort", bad)
+    code, aborted, err = await fleet.procs.ctl("rollout", "abort", bad, "--yes")
     assert code == 0 and aborted["state"] == "aborted", err
     code, _, err = await fleet.procs.ctl("rollout", "resume", bad)
     assert code == 1 and "aborted" in err
@@ -160,7 +160,7 @@ async def test_abort_sends_a_reversible_release_s_cells_back(fleet: Fleet, tmp_p
     newer = await fleet.publish(2)
     soaking = await fleet.wait_state(newer, "soaking")
     assert soaking["stage"] == "dedicated" and soaking["stages"]["dedicated"]["updated"] == 1
-    code, _, err = await fleet.procs.ctl("rollout", "abort", newer)
+    code, _, err = await fleet.procs.ctl("rollout", "abort", newer, "--yes")
     assert code == 0, err
     await fleet.wait_installed(fleet.cells, good)
     back = [r for r in await fleet.upgrades() if r.release_version == good]

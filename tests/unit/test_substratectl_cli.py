@@ -1,25 +1,60 @@
-"""substratectl's argument conventions: output options anywhere, times as people type them."""
+"""substratectl's argument conventions: global options anywhere, an example for every command,
+times as people type them, and no traceback whatever is typed."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import shlex
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.times import ago, at
-from substratectl.cli import output_options_first
+from substratectl.cli import build_parser, main
+from substratectl.conventions import EXAMPLES, completion_script, leaves
+from substratectl.output import age, names, plural, table
 
 
-def test_output_options_are_taken_after_the_command_too() -> None:
-    assert output_options_first(["flags", "show", "k", "-o", "yaml"]) == [
-        "-o", "yaml", "flags", "show", "k",
-    ]  # fmt: skip
-    assert output_options_first(["audit", "--output=json", "--org", "x"]) == [
-        "--output=json", "audit", "--org", "x",
-    ]  # fmt: skip
-    assert output_options_first(["cells", "list", "--json"]) == ["--json", "cells", "list"]
-    assert output_options_first(["x", "--", "-o", "json"]) == ["x", "--", "-o", "json"]
+def test_global_options_are_taken_anywhere_and_shown_in_every_commands_help() -> None:
+    parser = build_parser()
+    for argv in (
+        ["-o", "yaml", "flags", "show", "k"],
+        ["flags", "show", "k", "-o", "yaml"],
+        ["flags", "show", "--output=yaml", "k"],
+    ):
+        assert parser.parse_args(argv).output == "yaml", argv
+    assert parser.parse_args(["cells", "list", "--json"]).json is True
+    assert parser.parse_args(["cells", "list", "-o", "wide"]).output == "wide"
+    # Given before the command, the command's own parser does not reset it.
+    assert parser.parse_args(["-o", "json", "cells", "list"]).output == "json"
+    for words, leaf in leaves(parser):
+        text = leaf.format_help()
+        assert "-o {table,wide,json,yaml,name}" in text, words
+        assert "examples:\n  substratectl " + words in text, words
+
+
+def test_every_command_has_an_example_and_every_example_a_command() -> None:
+    commands = {words for words, _ in leaves(build_parser())}
+    assert commands == set(EXAMPLES)
+    parser = build_parser()
+    for examples in EXAMPLES.values():
+        for example in examples:
+            argv = shlex.split(example.split("#")[0].split("|")[0].split(">")[0])[1:]
+            parser.parse_args(argv)  # every example is a valid command line
+
+
+def test_version_and_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("substratectl 0.")
+    for shell in ("bash", "zsh", "fish"):
+        assert "substratectl" in completion_script(shell)
+    assert main(["completion", "fish"]) == 0
+    assert "complete" in capsys.readouterr().out
 
 
 def test_times_are_iso_or_a_duration_from_or_before_now() -> None:
@@ -30,3 +65,59 @@ def test_times_are_iso_or_a_duration_from_or_before_now() -> None:
     assert at("2026-12-07T09:00:00+01:00").utcoffset() == timedelta(hours=1)
     with pytest.raises(argparse.ArgumentTypeError, match="neither a time"):
         at("tomorrow")
+
+
+def test_tables_show_ages_names_and_plurals() -> None:
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    assert age(now - timedelta(minutes=3, seconds=5), now) == "3m ago"
+    assert age(now + timedelta(hours=2, minutes=1), now) == "in 2h"
+    assert age(now - timedelta(seconds=4), now) == "4s ago"
+    recent = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    assert table([{"id": "a", "last_heartbeat_at": recent}], ["id", "last_heartbeat_at"]) == (
+        "ID  LAST HEARTBEAT AT\na   5m ago"
+    )
+    assert names([{"id": "a"}, {"key": "k"}, {"version": "1.2.3"}]) == ["a", "k", "1.2.3"]
+    assert (plural(1, "cell"), plural(3, "cell"), plural(1_000, "component")) == (
+        "1 cell", "3 cells", "1,000 components",
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(EXAMPLES)),
+    st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(
+                [
+                    "-o",
+                    "--output",
+                    "--interval",
+                    "--limit",
+                    "--at",
+                    "--since",
+                    "--stage",
+                    "--json",
+                    "-1",
+                    "0",
+                    "--",
+                    "-",
+                    "\x00",
+                    "é",
+                    "--yes",
+                ]
+            ),
+        ),
+        max_size=6,
+    ),
+)
+def test_no_typed_line_makes_a_traceback(words: str, junk: list[str]) -> None:
+    """Whatever follows a command, parsing ends in a parsed line or a usage error (exit 2
+    with one message), never an exception."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            build_parser().parse_args([*words.split(), *junk])
+        except SystemExit as exited:
+            assert exited.code in (0, 2)
+    assert "Traceback" not in err.getvalue()
