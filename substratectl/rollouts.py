@@ -291,7 +291,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     for name, fn, text in (
         ("pause", pause, "stop starting new waves and stages (cells updating finish)"),
         ("resume", resume, "continue a paused or halted rollout (a halt's failures are accepted)"),
-        ("abort", abort, "stop for good; a reversible release's cells go back to the release before"),
+        ("abort", abort, "stop for good; a reversible release's cells go back to the last one"),
     ):
         p = cmds.add_parser(name, help=text)
         p.add_argument("version")
