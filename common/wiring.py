@@ -18,6 +18,8 @@ from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
+from prometheus_client import Gauge
+from redis.exceptions import RedisError
 
 from common import redis_client
 from common.audit import AuditLog, Guard
@@ -50,6 +52,24 @@ def every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> 
                 await asyncio.wait_for(stop.wait(), interval)
 
     return loop
+
+
+# What on-call alerts on besides the service's own metrics: whether its Redis answers, and
+# how many events wait in its outbox (growing: the broker refuses or is away).
+REDIS_UP = Gauge("substrate_redis_up", "1 while the service's Redis answers a PING", ["service"])
+OUTBOX_PENDING = Gauge(
+    "substrate_outbox_pending", "Events written but not yet published, by service", ["service"]
+)
+VITALS_SECONDS = 5.0
+
+
+async def _vitals(service: str, wiring: Wiring) -> None:
+    try:
+        await asyncio.wait_for(wiring.redis.ping(), VITALS_SECONDS)
+        OUTBOX_PENDING.labels(service).set(await wiring.outbox.pending())
+        REDIS_UP.labels(service).set(1)
+    except (RedisError, OSError, TimeoutError):
+        REDIS_UP.labels(service).set(0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +128,11 @@ async def start(service: str, bus: RabbitBus, settings: ServiceSettings, wiring:
         )
         await bus.serve(service, wiring.answers, before_reply=durability.wait, guard=guard)
     stop = asyncio.Event()
-    loops: dict[str, Loop] = {"outbox": partial(wiring.outbox.relay, bus), **wiring.loops}
+    loops: dict[str, Loop] = {
+        "outbox": partial(wiring.outbox.relay, bus),
+        "vitals": every(VITALS_SECONDS, partial(_vitals, service, wiring), "vitals"),
+        **wiring.loops,
+    }
     tasks = [
         asyncio.create_task(loop(stop), name=f"{service}-{name}") for name, loop in loops.items()
     ]

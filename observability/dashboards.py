@@ -14,16 +14,39 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders.dashboard import Dashboard
+from grafana_foundation_sdk.builders.dashboard import (
+    AnnotationQuery,
+    Dashboard,
+    DatasourceVariable,
+    QueryVariable,
+)
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
 OUT = Path(__file__).resolve().parents[1] / "compose" / "grafana" / "dashboards"
-# The data source compose provisions (compose/grafana/provisioning/datasources).
-DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")
+# Every panel reads the data source the dashboard's variable picks (compose provisions one,
+# compose/grafana/provisioning/datasources; a site with several Prometheus picks its own).
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+# The variables a query may filter on, and what "All" gives them (the tests run every query
+# with that).
+VARIABLES = {
+    "stage": "label_values(substrate_cells, stage)",
+    "release": "label_values(substrate_rollout_cells, release)",
+}
+ALL = ".*"
+# Each release's rollout on the time axis: when one appears, and when it halts.
+ANNOTATIONS = (
+    (
+        "Rollouts started",
+        "max by (version) (substrate_rollout_state) unless max by (version) "
+        "(substrate_rollout_state offset 1m)",
+        "green",
+    ),
+    ("Releases halted", "max by (version, stage) (substrate_rollout_halted_release) > 0", "red"),
+)
 
 
 @dataclass(frozen=True)
@@ -58,11 +81,22 @@ BOARDS = (
         (
             Panel(
                 "Cells by stage and status",
-                (q("sum by (stage, status) (substrate_cells)", "{{stage}} {{status}}"),),
+                (
+                    q(
+                        'sum by (stage, status) (substrate_cells{stage=~"$stage"})',
+                        "{{stage}} {{status}}",
+                    ),
+                ),
             ),
             Panel(
                 "Cells by installed release",
-                (q("sum by (stage, release) (substrate_rollout_cells)", "{{stage}} {{release}}"),),
+                (
+                    q(
+                        "sum by (stage, release) "
+                        '(substrate_rollout_cells{stage=~"$stage", release=~"$release"})',
+                        "{{stage}} {{release}}",
+                    ),
+                ),
             ),
             Panel(
                 "Oldest heartbeat among online cells",
@@ -113,7 +147,13 @@ BOARDS = (
             Panel("Wave of each rollout", (q("substrate_rollout_wave", "{{version}}"),)),
             Panel(
                 "Progress: cells on each release",
-                (q("sum by (release) (substrate_rollout_cells)", "{{release}}"),),
+                (
+                    q(
+                        "sum by (release) "
+                        '(substrate_rollout_cells{stage=~"$stage", release=~"$release"})',
+                        "{{release}}",
+                    ),
+                ),
             ),
             Panel(
                 "Desired states sent per second",
@@ -227,6 +267,42 @@ BOARDS = (
                 ),
             ),
             Panel(
+                "Request latency (operators' requests, by service), p50 and p99",
+                (
+                    q(
+                        "histogram_quantile(0.5, sum by (le, queue) "
+                        '(rate(substrate_bus_handling_seconds_bucket{queue=~".*\\\\.rpc"}[5m])))',
+                        "{{queue}} p50",
+                    ),
+                    q(
+                        "histogram_quantile(0.99, sum by (le, queue) "
+                        '(rate(substrate_bus_handling_seconds_bucket{queue=~".*\\\\.rpc"}[5m])))',
+                        "{{queue}} p99",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Handling latency (cell reports and events, delivery to ack), p99",
+                (
+                    q(
+                        "histogram_quantile(0.99, sum by (le, queue) "
+                        '(rate(substrate_bus_handling_seconds_bucket{queue!~".*\\\\.rpc"}[5m])))',
+                        "{{queue}}",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Outbox: events waiting to be published",
+                (q("sum by (service) (substrate_outbox_pending)", "{{service}}"),),
+            ),
+            Panel(
+                "Redis answering, by service",
+                (q("min by (service) (substrate_redis_up)", "{{service}}"),),
+                kind="stat",
+            ),
+            Panel(
                 "Broker alarms",
                 (
                     q("max(rabbitmq_alarms_memory_used_watermark)", "memory"),
@@ -246,6 +322,25 @@ def build(board: Board) -> Dashboard:
         .refresh("30s")
         .time("now-1h", "now")
     )
+    dashboard = dashboard.with_variable(
+        DatasourceVariable("datasource").label("Data source").type("prometheus")
+    )
+    for name, values in VARIABLES.items():
+        dashboard = dashboard.with_variable(
+            QueryVariable(name)
+            .label(name.capitalize())
+            .datasource(DATASOURCE)
+            .query(values)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .include_all(True)
+            .all_value(ALL)
+            .multi(True)
+        )
+    for title, expr, colour in ANNOTATIONS:
+        dashboard = dashboard.annotation(
+            AnnotationQuery().name(title).datasource(DATASOURCE).expr(expr).icon_color(colour)
+            .enable(True)
+        )  # fmt: skip
     for panel in board.panels:
         built = (Stat() if panel.kind == "stat" else Timeseries()).title(panel.title)
         built = built.unit(panel.unit).datasource(DATASOURCE).height(8).span(12)
@@ -266,8 +361,15 @@ def rendered(board: Board) -> str:
 
 
 def expressions() -> list[str]:
-    """Every PromQL expression on every dashboard."""
-    return [query.expr for board in BOARDS for panel in board.panels for query in panel.queries]
+    """Every PromQL expression on every dashboard, its variables as "All" sets them."""
+    found = [query.expr for board in BOARDS for panel in board.panels for query in panel.queries]
+    return [with_all(expr) for expr in found]
+
+
+def with_all(expr: str) -> str:
+    for name in VARIABLES:
+        expr = expr.replace(f"${name}", ALL)
+    return expr
 
 
 def main(argv: list[str] | None = None) -> int:

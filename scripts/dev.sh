@@ -20,8 +20,25 @@ PROMETHEUS_PORT=${PROMETHEUS_PORT:-9090}
 PREFIX=${DEV_CELL_PREFIX:-demo}
 REPLICAS=${SUBSTRATE_REPLICAS:-1}
 [[ $REPLICAS =~ ^[1-9]$ ]] || { echo "error: SUBSTRATE_REPLICAS must be 1 to 9, not '$REPLICAS'" >&2; exit 2; }
+
+# Every port this script would listen on, checked before anything starts: a busy one is named
+# (with the variable that moves it) and nothing is left half-started.
+ports=("MOTO_PORT=$MOTO_PORT" "PROMETHEUS_PORT=$PROMETHEUS_PORT")
+for ((r = 0; r < REPLICAS; r++)); do
+  for i in 1 2 3 4; do ports+=("DEV_METRICS_BASE+$((10 * r + i))=$((METRICS_BASE + 10 * r + i))"); done
+done
+for i in 0 1 2 3 4; do ports+=("DEV_AGENT_BASE+$i=$((AGENT_BASE + i))"); done
+busy=$("$BIN/python" scripts/dev_ports.py "${ports[@]}")
+if [ -n "$busy" ]; then
+  while read -r line; do echo "error: $line is in use" >&2; done <<<"$busy"
+  echo "(ss -ltnp shows by whom; stop it, or move the port with the variable named)" >&2
+  exit 1
+fi
+
 mkdir -p "$DEV_DIR"
 pids=()
+names=()
+logs=()
 
 stop_all() {
   trap - INT TERM EXIT
@@ -32,16 +49,18 @@ stop_all() {
 trap "stop_all; exit 0" INT TERM
 trap stop_all EXIT
 
-remember() {
+remember() {  # PID NAME LOG WHAT
   pids+=("$1")
-  echo "  $2 (pid $1): $3"
+  names+=("$2")
+  logs+=("$3")
+  echo "  $2 (pid $1): $4"
 }
 
 start() {
   local name=$1 port=$2
   shift 2
   SUBSTRATE_METRICS_PORT=$port "$@" >"$DEV_DIR/$name.log" 2>&1 &
-  remember $! "$name" "metrics http://127.0.0.1:$port/metrics, log $DEV_DIR/$name.log"
+  remember $! "$name" "$DEV_DIR/$name.log" "metrics http://127.0.0.1:$port/metrics, log $DEV_DIR/$name.log"
 }
 
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT AWS_ACCESS_KEY_ID=testing \
@@ -57,7 +76,7 @@ echo "starting the local AWS emulator, the control plane and Prometheus:"
 # Managed policies (ReadOnlyAccess) exist in the emulator only with this: debug access needs it.
 MOTO_IAM_LOAD_MANAGED_POLICIES=true "$BIN/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" \
   >"$DEV_DIR/moto.log" 2>&1 &
-remember $! moto "AWS API on http://127.0.0.1:$MOTO_PORT, log $DEV_DIR/moto.log"
+remember $! moto "$DEV_DIR/moto.log" "AWS API on http://127.0.0.1:$MOTO_PORT, log $DEV_DIR/moto.log"
 # Replica r of service i serves its metrics on METRICS_BASE + 10 * (r - 1) + i; the replicas
 # share the service's queues (competing consumers) and its leases.
 for ((r = 1; r <= REPLICAS; r++)); do
@@ -83,7 +102,8 @@ Path(path).write_text(config(jobs, rabbitmq="127.0.0.1:15692", vhost=vhost, inte
 EOF
 prometheus --config.file="$DEV_DIR/prometheus.yml" --storage.tsdb.path="$DEV_DIR/prometheus" \
   --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" >"$DEV_DIR/prometheus.log" 2>&1 &
-remember $! prometheus "http://127.0.0.1:$PROMETHEUS_PORT (alerts: /alerts), log $DEV_DIR/prometheus.log"
+remember $! prometheus "$DEV_DIR/prometheus.log" \
+  "http://127.0.0.1:$PROMETHEUS_PORT (alerts: /classic/alerts), log $DEV_DIR/prometheus.log"
 
 for _ in $(seq 1 60); do
   "$BIN/substratectl" status >/dev/null 2>&1 && break
@@ -115,14 +135,18 @@ for spec in staging saas dedicated-1 dedicated-2 dedicated-3; do
   cell="$PREFIX-$spec"
   stage=${spec%%-*}
   if [ ! -s "$DEV_DIR/$cell.url" ]; then
-    if setup_ctl --json cells create "$cell" --stage "$stage" --region eu-west-1 \
-        --org "$PREFIX-org" >"$DEV_DIR/$cell.json" 2>"$DEV_DIR/$cell.err"; then
-      "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
-        "$DEV_DIR/$cell.json" >"$DEV_DIR/$cell.url"
-    else
-      echo "  ($cell exists but its URL is gone: rotate-credentials it, put the URL in $DEV_DIR/$cell.url)"
-      continue
+    # A cell made by an earlier make dev whose $DEV_DIR is gone (make clean) gets new
+    # credentials: its URL was shown once and lost with the directory.
+    if ! setup_ctl --json cells create "$cell" --stage "$stage" --region eu-west-1 \
+        --org "$PREFIX-org" >"$DEV_DIR/$cell.json" 2>"$DEV_DIR/$cell.err" \
+      && ! { grep -q "already exists" "$DEV_DIR/$cell.err" \
+        && setup_ctl --json cells rotate-credentials "$cell" --rebind >"$DEV_DIR/$cell.json" \
+          2>"$DEV_DIR/$cell.err"; }; then
+      echo "error: cannot create $cell: $(cat "$DEV_DIR/$cell.err")" >&2
+      exit 1
     fi
+    "$BIN/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["amqp_url"])' \
+      "$DEV_DIR/$cell.json" >"$DEV_DIR/$cell.url"
   fi
   "$BIN/python" scripts/dev_infra.py "$AWS_ENDPOINT_URL" "$DEV_DIR" "$cell" >/dev/null \
     2>"$DEV_DIR/$cell-stack.err" || echo "  ($cell's stack was not created; see $DEV_DIR/$cell-stack.err)"
@@ -131,7 +155,8 @@ for spec in staging saas dedicated-1 dedicated-2 dedicated-3; do
     CELL_HEARTBEAT_SECONDS=5 CELL_SYNC_SECONDS=10 CELL_METRICS_PORT=$port \
     CELL_STACK_NAME="substrate-$cell" \
     "$BIN/cell-agent" run >"$DEV_DIR/$cell.log" 2>&1 &
-  remember $! "cell-agent $cell ($stage)" "health http://127.0.0.1:$port/healthz, log $DEV_DIR/$cell.log"
+  remember $! "cell-agent $cell ($stage)" "$DEV_DIR/$cell.log" \
+    "health http://127.0.0.1:$port/healthz, log $DEV_DIR/$cell.log"
   n=$((n + 1))
 done
 
@@ -149,8 +174,19 @@ echo
 echo "Try: $BIN/substratectl cells list; $BIN/substratectl release publish $DEV_DIR/demo-release.yaml"
 echo "     $BIN/substratectl rollout watch   (staging, saas, then dedicated: canary and two waves)"
 echo "     $BIN/substratectl flags set $DEV_DIR/demo-flag.yaml; curl -s 127.0.0.1:$AGENT_BASE/flags/new-editor"
+echo "     curl -s -X POST 127.0.0.1:$AGENT_BASE/ofrep/v1/evaluate/flags/new-editor   (OpenFeature's OFREP)"
 echo "     $BIN/substratectl infra status; $BIN/substratectl audit --since 1h"
-echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest); Prometheus: http://127.0.0.1:$PROMETHEUS_PORT"
+echo "RabbitMQ console: http://127.0.0.1:15672 (guest/guest); Prometheus: http://127.0.0.1:$PROMETHEUS_PORT/classic/alerts"
 echo "Ctrl-C stops everything."
-wait -n "${pids[@]}" || true
-echo "a process exited; see $DEV_DIR/*.log"
+# Until Ctrl-C, or until one of them exits: then that one is named with the end of its log,
+# the rest are stopped, and make dev fails.
+code=0
+wait -n "${pids[@]}" || code=$?
+for i in "${!pids[@]}"; do
+  if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+    echo "error: ${names[$i]} (pid ${pids[$i]}) exited with code $code; the end of ${logs[$i]}:" >&2
+    tail -n 15 "${logs[$i]}" | sed 's/^/  /' >&2
+    break
+  fi
+done
+exit 1

@@ -39,6 +39,10 @@ MAINTENANCE_AGE_MAX = Gauge(
 ROTATIONS = Counter(
     "substrate_credential_rotations", "Credential rotations by outcome", ["outcome"]
 )
+# Every outcome from the start, at 0: an alert on one (grace_expired) then reads a series that
+# exists before the first rotation goes wrong.
+for _outcome in ("started", "confirmed", "by_hand", "grace_expired"):
+    ROTATIONS.labels(_outcome)
 FLAGS_BEHIND = Gauge(
     "substrate_cells_flags_behind",
     "Online cells whose last heartbeat showed an older flags snapshot than the current one",

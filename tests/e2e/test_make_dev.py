@@ -10,9 +10,12 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +72,7 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
         "SUBSTRATE_RPC_TIMEOUT_SECONDS": "30",
     }  # fmt: skip
     log = tmp_path / "make-dev.log"
-    with log.open("wb") as sink:
-        script = await asyncio.create_subprocess_exec(
-            "bash", "scripts/dev.sh", cwd=ROOT, env=env, stdout=sink,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    script = await _dev(env, log)
     try:
         await eventually(lambda: "Ctrl-C stops everything" in log.read_text(), timeout=180,
                          interval=0.5, what="make dev ready")  # fmt: skip
@@ -137,3 +136,61 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
             for pid in left:
                 os.kill(int(pid), signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
+    assert script.returncode == 0, "Ctrl-C is a clean stop"
+
+    await _after_make_clean(env, dev, tmp_path, five_online)
+
+
+async def _after_make_clean(
+    env: dict[str, str], dev: Path, tmp_path: Path, five_online: Callable[[], Awaitable[bool]]
+) -> None:
+    # make clean: the demo cells' URLs are gone with the directory; make dev gives them new
+    # credentials and all five come online again.
+    shutil.rmtree(dev)
+    log = tmp_path / "make-dev-again.log"
+    script = await _dev(env, log)
+    try:
+        await eventually(lambda: "Ctrl-C stops everything" in log.read_text(), timeout=180,
+                         interval=0.5, what="make dev ready again")  # fmt: skip
+        await eventually(five_online, timeout=60, interval=0.5, what="five online after clean")
+        # A process that dies fails make dev, named, with the end of its log.
+        agent = re.search(r"cell-agent (\S+) \(\w+\) \(pid (\d+)\)", log.read_text())
+        assert agent, log.read_text()
+        os.kill(int(agent[2]), signal.SIGKILL)
+        assert await asyncio.wait_for(script.wait(), 60) == 1
+        said = log.read_text()
+        assert f"error: cell-agent {agent[1]}" in said and f"(pid {agent[2]}) exited" in said
+    finally:
+        if script.returncode is None:
+            os.killpg(script.pid, signal.SIGKILL)
+        for pid in re.findall(r"\(pid (\d+)\)", log.read_text()):
+            if _alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+async def _dev(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    with log.open("wb") as sink:
+        return await asyncio.create_subprocess_exec(
+            "bash", "scripts/dev.sh", cwd=ROOT, env=env, stdout=sink,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+@pytest.mark.e2e
+async def test_make_dev_with_a_busy_port_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    env = {
+        **os.environ, "DEV_DIR": str(dev), "DEV_METRICS_BASE": str(free_ports(15)),
+        "DEV_AGENT_BASE": str(free_ports(5)), "MOTO_PORT": str(free_port()),
+        "PROMETHEUS_PORT": str(free_port()),
+    }  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["PROMETHEUS_PORT"])))
+        taken.listen()
+        log = tmp_path / "make-dev.log"
+        script = await _dev(env, log)
+        code = await asyncio.wait_for(script.wait(), 60)
+    said = log.read_text()
+    assert code == 1, said
+    assert f"error: port {env['PROMETHEUS_PORT']} (PROMETHEUS_PORT) is in use" in said, said
+    assert "(pid " not in said and not dev.exists(), "nothing was started"
