@@ -14,7 +14,7 @@ from common.requests.infra import (
     PublishedTemplate,
 )
 from substratectl.context import Ctl, FileProblem
-from substratectl.output import table
+from substratectl.output import moment, table
 
 
 def _read_template(path: Path) -> str:
@@ -29,7 +29,7 @@ def _read_template(path: Path) -> str:
 def _published(result: PublishedTemplate) -> str:
     return (
         f"published template {result.version} at {result.location}\n"
-        f"cells on an older version must apply it by {result.deadline.isoformat()}"
+        f"cells on an older version must apply it by {moment(result.deadline)}"
     )
 
 

@@ -166,12 +166,19 @@ def table(
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
+def moment(value: object) -> str:
+    """A time in a sentence or a record: exact (ISO 8601, UTC as Z) and as an age."""
+    when = _as_time(value)
+    if when is None:
+        return printable(str(value))
+    return f"{when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({age(when)})"
+
+
 def _field(value: object) -> str:
     """A record's field: a time exact and as an age, a list or mapping as JSON (never a
     Python repr)."""
-    when = _as_time(value)
-    if when is not None:
-        return f"{when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({age(when)})"
+    if _as_time(value) is not None:
+        return moment(value)
     if isinstance(value, list | tuple | Mapping):
         return printable(json.dumps(plain(value), default=str))
     return _cell(value)

@@ -14,7 +14,7 @@ from common.requests.rollout import (
     RolloutPlan,
 )
 from substratectl.context import Ctl, read_mapping_file
-from substratectl.output import fields, plural, table
+from substratectl.output import fields, moment, plural, table
 from substratectl.rollouts import plan_text
 
 
@@ -38,7 +38,7 @@ async def publish(ctl: Ctl) -> int:
         ctl.show(preview, plan_text)
         return 1 if preview.refused else 0
     at = ctl.args.at
-    starts = f"; its rollout starts at {at.isoformat()}" if at else ""
+    starts = f"; its rollout starts at {moment(at)}" if at else ""
     return await ctl.ask(
         ReleasePublish.model_validate({"release": release, "starts_at": at}),
         lambda r: f"published release {r.version} ({plural(r.components, 'component')}){starts}",

@@ -38,7 +38,7 @@ from common.requests.rollout import (
 from common.vocabulary import FINISHED_STATES, STAGES
 from substratectl.context import Ctl, read_mapping_file
 from substratectl.conventions import add_watch, add_yes, seconds
-from substratectl.output import console, fields, on_terminal, plain, plural, table
+from substratectl.output import console, fields, moment, on_terminal, plain, plural, table
 
 COUNTS = tuple(name for name in StageCounts.model_fields if name != "total")
 
@@ -89,7 +89,7 @@ async def plan(ctl: Ctl) -> int:
 
 def _where(r: RolloutView) -> str:
     wave = f" wave {r.wave} of {r.waves}" if r.waves else ""
-    soak = f", soaking until {r.soak_until}" if r.state == "soaking" else ""
+    soak = f", soaking until {moment(r.soak_until)}" if r.state == "soaking" else ""
     waiting = f"; {printable(r.waiting)}" if r.waiting else ""
     return f"{r.version}: {r.state} in {r.stage}{wave}{soak}{waiting}"
 
@@ -97,7 +97,7 @@ def _where(r: RolloutView) -> str:
 def _gates(r: RolloutView) -> list[str]:
     """Who approved it into which stage, and the stages' scheduled starts."""
     lines = [f"approved into {stage} by {by}" for stage, by in r.approved.items()]
-    lines += [f"{stage} starts at {at}" for stage, at in r.starts_at.items()]
+    lines += [f"{stage} starts at {moment(at)}" for stage, at in r.starts_at.items()]
     return lines
 
 
@@ -211,7 +211,9 @@ async def retry(ctl: Ctl) -> int:
 async def schedule(ctl: Ctl) -> int:
     a = ctl.args
     at = None if a.cancel else a.at
-    done = f"{a.stage} starts as soon as it can" if a.cancel else f"{a.stage} starts at {a.at}"
+    done = (
+        f"{a.stage} starts as soon as it can" if a.cancel else f"{a.stage} starts at {moment(a.at)}"
+    )
     return await _act(ctl, RolloutSchedule(version=a.version, stage=a.stage, at=at), done)
 
 

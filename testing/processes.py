@@ -250,3 +250,11 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
                 ]
                 found.append((socket.inet_ntop(family, b"".join(words)), int(port_hex, 16)))
     return found
+
+
+async def start_control_plane(procs: Processes, moto: str) -> None:
+    """The four services, each answering, against moto's server for AWS."""
+    await start_registry(procs)
+    await start_rollout(procs)
+    await start_flags(procs)
+    await start_infra(procs, moto)

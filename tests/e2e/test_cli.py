@@ -27,10 +27,7 @@ from testing.ports import free_port
 from testing.processes import (
     BIN,
     Processes,
-    start_flags,
-    start_infra,
-    start_registry,
-    start_rollout,
+    start_control_plane,
 )
 
 RELEASE = f"""
@@ -69,10 +66,7 @@ async def test_every_read_command_answers_json_its_contract_describes(
     own_procs: Processes, moto: str, tmp_path: Path
 ) -> None:
     procs = own_procs
-    await start_registry(procs)
-    await start_rollout(procs)
-    await start_flags(procs)
-    await start_infra(procs, moto)
+    await start_control_plane(procs, moto)
     cell, key = f"cli-{uuid.uuid4().hex[:6]}", f"cli-{uuid.uuid4().hex[:6]}"
     for args in (
         ["cells", "create", cell, "--stage", "staging", "--region", "eu-west-1", "--org", "acme"],
@@ -148,6 +142,21 @@ async def test_every_read_command_answers_json_its_contract_describes(
     assert code == 1 and err.strip() == "error: no flag 'no-such-flag'"
 
     await _terminal_and_pipe(procs, cell)
+    # Completion asks the registry for cell ids (argcomplete's protocol, as the shell drives it).
+    line = f"substratectl cells show {cell[:6]}"
+    assert cell in await _completions(procs, tmp_path, line)
+    assert await _completions(procs, tmp_path, "substratectl cells list -o w") == ["wide"]
+
+
+async def _completions(procs: Processes, tmp_path: Path, line: str) -> list[str]:
+    out = tmp_path / "completions"
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "substratectl"), stdin=asyncio.subprocess.DEVNULL,
+        env=procs.env(_ARGCOMPLETE="1", _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+                      _ARGCOMPLETE_IFS="\n", COMP_LINE=line, COMP_POINT=str(len(line))),
+    )  # fmt: skip
+    assert await process.wait() == 0
+    return out.read_text().split()
 
 
 def _on_terminal(env: dict[str, str], *args: str) -> str:

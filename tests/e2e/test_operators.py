@@ -18,10 +18,8 @@ from testing.operators import add_operator
 from testing.polling import eventually
 from testing.processes import (
     Processes,
-    start_flags,
-    start_infra,
+    start_control_plane,
     start_registry,
-    start_rollout,
 )
 
 # Broker users are not per vhost: names of their own, so parallel tests never share one.
@@ -77,10 +75,7 @@ async def test_each_role_may_do_what_it_needs_and_every_write_and_refusal_is_aud
     own_procs: Processes, moto: str, tmp_path: Path
 ) -> None:
     procs = own_procs
-    await start_registry(procs)
-    await start_rollout(procs)
-    await start_flags(procs)
-    await start_infra(procs, moto)
+    await start_control_plane(procs, moto)
     viewer = await add_operator(procs, ALICE, "viewer")
     operator = await add_operator(procs, BOB, "operator")
     flag = write(tmp_path / "f.yaml", FLAG.format(key=f"editor-{uuid.uuid4().hex[:6]}"))
