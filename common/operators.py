@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import redis.asyncio as aioredis
 from pydantic import Field
 
 from common.fields import WireInt
 from common.messages import Delivery, Event, wire
 from common.routes import Route
 from common.scripts import Change, Changes
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 from common.vocabulary import ROLES, Role
 
 

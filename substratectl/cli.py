@@ -30,11 +30,11 @@ from substratectl import (
 from substratectl.context import Ctl, FileProblem, NotConfirmed
 from substratectl.conventions import (
     SHELLS,
+    VersionAction,
     add_global_options,
     complete_names,
     completion_script,
     finish,
-    program_version,
 )
 from substratectl.output import fail, on_terminal
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The broker URL comes from SUBSTRATE_AMQP_URL. Exit codes: 0 done, 1 refused or "
         "failed (one line on stderr), 2 a usage error or a missing setting, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"substratectl {program_version()}")
+    parser.add_argument("--version", action=VersionAction)
     add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)

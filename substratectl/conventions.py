@@ -148,6 +148,18 @@ def program_version() -> str:
         return "unknown"
 
 
+class VersionAction(argparse.Action):
+    """``--version``, the installed version looked up only when asked (reading the installed
+    packages' metadata would cost every command a few hundred milliseconds)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(f"substratectl {program_version()}")
+        parser.exit()
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """The options every command takes, anywhere on the line. On the commands their default is
     SUPPRESS, so one given before the command is not reset by the command's parser."""

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 from pydantic_core import to_json
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+
+if TYPE_CHECKING:
+    # Annotations only: substratectl imports the stores' types (through the guard) and never
+    # talks to Redis, so it does not pay for importing the client.
+    import redis.asyncio as aioredis
+    from redis.commands.core import AsyncScript
 
 SCRIPTS = ("apply", "hashes", "lease_hold")
 # Changes sent in one call at most: a larger batch holds Redis (single-threaded) for longer
@@ -189,8 +192,11 @@ class Changes:
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
+        from redis.exceptions import NoScriptError
+
         self._redis = redis
         self._script = script(redis, "apply")
+        self._no_script = NoScriptError
         self._sha = self._script.sha
         self._queued: list[tuple[Change, asyncio.Future[Applied]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -221,7 +227,7 @@ class Changes:
                 replies = await self._redis.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", self._sha, 0, payload
                 )
-            except NoScriptError:
+            except self._no_script:
                 await self._redis.script_load(self._script.script)
                 replies = await self._redis.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", self._sha, 0, payload
