@@ -68,7 +68,13 @@ async def list_cells(ctl: Ctl) -> int:
     cells: list[ListedCell] = []
     after = args.after
     while True:
-        request = CellsList(stage=args.stage, status=args.status, after=after, limit=limit)
+        request = CellsList(
+            stage=args.stage,
+            status=args.status,
+            after=after,
+            limit=limit,
+            decommissioned=args.decommissioned,
+        )
         page = await ctl.call(request)
         cells.extend(page)
         if not args.all or len(page) < limit:
@@ -76,13 +82,9 @@ async def list_cells(ctl: Ctl) -> int:
         after = page[-1].id
         if not ctl.as_json:
             print(f"read {len(cells):,} cells ...", file=sys.stderr, flush=True)
-    last = cells[-1].id if cells else None
-    if args.status is None:
-        # A decommissioned cell is history, not fleet: shown when asked for by status.
-        cells = [c for c in cells if c.status != "decommissioned"]
     ctl.show(cells, lambda found: table(found, LIST_COLUMNS, WIDE_COLUMNS))
-    if ctl.output in ("table", "wide") and not args.all and last and len(cells) == limit:
-        next_page = f"--after {last}"
+    if ctl.output in ("table", "wide") and not args.all and len(cells) == limit:
+        next_page = f"--after {cells[-1].id}"
         print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
 
@@ -165,7 +167,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--aws-account", help="bind the cell to this 12-digit AWS account now")
     p.set_defaults(run=create)
 
-    p = cmds.add_parser("list", help="list cells (decommissioned ones with --status only)")
+    p = cmds.add_parser("list", help="list cells (not decommissioned ones unless asked)")
     p.add_argument("--stage", choices=STAGES)
     p.add_argument("--status", choices=CELL_STATUSES)
     p.add_argument(
@@ -178,6 +180,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--after", metavar="CELL_ID", help="the cells after this id (the last of the previous page)"
     )
     p.add_argument("--all", action="store_true", help="every cell, read page by page")
+    p.add_argument(
+        "--decommissioned",
+        action="store_true",
+        help="decommissioned cells too (--status decommissioned: only them)",
+    )
     add_watch(p)
     p.set_defaults(run=list_cells)
 

@@ -114,10 +114,12 @@ class CellsCreate(Request[CreatedCell]):
 @rpc("registry", "cells.list", read_only=True)
 class CellsList(Request[list[ListedCell]]):
     """One page of cells, by id: those after ``after`` (a cell id; the last of the previous
-    page), at most ``limit`` of them. A page shorter than ``limit`` is the last."""
+    page), at most ``limit`` of them. A page shorter than ``limit`` is the last. Decommissioned
+    cells are history, not fleet: listed when asked for by status or with ``decommissioned``."""
 
     stage: Stage | None = None
     status: CellStatus | None = None
+    decommissioned: bool = False
     after: str | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = MAX_PAGE
 

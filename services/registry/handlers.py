@@ -242,7 +242,11 @@ def _listed(cell: CellView, current: int) -> ListedCell:
 
 async def cells_list(req: CellsList, delivery: Delivery, deps: Deps) -> list[ListedCell]:
     cells = await deps.store.find(
-        stage=req.stage, status=req.status, after=req.after, limit=req.limit
+        stage=req.stage,
+        status=req.status,
+        after=req.after,
+        limit=req.limit,
+        decommissioned=req.decommissioned or req.status == "decommissioned",
     )
     current = await deps.store.flags_version()
     return [_listed(c, current) for c in cells]

@@ -232,15 +232,20 @@ class RegistryStore:
         *,
         after: str | None = None,
         limit: int | None = None,
+        decommissioned: bool = True,
     ) -> list[CellView]:
         """Cells by id, those after ``after``, at most ``limit``: only the page's records are
-        read (the ids of every matching cell are, to sort them)."""
+        read (the ids of every matching cell are, to sort them). Without ``decommissioned``
+        the decommissioned ones are left out before the page is cut."""
         sets = [CELLS]
         if stage:
             sets.append(STAGE + stage)
         if status:
             sets.append(STATUS + status)
-        ids = sorted(str(i) for i in await self.redis.sinter(sets))
+        found = set(await self.redis.sinter(sets))
+        if not decommissioned:
+            found -= set(await self.redis.smembers(STATUS + "decommissioned"))
+        ids = sorted(str(i) for i in found)
         if after is not None:
             ids = ids[bisect.bisect_right(ids, after) :]
         if limit is not None:
