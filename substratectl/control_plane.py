@@ -66,7 +66,7 @@ def status_line(row: ServiceRow) -> str:
             counts = ", ".join(f"{n} {k}" for k, n in value.items() if n)
             parts.append(f"{key}: {counts or 'none'}")
         else:
-            parts.append(f"{key}: {value}")
+            parts.append(f"{key}: {'none' if value is None else value}")
     return ", ".join(parts)
 
 

@@ -146,6 +146,11 @@ def test_status_details_read_as_one_line() -> None:
     detail = {"service": "r", "ready": True, "cells": {}}
     empty = status_line(ServiceRow("r", True, ServiceStatus.model_validate(detail)))
     assert empty == "ready, cells: none"
+    detail = {"service": "infra_compliance", "ready": True, "newest_template": None}
+    nothing = status_line(
+        ServiceRow("infra_compliance", True, ServiceStatus.model_validate(detail))
+    )
+    assert nothing == "ready, newest_template: none", "never Python's None"
     down = status_line(ServiceRow("flags", False, "did not answer"))
     assert down == "did not answer"
 
