@@ -21,10 +21,10 @@ from common.fields import WireInt
 from common.messages import Delivery, Event, wire
 from common.routes import Route
 from common.scripts import Change, Changes
+from common.vocabulary import ROLES, Role
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
-from common.vocabulary import ROLES, Role
 
 
 def allows(role: Role | None, needed: Role) -> bool:

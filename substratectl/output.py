@@ -166,19 +166,22 @@ def table(
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
+def _exact(when: datetime) -> str:
+    return f"{when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({age(when)})"
+
+
 def moment(value: object) -> str:
     """A time in a sentence or a record: exact (ISO 8601, UTC as Z) and as an age."""
     when = _as_time(value)
-    if when is None:
-        return printable(str(value))
-    return f"{when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({age(when)})"
+    return printable(str(value)) if when is None else _exact(when)
 
 
 def _field(value: object) -> str:
     """A record's field: a time exact and as an age, a list or mapping as JSON (never a
     Python repr)."""
-    if _as_time(value) is not None:
-        return moment(value)
+    when = _as_time(value)
+    if when is not None:
+        return _exact(when)
     if isinstance(value, list | tuple | Mapping):
         return printable(json.dumps(plain(value), default=str))
     return _cell(value)

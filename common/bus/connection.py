@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
+import socket
 import ssl
 import time
 from typing import Any
@@ -74,16 +76,14 @@ class ClusterConnection(aio_pika.RobustConnection):
 
 
 def broker_problem(exc: BaseException, where: str) -> str:
-    """What went wrong connecting to the broker at ``where``, in words (not a library's repr).
-    Also the variable that holds the URL, since that is where it is usually fixed."""
+    """What went wrong connecting to the broker at ``where``, in words (not a library's repr)."""
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return f"the broker at {where} refused the user name or password"
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
         # The broker closes the connection at Connection.Open: the URL's virtual host does
         # not exist, or the user may not use it.
         return f"the broker at {where} refused the virtual host (none such, or not this user's)"
-    errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-    if errno == 111:
+    if exc.args and exc.args[0] == errno.ECONNREFUSED:
         return f"nothing listens at {where} (connection refused): is RabbitMQ running?"
     if _unresolved(exc):
         return f"the broker's host in {where} does not resolve"
@@ -93,8 +93,16 @@ def broker_problem(exc: BaseException, where: str) -> str:
     return f"cannot connect to the broker at {where}: {reason}"
 
 
+# getaddrinfo's answers for a name that does not resolve (aiormq passes its code on as args[0]).
+_UNRESOLVED = {
+    socket.EAI_NONAME,
+    socket.EAI_AGAIN,
+    getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
+}
+
+
 def _unresolved(exc: BaseException) -> bool:
-    return bool(exc.args) and exc.args[0] in (-2, -3, -5)
+    return bool(exc.args) and exc.args[0] in _UNRESOLVED
 
 
 # Refusals that another attempt will not change: a caller that cannot fix them by waiting (the

@@ -192,6 +192,8 @@ class Changes:
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
+        # Importing redis.exceptions loads the whole client package, which the CLI (it imports
+        # this module for the stores' types) never needs; a store that makes Changes does.
         from redis.exceptions import NoScriptError
 
         self._redis = redis

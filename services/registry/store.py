@@ -199,7 +199,7 @@ class RegistryStore:
         if status in (b"decommissioned", "decommissioned"):
             # Its record stays (audit, history); a new cell under its name would inherit them.
             return f"cell {cell_id!r} was decommissioned; ids are not reused, choose another"
-        if status is not None or await self.redis.exists(CELL + cell_id):
+        if status is not None:  # every record has a status from its creation
             return f"cell {cell_id!r} already exists"
         if not await self.redis.set(CREATING + cell_id, "1", nx=True, ex=ttl):
             return f"cell {cell_id!r} is being created by another request"
