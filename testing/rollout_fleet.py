@@ -5,6 +5,7 @@ in which order."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from common.releases import Release
@@ -61,9 +62,9 @@ class Fleet:
         head = prefix or stage[:3]
         for _ in range(n):
             cid = f"{head}-{sum(c.startswith(head) for c in self.cells):03d}"
-            self.cells[cid] = CellFacts.model_validate({
-                "id": cid, "stage": stage, "status": status, "installed_release": installed,
-            })  # fmt: skip
+            self.cells[cid] = CellFacts(
+                id=cid, stage=stage, status=status, installed_release=installed,  # type: ignore[arg-type]
+            )  # fmt: skip
             ids.append(cid)
         return ids
 
@@ -74,7 +75,7 @@ class Fleet:
         self.rollouts[version] = new_rollout(published, self.now)
 
     def set(self, cell_id: str, **changes: object) -> None:
-        self.cells[cell_id] = self.cells[cell_id].model_copy(update=changes)
+        self.cells[cell_id] = replace(self.cells[cell_id], **changes)  # type: ignore[arg-type]
 
     def tick(self) -> None:
         """One controller step, as controller.tick does it."""
@@ -95,12 +96,11 @@ class Fleet:
         for a in assigns:
             cell = self.cells[a.cell_id]
             self.generation += 1
-            self.cells[a.cell_id] = cell.model_copy(update={
-                "desired_version": a.version, "desired_generation": self.generation,
-                "desired_at": self.now, "previous_version": a.previous,
-                "desired_bake": 0.0 if self.verdict else None,
-                "desired_for": a.path_to,
-            })  # fmt: skip
+            self.cells[a.cell_id] = replace(
+                cell, desired_version=a.version, desired_generation=self.generation,
+                desired_at=self.now, previous_version=a.previous,
+                desired_bake=0.0 if self.verdict else None, desired_for=a.path_to,
+            )  # fmt: skip
             self.sent.append((self.now, a.cell_id, a.version))
 
     def agents(self) -> None:
@@ -132,7 +132,7 @@ class Fleet:
                     # A reversible release goes back by itself.
                     update["report_phase"] = "rolled_back"
                     update["installed_release"] = cell.installed_release
-            self.cells[cell.id] = cell.model_copy(update=update)
+            self.cells[cell.id] = replace(cell, **update)  # type: ignore[arg-type]
 
     def run(self, *, seconds: float = 0, max_ticks: int = 200, step_seconds: float = 1) -> None:
         """Tick, let agents answer, move time; until nothing changes (and ``seconds`` passed)."""

@@ -298,6 +298,9 @@ class RolloutView(Response):
     # has one, overrides a deferral once it has passed).
     deferred: dict[str, str] = Field(default_factory=dict)
     deadline: str | None = None
+    # When the counts were taken: the leading controller's last step that changed them (it
+    # keeps them as cells change), or the moment of the request when none leads.
+    counted_at: str | None = None
 
 
 class Explanation(Response):

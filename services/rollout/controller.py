@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import replace
 from datetime import datetime
 
 from common.clock import Clock
@@ -41,6 +42,7 @@ from services.rollout.model import (
     step,
     superseded,
 )
+from services.rollout.model.tally import Tally
 from services.rollout.store import FenceLost, RolloutStore, Stale
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,10 @@ class Controller:
         # over an unchanged fleet would have nothing to do either.
         # (policy, rollouts, windows by cell, windows by org)
         self._quiet: tuple[object, ...] | None = None
+        # Every release's counts, kept with the copy of the cells (None: to be counted anew
+        # over the whole copy), and written for the views.
+        self._tally: Tally | None = None
+        self._tally_whole = False
 
     def wake(self) -> None:
         """Step soon: an operator changed something a step depends on (a release, a policy,
@@ -130,26 +136,24 @@ class Controller:
         policy = await self.store.policy()
         rollouts = {r.version: r for r in await self.store.rollouts()}
         windows = await self.store.windows(policy, list(rollouts.values()))
-        by_id, cells_changed = await self._load_cells(fence)
+        now = self.clock.now()
+        by_id, cells_changed = await self._load_cells(fence, now)
+        self._count(policy, rollouts, now)
+        # The counts go out before anything decided on them: a view that shows a rollout's
+        # new state (halted, say) shows at least the counts it was decided on.
+        await self._write_tally(fence, now)
         quiet = (policy, rollouts, windows.by_cell, windows.by_org)
         if not cells_changed and self._quiet == quiet:
             # Between rollouts a fleet at rest changes nothing from one tick to the next, and
             # over a large fleet catch_up and the gauges would cost a step's time every tick.
             return True
         self._quiet = None
-        now = self.clock.now()
         # Whether this step has to be taken again on the next tick with nothing changed: a
         # rollout under way depends on the time (soak ends, deadlines), a write on itself.
         busy = False
 
-        for version in superseded(list(rollouts.values())):
+        if await self._supersede(fence, rollouts, policy, now):
             busy = True
-            r = rollouts[version]
-            new = r.model_copy(update={"state": "superseded", "updated_at": now})
-            rollouts[version] = (
-                await self._write(fence, r, new, assign=[], events=[], now=now, policy=policy) or r
-            )
-            log.info("rollout %s superseded by a newer release", version)
 
         required = required_versions(list(rollouts.values()))
         awaiting = []
@@ -200,7 +204,54 @@ class Controller:
         self._awaiting = min(awaiting, default=0)
         if self._wave_may_be_done():
             self._wake.set()  # those that came in during this step may already finish it
+        await self._write_tally(fence, now)
         return True
+
+    async def _supersede(
+        self, fence: str, rollouts: dict[str, Rollout], policy: RolloutPolicy, now: datetime
+    ) -> bool:
+        """Stop the rollouts a newer release supersedes; whether there were any."""
+        versions = superseded(list(rollouts.values()))
+        for version in versions:
+            r = rollouts[version]
+            new = r.model_copy(update={"state": "superseded", "updated_at": now})
+            rollouts[version] = (
+                await self._write(fence, r, new, assign=[], events=[], now=now, policy=policy) or r
+            )
+            log.info("rollout %s superseded by a newer release", version)
+        return bool(versions)
+
+    def _count(self, policy: RolloutPolicy, rollouts: dict[str, Rollout], now: datetime) -> None:
+        """Bring the counts up to the policy and releases of this step (the cells' changes
+        were counted as they were read)."""
+        assert self._cells is not None
+        tally = self._tally
+        if tally is None or tally.policy != policy:
+            self._tally = tally = Tally(policy)
+            tally.reset(self._cells.values(), rollouts, now)
+            self._tally_whole = True
+            return
+        for version in rollouts.keys() - tally.counts.keys():
+            tally.add_release(version, self._cells.values(), now)
+        for version in tally.counts.keys() - rollouts.keys():
+            tally.drop_release(version)
+        tally.advance(self._cells, now)
+
+    async def _write_tally(self, fence: str, now: datetime) -> None:
+        tally = self._tally
+        if tally is None:
+            return
+        changed, deferred_changed = tally.take_changed()
+        if not (changed or deferred_changed or self._tally_whole):
+            return
+        whole, self._tally_whole = self._tally_whole, False
+        await self.store.write_tally(
+            fence,
+            now,
+            {v: tally.counts.get(v) for v in (tally.counts if whole else changed)},
+            tally.deferred if whole or deferred_changed else None,
+            whole=whole,
+        )
 
     async def _write(
         self,
@@ -249,22 +300,33 @@ class Controller:
             )
         return written
 
-    async def _load_cells(self, fence: str) -> tuple[dict[str, CellFacts], bool]:
-        """The copy of the cells, and whether anything in it was read again."""
-        now = self.clock.monotonic()
-        stale = now - self._loaded_at > FULL_RELOAD_SECONDS
+    async def _load_cells(self, fence: str, now: datetime) -> tuple[dict[str, CellFacts], bool]:
+        """The copy of the cells, and whether anything in it was read again. What changed is
+        counted as it comes in; a full load is counted anew."""
+        monotonic = self.clock.monotonic()
+        stale = monotonic - self._loaded_at > FULL_RELOAD_SECONDS
         if self._cells is None or fence != self._cells_fence or stale:
             # Changes after this are in the dirty set again, so none is missed.
             await self.store.forget_changes()
             self._cells = {c.id: c for c in await self.store.cells()}
-            self._cells_fence, self._loaded_at = fence, now
+            self._cells_fence, self._loaded_at = fence, monotonic
+            self._tally = None
             return self._cells, True
         changed, gone = await self.store.changed_cells()
         for cell in changed:
-            self._cells[cell.id] = cell
+            self._replace(cell.id, cell, now)
         for cell_id in gone:
-            self._cells.pop(cell_id, None)
+            self._replace(cell_id, None, now)
         return self._cells, bool(changed or gone)
+
+    def _replace(self, cell_id: str, new: CellFacts | None, now: datetime) -> None:
+        """A cell's entry in the copy, and in the counts."""
+        assert self._cells is not None
+        old = self._cells.pop(cell_id, None)
+        if new is not None:
+            self._cells[cell_id] = new
+        if self._tally is not None:
+            self._tally.update(old, new, now)
 
     def _apply(
         self,
@@ -279,13 +341,16 @@ class Controller:
         for a, generation in zip(assign, generations, strict=True):
             cell = self._cells.get(a.cell_id)
             if cell is not None:
-                self._cells[a.cell_id] = cell.model_copy(
-                    update={
-                        "desired_version": a.version,
-                        "desired_generation": generation,
-                        "desired_at": now,
-                        "previous_version": a.previous,
-                        "desired_bake": bakes.get(a.cell_id),
-                        "desired_for": a.path_to,
-                    }
+                self._replace(
+                    a.cell_id,
+                    replace(
+                        cell,
+                        desired_version=a.version,
+                        desired_generation=generation,
+                        desired_at=now,
+                        previous_version=a.previous,
+                        desired_bake=bakes.get(a.cell_id),
+                        desired_for=a.path_to,
+                    ),
+                    now,
                 )

@@ -66,9 +66,9 @@ from services.rollout.model import (
     resume,
     retry,
     schedule,
-    stage_counts,
 )
-from services.rollout.store import Published, RolloutStore, Stale
+from services.rollout.model.tally import Tally
+from services.rollout.store import Counted, Published, RolloutStore, Stale
 
 
 def _nothing() -> None:
@@ -306,11 +306,9 @@ async def status(req: Status, delivery: Delivery, deps: Deps) -> ServiceStatus:
     )
 
 
-def _rollout_view(
-    r: Rollout, cells: list[CellFacts], policy: RolloutPolicy, now: datetime
-) -> RolloutView:
+def _rollout_view(r: Rollout, counted: Counted, now: datetime) -> RolloutView:
     waves = r.waves or ()
-    counts = stage_counts(r, cells, policy, now)
+    late = r.deadline is not None and now >= r.deadline
     return RolloutView(
         version=r.version,
         state=r.state,
@@ -322,26 +320,32 @@ def _rollout_view(
         reversible=r.reversible,
         started_at=r.created_at.isoformat(),
         updated_at=r.updated_at.isoformat(),
-        stages={stage: StageCounts(**n) for stage, n in counts.items()},
+        stages={stage: StageCounts(**n) for stage, n in counted.counts[r.version].items()},
         waiting=r.waiting,
         published_by=r.published_by,
         approved=dict(r.approved),
         starts_at={stage: at.isoformat() for stage, at in r.starts_at},
         deferred={
-            c.id: c.deferred_until.isoformat()
-            for c in cells
-            if c.deferred_until is not None
-            and now < c.deferred_until
-            and not (r.deadline is not None and now >= r.deadline)
-            and r.version != c.installed_release
+            cell_id: until.isoformat()
+            for cell_id, (until, runs) in sorted(counted.deferred.items())
+            if now < until and not late and r.version != runs
         },
         deadline=r.deadline.isoformat() if r.deadline else None,
+        counted_at=counted.at.isoformat(),
     )
 
 
 async def _views(deps: Deps, rollouts: list[Rollout]) -> list[RolloutView]:
-    cells, policy, now = await deps.store.cells(), await deps.store.policy(), deps.clock.now()
-    return [_rollout_view(r, cells, policy, now) for r in rollouts]
+    """The rollouts with their counts: the leading controller's, kept as cells change
+    (model.tally); while no controller leads, or it has not counted a release yet, counted
+    here over every cell the same way."""
+    now = deps.clock.now()
+    counted = await deps.store.tally()
+    if counted is None or any(r.version not in counted.counts for r in rollouts):
+        tally = Tally(await deps.store.policy())
+        tally.reset(await deps.store.cells(), [r.version for r in rollouts], now)
+        counted = Counted(tally.counts, tally.deferred, now)
+    return [_rollout_view(r, counted, now) for r in rollouts]
 
 
 async def known_cell(deps: Deps, cell_id: str) -> CellFacts:

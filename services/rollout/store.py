@@ -16,6 +16,10 @@ rollout:dirty                set: cells changed by something other than the cont
                              its last step (facts, outcome reports, pins): what it reloads
 rollout:generation           counter: desired-state generations (one sequence for all cells)
 rollout:controller           string: the controller's lease (common.lease)
+rollout:tally                hash: version -> the release's per-stage counts (JSON), as the
+                             leading controller keeps them (model.tally); "@fence": that
+                             controller's lease value, "@at": when it counted, "@deferred":
+                             the customers' deferrals (cell id -> [until, release it runs])
 rollout:outbox               list: events and desired-state commands not yet published
 
 Whatever the controller writes (a rollout's new state, desired states, the commands that carry
@@ -25,9 +29,11 @@ whole or not at all, and only by the current holder.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from sys import intern
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -42,6 +48,7 @@ from common.scripts import Change, Changes, Hashes
 from common.vocabulary import TERMINAL_PHASES
 from common.windows import WindowSet
 from services.rollout.model import Assign, CellFacts, Rollout
+from services.rollout.model.tally import Counts
 from services.rollout.model.windows import Windows
 
 PREFIX = "rollout:"
@@ -57,6 +64,16 @@ POLICY = PREFIX + "policy"
 WINDOWS = PREFIX + "windows"
 GENERATION = PREFIX + "generation"
 LEASE = PREFIX + "controller"
+TALLY = PREFIX + "tally"
+
+
+@dataclass(frozen=True)
+class Counted:
+    """The counts the leading controller keeps, as it last wrote them."""
+
+    counts: dict[str, Counts]
+    deferred: dict[str, tuple[datetime, str | None]]
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -78,9 +95,19 @@ class FenceLost(Exception):
 KEPT_ACROSS_INCARNATIONS = ("pinned", "deferred_until", "deferral_reason")
 
 
+def _when(raw: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(raw), UTC) if raw else None
+
+
 def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
     def opt(key: str) -> str | None:
-        return own.get(key) or None
+        value = own.get(key)
+        return intern(value) if value else None
+
+    def shared(value: str | None) -> str | None:
+        # A fleet has a handful of distinct stages, orgs and releases, each repeated over
+        # every cell: one string each instead of one per cell.
+        return intern(value) if value else None
 
     assert cell.stage is not None, "only known cells are read"
     if own.get("incarnation", "") != (cell.incarnation or "") and own.get("incarnation"):
@@ -89,22 +116,20 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         own = {k: v for k, v in own.items() if k in KEPT_ACROSS_INCARNATIONS}
     gen = own.get("desired_generation")
     report_gen = own.get("report_generation")
-    # Built without validating again: a step reads every cell, and validation was most of its
-    # time. The fleet view and this service's own writes are the only sources.
-    return CellFacts.model_construct(
+    # Built without validating: the fleet view and this service's own writes are the only
+    # sources, and a step reads every cell.
+    return CellFacts(
         id=cell.id,
-        stage=cell.stage,
-        status=cell.status,
-        org=cell.org,
-        installed_release=cell.installed_release,
+        stage=intern(cell.stage),  # type: ignore[arg-type]
+        status=intern(cell.status),  # type: ignore[arg-type]
+        org=shared(cell.org),
+        installed_release=shared(cell.installed_release),
         pinned=opt("pinned"),
         held=cell.held,
-        hold_deadline=cell.compliance_deadline if cell.held else None,
+        hold_deadline=shared(cell.compliance_deadline) if cell.held else None,
         desired_version=opt("desired_version"),
         desired_generation=int(gen) if gen else None,
-        desired_at=datetime.fromtimestamp(float(own["desired_at"]), UTC)
-        if own.get("desired_at")
-        else None,
+        desired_at=_when(own.get("desired_at")),
         previous_version=opt("previous_version"),
         desired_for=opt("desired_for"),
         desired_bake=float(own["desired_bake"]) if own.get("desired_bake") else None,
@@ -113,14 +138,10 @@ def _facts(cell: FleetCell, own: dict[str, str]) -> CellFacts:
         report_error=opt("report_error"),
         report_verdict=opt("report_verdict"),
         report_check=opt("report_check"),
-        report_at=datetime.fromtimestamp(float(own["report_at"]), UTC)
-        if own.get("report_at")
-        else None,
+        report_at=_when(own.get("report_at")),
         incarnation=cell.incarnation,
-        deferred_until=datetime.fromtimestamp(float(own["deferred_until"]), UTC)
-        if own.get("deferred_until")
-        else None,
-        deferral_reason=opt("deferral_reason"),
+        deferred_until=_when(own.get("deferred_until")),
+        deferral_reason=own.get("deferral_reason") or None,
     )
 
 
@@ -337,6 +358,52 @@ class RolloutStore:
                 raise FenceLost(fence)
             raise Stale(rollout.version if rollout else "-")
         return new
+
+    # -- the controller's counts ------------------------------------------------------------------
+
+    async def write_tally(
+        self,
+        fence: str,
+        at: datetime,
+        counts: Mapping[str, Counts | None],
+        deferred: Mapping[str, tuple[datetime, str | None]] | None,
+        *,
+        whole: bool,
+    ) -> None:
+        """The releases' counts that changed (None: the release is gone), and the deferrals if
+        they changed; with ``whole``, everything the tally holds, replacing what was there."""
+        change = Change().expecting_value(LEASE, fence)
+        if whole:
+            change.run("DEL", TALLY)
+        fields: dict[str, object] = {"@fence": fence, "@at": at.timestamp()}
+        for version, stages in counts.items():
+            if stages is None:
+                change.run("HDEL", TALLY, version)
+            else:
+                fields[version] = json.dumps(stages, separators=(",", ":"))
+        if deferred is not None:
+            fields["@deferred"] = json.dumps(
+                {i: [until.timestamp(), runs] for i, (until, runs) in deferred.items()}
+            )
+        change.hset(TALLY, fields)
+        if not (await self._changes.apply(change)).written:
+            raise FenceLost(fence)
+
+    async def tally(self) -> Counted | None:
+        """The counts of the controller that leads now; None if none leads, or it has not
+        counted yet."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(LEASE)
+        pipe.hgetall(TALLY)
+        lease, raw = await pipe.execute()
+        if not lease or raw.get("@fence") != lease:
+            return None
+        deferred = {
+            i: (datetime.fromtimestamp(until, UTC), runs)
+            for i, (until, runs) in json.loads(raw.get("@deferred") or "{}").items()
+        }
+        counts = {v: json.loads(c) for v, c in raw.items() if not v.startswith("@")}
+        return Counted(counts, deferred, datetime.fromtimestamp(float(raw["@at"]), UTC))
 
     # -- releases ---------------------------------------------------------------------------------
 

@@ -165,13 +165,20 @@ async def test_a_cell_back_from_two_releases_behind_walks_the_required_one_first
     assert [r.release_version for r in await fleet.upgrades() if r.cell_id == on_time.id
             and r.verdict == "healthy"] == [required, newest]  # fmt: skip
 
-    # A report the control plane missed (here: taken out of its records): the cell is no longer
-    # counted updated, and an agent that starts again says it once more.
+    # A report the control plane missed (here: taken out of its records, and the cell marked
+    # changed as every writer of rollout's records but the controller marks it): the cell is
+    # no longer counted updated once the controller has read it again, and an agent that
+    # starts again says it once more.
     redis = aioredis.from_url(fleet.procs.services.redis_url)
     fields = ("report_order", "report_generation", "report_phase", "report_verdict")
     await redis.hdel(f"rollout:cell:{on_time.id}", *fields)
+    await redis.sadd("rollout:dirty", on_time.id)
     await redis.aclose()
-    assert (await fleet.status(newest))["stages"]["staging"]["updated"] == 1
+
+    async def missed() -> bool:
+        return bool((await fleet.status(newest))["stages"]["staging"]["updated"] == 1)
+
+    await eventually(missed, timeout=30, interval=0.3, what="the missed report counted")
     await fleet.stop_agent(on_time)
     await fleet.start_agent(on_time)
 

@@ -20,12 +20,14 @@ from common.clock import FakeClock
 from common.lease import Lease
 from common.messages import CellRegistered, CellUpgrade, ReleasePublished
 from common.releases import Release
+from common.requests.rollout import RolloutList
 from common.vocabulary import Stage, UpgradePhase
 from common.wiring import start
 from services.rollout import controller as controller_module
+from services.rollout import handlers
 from services.rollout.bootstrap import setup
 from services.rollout.controller import Controller
-from services.rollout.model import RolloutPolicy, SoakTimes, catch_up, new_rollout
+from services.rollout.model import RolloutPolicy, SoakTimes, catch_up, new_rollout, stage_counts
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import (
     GENERATION,
@@ -361,3 +363,59 @@ async def test_a_quiet_fleet_is_not_stepped_over_again_until_something_changes(
     before = len(looked)
     assert await controller.tick()
     assert len(looked) == before + 1
+
+
+async def test_views_read_the_leader_s_counts_which_follow_every_change(
+    redis: aioredis.Redis,
+) -> None:
+    """rollout status reads the counts the leading controller keeps (no read of the fleet);
+    they are the counts over every cell after each step, a new leader counts anew, and with no
+    leader the view counts the cells itself."""
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    deps = handlers.Deps(store=store, clock=clock)
+    await _fleet(store, clock)
+
+    async def over_every_cell() -> dict[str, dict[str, int]]:
+        rollout = await store.rollout(RELEASE.version)
+        assert rollout is not None
+        cells = await store.cells()
+        return stage_counts(rollout, cells, await store.policy(), clock.now())
+
+    async def viewed() -> dict[str, dict[str, int]]:
+        [view] = await handlers.rollout_list(RolloutList(), None, deps)  # type: ignore[arg-type]
+        return {stage: counts.model_dump() for stage, counts in view.stages.items()}
+
+    assert await store.tally() is None, "no controller has counted yet"
+    assert (await viewed())["staging"]["pending"] == 2  # counted by the view itself
+    first = Controller(store, clock, Lease(redis, LEASE, 5))
+    assert await first.tick()
+    counted = await store.tally()
+    assert counted is not None and counted.counts[RELEASE.version] == await over_every_cell()
+    assert counted.counts[RELEASE.version]["staging"]["in_progress"] == 2
+    assert await viewed() == await over_every_cell()
+
+    # A cell reports (another process writes it): the next step counts it.
+    cell = await store.cell("c-0")
+    assert cell is not None and cell.desired_generation is not None
+    await store.upgrade(
+        _report("c-0", cell.desired_generation, "failed", RELEASE.version, "boom"), clock.now()
+    )
+    assert await first.tick()
+    assert (await viewed())["staging"]["failed"] == 1
+    assert await viewed() == await over_every_cell()
+
+    # The other cell never reports: past the deadline it is counted timed out (failed).
+    clock.advance((await store.policy()).progress_deadline_seconds + 1)
+    assert await first.tick()
+    assert (await viewed())["staging"]["failed"] == 2
+    assert await viewed() == await over_every_cell()
+
+    # The leader goes: its counts are no longer read. A new leader counts the fleet anew.
+    await first.lease.release()
+    assert await store.tally() is None
+    assert await viewed() == await over_every_cell()
+    second = Controller(store, clock, Lease(redis, LEASE, 5))
+    assert await second.tick()
+    counted = await store.tally()
+    assert counted is not None and counted.counts[RELEASE.version] == await over_every_cell()

@@ -3,7 +3,7 @@ release stops (:func:`superseded`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from common.messages import (
@@ -15,7 +15,13 @@ from common.messages import (
 )
 from common.requests.rollout import Halt, RolloutPolicy
 from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, Stage
-from services.rollout.model.cells import CellFacts, cell_progress, failure_of
+from services.rollout.model.cells import (
+    BUCKET,
+    COUNT_KEYS,
+    CellFacts,
+    cell_progress,
+    failure_of,
+)
 from services.rollout.model.plan import split_waves
 from services.rollout.model.rollout import Rollout
 from services.rollout.model.windows import Windows
@@ -63,30 +69,13 @@ def stage_counts(
     """Per stage: cells ``total``, ``updated``, ``in_progress``, ``failed``,
     ``inconclusive``, ``offline``,
     ``held``, ``pinned`` and ``pending`` for this release (decommissioned cells not counted)."""
-    keys = (
-        "total", "updated", "in_progress", "failed", "inconclusive", "offline", "held",
-        "pinned", "pending",
-    )  # fmt: skip
-    counts: dict[str, dict[str, int]] = {stage: dict.fromkeys(keys, 0) for stage in STAGES}
-    bucket = {
-        "updated": "updated",
-        "in_progress": "in_progress",
-        "superseded": "in_progress",
-        "failed": "failed",
-        "timed_out": "failed",
-        "inconclusive": "inconclusive",
-        "offline": "offline",
-        "held": "held",
-        "pinned": "pinned",
-        "pending": "pending",
-        "not_registered": "pending",
-    }
+    counts: dict[str, dict[str, int]] = {stage: dict.fromkeys(COUNT_KEYS, 0) for stage in STAGES}
     for cell in cells:
         progress = cell_progress(cell, rollout.version, policy, now)
         if progress == "decommissioned":
             continue
         counts[cell.stage]["total"] += 1
-        counts[cell.stage][bucket[progress]] += 1
+        counts[cell.stage][BUCKET[progress]] += 1
     return counts
 
 
@@ -353,13 +342,12 @@ class _Stepper:
 
     def send(self, cell: CellFacts, version: str) -> None:
         self.assign.append(Assign(cell.id, version, cell.installed_release, cell.incarnation or ""))
-        cell = cell.model_copy(
-            update={
-                "desired_version": version,
-                "desired_generation": SENT_THIS_STEP,
-                "desired_at": self.now,
-                "previous_version": cell.installed_release,
-            }
+        cell = replace(
+            cell,
+            desired_version=version,
+            desired_generation=SENT_THIS_STEP,
+            desired_at=self.now,
+            previous_version=cell.installed_release,
         )
         self.by_id[cell.id] = cell
 
