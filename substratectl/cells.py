@@ -8,6 +8,7 @@ import sys
 from common.fields import printable
 from common.requests.registry import (
     MAX_PAGE,
+    SELECTABLE,
     CellsAudit,
     CellsCreate,
     CellsDecommission,
@@ -17,13 +18,14 @@ from common.requests.registry import (
     CellView,
     CreatedCell,
     ListedCell,
+    Match,
     RotatedCredentials,
 )
 from common.requests.rollout import CellsPin, CellsUnpin
 from common.vocabulary import CELL_STATUSES, STAGES
 from substratectl.context import Ctl
 from substratectl.conventions import add_watch, add_yes
-from substratectl.output import fields, table
+from substratectl.output import Stream, fields, table
 
 # A page an operator reads on a screen; --all (or --limit) for more.
 DEFAULT_PAGE = 1000
@@ -62,31 +64,69 @@ async def create(ctl: Ctl) -> int:
 
 
 async def list_cells(ctl: Ctl) -> int:
-    """One page of cells (``--limit`` after ``--after``), or with ``--all`` every page."""
+    """One page of cells (``--limit`` after ``--after``), or with ``--all`` every page. The
+    registry filters; every page of ``--all`` is printed as it comes (with --json, -o name),
+    so the listing costs what it prints, whatever the fleet's size."""
     args = ctl.args
     limit = MAX_PAGE if args.all else args.limit
+    streamed = args.all and ctl.output in ("json", "name") and not getattr(args, "watch", False)
     cells: list[ListedCell] = []
+    out = Stream(sys.stdout, as_json=ctl.as_json) if streamed else None
     after = args.after
+    read = 0
     while True:
         request = CellsList(
             stage=args.stage,
             status=args.status,
+            org=args.org,
+            release=args.release,
+            selector=args.selector or [],
             after=after,
             limit=limit,
             decommissioned=args.decommissioned,
         )
         page = await ctl.call(request)
-        cells.extend(page)
+        read += len(page)
+        if out is not None:
+            out.items(page)
+        else:
+            cells.extend(page)
         if not args.all or len(page) < limit:
             break
         after = page[-1].id
-        if not ctl.as_json:
-            print(f"read {len(cells):,} cells ...", file=sys.stderr, flush=True)
+        if not ctl.as_json and ctl.output != "name":
+            print(f"read {read:,} cells ...", file=sys.stderr, flush=True)
+    if out is not None:
+        out.end()
+        return 0
     ctl.show(cells, lambda found: table(found, LIST_COLUMNS, WIDE_COLUMNS))
     if ctl.output in ("table", "wide") and not args.all and len(cells) == limit:
         next_page = f"--after {cells[-1].id}"
         print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
+
+
+def selector(text: str) -> list[Match]:
+    """``--selector``: tests joined by commas, each ``FIELD=VALUE`` or ``FIELD!=VALUE``."""
+    tests = []
+    for part in text.split(","):
+        field, op, value = _split_test(part.strip())
+        if field not in SELECTABLE:
+            raise argparse.ArgumentTypeError(
+                f"unknown field {field!r} in {part.strip()!r}; one of {', '.join(SELECTABLE)}"
+            )
+        if len(value) > 128:
+            raise argparse.ArgumentTypeError(f"the value for {field} is over 128 characters")
+        tests.append(Match.model_validate({"field": field, "op": op, "value": value}))
+    return tests
+
+
+def _split_test(part: str) -> tuple[str, str, str]:
+    for op in ("!=", "="):
+        field, found, value = part.partition(op)
+        if found:
+            return field.strip(), op, value.strip()
+    raise argparse.ArgumentTypeError(f"not FIELD=VALUE or FIELD!=VALUE: {part!r}")
 
 
 def page_size(text: str) -> int:
@@ -170,6 +210,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = cmds.add_parser("list", help="list cells (not decommissioned ones unless asked)")
     p.add_argument("--stage", choices=STAGES)
     p.add_argument("--status", choices=CELL_STATUSES)
+    p.add_argument("--org", help="only this org's cells")
+    p.add_argument("--release", metavar="VERSION", help="only cells that run this release")
+    p.add_argument(
+        "--selector",
+        "-l",
+        type=selector,
+        metavar="TESTS",
+        help="only cells that pass every test: FIELD=VALUE or FIELD!=VALUE, joined by commas "
+        f"(fields: {', '.join(SELECTABLE)}; an absent field is empty)",
+    )
     p.add_argument(
         "--limit",
         type=page_size,

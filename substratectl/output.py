@@ -10,9 +10,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TextIO
 
 import yaml
 from pydantic import BaseModel
+from pydantic_core import to_json
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -34,6 +36,42 @@ def plain(payload: object) -> object:
 def emit_json(payload: object) -> None:
     json.dump(plain(payload), sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def _sorted(data: object) -> object:
+    if isinstance(data, dict):
+        return {key: _sorted(value) for key, value in sorted(data.items())}
+    if isinstance(data, list):
+        return [_sorted(value) for value in data]
+    return data
+
+
+class Stream:
+    """A list printed as it comes, page by page: with --json the same document ``emit_json``
+    prints for the whole list, else (-o name) one name a line."""
+
+    def __init__(self, out: TextIO, *, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.count = 0
+
+    def items(self, page: Sequence[BaseModel]) -> None:
+        for item in page:
+            if not self.as_json:
+                self.out.write("\n".join(names(item)) + "\n")
+            else:
+                # As json.dump(indent=2, sort_keys=True) prints an item of a list, by the
+                # serializer pydantic already has (json's own indenting encoder is Python).
+                text = to_json(_sorted(item.model_dump(mode="json", by_alias=True)), indent=2)
+                self.out.write(
+                    ("[\n  " if self.count == 0 else ",\n  ") + text.decode().replace("\n", "\n  ")
+                )
+            self.count += 1
+
+    def end(self) -> None:
+        if self.as_json:
+            self.out.write("\n]\n" if self.count else "[]\n")
+        self.out.flush()
 
 
 def emit_yaml(payload: object) -> None:

@@ -111,17 +111,46 @@ class CellsCreate(Request[CreatedCell]):
     aws_account: Annotated[str | None, Field(pattern=r"^[0-9]{12}$")] = None
 
 
+# The fields of a cell a selector may test (``cells list --selector``).
+Selectable = Literal[
+    "stage", "status", "region", "org", "installed_release", "agent_version",
+    "infra_template_version", "aws_account_id", "compliance",
+]  # fmt: skip
+SELECTABLE: tuple[str, ...] = Selectable.__args__  # type: ignore[attr-defined]
+
+
+class Match(Response):
+    """One test of a selector: the cell's ``field`` is (``=``) or is not (``!=``) ``value``;
+    an absent field is the empty string."""
+
+    field: Selectable
+    op: Literal["=", "!="]
+    value: Annotated[str, Field(max_length=128)]
+
+
 @rpc("registry", "cells.list", read_only=True)
 class CellsList(Request[list[ListedCell]]):
     """One page of cells, by id: those after ``after`` (a cell id; the last of the previous
-    page), at most ``limit`` of them. A page shorter than ``limit`` is the last. Decommissioned
-    cells are history, not fleet: listed when asked for by status or with ``decommissioned``."""
+    page), at most ``limit`` of them, that pass every filter. A page shorter than ``limit`` is
+    the last. Decommissioned cells are history, not fleet: listed when asked for by status or
+    with ``decommissioned``. The registry filters (from its indexes where it has one: stage,
+    status, org) before it cuts the page, so a page costs what it shows."""
 
     stage: Stage | None = None
     status: CellStatus | None = None
+    org: Annotated[str | None, Field(max_length=64)] = None
+    release: Annotated[str | None, Field(max_length=128)] = None
+    selector: Annotated[list[Match], Field(max_length=16)] = Field(default_factory=list)
     decommissioned: bool = False
-    after: str | None = None
+    after: Annotated[str | None, Field(max_length=128)] = None
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = MAX_PAGE
+
+    def matches(self) -> list[Match]:
+        """Every filter as a selector's tests."""
+        named = {"stage": self.stage, "status": self.status, "org": self.org,
+                 "installed_release": self.release}  # fmt: skip
+        found = [Match(field=f, op="=", value=v) for f, v in named.items() if v is not None]
+        return found + list(self.selector)
 
 
 @rpc("registry", "cells.show", read_only=True)

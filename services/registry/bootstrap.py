@@ -65,6 +65,9 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
         clock,
         admins_from(settings.admins),
     )
+    added = await deps.store.build_indexes()
+    if added:
+        log.info("indexed %d cells created before the id and org indexes", added)
     try:
         await accounts.ensure_policies()
     except Exception:

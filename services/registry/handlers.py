@@ -50,7 +50,7 @@ from common.routes import Route, route
 from common.vocabulary import REGISTERED
 from services.registry import metrics, transitions
 from services.registry.model import cell_amqp_url, offline_cutoff, stack_parameters
-from services.registry.store import RegistryStore
+from services.registry.store import RegistryStore, view_as
 from services.registry.transitions import Outcome
 
 log = logging.getLogger(__name__)
@@ -233,23 +233,29 @@ async def cells_create(req: CellsCreate, delivery: Delivery, deps: Deps) -> Crea
     )
 
 
+def _behind(status: str | None, held: int | None, current: int) -> bool:
+    """Whether a registered cell's flags snapshot is older than the current one."""
+    return status in REGISTERED and current > 0 and (held or 0) < current
+
+
 def _listed(cell: CellView, current: int) -> ListedCell:
-    """The record, and whether the cell's flags snapshot is older than the current one."""
-    held = cell.flags_snapshot_version
-    behind = cell.status in REGISTERED and current > 0 and (held or 0) < current
+    behind = _behind(cell.status, cell.flags_snapshot_version, current)
     return ListedCell(**dict(cell), flags_behind=behind)
 
 
 async def cells_list(req: CellsList, delivery: Delivery, deps: Deps) -> list[ListedCell]:
-    cells = await deps.store.find(
-        stage=req.stage,
-        status=req.status,
+    records = await deps.store.find(
+        req.matches(),
         after=req.after,
         limit=req.limit,
         decommissioned=req.decommissioned or req.status == "decommissioned",
     )
     current = await deps.store.flags_version()
-    return [_listed(c, current) for c in cells]
+    return [
+        view_as(ListedCell, raw, flags_behind=_behind(
+            raw.get("status"), int(raw.get("flags_snapshot_version") or 0), current))
+        for raw in records
+    ]  # fmt: skip
 
 
 async def cells_show(req: CellsShow, delivery: Delivery, deps: Deps) -> ListedCell:

@@ -5,6 +5,9 @@
     registry:cells                set: every cell id ever created (records are kept as history)
     registry:status:<status>      set: cell ids by status, kept in step with the records
     registry:stage:<stage>        set: cell ids by stage
+    registry:org:<org>            set: cell ids by org
+    registry:ids                  sorted set: every cell id, all scored 0, so in id order (the
+                                  order of a listing, read a page at a time)
     registry:liveness             sorted set: online cell id -> last heartbeat (registry clock)
     registry:rotations            sorted set: cell id -> when an unconfirmed rotation started
     registry:maintenance          sorted set: cell id -> when its stay in maintenance began
@@ -28,16 +31,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 
 from common.bus.errors import TryAgain
 from common.outbox import Outbox, outbox_entry
-from common.requests.registry import AuditEntry, CellsCreate, CellView
+from common.requests.registry import AuditEntry, CellsCreate, CellView, Match
 from common.scripts import Change, Changes, Hashes, encode
-from common.vocabulary import CELL_STATUSES, STAGES, CellStatus
+from common.vocabulary import CELL_STATUSES, STAGES
 from services.registry import transitions
 from services.registry.record import CellRecord
 from services.registry.transitions import Outcome, Transition, assumed_online
@@ -56,6 +60,10 @@ AUDIT = PREFIX + "audit:"
 CREATING = PREFIX + "creating:"
 FLAGS_VERSION = PREFIX + "flags_version"
 QUEUES = PREFIX + "queues"
+IDS = PREFIX + "ids"
+ORG = PREFIX + "org:"
+# The tests a selector's "=" finds in an index set (of that field's value).
+INDEXED = {"stage": STAGE, "status": STATUS, "org": ORG}
 REFUSALS_KEPT = 20
 # How often a transition is decided again when the record keeps changing under it. The writers
 # of one cell's record are few (its own reports, the sweep, an operator), so a second try
@@ -63,6 +71,7 @@ REFUSALS_KEPT = 20
 CONFLICT_RETRIES = 8
 
 Decide = Callable[[CellRecord], Transition]
+V = TypeVar("V", bound=CellView)
 Assumed = tuple[Mapping[str, str], CellRecord]
 
 
@@ -71,12 +80,26 @@ class Contention(TryAgain):
     back to its queue at once (common.bus.errors.TryAgain)."""
 
 
-def _view(raw: dict[str, str], refusals: list[str]) -> CellView:
+def _fields(raw: Mapping[str, str], refusals: list[str]) -> dict[str, object]:
     fields: dict[str, object] = {k: (v if v != "" else None) for k, v in raw.items()}
     fields["maintenance"] = raw.get("maintenance") == "1"
     fields["credentials_pending"] = bool(raw.get("pending_credential_id"))
     fields["refused_registrations"] = [json.loads(r) for r in refusals]
-    return CellView.model_validate(fields)
+    return fields
+
+
+def view(raw: Mapping[str, str], refusals: list[str]) -> CellView:
+    """What an operator sees of the record ``raw``."""
+    return CellView.model_validate(_fields(raw, refusals))
+
+
+def view_as(model: type[V], raw: Mapping[str, str], **more: object) -> V:
+    """The record as ``model``, a view that adds ``more`` to CellView, validated once."""
+    return model.model_validate(_fields(raw, []) | more)
+
+
+def _passes(m: Match, raw: Mapping[str, str]) -> bool:
+    return (raw.get(m.field, "") == m.value) == (m.op == "=")
 
 
 def _index(change: Change, key: str, member: str, when: object) -> None:
@@ -114,6 +137,9 @@ def change_for(cell_id: str, raw: Mapping[str, str], t: Transition) -> Change:
         _index(change, MAINTENANCE, cell_id, t.changes["maintenance_since"])
     if "stage" in t.changes:
         change.run("SADD", CELLS, cell_id).run("SADD", STAGE + encode(t.changes["stage"]), cell_id)
+        change.run("ZADD", IDS, 0, cell_id)
+    if t.changes.get("org"):
+        change.run("SADD", ORG + encode(t.changes["org"]), cell_id)
     if t.refusal is not None:
         change.push_newest(REFUSALS + cell_id, t.refusal.model_dump_json(), REFUSALS_KEPT)
     if t.audit is not None:
@@ -223,35 +249,74 @@ class RegistryStore:
         pipe.hgetall(CELL + cell_id)
         pipe.lrange(REFUSALS + cell_id, 0, -1)
         raw, refusals = await pipe.execute()
-        return _view(raw, refusals) if raw else None
+        return view(raw, refusals) if raw else None
 
     async def find(
         self,
-        stage: str | None = None,
-        status: CellStatus | None = None,
+        matches: Sequence[Match] = (),
         *,
         after: str | None = None,
         limit: int | None = None,
         decommissioned: bool = True,
-    ) -> list[CellView]:
-        """Cells by id, those after ``after``, at most ``limit``: only the page's records are
-        read (the ids of every matching cell are, to sort them). Without ``decommissioned``
-        the decommissioned ones are left out before the page is cut."""
-        sets = [CELLS]
-        if stage:
-            sets.append(STAGE + stage)
-        if status:
-            sets.append(STATUS + status)
-        found = set(await self.redis.sinter(sets))
+    ) -> list[dict[str, str]]:
+        """The records (see :func:`view`) of the cells by id that pass every test of
+        ``matches``, those after ``after``, at most ``limit``. Without ``decommissioned`` the
+        decommissioned ones are left out. All of it before the page is cut.
+
+        The ids come from an index: the intersection of the sets of the tests on stage,
+        status and org (sorted; as many ids as those sets hold), or else every id in order
+        (``registry:ids``, read a page at a time). Records are read a page at a time and the
+        other tests applied to them, until the page is full."""
+        indexed = [m for m in matches if m.op == "=" and m.field in INDEXED]
+        rest = [m for m in matches if m not in indexed]
         if not decommissioned:
-            found -= set(await self.redis.smembers(STATUS + "decommissioned"))
-        ids = sorted(str(i) for i in found)
-        if after is not None:
-            ids = ids[bisect.bisect_right(ids, after) :]
-        if limit is not None:
-            ids = ids[:limit]
-        records = await self._hashes(CELL, ids=ids) if ids else []
-        return [_view(raw, []) for _, raw in records if raw]
+            rest.append(Match(field="status", op="!=", value="decommissioned"))
+        want = limit if limit is not None else 1 << 62
+        chunk = max(min(want, 5000), 256)
+        ids = await self._ids_from_sets(indexed, after) if indexed else None
+        found: list[dict[str, str]] = []
+        last, offset = after, 0
+        while len(found) < want:
+            if ids is not None:
+                batch, offset = ids[offset : offset + chunk], offset + chunk
+            else:
+                batch = await self._ids_after(last, chunk)
+            if not batch:
+                break
+            last = batch[-1]
+            for _, raw in await self._hashes(CELL, ids=batch):
+                if raw and all(_passes(m, raw) for m in rest):
+                    found.append(raw)
+                    if len(found) == want:
+                        break
+        return found
+
+    async def _ids_from_sets(self, indexed: list[Match], after: str | None) -> list[str]:
+        keys = [CELLS, *(INDEXED[m.field] + m.value for m in indexed)]
+        ids = sorted(str(i) for i in await self.redis.sinter(keys))
+        return ids[bisect.bisect_right(ids, after) :] if after is not None else ids
+
+    async def _ids_after(self, after: str | None, count: int) -> list[str]:
+        start = "(" + after if after is not None else "-"
+        found = await self.redis.zrangebylex(IDS, start, "+", start=0, num=count)
+        return [str(i) for i in found]
+
+    async def build_indexes(self) -> int:
+        """Add to the indexes that came after the records (``registry:ids``, by org) every cell
+        created before them; how many were added. Run at start; adding is idempotent, and
+        every cell created since is indexed as it is created."""
+        if await self.redis.zcard(IDS) == await self.redis.scard(CELLS):
+            return 0
+        orgs = await self._hashes.field(CELL, "org", members_of=CELLS)
+        for i in range(0, len(orgs), 5000):
+            pipe = self.redis.pipeline(transaction=False)
+            part = orgs[i : i + 5000]
+            pipe.zadd(IDS, dict.fromkeys((cell_id for cell_id, _ in part), 0))
+            for cell_id, org in part:
+                if org:
+                    pipe.sadd(ORG + org, cell_id)
+            await pipe.execute()
+        return len(orgs)
 
     async def counts(self) -> dict[tuple[str, str], int]:
         """Cells by (stage, status)."""

@@ -335,8 +335,26 @@ async def test_a_restarted_registry_loses_no_cell(
     code, every, _ = await procs.ctl("cells", "list", "--all")
     ids = [c["id"] for c in every]
     assert code == 0 and ids == sorted(set(ids)) and set(cells) <= set(ids)
+    code, names, _ = await procs.ctl_text("cells", "list", "--all", "-o", "name")
+    assert code == 0 and names.split() == ids
     code, first, _ = await procs.ctl("cells", "list", "--limit", "2")
     assert code == 0 and [c["id"] for c in first] == ids[:2]
+    # The registry filters: by org, and by a selector's tests.
+    org = every[ids.index(cells[0])]["org"]
+    code, of_org, _ = await procs.ctl("cells", "list", "--all", "--org", org)
+    assert code == 0 and [c["id"] for c in of_org] == [c["id"] for c in every if c["org"] == org]
+    # (Tests of fields that never change, so earlier tests' cells cannot move meanwhile.)
+    stage = every[ids.index(cells[0])]["stage"]
+    code, tested, _ = await procs.ctl(
+        "cells", "list", "--all", "--selector", f"org={org},stage!={stage},region=eu-west-1"
+    )
+    expected = [
+        c["id"] for c in every
+        if (c["org"], c["region"]) == (org, "eu-west-1") and c["stage"] != stage
+    ]  # fmt: skip
+    assert code == 0 and [c["id"] for c in tested] == expected
+    code, _, err = await procs.ctl("cells", "list", "--selector", "secret=1")
+    assert code == 2 and "--selector: unknown field 'secret'" in err, err
     after = sorted(cells)[0]
     code, page, _ = await procs.ctl("cells", "list", "--limit", "2", "--after", after)
     assert code == 0 and [c["id"] for c in page] == [i for i in ids if i > after][:2]

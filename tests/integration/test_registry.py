@@ -506,6 +506,58 @@ async def test_cells_are_listed_page_by_page_in_id_order(deps: handlers.Deps) ->
         CellsList(limit=MAX_PAGE + 1)
 
 
+async def test_filters_apply_before_the_page_is_cut_from_indexes_or_from_the_records(
+    deps: handlers.Deps, redis: aioredis.Redis
+) -> None:
+    """Every filter (stage, status, org, release, a selector with = and !=) is the
+    registry's: a page holds ``limit`` cells that pass, however sparse they are among the ids,
+    and following pages reads each passing cell once. Cells created before the id and org
+    indexes are indexed at start."""
+    ids = [f"flt-{i:02d}" for i in range(12)]
+    for i, cell in enumerate(ids):
+        region = "eu-west-1" if i % 3 == 0 else "us-east-1"
+        await create(deps, cell, org=f"org-{i % 2}", region=region,
+                     stage="saas" if i == 5 else "dedicated")  # fmt: skip
+    await redis.hset("registry:cell:flt-07", "installed_release", "2026.12.1")
+    await redis.hset("registry:cell:flt-10", "installed_release", "2026.12.1")
+
+    async def listed(limit: int = 2, **filters: object) -> list[list[str]]:
+        pages, after = [], None
+        while True:
+            request = CellsList.model_validate({**filters, "after": after, "limit": limit})
+            page = await handlers.cells_list(request, delivery(ids[0], "rpc"), deps=deps)
+            pages.append([c.id for c in page])
+            if len(page) < limit:
+                return pages
+            after = page[-1].id
+
+    assert await listed(org="org-1") == [ids[1:4:2], ids[5:8:2], ids[9:12:2], []]
+    assert await listed(release="2026.12.1") == [["flt-07", "flt-10"], []]
+    eu = [{"field": "region", "op": "=", "value": "eu-west-1"}]
+    assert await listed(selector=eu, limit=3) == [["flt-00", "flt-03", "flt-06"], ["flt-09"]]
+    not_dedicated = [{"field": "stage", "op": "!=", "value": "dedicated"}]
+    assert await listed(selector=not_dedicated) == [["flt-05"]]
+    both = [*eu, {"field": "org", "op": "=", "value": "org-1"}]
+    assert await listed(selector=both) == [["flt-03", "flt-09"], []]
+    assert await listed(org="org-1", selector=[{"field": "org", "op": "=", "value": "org-0"}]) == [
+        []
+    ]
+    none_yet = [{"field": "installed_release", "op": "=", "value": ""}]
+    assert [len(page) for page in await listed(selector=none_yet, limit=5)] == [5, 5, 0]
+    await handlers.cells_decommission(CellsDecommission(id="flt-03"), delivery(ids[0], "rpc"), deps)
+    assert await listed(selector=both) == [["flt-09"]]
+    assert await listed(selector=both, decommissioned=True) == [["flt-03", "flt-09"], []]
+
+    with pytest.raises(ValidationError, match="field"):
+        CellsList.model_validate({"selector": [{"field": "password", "op": "=", "value": "x"}]})
+
+    # A registry from before the id and org indexes: they are built when it starts.
+    await redis.delete("registry:ids", "registry:org:org-0", "registry:org:org-1")
+    assert await deps.store.build_indexes() == len(ids)
+    assert await deps.store.build_indexes() == 0, "built once"
+    assert await listed(org="org-0", limit=10) == [ids[0:12:2]]
+
+
 async def test_an_unconfirmed_rotation_closes_the_old_session_after_the_grace_period(
     deps: handlers.Deps, clock: FakeClock
 ) -> None:

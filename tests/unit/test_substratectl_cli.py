@@ -6,17 +6,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import re
 import shlex
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.requests.registry import ListedCell
 from common.times import ago, at
+from substratectl.cells import selector
 from substratectl.cli import build_parser, main
 from substratectl.conventions import EXAMPLES, completion_script, leaves
-from substratectl.output import age, names, plural, table
+from substratectl.output import Stream, age, emit_json, names, plural, table
 
 
 def test_global_options_are_taken_anywhere_and_shown_in_every_commands_help() -> None:
@@ -121,3 +126,48 @@ def test_no_typed_line_makes_a_traceback(words: str, junk: list[str]) -> None:
         except SystemExit as exited:
             assert exited.code in (0, 2)
     assert "Traceback" not in err.getvalue()
+
+
+def test_a_streamed_list_is_the_document_the_whole_list_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """cells list --all prints page by page; with --json the same JSON as emit_json of the
+    whole list (keys sorted, nested too), and -o name one id a line."""
+    at_ = datetime(2026, 12, 1, tzinfo=UTC)
+    cells = [
+        ListedCell(id=f"s-{i}", stage="saas", region="eu-west-1", org="ü-org", status="online",
+                   created_at=at_, refused_registrations=[{"z": 1, "a": [{"y": 2, "b": 3}]}])
+        for i in range(3)
+    ]  # fmt: skip
+    for pages in ([], [cells], [cells[:2], cells[2:]]):
+        emit_json([c for page in pages for c in page])
+        whole = capsys.readouterr().out
+        stream = Stream(sys.stdout, as_json=True)
+        for page in pages:
+            stream.items(page)
+        stream.end()
+        assert json.loads(capsys.readouterr().out) == json.loads(whole)
+    stream = Stream(sys.stdout, as_json=True)
+    stream.items(cells)
+    stream.end()
+    streamed = capsys.readouterr().out
+    emit_json(cells)
+    assert streamed.replace("\\u00fc", "ü") == capsys.readouterr().out.replace("\\u00fc", "ü")
+    stream = Stream(sys.stdout, as_json=False)
+    stream.items(cells)
+    stream.end()
+    assert capsys.readouterr().out == "s-0\ns-1\ns-2\n"
+
+
+def test_a_selector_names_the_field_and_the_problem() -> None:
+    tests = selector("region=eu-west-1, installed_release!=2026.12.1,org=")
+    assert [(m.field, m.op, m.value) for m in tests] == [
+        ("region", "=", "eu-west-1"), ("installed_release", "!=", "2026.12.1"), ("org", "=", ""),
+    ]  # fmt: skip
+    for text, problem in (
+        ("password=x", "unknown field 'password'"),
+        ("region", "not FIELD=VALUE or FIELD!=VALUE: 'region'"),
+        ("org=" + "x" * 129, "the value for org is over 128 characters"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(problem)):
+            selector(text)
