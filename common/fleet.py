@@ -215,6 +215,15 @@ class FleetView:
         cells = (FleetCell.decode(str(v)) for v in raw.values())
         return sorted((c for c in cells if c.known), key=lambda c: c.id)
 
+    async def every(self) -> list[FleetCell]:
+        """Every known cell, in no order: the whole hash decoded in one pass, for a view over
+        the whole fleet (one JSON document of every entry decodes several times faster than an
+        entry at a time)."""
+        raw: list[str] = await self.redis.hvals(self.key)  # type: ignore[assignment]
+        rows = json.loads("[" + ",".join(raw) + "]") if raw else []
+        cells = (FleetCell(*row) for row in rows)
+        return [c for c in cells if c.known]
+
     async def some(self, ids: list[str]) -> dict[str, FleetCell]:
         """The known cells among ``ids``."""
         if not ids:

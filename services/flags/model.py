@@ -5,27 +5,55 @@ a flag evaluates to) is common/flags.py, shared with the agent."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 from common.flags import Flag, Snapshot
 from common.fleet import FleetCell
 from common.requests.flags import FlagSummary, Flip, Preview
 
 
-def preview(key: str, current: Snapshot, proposed: Snapshot, cells: list[FleetCell]) -> Preview:
+class _Attributes(dict[str, str | None]):
+    """A cell's attributes that note whether its id was read: an answer that did not read
+    the id is every cell's with the same other attributes."""
+
+    __slots__ = ("id_read",)
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        if key == "id":
+            self.id_read = True
+        return dict.get(self, key, default)
+
+
+def preview(key: str, current: Snapshot, proposed: Snapshot, cells: Iterable[FleetCell]) -> Preview:
     """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
-    (stage, org, from variant, to variant) for every cell whose variant changes."""
+    (stage, org, from variant, to variant) for every cell whose variant changes.
+
+    A fleet has few distinct sets of attributes but its ids: a pair of answers that did not
+    read the cell's id (no split reached, no rule on ids) is kept for the other attributes and
+    reused, so a fleet of 100,000 costs about as many evaluations as it has distinct cells."""
     flips: Counter[tuple[str, str, str, str]] = Counter()
     considered = held = 0
+    known: dict[tuple[str | None, ...], tuple[str | None, str | None]] = {}
     for cell in cells:
         if cell.status == "decommissioned":
             continue
         considered += 1
         held += cell.held
         attributes = cell.attributes()
-        before = current.evaluate(key, attributes)
-        after = proposed.evaluate(key, attributes)
-        if before.variant != after.variant:
-            was, becomes = before.variant or "(none)", after.variant or "(none)"
+        others = tuple(v for k, v in attributes.items() if k != "id")
+        answers = known.get(others)
+        if answers is None:
+            watched = _Attributes(attributes)
+            watched.id_read = False
+            answers = (
+                current.evaluate(key, watched).variant,
+                proposed.evaluate(key, watched).variant,
+            )
+            if not watched.id_read:
+                known[others] = answers
+        before, after = answers
+        if before != after:
+            was, becomes = before or "(none)", after or "(none)"
             flips[(cell.stage or "-", cell.org or "-", was, becomes)] += 1
     by_stage: dict[str, Counter[str]] = {}
     by_org: dict[str, Counter[str]] = {}

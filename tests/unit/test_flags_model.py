@@ -3,6 +3,11 @@ fleet, whether a sync needs a snapshot, and what a snapshot tells a cell about i
 
 from __future__ import annotations
 
+from collections import Counter
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from common.flags import Flag, Snapshot
 from common.fleet import FleetCell
 from common.vocabulary import CellStatus, ComplianceState, Stage
@@ -57,6 +62,55 @@ def test_a_preview_leaves_decommissioned_cells_out_and_counts_held_ones() -> Non
     ]
     preview = model.preview("new-editor", current, model.proposed(current, STAGING_ON), cells)
     assert (preview.cells, preview.flipping, preview.held) == (1, 1, 1)
+
+
+SPLIT = Flag.model_validate({
+    "key": "new-editor", "owner": "team", "variants": {"on": True, "off": False},
+    "default_variant": "off",
+    "rules": [
+        {"when": [{"attribute": "id", "op": "in", "values": ["c-3", "c-8"]}], "serve": "on"},
+        {"when": [{"attribute": "stage", "op": "in", "values": ["staging"]}], "serve": "on"},
+        {"when": [{"attribute": "region", "op": "in", "values": ["eu-west-1"]}],
+         "split": {"on": 30, "off": 70}},
+    ],
+})  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["staging", "saas", "dedicated"]),
+            st.sampled_from(["eu-west-1", "us-east-1"]),
+            st.sampled_from(["acme", "globex"]),
+            st.sampled_from(["online", "offline", "decommissioned"]),
+        ),
+        max_size=40,
+    ),
+    before=st.sampled_from([None, OFF, STAGING_ON, SPLIT]),
+    after=st.sampled_from([OFF, STAGING_ON, SPLIT]),
+)
+@example(rows=[("dedicated", "eu-west-1", "acme", "online")] * 40, before=OFF, after=SPLIT)
+def test_a_preview_reuses_only_answers_that_did_not_read_the_cell_s_id(
+    rows: list[tuple[Stage, str, str, CellStatus]], before: Flag | None, after: Flag
+) -> None:
+    """Answers are reused across cells that differ only in their id when they did not read it;
+    a split or a rule on ids reads it. The preview is the cell-by-cell one either way."""
+    cells = [
+        FleetCell(f"c-{i}", stage=stage, org=org, region=region, status=status)
+        for i, (stage, region, org, status) in enumerate(rows)
+    ]
+    current = Snapshot(1, {"new-editor": before} if before else {})
+    proposed = model.proposed(current, after)
+    flips: Counter[tuple[str, str, str, str]] = Counter()
+    for c in cells:
+        if c.status != "decommissioned":
+            was = current.evaluate("new-editor", c.attributes()).variant or "(none)"
+            becomes = proposed.evaluate("new-editor", c.attributes()).variant or "(none)"
+            if was != becomes:
+                flips[(c.stage or "-", c.org or "-", was, becomes)] += 1
+    preview = model.preview("new-editor", current, proposed, cells)
+    assert {(f.stage, f.org, f.from_, f.to): f.cells for f in preview.changes} == dict(flips)
 
 
 def test_a_new_flag_flips_from_no_variant() -> None:
