@@ -49,6 +49,8 @@ from common.requests.rollout import RolloutPolicy
 from common.runner import run
 from services.flags.store import PREFIX as FLAGS_PREFIX
 from services.registry import transitions
+from services.registry.store import CELL as REGISTRY_CELL
+from services.registry.store import CELLS as REGISTRY_CELLS
 from services.registry.store import OUTBOX as REGISTRY_OUTBOX
 from services.registry.store import RegistryStore
 from services.rollout.controller import Controller
@@ -121,6 +123,31 @@ async def timed(call: Callable[[], Awaitable[T]]) -> tuple[float, T]:
     return time.perf_counter() - started, result
 
 
+async def sliced(call: Callable[[], Awaitable[T]]) -> tuple[float, float, T]:
+    """``call``'s wall time, and the longest the event loop went without running another task
+    meanwhile (what an RPC or a consumer of the same process waited at worst)."""
+    longest = 0.0
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            longest = max(longest, now - last - 0.005)
+            last = now
+
+    prober = asyncio.create_task(probe())
+    await asyncio.sleep(0)
+    try:
+        took, result = await timed(call)
+    finally:
+        done.set()
+        await prober
+    return took, longest, result
+
+
 async def reload_figures(redis: aioredis.Redis, store: RolloutStore) -> None:
     raw_times, load_times = [], []
     for _ in range(3):
@@ -169,14 +196,14 @@ async def controller_figures(redis: aioredis.Redis, store: RolloutStore, n: int)
     now = clock.now()
     await store.publish(rel, at=now, by="bench", event=ReleasePublished(at=now, release=rel),
                         rollout=new_rollout(rel, now))  # fmt: skip
-    steps: list[tuple[float, int]] = []
+    steps: list[tuple[float, float, int]] = []
     reported: set[str] = set()
     seq = 1
     while True:
-        took, _ = await timed(controller.tick)
+        took, longest, _ = await sliced(controller.tick)
         sent = [c for c in await store.cells()
                 if c.desired_version == rel.version and c.id not in reported]  # fmt: skip
-        steps.append((took, len(sent)))
+        steps.append((took, longest, len(sent)))
         rollout = await store.rollout(rel.version)
         assert rollout is not None
         if rollout.state == "completed":
@@ -196,15 +223,17 @@ async def controller_figures(redis: aioredis.Redis, store: RolloutStore, n: int)
         await gather_limited(len(sent), 64, succeed)
         reported.update(c.id for c in sent)
     await controller.lease.release()
-    assigning = [(t, k) for t, k in steps if k]
+    assigning = [(t, slice_, k) for t, slice_, k in steps if k]
     print(f"rollout of {rel.version} to every cell: {len(steps)} steps, "
-          f"{len(assigning)} of them sending desired states")  # fmt: skip
-    for t, k in assigning:
-        print(f"  step sending {k:>7,} desired states{t:>27.2f}s  ({t / k * 1000:.3f} ms a cell)")
-    others = [t for t, k in steps if not k]
+          f"{len(assigning)} of them sending desired states "
+          "(the event loop's longest slice in each, in brackets)")  # fmt: skip
+    for t, slice_, k in assigning:
+        print(f"  step sending {k:>7,} desired states{t:>27.2f}s  ({t / k * 1000:.3f} ms a cell)"
+              f"  [{slice_:.2f}s]")  # fmt: skip
+    others = [(t, slice_) for t, slice_, k in steps if not k]
     if others:
-        print(f"  steps sending nothing: median {statistics.median(others):.2f}s, "
-              f"max {max(others):.2f}s")  # fmt: skip
+        print(f"  steps sending nothing: max {max(t for t, _ in others):.2f}s  "
+              f"[{max(s for _, s in others):.2f}s]")  # fmt: skip
     outbox = await redis.llen(ROLLOUT_PREFIX + "outbox")
     print(f"  ({outbox:,} commands and events waiting in rollout's outbox: no broker here)")
     await redis.delete(ROLLOUT_PREFIX + "outbox")
@@ -239,6 +268,26 @@ async def ctl(env: dict[str, str], *args: str) -> tuple[float, int]:
     return took, len(out)
 
 
+async def read_records(redis_url: str) -> float:
+    """What ``cells list --all`` reads, read with plain redis-py: every record, by id (median
+    of 3)."""
+    redis = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        ids = sorted(str(i) for i in await redis.smembers(REGISTRY_CELLS))
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for i in range(0, len(ids), 5000):
+                pipe = redis.pipeline(transaction=False)
+                for cell_id in ids[i : i + 5000]:
+                    pipe.hgetall(REGISTRY_CELL + cell_id)
+                await pipe.execute()
+            runs.append(time.perf_counter() - started)
+        return statistics.median(runs)
+    finally:
+        await redis.aclose()
+
+
 async def views(env: dict[str, str], workdir: Path, version: str, n: int) -> None:
     procs: dict[str, asyncio.subprocess.Process] = {}
     log = (workdir / "services.log").open("ab")
@@ -258,6 +307,9 @@ async def views(env: dict[str, str], workdir: Path, version: str, n: int) -> Non
                 return False
 
         await until(all_up, 0.5)
+        records = await read_records(env["SUBSTRATE_REDIS_URL"])
+        print(f"\nbaseline: redis-py reading every cell's record (HGETALL pipelined, 5,000 a "
+              f"round trip): {records:.2f}s")  # fmt: skip
         flag_file = workdir / "flag.yaml"
         flag_file.write_text(FLAG)
         commands = [
