@@ -114,6 +114,13 @@ class FleetCell:
 FIELDS = tuple(f.name for f in fields(FleetCell))
 
 
+def decode_all(raw: list[str]) -> list[FleetCell]:
+    """Many entries at once: one JSON document of them all decodes several times faster than
+    an entry at a time."""
+    rows = json.loads("[" + ",".join(raw) + "]") if raw else []
+    return [FleetCell(*row) for row in rows]
+
+
 def _time(at: datetime) -> float:
     return at.timestamp()
 
@@ -217,12 +224,9 @@ class FleetView:
 
     async def every(self) -> list[FleetCell]:
         """Every known cell, in no order: the whole hash decoded in one pass, for a view over
-        the whole fleet (one JSON document of every entry decodes several times faster than an
-        entry at a time)."""
+        the whole fleet."""
         raw: list[str] = await self.redis.hvals(self.key)  # type: ignore[assignment]
-        rows = json.loads("[" + ",".join(raw) + "]") if raw else []
-        cells = (FleetCell(*row) for row in rows)
-        return [c for c in cells if c.known]
+        return [c for c in decode_all(raw) if c.known]
 
     async def some(self, ids: list[str]) -> dict[str, FleetCell]:
         """The known cells among ``ids``."""

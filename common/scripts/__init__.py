@@ -268,7 +268,17 @@ class Hashes:
     ) -> list[tuple[str, dict[str, str]]]:
         """Every hash ``prefix+id`` for the ids in set ``members_of`` (the set deleted once
         read, with ``take``) or in ``ids``."""
-        reply = await self._call(prefix, "", members_of, ids, take)
+        return self.decode(await self._call(prefix, "", members_of, ids, take))
+
+    async def raw(
+        self, prefix: str, *, members_of: str | None = None, ids: list[str] | None = None
+    ) -> list[Any]:
+        """What ``__call__`` reads, as the script answers it: for ``decode`` elsewhere (a
+        worker thread, over many hashes)."""
+        return await self._call(prefix, "", members_of, ids, False)
+
+    @staticmethod
+    def decode(reply: list[Any]) -> list[tuple[str, dict[str, str]]]:
         return [(str(i), dict(zip(p[::2], p[1::2], strict=True))) for i, p in reply]
 
     async def field(

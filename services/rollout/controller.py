@@ -27,6 +27,7 @@ from common.clock import Clock
 from common.crashpoints import pause_point
 from common.lease import Lease
 from common.messages import DesiredState, Message, RolloutHalted
+from common.releases import Release
 from common.runner import wait_any
 from common.vocabulary import ACTIVE_STATES
 from services.rollout import metrics
@@ -43,6 +44,7 @@ from services.rollout.model import (
     superseded,
 )
 from services.rollout.model.tally import Tally
+from services.rollout.model.windows import Windows
 from services.rollout.store import FenceLost, RolloutStore, Stale
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,10 @@ class Controller:
         windows = await self.store.windows(policy, list(rollouts.values()))
         now = self.clock.now()
         by_id, cells_changed = await self._load_cells(fence, now)
-        self._count(policy, rollouts, now)
+        # Work over the whole fleet runs in a worker thread, here and below: the event loop
+        # keeps answering requests and taking reports meanwhile (the interpreter passes between
+        # the two every few milliseconds), where a step over 100,000 cells held it for seconds.
+        await asyncio.to_thread(self._count, policy, rollouts, now)
         # The counts go out before anything decided on them: a view that shows a rollout's
         # new state (halted, say) shows at least the counts it was decided on.
         await self._write_tally(fence, now)
@@ -161,7 +166,9 @@ class Controller:
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             busy = True
-            decision = step(r, list(by_id.values()), policy, now, required, windows=windows)
+            decision = await asyncio.to_thread(
+                step, r, list(by_id.values()), policy, now, required, windows=windows
+            )
             if decision.awaiting:
                 awaiting.append(decision.awaiting)
             if decision.rollout == r and not decision.changed:
@@ -183,19 +190,13 @@ class Controller:
                     metrics.HALTS.labels(event.stage).inc()
                     log.warning("rollout %s halted: %s", event.version, event.reason)
 
-        extra = catch_up(
-            list(by_id.values()),
-            list(rollouts.values()),
-            now,
-            policy.retry_failed_seconds,
-            required,
+        if await self._catch_up(
+            fence, by_id, rollouts=rollouts, policy=policy, now=now, required=required,
             windows=windows,
-        )
-        if extra or any(failed_with_nothing_changed(c) for c in by_id.values()):
-            # A failed install is tried again after a while: the time matters to the next step.
+        ):  # fmt: skip
             busy = True
-            await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
-        metrics.observe(list(rollouts.values()), list(by_id.values()))
+        counts = await asyncio.to_thread(metrics.by_release, list(by_id.values()))
+        metrics.observe(list(rollouts.values()), counts)
         if windows.withheld:
             busy = True  # a window that opens sends what it held back
         if not busy:
@@ -206,6 +207,37 @@ class Controller:
             self._wake.set()  # those that came in during this step may already finish it
         await self._write_tally(fence, now)
         return True
+
+    async def _catch_up(
+        self,
+        fence: str,
+        by_id: dict[str, CellFacts],
+        *,
+        rollouts: dict[str, Rollout],
+        policy: RolloutPolicy,
+        now: datetime,
+        required: tuple[str, ...],
+        windows: Windows,
+    ) -> bool:
+        """Send cells that are behind what their stage has (a first install, a return); whether
+        the next step must look again (a failed install is retried after a while)."""
+
+        def catching_up() -> tuple[list[Assign], bool]:
+            cells = list(by_id.values())
+            extra = catch_up(
+                cells,
+                list(rollouts.values()),
+                now,
+                policy.retry_failed_seconds,
+                required,
+                windows=windows,
+            )
+            return extra, any(failed_with_nothing_changed(c) for c in cells)
+
+        extra, retrying = await asyncio.to_thread(catching_up)
+        if extra or retrying:
+            await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
+        return bool(extra or retrying)
 
     async def _supersede(
         self, fence: str, rollouts: dict[str, Rollout], policy: RolloutPolicy, now: datetime
@@ -267,18 +299,10 @@ class Controller:
         """Write a step; None if an operator changed the rollout meanwhile (the next step
         decides again from what they wrote)."""
         generations = await self.store.generations(len(assign)) if assign else []
-        commands: list[Message] = []
-        bakes: dict[str, float | None] = {}
-        for a, g in zip(assign, generations, strict=True):
-            release = await self.store.release(a.version)
-            cell = self._cells.get(a.cell_id) if self._cells is not None else None
-            health = health_for(release, policy, cell.stage) if cell is not None else None
-            bakes[a.cell_id] = health.bake_seconds if health is not None else None
-            commands.append(
-                DesiredState(
-                    cell_id=a.cell_id, issued_at=now, generation=g, release=release, health=health
-                )
-            )
+        releases = {v: await self.store.release(v) for v in {a.version for a in assign}}
+        commands, bakes = await asyncio.to_thread(
+            self._commands, assign, generations, releases, policy, now
+        )
         pause_point("controller.before-commit", "assign" if assign else "")
         try:
             written = await self.store.commit(
@@ -292,13 +316,36 @@ class Controller:
             )
         except Stale:
             return None
-        self._apply(assign, generations, now, bakes)
+        await asyncio.to_thread(self._apply, assign, generations, now, bakes)
         metrics.ASSIGNED.inc(len(assign))
         for a, g in zip(assign, generations, strict=True):
             log.info(
                 "cell %s: desired state %s (generation %d)", a.cell_id, a.version or "nothing", g
             )
         return written
+
+    def _commands(
+        self,
+        assign: list[Assign],
+        generations: list[int],
+        releases: dict[str | None, Release | None],
+        policy: RolloutPolicy,
+        now: datetime,
+    ) -> tuple[list[Message], dict[str, float | None]]:
+        """The desired states that carry ``assign``, and the bake each asks for."""
+        commands: list[Message] = []
+        bakes: dict[str, float | None] = {}
+        for a, g in zip(assign, generations, strict=True):
+            release = releases[a.version]
+            cell = self._cells.get(a.cell_id) if self._cells is not None else None
+            health = health_for(release, policy, cell.stage) if cell is not None else None
+            bakes[a.cell_id] = health.bake_seconds if health is not None else None
+            commands.append(
+                DesiredState(
+                    cell_id=a.cell_id, issued_at=now, generation=g, release=release, health=health
+                )
+            )
+        return commands, bakes
 
     async def _load_cells(self, fence: str, now: datetime) -> tuple[dict[str, CellFacts], bool]:
         """The copy of the cells, and whether anything in it was read again. What changed is
@@ -313,10 +360,15 @@ class Controller:
             self._tally = None
             return self._cells, True
         changed, gone = await self.store.changed_cells()
-        for cell in changed:
-            self._replace(cell.id, cell, now)
-        for cell_id in gone:
-            self._replace(cell_id, None, now)
+
+        def replace_all() -> None:
+            for cell in changed:
+                self._replace(cell.id, cell, now)
+            for cell_id in gone:
+                self._replace(cell_id, None, now)
+
+        if changed or gone:
+            await asyncio.to_thread(replace_all)
         return self._cells, bool(changed or gone)
 
     def _replace(self, cell_id: str, new: CellFacts | None, now: datetime) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, TERMINAL_PHASES
@@ -60,14 +62,21 @@ for _outcome in sorted(TERMINAL_PHASES):
 SHOWN_ROLLOUTS = 10
 
 
-def observe(rollouts: list[Rollout], cells: list[CellFacts]) -> None:
-    """Set the gauges from one controller step's view."""
-    CELLS_BY_RELEASE.clear()
+def by_release(cells: Iterable[CellFacts]) -> dict[tuple[str, str], int]:
+    """Registered cells by (stage, the release they run): what ``observe`` shows."""
     counts: dict[tuple[str, str], int] = {}
     for cell in cells:
         if cell.status in REGISTERED:
             key = (cell.stage, cell.installed_release or "none")
             counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def observe(rollouts: list[Rollout], counts: dict[tuple[str, str], int]) -> None:
+    """Set the gauges from one controller step's view (``counts``: ``by_release`` of its
+    cells). Between clearing a gauge and setting it again nothing else runs, so a scrape never
+    sees it empty."""
+    CELLS_BY_RELEASE.clear()
     for (stage, release), n in counts.items():
         CELLS_BY_RELEASE.labels(stage, release).set(n)
     for stage in STAGES:  # a stage with no cell still shows, as 0
