@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.messages import (
     BROADCAST_EXCHANGE,
@@ -48,6 +49,8 @@ class QueueSpec:
     # Bindings an earlier version declared and this one removes: declaring a queue never drops
     # a binding by itself, so a deployment that upgrades would keep routing there.
     retired: tuple[Binding, ...] = ()
+    # A classic queue's storage version (None: the broker's default; RabbitMQ 4.3 has only 2).
+    classic_version: int | None = None
 
     def arguments(self) -> dict[str, str | int]:
         args: dict[str, str | int] = {}
@@ -57,6 +60,8 @@ class QueueSpec:
                 args["x-delivery-limit"] = self.delivery_limit
         else:
             args["x-queue-type"] = "classic"
+            if self.classic_version is not None:
+                args["x-queue-version"] = self.classic_version
         if self.dead_letter_queue:
             args["x-dead-letter-exchange"] = DLX_EXCHANGE
             args["x-dead-letter-routing-key"] = self.dead_letter_queue
@@ -220,14 +225,24 @@ def control_plane() -> Topology:
 CELL_COMMANDS_DEAD = "cell.commands.dead"
 
 
-def cell_commands(cell_id: str, *, quorum: bool = False) -> Topology:
+# What a cell's command queue is (SUBSTRATE_CELL_QUEUES; docs/operating.md says which to use on
+# which broker): classic with the broker's default storage version (1 on RabbitMQ 3.10-3.12),
+# classic with version 2 (the only one RabbitMQ 4.3 has), or quorum (on a cluster).
+CellQueues = Literal["classic", "classic-v2", "quorum"]
+
+
+def cell_commands(cell_id: str, *, queues: CellQueues = "classic") -> Topology:
     """A cell's command queue, declared by the control plane when the cell is created.
 
     Classic by default: one Raft group per cell costs a cluster memory and work for every cell.
     On a cluster (``SUBSTRATE_CELL_QUEUES=quorum``) a classic queue lives on one node and is
     unreachable while that node is down, so there each cell's queue is a quorum queue too. A
     queue's type cannot change once declared: choose before the first cell is created.
+    ``classic`` declares no storage version, so the same setting runs on RabbitMQ 3.x (where
+    the default is version 1) and on 4.3 (which refuses version 1 and has only 2).
     """
+    quorum = queues == "quorum"
+    version = 2 if queues == "classic-v2" else None
     queue = QueueSpec(
         command_queue(cell_id),
         # Its own commands, and what goes to every cell (a cell created before the broadcast
@@ -237,11 +252,13 @@ def cell_commands(cell_id: str, *, quorum: bool = False) -> Topology:
         quorum=quorum,
         dead_letter_queue=CELL_COMMANDS_DEAD,
         delivery_limit=None,
+        classic_version=version,
     )
     dead = QueueSpec(
         CELL_COMMANDS_DEAD,
         (Binding(DLX_EXCHANGE, CELL_COMMANDS_DEAD),),
         quorum=quorum,
         delivery_limit=None,
+        classic_version=version,
     )
     return Topology((), (dead, queue))

@@ -54,7 +54,7 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
         RabbitApi(settings.rabbitmq_api_url),
         bus,
         broker_urls.vhost(settings.amqp_url),
-        quorum_queues=settings.cell_queues == "quorum",
+        queues=settings.cell_queues,
     )
     clock = clock or SystemClock()
     deps = build_deps(bus, settings, redis, clock, accounts)

@@ -11,7 +11,7 @@ import time
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import command_queue
 from common.rabbitmq_api import RabbitApi
-from common.topology import POLICIES, Topology, cell_commands
+from common.topology import POLICIES, CellQueues, Topology, cell_commands
 from services.registry.model import CELL_MAX_CHANNELS, CELL_MAX_CONNECTIONS, broker_grant
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,13 @@ class CellBroker:
         bus: RabbitBus,
         vhost: str,
         *,
-        quorum_queues: bool = False,
+        queues: CellQueues = "classic",
         socket_limit_wait: float = SOCKET_LIMIT_WAIT_SECONDS,
     ) -> None:
         self.api = api
         self.bus = bus
         self.vhost = vhost
-        self.quorum_queues = quorum_queues
+        self.queues = queues
         self.socket_limit_wait = socket_limit_wait
         # (when read, monotonic; the limit read)
         self._socket_limit: tuple[float, int] | None = None
@@ -67,7 +67,7 @@ class CellBroker:
         await self.bus.declare(self._commands(cell_id))
 
     def _commands(self, cell_id: str) -> Topology:
-        return cell_commands(cell_id, quorum=self.quorum_queues)
+        return cell_commands(cell_id, queues=self.queues)
 
     def queue_fingerprint(self, cell_id: str) -> str:
         """What ``provision`` and ``ensure_queue`` declare for the cell, as a fingerprint."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 
 from common import broker_urls
 from common.settings import ServiceSettings
+from common.topology import CellQueues
 
 
 class RegistrySettings(ServiceSettings):
@@ -42,10 +42,12 @@ class RegistrySettings(ServiceSettings):
         "cluster's node URLs separated by commas); default: the control plane's own broker URL",
     )
 
-    cell_queues: Literal["classic", "quorum"] = Field(
+    cell_queues: CellQueues = Field(
         default="classic",
-        description="the type of each cell's command queue: quorum on a RabbitMQ cluster, so a "
-        "node's loss leaves every cell its queue (fixed once the first cell exists)",
+        description="the type of each cell's command queue: classic (the broker's default "
+        "storage version), classic-v2, or quorum on a RabbitMQ cluster, so a node's loss leaves "
+        "every cell its queue (fixed once the first cell exists; docs/operating.md says which "
+        "to use on RabbitMQ 3.x and 4.x)",
     )
 
     @field_validator("cell_amqp_url")

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
 import pytest
@@ -358,3 +359,35 @@ async def test_a_restarted_registry_loses_no_cell(
     after = sorted(cells)[0]
     code, page, _ = await procs.ctl("cells", "list", "--limit", "2", "--after", after)
     assert code == 0 and [c["id"] for c in page] == [i for i in ids if i > after][:2]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("queues", ["classic", "classic-v2", "quorum"])
+async def test_every_cell_queue_setting_this_broker_runs_carries_a_cell_s_commands(
+    own_procs: Processes, moto: str, tmp_path: Path, queues: str
+) -> None:
+    """SUBSTRATE_CELL_QUEUES (docs/operating.md): each setting declares the cell's command
+    queue as it says (classic declares no storage version, so RabbitMQ 4.3, which refuses
+    version 1, takes it too), and a command reaches the agent through it: a rotated secret,
+    which the agent confirms."""
+    procs = own_procs
+    await start_registry(procs, SUBSTRATE_CELL_QUEUES=queues)
+    (onboarded,) = await onboard(procs, moto, tmp_path)
+    cell = onboarded.cell_id
+    vhost = broker_urls.vhost(procs.services.amqp_url)
+    info = await procs.services.api.call(
+        "GET", f"/queues/{quote(vhost, safe='')}/{quote(command_queue(cell), safe='')}"
+    )
+    expected_type = "quorum" if queues == "quorum" else "classic"
+    assert info["arguments"]["x-queue-type"] == expected_type
+    assert info["arguments"].get("x-queue-version") == (2 if queues == "classic-v2" else None)
+    if queues != "quorum":
+        # What the broker runs: its default (version 1 on this machine's 3.10), or 2 as asked.
+        assert info["backing_queue_status"]["version"] == (2 if queues == "classic-v2" else 1)
+
+    code, rotated, err = await procs.ctl("cells", "rotate-credentials", cell)
+    assert code == 0, err
+    await eventually(
+        lambda: _confirmed(procs, cell, rotated["credential_id"]), timeout=20, interval=0.3,
+        what="the agent's confirmation of the secret sent through its queue",
+    )  # fmt: skip
