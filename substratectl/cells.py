@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from typing import Any
 
 from common.fields import printable
 from common.requests.registry import (
@@ -72,9 +74,8 @@ async def list_cells(ctl: Ctl) -> int:
     streamed = args.all and ctl.output in ("json", "name") and not getattr(args, "watch", False)
     cells: list[ListedCell] = []
     out = Stream(sys.stdout, as_json=ctl.as_json) if streamed else None
-    after = args.after
-    read = 0
-    while True:
+
+    def page_after(after: str | None) -> asyncio.Task[list[Any]]:
         request = CellsList(
             stage=args.stage,
             status=args.status,
@@ -85,16 +86,26 @@ async def list_cells(ctl: Ctl) -> int:
             limit=limit,
             decommissioned=args.decommissioned,
         )
-        page = await ctl.call(request)
+        # Streamed, each cell is printed as the registry gave it (validated, it was most of
+        # the time of a listing of the whole fleet); a table is built from validated cells.
+        return asyncio.create_task(ctl.call_plain(request) if streamed else ctl.call(request))
+
+    # With --all the next page is asked for as soon as this one's last id is known, so the
+    # registry reads it while this one is printed.
+    pending: asyncio.Task[list[Any]] | None = page_after(args.after)
+    read = 0
+    while pending is not None:
+        page = await pending
         read += len(page)
+        more = args.all and len(page) == limit
+        pending = page_after(_id(page[-1])) if more else None
         if out is not None:
-            out.items(page)
+            # Printed in a worker thread: meanwhile the event loop sends the next request and
+            # takes its answer.
+            await asyncio.to_thread(out.items, page)
         else:
             cells.extend(page)
-        if not args.all or len(page) < limit:
-            break
-        after = page[-1].id
-        if not ctl.as_json and ctl.output != "name":
+        if more and not ctl.as_json and ctl.output != "name":
             print(f"read {read:,} cells ...", file=sys.stderr, flush=True)
     if out is not None:
         out.end()
@@ -104,6 +115,10 @@ async def list_cells(ctl: Ctl) -> int:
         next_page = f"--after {cells[-1].id}"
         print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
+
+
+def _id(cell: ListedCell | dict[str, Any]) -> str:
+    return cell.id if isinstance(cell, ListedCell) else str(cell["id"])
 
 
 def selector(text: str) -> list[Match]:

@@ -82,11 +82,13 @@ class Publisher:
         user_id: str | None = None,
         mandatory: bool = True,
         confirm_timeout: float | None = None,
+        body: bytes | None = None,
     ) -> None:
         """Publish ``message`` as its JSON body, with the contract's properties, and wait for
-        the broker's confirm. The exchange and routing key default to the message's own."""
+        the broker's confirm. The exchange and routing key default to the message's own.
+        ``body``: the message's JSON, when the caller encoded it already."""
         amqp_message = aio_pika.Message(
-            message.model_dump_json().encode(),
+            message.model_dump_json().encode() if body is None else body,
             content_type="application/json",
             delivery_mode=DeliveryMode.PERSISTENT,
             type=message.wire_name,

@@ -73,6 +73,7 @@ async def serve(
             raise Refused("request without reply_to")
         found = methods.get(request.method)
         role: Role | None = None
+        body: bytes | None = None
         try:
             if found is None:
                 raise RpcFailure(
@@ -87,9 +88,11 @@ async def serve(
             if before_reply is not None:
                 await before_reply()
             # As any: a response may be a subclass of the declared one (each service's
-            # status), and its own fields are part of the answer.
-            answer = model.response.dump_python(result, mode="json", serialize_as_any=True)
-            reply = RpcReply(ok=True, result=answer)
+            # status), and its own fields are part of the answer. Encoded once, straight to
+            # JSON: a page of 5,000 cells went through Python data and back before.
+            answer = model.response.dump_json(result, serialize_as_any=True)
+            reply = RpcReply(ok=True)
+            body = b'{"ok":true,"result":' + answer + b',"error":null}'
         except Forbidden as exc:
             role = exc.role
             reply = RpcReply(ok=False, error=RpcErrorBody(code="forbidden", message=str(exc)))
@@ -114,6 +117,7 @@ async def serve(
             routing_key=delivery.reply_to,
             correlation_id=delivery.correlation_id,
             mandatory=False,
+            body=body if reply.ok else None,
         )
 
     await consumers.consume(rpc_queue(service), [Route(RpcRequest, on_request)])

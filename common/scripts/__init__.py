@@ -13,6 +13,7 @@ Each ``.lua`` file starts with a header naming its KEYS and ARGV.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,8 @@ SCRIPTS = ("apply", "hashes", "lease_hold")
 # Changes sent in one call at most: a larger batch holds Redis (single-threaded) for longer
 # than other clients should wait; 500 heartbeats take about a millisecond there.
 MAX_BATCH = 500
+# A batch with more operations than this is encoded in a worker thread.
+LARGE_BATCH_OPS = 10_000
 
 
 @cache
@@ -221,7 +224,13 @@ class Changes:
     async def _call(self, batch: list[tuple[Change, asyncio.Future[Applied]]]) -> None:
         # pydantic's serializer: the batch is the hot path's largest piece of work besides the
         # messages themselves, and this is about three times json.dumps's speed.
-        payload = to_json([change.to_json() for change, _ in batch])
+        changes = [change.to_json() for change, _ in batch]
+        if sum(len(change.ops) for change, _ in batch) > LARGE_BATCH_OPS:
+            # A controller's step to 50,000 cells is tens of megabytes: encoded off the event
+            # loop, which the encoder would otherwise hold for its whole length.
+            payload = await asyncio.to_thread(to_json, changes)
+        else:
+            payload = to_json(changes)
         try:
             try:
                 # execute_command: redis-py's evalsha wrapper checks deprecated arguments on
@@ -276,6 +285,14 @@ class Hashes:
         """What ``__call__`` reads, as the script answers it: for ``decode`` elsewhere (a
         worker thread, over many hashes)."""
         return await self._call(prefix, "", members_of, ids, False)
+
+    async def as_json(self, prefix: str, *, ids: list[str]) -> list[dict[str, str]]:
+        """The hashes ``prefix+id`` of ``ids``, in order ({} for one that does not exist),
+        each sent by Redis as one JSON object and decoded all together: for pages of
+        thousands of records, where two strings a field were most of the reading."""
+        reply = await self._call(prefix, "*json", None, ids, False)
+        records: list[dict[str, str]] = json.loads("[" + ",".join(v for _, v in reply) + "]")
+        return records
 
     @staticmethod
     def decode(reply: list[Any]) -> list[tuple[str, dict[str, str]]]:

@@ -21,6 +21,7 @@ from services.registry.operators import (
     OperatorStore,
     rpc_routes,
 )
+from services.registry.pages import Pages
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 
@@ -34,8 +35,10 @@ def build_deps(
     clock: Clock,
     accounts: CellBroker,
 ) -> handlers.Deps:
+    store = RegistryStore(redis)
     return handlers.Deps(
-        store=RegistryStore(redis),
+        store=store,
+        pages=Pages(store, clock.monotonic),
         clock=clock,
         accounts=accounts,
         publisher=bus,

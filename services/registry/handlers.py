@@ -50,7 +50,8 @@ from common.routes import Route, route
 from common.vocabulary import REGISTERED
 from services.registry import metrics, transitions
 from services.registry.model import cell_amqp_url, offline_cutoff, stack_parameters
-from services.registry.store import RegistryStore, view_as
+from services.registry.pages import Pages, read_page
+from services.registry.store import RegistryStore, views_as
 from services.registry.transitions import Outcome
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Deps:
     credential_grace: float
     heartbeat_limit: PerCellLimit = field(default_factory=lambda: PerCellLimit(0, 1))
     cell_ca: str = ""  # PEM, for the cells' stacks
+    # Listings with the next page read ahead (services/registry/pages.py); None: read each.
+    pages: Pages | None = None
 
 
 # -- cell reports -------------------------------------------------------------------------------
@@ -244,18 +247,14 @@ def _listed(cell: CellView, current: int) -> ListedCell:
 
 
 async def cells_list(req: CellsList, delivery: Delivery, deps: Deps) -> list[ListedCell]:
-    records = await deps.store.find(
-        req.matches(),
-        after=req.after,
-        limit=req.limit,
-        decommissioned=req.decommissioned or req.status == "decommissioned",
-    )
+    records = await (deps.pages.page(req) if deps.pages else read_page(deps.store, req))
     current = await deps.store.flags_version()
-    return [
-        view_as(ListedCell, raw, flags_behind=_behind(
-            raw.get("status"), int(raw.get("flags_snapshot_version") or 0), current))
+    behind = [
+        {"flags_behind": _behind(raw.get("status"), int(raw.get("flags_snapshot_version") or 0),
+                                 current)}
         for raw in records
     ]  # fmt: skip
+    return views_as(ListedCell, records, behind)
 
 
 async def cells_show(req: CellsShow, delivery: Delivery, deps: Deps) -> ListedCell:

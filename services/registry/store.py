@@ -33,9 +33,10 @@ import bisect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 
 from common.bus.errors import TryAgain
 from common.outbox import Outbox, outbox_entry
@@ -93,9 +94,21 @@ def view(raw: Mapping[str, str], refusals: list[str]) -> CellView:
     return CellView.model_validate(_fields(raw, refusals))
 
 
-def view_as(model: type[V], raw: Mapping[str, str], **more: object) -> V:
-    """The record as ``model``, a view that adds ``more`` to CellView, validated once."""
-    return model.model_validate(_fields(raw, []) | more)
+def views_as(
+    model: type[V], raws: Sequence[Mapping[str, str]], more: Sequence[Mapping[str, object]]
+) -> list[V]:
+    """Each record as ``model``, a view that adds its ``more`` to CellView: validated in one
+    call for the whole page (a call per record was a fifth of a listing's time)."""
+    adapter = _LIST_ADAPTERS.get(model)
+    if adapter is None:
+        adapter = _LIST_ADAPTERS[model] = TypeAdapter(list[model])  # type: ignore[valid-type]
+    views: list[V] = adapter.validate_python(
+        [{**_fields(raw, []), **extra} for raw, extra in zip(raws, more, strict=True)]
+    )
+    return views
+
+
+_LIST_ADAPTERS: dict[type[CellView], TypeAdapter[Any]] = {}
 
 
 def _passes(m: Match, raw: Mapping[str, str]) -> bool:
@@ -284,7 +297,7 @@ class RegistryStore:
             if not batch:
                 break
             last = batch[-1]
-            for _, raw in await self._hashes(CELL, ids=batch):
+            for raw in await self._hashes.as_json(CELL, ids=batch):
                 if raw and all(_passes(m, raw) for m in rest):
                     found.append(raw)
                     if len(found) == want:

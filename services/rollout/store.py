@@ -265,10 +265,20 @@ class RolloutStore:
         pipe.smembers(DIRTY)
         pipe.delete(DIRTY)
         ids = sorted(str(i) for i in (await pipe.execute())[0])
-        fleet = await self.fleet.some(ids)
-        own = dict(await self._hashes(CELL, ids=ids)) if ids else {}
-        cells = [_facts(fleet[i], own.get(i, {})) for i in ids if i in fleet]
-        return cells, [i for i in ids if i not in fleet]
+        if not ids:
+            return [], []
+        fleet_raw = await self.redis.hmget(self.fleet.key, ids)
+        own_raw = await self._hashes.raw(CELL, ids=ids)
+
+        def build() -> tuple[list[CellFacts], list[str]]:
+            found = decode_all([str(raw) for raw in fleet_raw if raw])
+            fleet = {c.id: c for c in found if c.known}
+            own = dict(Hashes.decode(own_raw))
+            cells = [_facts(fleet[i], own.get(i, {})) for i in ids if i in fleet]
+            return cells, [i for i in ids if i not in fleet]
+
+        # After a large wave's reports, tens of thousands of cells: built off the event loop.
+        return await asyncio.to_thread(build) if len(ids) > 100 else build()
 
     async def forget_changes(self) -> None:
         """Before a full load: whatever changes after it is in the dirty set again."""
