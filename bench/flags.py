@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common.flags import Flag, Snapshot
-from common.fleet import FleetCell
+from common.fleet import FleetCell, grouped
 from services.flags.model import preview
 from services.flags.store import FlagsStore
 
@@ -256,7 +256,7 @@ def main() -> None:
         update={"split": {"on": 50, "off": 50}}))})  # fmt: skip
     proposed = Snapshot(2, {KEY: wider})
     started = time.perf_counter()
-    result = preview(KEY, current, proposed, [FleetCell(**c) for c in big])
+    result = preview(KEY, current, proposed, grouped(FleetCell(**c).target() for c in big))
     took = time.perf_counter() - started
     print(
         f"\nflags preview (25% -> 50%) over {len(big):,} cells: {took * 1000:.0f} ms "

@@ -79,7 +79,10 @@ def stage_of(i: int) -> str:
 
 async def populate(redis: aioredis.Redis, n: int) -> None:
     registry = RegistryStore(redis)
-    views = [FleetView(redis, ROLLOUT_PREFIX, changed=DIRTY), FleetView(redis, FLAGS_PREFIX)]
+    views = [
+        FleetView(redis, ROLLOUT_PREFIX, changed=DIRTY),
+        FleetView(redis, FLAGS_PREFIX, with_targets=True),
+    ]
     now = datetime.now(UTC)
 
     async def one(i: int) -> None:

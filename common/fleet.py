@@ -11,17 +11,22 @@ own order); compliance events by their time. Events can arrive twice or out of o
 decommissioned cell stays decommissioned.
 
 Redis: ``<prefix>fleet`` is a hash of cell id -> the cell as a JSON array (FIELDS, in order):
-one HGETALL reads the whole fleet, and a change is one guarded write of one field.
+one HGETALL reads the whole fleet, and a change is one guarded write of one field. A view kept
+``with_targets`` (flags) also keeps ``<prefix>targets``: cell id -> what flag rules may target
+of it but its id, in the same write, so that cells alike are alike there (see ``groups``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields, replace
 from datetime import datetime
+from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic_core import from_json
 
 from common.bus.errors import refuse_foreign_sender
 from common.messages import (
@@ -93,15 +98,21 @@ class FleetCell:
 
     def attributes(self) -> dict[str, str | None]:
         """What flag rules may target."""
-        return {
-            "id": self.id,
-            "stage": self.stage,
-            "region": self.region,
-            "org": self.org,
-            "installed_release": self.installed_release,
-            "agent_version": self.agent_version,
-            "status": self.status,
-        }
+        return dict(zip(ATTRIBUTES, self.target()[0], strict=True))
+
+    def alike(self) -> str:
+        """What flag rules may target of the cell, but its id, as a string (``groups``)."""
+        values, held = self.target()
+        return json.dumps([*values[1:], held], separators=(",", ":"))
+
+    def target(self) -> Target:
+        """What a flag rule may target, compactly: its attributes' values (in ATTRIBUTES'
+        order) and whether it is held."""
+        return (
+            (self.id, self.stage, self.region, self.org, self.installed_release,
+             self.agent_version, self.status),
+            self.held,
+        )  # fmt: skip
 
     def encode(self) -> str:
         return json.dumps(astuple(self), separators=(",", ":"))
@@ -112,13 +123,39 @@ class FleetCell:
 
 
 FIELDS = tuple(f.name for f in fields(FleetCell))
+# The attributes flag rules may target (FleetCell.attributes).
+ATTRIBUTES = ("id", "stage", "region", "org", "installed_release", "agent_version", "status")
+# A cell's attributes' values, in ATTRIBUTES' order, and whether it is held.
+Target = tuple[tuple[str | None, ...], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Cells alike in all that flag rules may target but their ids: ``values`` in ATTRIBUTES'
+    order from the second (the id) on."""
+
+    values: tuple[str | None, ...]
+    held: bool
+    ids: list[str]
+
+
+def grouped(targets: Iterable[Target]) -> list[Group]:
+    """Targets grouped as ``FleetView.groups`` groups them."""
+    found: dict[tuple[tuple[str | None, ...], bool], list[str]] = {}
+    for values, held in targets:
+        found.setdefault((values[1:], held), []).append(str(values[0]))
+    return [Group(values, held, ids) for (values, held), ids in found.items()]
 
 
 def decode_all(raw: list[str]) -> list[FleetCell]:
-    """Many entries at once: one JSON document of them all decodes several times faster than
-    an entry at a time."""
-    rows = json.loads("[" + ",".join(raw) + "]") if raw else []
-    return [FleetCell(*row) for row in rows]
+    """Many entries at once."""
+    return [FleetCell(*row) for row in _rows(raw)]
+
+
+def _rows(raw: list[str]) -> list[list[Any]]:
+    """Entries decoded together, as one JSON document (several times faster than one at a
+    time), their strings shared: a fleet repeats a few stages, orgs and releases."""
+    return from_json("[" + ",".join(raw) + "]", cache_strings="all") if raw else []
 
 
 def _time(at: datetime) -> float:
@@ -199,10 +236,12 @@ class FleetView:
         prefix: str,
         *,
         changed: str | None = None,
+        with_targets: bool = False,
     ) -> None:
         self.redis = redis
         self.key = prefix + "fleet"
         self.changed = changed
+        self.targets_key = prefix + "targets" if with_targets else None
         self._changes = Changes(redis)
         # Each cell's entry as this process last wrote or read it: the guess a fact is
         # decided on first (see apply). Never trusted without Redis checking it.
@@ -222,11 +261,38 @@ class FleetView:
         cells = (FleetCell.decode(str(v)) for v in raw.values())
         return sorted((c for c in cells if c.known), key=lambda c: c.id)
 
-    async def every(self) -> list[FleetCell]:
-        """Every known cell, in no order: the whole hash decoded in one pass, for a view over
-        the whole fleet."""
-        raw: list[str] = await self.redis.hvals(self.key)  # type: ignore[assignment]
-        return [c for c in decode_all(raw) if c.known]
+    async def groups(self) -> list[Group]:
+        """Every known cell, grouped with the cells alike in all that flag rules may target but
+        their ids: one read of a string a cell, and one decode a group (a fleet has a few
+        thousand kinds of cell, not 100,000). Needs ``with_targets``."""
+        assert self.targets_key is not None, "a view kept with_targets"
+        raw: dict[str, str] = await self.redis.hgetall(self.targets_key)  # type: ignore[assignment]
+        ids_of: dict[str, list[str]] = {}
+        for cell_id, alike in raw.items():
+            ids_of.setdefault(alike, []).append(cell_id)
+        found = []
+        for alike, ids in ids_of.items():
+            *values, held = json.loads(alike)
+            if values[0] is not None:  # known: it has a stage
+                found.append(Group(tuple(values), bool(held), ids))
+        return found
+
+    async def index_targets(self) -> int:
+        """Enter in ``<prefix>targets`` the cells it lacks (a view kept before it existed):
+        how many. Never overwrites: a fact applied meanwhile wrote the entry it holds."""
+        assert self.targets_key is not None, "a view kept with_targets"
+        if await self.redis.hlen(self.targets_key) == await self.redis.hlen(self.key):
+            return 0
+        missing, cursor = 0, 0
+        while True:
+            cursor, entries = await self.redis.hscan(self.key, cursor, count=5000)
+            assert isinstance(entries, dict)  # field -> value (not a no_values scan)
+            pipe = self.redis.pipeline(transaction=False)
+            for cell_id, raw in entries.items():
+                pipe.hsetnx(self.targets_key, cell_id, FleetCell.decode(str(raw)).alike())
+            missing += sum(int(added) for added in await pipe.execute())
+            if cursor == 0:
+                return missing
 
     async def some(self, ids: list[str]) -> dict[str, FleetCell]:
         """The known cells among ``ids``."""
@@ -264,6 +330,8 @@ class FleetView:
             )
             if self.changed is not None:
                 change.run("SADD", self.changed, cell_id)
+            if self.targets_key is not None:
+                change.run("HSET", self.targets_key, cell_id, new.alike())
             applied = await self._changes.apply(change)
             if applied.written:
                 self._last[cell_id] = encoded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 from common import redis_client
@@ -14,6 +15,8 @@ from services.flags import changes, handlers, metrics
 from services.flags.push import Pusher
 from services.flags.settings import FlagsSettings
 from services.flags.store import PREFIX, FlagsStore
+
+log = logging.getLogger(__name__)
 
 
 async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None = None) -> Wiring:
@@ -33,6 +36,9 @@ async def setup(bus: RabbitBus, settings: ServiceSettings, clock: Clock | None =
         approval_stages=own.approval(),
     )
     metrics.SNAPSHOT_VERSION.set(await store.version())
+    indexed = await store.fleet.index_targets()
+    if indexed:
+        log.info("entered %d cells known before the fleet's targets were kept", indexed)
     return Wiring(
         redis=redis,
         outbox=store.outbox,

@@ -38,7 +38,7 @@ async def flips_in_approval_stages(flag: Flag, deps: Deps) -> int:
     if not deps.approval_stages:
         return 0
     current = await deps.store.snapshot()
-    cells = await deps.store.fleet.all()
+    cells = await deps.store.fleet.groups()
     preview = model.preview(flag.key, current, model.proposed(current, flag), cells)
     return sum(c.cells for c in preview.changes if c.stage in deps.approval_stages)
 

@@ -125,7 +125,7 @@ async def flags_preview(req: FlagsPreview, delivery: Delivery, deps: Deps) -> Pr
     """Nothing is written: what ``flags set`` of this flag would change, cell by cell."""
     current = await deps.store.snapshot()
     after = model.proposed(current, req.flag)
-    return model.preview(req.flag.key, current, after, await deps.store.fleet.every())
+    return model.preview(req.flag.key, current, after, await deps.store.fleet.groups())
 
 
 # -- what cells ask -------------------------------------------------------------------------------

@@ -8,8 +8,33 @@ from collections import Counter
 from collections.abc import Iterable
 
 from common.flags import Flag, Snapshot
-from common.fleet import FleetCell
+from common.fleet import ATTRIBUTES, FleetCell, Group
 from common.requests.flags import FlagSummary, Flip, Preview
+
+# Where the id (first), status, stage and org are in a target's values.
+STAGE, ORG, STATUS = (ATTRIBUTES.index(name) for name in ("stage", "org", "status"))
+assert ATTRIBUTES[0] == "id"
+
+
+def _answers(
+    key: str, current: Snapshot, proposed: Snapshot, group: Group
+) -> list[tuple[tuple[str | None, str | None], int]]:
+    """The group's answers before and after, and how many of its cells give each."""
+    answers: Counter[tuple[str | None, str | None]] = Counter()
+    pending = list(group.ids)
+    first = _Attributes(zip(ATTRIBUTES, (pending[0], *group.values), strict=True))
+    first.id_read = False
+    pair = (current.evaluate(key, first).variant, proposed.evaluate(key, first).variant)
+    if not first.id_read:
+        return [(pair, len(pending))]
+    answers[pair] += 1
+    for cell_id in pending[1:]:
+        attributes = dict(first)
+        attributes["id"] = cell_id
+        answers[
+            (current.evaluate(key, attributes).variant, proposed.evaluate(key, attributes).variant)
+        ] += 1
+    return list(answers.items())
 
 
 class _Attributes(dict[str, str | None]):
@@ -24,37 +49,26 @@ class _Attributes(dict[str, str | None]):
         return dict.get(self, key, default)
 
 
-def preview(key: str, current: Snapshot, proposed: Snapshot, cells: Iterable[FleetCell]) -> Preview:
+def preview(key: str, current: Snapshot, proposed: Snapshot, groups: Iterable[Group]) -> Preview:
     """Which cells would flip, and how, if ``proposed`` replaced ``current``: counts of
-    (stage, org, from variant, to variant) for every cell whose variant changes.
+    (stage, org, from variant, to variant) for every cell whose variant changes. ``groups``:
+    the fleet's cells, grouped with those alike in all but their ids (FleetView.groups).
 
-    A fleet has few distinct sets of attributes but its ids: a pair of answers that did not
-    read the cell's id (no split reached, no rule on ids) is kept for the other attributes and
-    reused, so a fleet of 100,000 costs about as many evaluations as it has distinct cells."""
+    An answer that did not read the cell's id (no split reached, no rule on ids) is every
+    cell's of its group: a fleet of 100,000 costs about as many evaluations as it has kinds of
+    cell, and cells one at a time only where an answer depends on the id."""
     flips: Counter[tuple[str, str, str, str]] = Counter()
     considered = held = 0
-    known: dict[tuple[str | None, ...], tuple[str | None, str | None]] = {}
-    for cell in cells:
-        if cell.status == "decommissioned":
+    for group in groups:
+        if group.values[STATUS - 1] == "decommissioned":
             continue
-        considered += 1
-        held += cell.held
-        attributes = cell.attributes()
-        others = tuple(v for k, v in attributes.items() if k != "id")
-        answers = known.get(others)
-        if answers is None:
-            watched = _Attributes(attributes)
-            watched.id_read = False
-            answers = (
-                current.evaluate(key, watched).variant,
-                proposed.evaluate(key, watched).variant,
-            )
-            if not watched.id_read:
-                known[others] = answers
-        before, after = answers
-        if before != after:
-            was, becomes = before or "(none)", after or "(none)"
-            flips[(cell.stage or "-", cell.org or "-", was, becomes)] += 1
+        considered += len(group.ids)
+        held += len(group.ids) if group.held else 0
+        stage, org = group.values[STAGE - 1] or "-", group.values[ORG - 1] or "-"
+        for answers, n in _answers(key, current, proposed, group):
+            before, after = answers
+            if before != after:
+                flips[(stage, org, before or "(none)", after or "(none)")] += n
     by_stage: dict[str, Counter[str]] = {}
     by_org: dict[str, Counter[str]] = {}
     for (stage, org, was, becomes), n in flips.items():

@@ -60,7 +60,7 @@ def diff(old: dict[str, object] | None, new: dict[str, object] | None) -> dict[s
 class FlagsStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self.fleet = FleetView(redis, PREFIX)
+        self.fleet = FleetView(redis, PREFIX, with_targets=True)
         self.outbox = Outbox(redis, OUTBOX)
         self._changes = Changes(redis)
         self._snapshot: Snapshot | None = None

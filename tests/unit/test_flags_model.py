@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from common.flags import Flag, Snapshot
-from common.fleet import FleetCell
+from common.fleet import FleetCell, Group, grouped
 from common.vocabulary import CellStatus, ComplianceState, Stage
 from services.flags import model
 
@@ -37,6 +37,10 @@ def cell(
     )
 
 
+def targets(cells: list[FleetCell]) -> list[Group]:
+    return grouped(c.target() for c in cells)
+
+
 def test_a_preview_counts_the_cells_that_flip_by_stage_and_org() -> None:
     current = Snapshot(1, {"new-editor": OFF})
     cells = [
@@ -44,7 +48,9 @@ def test_a_preview_counts_the_cells_that_flip_by_stage_and_org() -> None:
         cell("s-2", "staging", "globex"),
         cell("d-1", "dedicated", "acme"),
     ]
-    preview = model.preview("new-editor", current, model.proposed(current, STAGING_ON), cells)
+    preview = model.preview(
+        "new-editor", current, model.proposed(current, STAGING_ON), targets(cells)
+    )
     assert (preview.cells, preview.flipping, preview.held) == (3, 2, 0)
     assert preview.by_stage == {"staging": {"off -> on": 2}}
     assert preview.by_org == {"acme": {"off -> on": 1}, "globex": {"off -> on": 1}}
@@ -60,7 +66,9 @@ def test_a_preview_leaves_decommissioned_cells_out_and_counts_held_ones() -> Non
         cell("gone", "staging", "acme", status="decommissioned"),
         cell("held", "staging", "acme", compliance="out_of_sla"),
     ]
-    preview = model.preview("new-editor", current, model.proposed(current, STAGING_ON), cells)
+    preview = model.preview(
+        "new-editor", current, model.proposed(current, STAGING_ON), targets(cells)
+    )
     assert (preview.cells, preview.flipping, preview.held) == (1, 1, 1)
 
 
@@ -109,7 +117,7 @@ def test_a_preview_reuses_only_answers_that_did_not_read_the_cell_s_id(
             becomes = proposed.evaluate("new-editor", c.attributes()).variant or "(none)"
             if was != becomes:
                 flips[(c.stage or "-", c.org or "-", was, becomes)] += 1
-    preview = model.preview("new-editor", current, proposed, cells)
+    preview = model.preview("new-editor", current, proposed, targets(cells))
     assert {(f.stage, f.org, f.from_, f.to): f.cells for f in preview.changes} == dict(flips)
 
 
@@ -117,7 +125,7 @@ def test_a_new_flag_flips_from_no_variant() -> None:
     current = Snapshot(4, {})
     after = model.proposed(current, STAGING_ON)
     assert after.version == 5
-    preview = model.preview("new-editor", current, after, [cell("s-1", "staging", "acme")])
+    preview = model.preview("new-editor", current, after, targets([cell("s-1", "staging", "acme")]))
     assert preview.by_stage == {"staging": {"(none) -> on": 1}}
 
 
