@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
@@ -60,6 +60,8 @@ from services.rollout.store import PREFIX as ROLLOUT_PREFIX
 from testing.simulator import gather_limited
 
 T = TypeVar("T")
+# An empty Redis database for the services' memory with no cell.
+EMPTY_DB = 15
 REGIONS = ("eu-west-1", "us-east-1", "ap-southeast-2")
 FLAG = """key: bench-scale
 owner: bench
@@ -291,27 +293,55 @@ async def read_records(redis_url: str) -> float:
         await redis.aclose()
 
 
+async def empty_services(env: dict[str, str], log: IO[bytes]) -> dict[str, float]:
+    """Each service's resident memory with no cell (an empty Redis database): what a service
+    holds for a fleet is what it holds beyond this."""
+    empty_url = _with_path(REDIS_URL, f"/{EMPTY_DB}")
+    redis = aioredis.from_url(empty_url)
+    if await redis.dbsize():
+        raise SystemExit(f"Redis database {EMPTY_DB} is not empty")
+    procs = {
+        service: await asyncio.create_subprocess_exec(
+            str(BIN / f"substrate-{service}"),
+            env={**env, "SUBSTRATE_REDIS_URL": empty_url}, stdout=log, stderr=log,
+        )
+        for service in ("registry", "rollout", "flags")
+    }  # fmt: skip
+    try:
+        await until(lambda: answering({**env, "SUBSTRATE_REDIS_URL": empty_url}), 0.5)
+        await asyncio.sleep(3)  # a few controller steps
+        return {service: memory_mb(process.pid)[0] for service, process in procs.items()}
+    finally:
+        for process in procs.values():
+            process.terminate()
+        for process in procs.values():
+            await process.wait()
+        await redis.flushdb()
+        await redis.aclose()
+
+
+async def answering(env: dict[str, str]) -> bool:
+    try:
+        for args in (("cells", "list", "--limit", "1"), ("rollout", "list"), ("flags", "list")):
+            await ctl(env, *args)
+        return True
+    except CommandFailed as exc:
+        if "no operator" in str(exc):
+            raise  # waiting would never end
+        return False
+
+
 async def views(env: dict[str, str], workdir: Path, version: str, n: int) -> None:
     procs: dict[str, asyncio.subprocess.Process] = {}
     log = (workdir / "services.log").open("ab")
+    empty = await empty_services(env, log)
     try:
         for service in ("registry", "rollout", "flags"):
             procs[service] = await asyncio.create_subprocess_exec(
                 str(BIN / f"substrate-{service}"), env=env, stdout=log, stderr=log
             )
 
-        async def all_up() -> bool:
-            try:
-                for args in (("cells", "list", "--limit", "1"), ("rollout", "list"),
-                             ("flags", "list")):  # fmt: skip
-                    await ctl(env, *args)
-                return True
-            except CommandFailed as exc:
-                if "no operator" in str(exc):
-                    raise  # waiting would never end
-                return False
-
-        await until(all_up, 0.5)
+        await until(lambda: answering(env), 0.5)
         records = await read_records(env["SUBSTRATE_REDIS_URL"])
         print(f"\nbaseline: redis-py reading every cell's record (HGETALL pipelined, 5,000 a "
               f"round trip): {records:.2f}s")  # fmt: skip
@@ -329,10 +359,13 @@ async def views(env: dict[str, str], workdir: Path, version: str, n: int) -> Non
             runs = [await ctl(env, *args) for _ in range(3)]
             took = statistics.median(t for t, _ in runs)
             print(f"{label:56}{took:>7.2f}s   {runs[0][1] / 1e6:>6.1f} MB of JSON")
-        print("\nresident memory after these (peak):")
+        print("\nresident memory after these (peak), and beyond the same service's with no "
+              "cell, a cell:")  # fmt: skip
         for service, process in procs.items():
             now, peak = memory_mb(process.pid)
-            print(f"  {service:10}{now:>6.0f} MB ({peak:.0f} MB)")
+            beyond = (now - empty[service]) * 1024 * 1024 / n
+            print(f"  {service:10}{now:>6.0f} MB ({peak:.0f} MB)   {empty[service]:.0f} MB with "
+                  f"no cell: {beyond:,.0f} bytes a cell")  # fmt: skip
     finally:
         for process in procs.values():
             process.terminate()

@@ -66,6 +66,8 @@ WINDOWS = PREFIX + "windows"
 GENERATION = PREFIX + "generation"
 LEASE = PREFIX + "controller"
 TALLY = PREFIX + "tally"
+# Cells read at a time by a full load.
+LOAD_CHUNK = 5000
 
 
 @dataclass(frozen=True)
@@ -221,17 +223,25 @@ class RolloutStore:
         return _facts(fleet, own)
 
     async def cells(self) -> list[CellFacts]:
-        """Every known cell, by id. Read in two round trips; decoded and built in a worker
-        thread, so that over a large fleet the event loop keeps serving meanwhile."""
-        fleet_raw: list[str] = await self.redis.hvals(self.fleet.key)  # type: ignore[assignment]
-        own_raw = await self._hashes.raw(CELL, members_of=CELLS)
+        """Every known cell, by id. Read a few thousand cells at a time (the fleet's entries,
+        then rollout's own hash of each): what is held at once is the cells built so far and
+        one chunk as Redis sent it, not the whole fleet's twice over. Each chunk is built in a
+        worker thread, so that the event loop keeps serving meanwhile."""
+        found: dict[str, CellFacts] = {}
+        cursor = 0
+        while True:
+            cursor, entries = await self.redis.hscan(self.fleet.key, cursor, count=LOAD_CHUNK)
+            assert isinstance(entries, dict)  # field -> value
+            fleet = [c for c in decode_all([str(v) for v in entries.values()]) if c.known]
+            own = await self._hashes.as_json(CELL, ids=[c.id for c in fleet]) if fleet else []
 
-        def build() -> list[CellFacts]:
-            fleet = sorted((c for c in decode_all(fleet_raw) if c.known), key=lambda c: c.id)
-            own = dict(Hashes.decode(own_raw))
-            return [_facts(c, own.get(c.id, {})) for c in fleet]
+            def build(fleet: list[FleetCell] = fleet, own: list[dict[str, str]] = own) -> None:
+                for cell, mine in zip(fleet, own, strict=True):
+                    found[cell.id] = _facts(cell, mine)
 
-        return await asyncio.to_thread(build)
+            await asyncio.to_thread(build)
+            if cursor == 0:
+                return [found[i] for i in sorted(found)]
 
     async def set_pin(self, cell_id: str, version: str | None) -> None:
         change = (
