@@ -353,8 +353,10 @@ class Controller:
         monotonic = self.clock.monotonic()
         stale = monotonic - self._loaded_at > FULL_RELOAD_SECONDS
         if self._cells is None or fence != self._cells_fence or stale:
-            # Changes after this are in the dirty set again, so none is missed.
+            # Changes after this are in the dirty set again, so none is missed. The old copy
+            # goes first: two at once was the service's largest use of memory.
             await self.store.forget_changes()
+            self._cells = self._tally = None
             self._cells = {c.id: c for c in await self.store.cells()}
             self._cells_fence, self._loaded_at = fence, monotonic
             self._tally = None
