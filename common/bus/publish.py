@@ -37,6 +37,8 @@ from common.metrics import BusMetrics
 
 log = logging.getLogger(__name__)
 
+PERSISTENT = int(DeliveryMode.PERSISTENT)
+
 
 class Publisher:
     """One confirming channel that every publish of a bus goes through."""
@@ -57,7 +59,6 @@ class Publisher:
         self.deadlines = Deadlines(timeout)
         self.metrics = metrics
         self._stopping = stopping
-        self._exchanges: dict[str, aio_pika.Exchange] = {}
         self._renew_lock = asyncio.Lock()
 
     @classmethod
@@ -87,21 +88,23 @@ class Publisher:
         """Publish ``message`` as its JSON body, with the contract's properties, and wait for
         the broker's confirm. The exchange and routing key default to the message's own.
         ``body``: the message's JSON, when the caller encoded it already."""
-        amqp_message = aio_pika.Message(
-            message.model_dump_json().encode() if body is None else body,
+        # The frame's properties built directly: aio-pika's Message, and the properties it
+        # builds again from itself on each publish, were a fifth of a confirmed publish's CPU.
+        properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=DeliveryMode.PERSISTENT,
-            type=message.wire_name,
+            delivery_mode=PERSISTENT,
+            message_type=message.wire_name,
             message_id=message_id or uuid.uuid4().hex,
             timestamp=datetime.now(UTC),
             user_id=user_id or self.user,
             correlation_id=correlation_id,
             reply_to=reply_to,
-            expiration=expiration,
+            expiration=None if expiration is None else str(int(expiration * 1000)),
             headers=headers,
         )
-        await self.publish_raw(
-            amqp_message,
+        await self._send(
+            message.model_dump_json().encode() if body is None else body,
+            properties,
             message.exchange if exchange is None else exchange,
             message.routing_key() if routing_key is None else routing_key,
             mandatory=mandatory,
@@ -119,8 +122,28 @@ class Publisher:
     ) -> None:
         """Publish an AMQP message as it is (a dead letter keeps the original's body and
         properties) and wait for the confirm."""
+        await self._send(
+            message.body,
+            message.properties,
+            exchange,
+            routing_key,
+            mandatory=mandatory,
+            timeout=timeout,
+        )
+
+    async def _send(
+        self,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
+        exchange: str,
+        routing_key: str,
+        *,
+        mandatory: bool,
+        timeout: float | None,
+    ) -> None:
         outcome = "error"
         channel = self.channel
+        kind = properties.message_type or ""
         try:
             if channel.is_closed and self.connected and not self._stopping.stopping:
                 # After a reconnect the channels reopen one at a time, a consumer's perhaps
@@ -130,53 +153,47 @@ class Publisher:
                 await self._reopened(channel, timeout)
             if channel.is_closed or not self.connected:
                 raise NotConnected(
-                    f"cannot publish {_what(message, exchange, routing_key)}: "
+                    f"cannot publish {_what(kind, exchange, routing_key)}: "
                     "not connected to the broker"
                 )
             try:
                 async with self.deadlines.guard(timeout):
-                    await self._exchange(exchange).publish(
-                        message, routing_key, mandatory=mandatory
-                    )
-                    if crashpoints.DUPLICATES:
-                        await self._exchange(exchange).publish(
-                            message, routing_key, mandatory=mandatory
+                    underlay = await channel.get_underlay_channel()
+                    for _ in range(2 if crashpoints.DUPLICATES else 1):
+                        await underlay.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=properties,
+                            mandatory=mandatory,
                         )
             except TimeoutError:
                 outcome = "timeout"
                 raise PublishTimeout(
-                    f"broker did not confirm {_what(message, exchange, routing_key)} within "
+                    f"broker did not confirm {_what(kind, exchange, routing_key)} within "
                     f"{self.deadlines.seconds if timeout is None else timeout}s (is it blocked "
                     "by a memory or disk alarm?)"
                 ) from None
             except aio_pika.exceptions.PublishError:
                 outcome = "unroutable"
-                what = _what(message, exchange, routing_key)
+                what = _what(kind, exchange, routing_key)
                 raise Unroutable(f"{what} is unroutable: no queue is bound for it") from None
             except aio_pika.exceptions.DeliveryError as exc:
                 outcome = "refused"
-                what = _what(message, exchange, routing_key)
+                what = _what(kind, exchange, routing_key)
                 await self._renew(channel)
                 raise PublishNacked(f"broker refused {what}: {exc}") from None
             except aiormq.exceptions.ChannelInvalidStateError as exc:
-                what = _what(message, exchange, routing_key)
+                what = _what(kind, exchange, routing_key)
                 raise NotConnected(f"cannot publish {what}: {exc}") from exc
             except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
                 # The broker closes the channel for a forged user_id or a missing permission.
                 outcome = "refused"
-                what = _what(message, exchange, routing_key)
+                what = _what(kind, exchange, routing_key)
                 raise PublishRefused(f"broker refused {what}: {exc}") from None
             outcome = "confirmed"
         finally:
-            self.metrics.count_published(message.type or "", outcome)
-
-    def _exchange(self, name: str) -> aio_pika.Exchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            # Not declared here: the control plane declares exchanges, and a cell may not.
-            exchange = aio_pika.Exchange(self.channel, name)
-            self._exchanges[name] = exchange
-        return exchange
+            self.metrics.count_published(kind, outcome)
 
     async def _renew(self, nacked: AbstractRobustChannel) -> None:
         """Publish on a new channel from now on.
@@ -191,7 +208,7 @@ class Publisher:
         async with self._renew_lock:
             if self.channel is not nacked or not self.connected:
                 return
-            self.channel, self._exchanges = await _confirming_channel(self._conn), {}
+            self.channel = await _confirming_channel(self._conn)
             log.warning("the broker nacked a publish; publishing on a new channel")
             with suppress(Exception):
                 await nacked.close()
@@ -221,5 +238,5 @@ async def _confirming_channel(connection: AbstractRobustConnection) -> AbstractR
     return channel
 
 
-def _what(message: aio_pika.Message, exchange: str, routing_key: str) -> str:
-    return f"{message.type} to {exchange or '(default)'}/{routing_key}"
+def _what(kind: str, exchange: str, routing_key: str) -> str:
+    return f"{kind or 'a message'} to {exchange or '(default)'}/{routing_key}"
