@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
 
 from common.fields import printable
 from common.requests.registry import (
@@ -75,7 +74,7 @@ async def list_cells(ctl: Ctl) -> int:
     cells: list[ListedCell] = []
     out = Stream(sys.stdout, as_json=ctl.as_json) if streamed else None
 
-    def page_after(after: str | None) -> asyncio.Task[list[Any]]:
+    def page_after(after: str | None) -> asyncio.Task[list[ListedCell]]:
         request = CellsList(
             stage=args.stage,
             status=args.status,
@@ -86,19 +85,17 @@ async def list_cells(ctl: Ctl) -> int:
             limit=limit,
             decommissioned=args.decommissioned,
         )
-        # Streamed, each cell is printed as the registry gave it (validated, it was most of
-        # the time of a listing of the whole fleet); a table is built from validated cells.
-        return asyncio.create_task(ctl.call_plain(request) if streamed else ctl.call(request))
+        return asyncio.create_task(ctl.call(request))
 
     # With --all the next page is asked for as soon as this one's last id is known, so the
     # registry reads it while this one is printed.
-    pending: asyncio.Task[list[Any]] | None = page_after(args.after)
+    pending: asyncio.Task[list[ListedCell]] | None = page_after(args.after)
     read = 0
     while pending is not None:
         page = await pending
         read += len(page)
         more = args.all and len(page) == limit
-        pending = page_after(_id(page[-1])) if more else None
+        pending = page_after(page[-1].id) if more else None
         if out is not None:
             # Printed in a worker thread: meanwhile the event loop sends the next request and
             # takes its answer.
@@ -115,10 +112,6 @@ async def list_cells(ctl: Ctl) -> int:
         next_page = f"--after {cells[-1].id}"
         print(f"\n{limit} cells shown; the next page: {next_page} (or --all)", file=sys.stderr)
     return 0
-
-
-def _id(cell: ListedCell | dict[str, Any]) -> str:
-    return cell.id if isinstance(cell, ListedCell) else str(cell["id"])
 
 
 def selector(text: str) -> list[Match]:

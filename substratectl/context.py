@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 
@@ -82,18 +82,6 @@ class Ctl:
         """Send ``request`` to its service and return its typed response."""
         bus = await self.bus()
         return await bus.call(request, service=service, timeout=self.settings.rpc_timeout_seconds)
-
-    async def call_plain(self, request: Request[Any]) -> Any:
-        """Send ``request`` and return its answer as JSON data, as the service gave it, not
-        validated into the response model: for a bulk listing printed as it comes, where
-        validating and dumping every record again was most of the command's time."""
-        bus = await self.bus()
-        return await bus.request(
-            request.service,
-            request.method,
-            request,
-            timeout=self.settings.rpc_timeout_seconds,
-        )
 
     async def ask(self, request: Request[R], as_text: Callable[[R], str]) -> int:
         """What most commands are: send ``request`` and print its answer (exit code 0). A

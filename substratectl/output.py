@@ -60,8 +60,8 @@ class Stream:
         self.as_json = as_json
         self.count = 0
 
-    def items(self, page: Sequence[BaseModel | Mapping[str, Any]]) -> None:
-        """Print these items (response models, or JSON data as a service answered it)."""
+    def items(self, page: Sequence[BaseModel]) -> None:
+        """Print these response models."""
         if not page:
             return
         if not self.as_json:
@@ -70,7 +70,7 @@ class Stream:
             # The page as json.dump(indent=2, sort_keys=True) prints a list, by the serializer
             # pydantic already has (json's own indenting encoder is Python), without its
             # brackets: the pages join into one list.
-            data = [item if isinstance(item, dict) else plain(item) for item in page]
+            data = [item.model_dump(mode="json", by_alias=True) for item in page]
             text = to_json(_sorted_page(data), indent=2).decode()
             self.out.write(("[" if self.count == 0 else ",") + text[1:-2])
         self.count += len(page)

@@ -21,14 +21,13 @@ def _answers(
 ) -> list[tuple[tuple[str | None, str | None], int]]:
     """The group's answers before and after, and how many of its cells give each."""
     answers: Counter[tuple[str | None, str | None]] = Counter()
-    pending = list(group.ids)
-    first = _Attributes(zip(ATTRIBUTES, (pending[0], *group.values), strict=True))
+    first = _Attributes(zip(ATTRIBUTES, (group.ids[0], *group.values), strict=True))
     first.id_read = False
     pair = (current.evaluate(key, first).variant, proposed.evaluate(key, first).variant)
     if not first.id_read:
-        return [(pair, len(pending))]
+        return [(pair, len(group.ids))]
     answers[pair] += 1
-    for cell_id in pending[1:]:
+    for cell_id in group.ids[1:]:
         attributes = dict(first)
         attributes["id"] = cell_id
         answers[

@@ -278,13 +278,12 @@ class RolloutStore:
         if not ids:
             return [], []
         fleet_raw = await self.redis.hmget(self.fleet.key, ids)
-        own_raw = await self._hashes.raw(CELL, ids=ids)
+        own = dict(zip(ids, await self._hashes.as_json(CELL, ids=ids), strict=True))
 
         def build() -> tuple[list[CellFacts], list[str]]:
             found = decode_all([str(raw) for raw in fleet_raw if raw])
             fleet = {c.id: c for c in found if c.known}
-            own = dict(Hashes.decode(own_raw))
-            cells = [_facts(fleet[i], own.get(i, {})) for i in ids if i in fleet]
+            cells = [_facts(fleet[i], own[i]) for i in ids if i in fleet]
             return cells, [i for i in ids if i not in fleet]
 
         # After a large wave's reports, tens of thousands of cells: built off the event loop.
