@@ -88,11 +88,15 @@ def refuse_foreign_sender(msg: CellReport, delivery: Delivery) -> None:
         raise Refused(problem[1])
 
 
-def validation_summary(exc: ValidationError) -> str:
-    """One line naming each field and its problem."""
+def validation_summary(exc: ValidationError, *, under: str | None = None) -> str:
+    """One line naming each field and its problem; ``under``: the fields are named from
+    within that one (a reply's result)."""
     problems = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        loc = err["loc"]
+        if under is not None and loc[:1] == (under,):
+            loc = loc[1:]
+        where = ".".join(str(p) for p in loc) or "body"
         problems.append(f"{where}: {err['msg']}")
     more = exc.error_count() - len(problems)
     return "; ".join(problems) + (f" (+{more} more)" if more > 0 else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from functools import partial
 
@@ -21,7 +22,7 @@ from services.registry.operators import (
     OperatorStore,
     rpc_routes,
 )
-from services.registry.pages import Pages
+from services.registry.pages import Pages, listing
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 
@@ -38,7 +39,7 @@ def build_deps(
     store = RegistryStore(redis)
     return handlers.Deps(
         store=store,
-        pages=Pages(store, clock.monotonic),
+        pages=Pages(functools.partial(listing, store), clock.monotonic),
         clock=clock,
         accounts=accounts,
         publisher=bus,

@@ -47,11 +47,10 @@ from common.requests.registry import (
     RotatedCredentials,
 )
 from common.routes import Route, route
-from common.vocabulary import REGISTERED
 from services.registry import metrics, transitions
 from services.registry.model import cell_amqp_url, offline_cutoff, stack_parameters
-from services.registry.pages import Pages, read_page
-from services.registry.store import RegistryStore, views_as
+from services.registry.pages import Pages, flags_behind, listing
+from services.registry.store import RegistryStore
 from services.registry.transitions import Outcome
 
 log = logging.getLogger(__name__)
@@ -236,25 +235,13 @@ async def cells_create(req: CellsCreate, delivery: Delivery, deps: Deps) -> Crea
     )
 
 
-def _behind(status: str | None, held: int | None, current: int) -> bool:
-    """Whether a registered cell's flags snapshot is older than the current one."""
-    return status in REGISTERED and current > 0 and (held or 0) < current
-
-
 def _listed(cell: CellView, current: int) -> ListedCell:
-    behind = _behind(cell.status, cell.flags_snapshot_version, current)
+    behind = flags_behind(cell.status, cell.flags_snapshot_version, current)
     return ListedCell(**dict(cell), flags_behind=behind)
 
 
 async def cells_list(req: CellsList, delivery: Delivery, deps: Deps) -> list[ListedCell]:
-    records = await (deps.pages.page(req) if deps.pages else read_page(deps.store, req))
-    current = await deps.store.flags_version()
-    behind = [
-        {"flags_behind": _behind(raw.get("status"), int(raw.get("flags_snapshot_version") or 0),
-                                 current)}
-        for raw in records
-    ]  # fmt: skip
-    return views_as(ListedCell, records, behind)
+    return await (deps.pages.page(req) if deps.pages else listing(deps.store, req))
 
 
 async def cells_show(req: CellsShow, delivery: Delivery, deps: Deps) -> ListedCell:

@@ -1,66 +1,81 @@
-"""Listing the fleet page by page, with the next page read ahead.
+"""Listing the fleet page by page, with the next page made ahead.
 
 ``cells list --all`` asks for each page once it has the previous one (it needs its last id),
 so the registry sat idle while the operator's side took a page in, and the operator's side
-while the registry read the next: at 100,000 cells a page cost its two halves one after the
-other. A full page of the largest size (only ``--all`` asks for those) now starts the read of
-the next one as soon as it is answered; the request that follows finds it ready, or waits for
-it. A page read ahead is at most ``FRESH_SECONDS`` old when it is answered, and is answered
-only to the request it was read for (same filters, after the same id); replicas that answer
-the next request instead read it themselves.
+while the registry made the next: at 100,000 cells a page cost its two halves one after the
+other. A full page of the largest size (only ``--all`` asks for those) now starts making the
+next one as soon as it is answered: its records read and checked into the answer, so the
+request that follows finds it ready to send, or waits for it. A page made ahead is at most
+``FRESH_SECONDS`` old when it is answered, and is answered only to the request it was made
+for (same filters, after the same id); replicas that answer the next request instead make it
+themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from typing import Any
 
-from common.requests.registry import MAX_PAGE, CellsList
-from services.registry.store import RegistryStore
+from common.requests.registry import MAX_PAGE, CellsList, ListedCell
+from common.vocabulary import REGISTERED
+from services.registry.store import RegistryStore, views_as
 
 FRESH_SECONDS = 5.0
-# Listings read ahead at once (each holds one page of records until asked for or expired).
+# Listings made ahead at once (each holds one page until asked for or expired).
 KEPT = 8
 
-Records = list[dict[str, str]]
+Listing = Callable[[CellsList], Coroutine[Any, Any, list[ListedCell]]]
 
 
-async def read_page(store: RegistryStore, req: CellsList) -> Records:
-    """The records of the page ``req`` asks for, read now."""
-    return await store.find(
+def flags_behind(status: str | None, held: int | None, current: int) -> bool:
+    """Whether a registered cell's flags snapshot is older than the current one."""
+    return status in REGISTERED and current > 0 and (held or 0) < current
+
+
+async def listing(store: RegistryStore, req: CellsList) -> list[ListedCell]:
+    """The page ``req`` asks for, read now."""
+    records = await store.find(
         req.matches(),
         after=req.after,
         limit=req.limit,
         decommissioned=req.decommissioned or req.status == "decommissioned",
     )
+    current = await store.flags_version()
+    behind = [
+        {"flags_behind": flags_behind(raw.get("status"),
+                                      int(raw.get("flags_snapshot_version") or 0), current)}
+        for raw in records
+    ]  # fmt: skip
+    return views_as(ListedCell, records, behind)
 
 
 class Pages:
-    def __init__(self, store: RegistryStore, clock: Callable[[], float]) -> None:
-        self.store = store
+    def __init__(self, make: Listing, clock: Callable[[], float]) -> None:
+        self.make = make
         self.clock = clock
-        # (the request as asked) -> (when read, the read)
-        self._ahead: OrderedDict[str, tuple[float, asyncio.Task[Records]]] = OrderedDict()
+        # (the request as asked) -> (when started, the page)
+        self._ahead: OrderedDict[str, tuple[float, asyncio.Task[list[ListedCell]]]] = OrderedDict()
 
-    async def page(self, req: CellsList) -> Records:
-        """The records of the page ``req`` asks for."""
+    async def page(self, req: CellsList) -> list[ListedCell]:
+        """The page ``req`` asks for."""
         key = req.model_dump_json()
         ahead = self._ahead.pop(key, None)
-        records = None
+        cells = None
         if ahead is not None and self.clock() - ahead[0] <= FRESH_SECONDS:
-            with suppress(Exception):  # a failed read ahead is read again, here
-                records = await ahead[1]
-        if records is None:
-            records = await read_page(self.store, req)
-        if req.limit == MAX_PAGE and len(records) == MAX_PAGE:
-            self._read_ahead(req.model_copy(update={"after": records[-1]["id"]}))
-        return records
+            with suppress(Exception):  # a page that failed ahead is made again, here
+                cells = await ahead[1]
+        if cells is None:
+            cells = await self.make(req)
+        if req.limit == MAX_PAGE and len(cells) == MAX_PAGE:
+            self._make_ahead(req.model_copy(update={"after": cells[-1].id}))
+        return cells
 
-    def _read_ahead(self, req: CellsList) -> None:
-        task = asyncio.get_running_loop().create_task(read_page(self.store, req))
-        # A read nobody asks for is dropped with its entry; its error, if any, is nobody's.
+    def _make_ahead(self, req: CellsList) -> None:
+        task = asyncio.get_running_loop().create_task(self.make(req))
+        # A page nobody asks for is dropped with its entry; its error, if any, is nobody's.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._ahead[req.model_dump_json()] = (self.clock(), task)
         while len(self._ahead) > KEPT:

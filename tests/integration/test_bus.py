@@ -15,6 +15,7 @@ import pytest
 
 from common.bus.consume import DEAD_REASON_HEADER, KEPT_OF_OVERSIZED_BODY, ORIGINAL_BYTES_HEADER
 from common.bus.errors import (
+    BusError,
     PublishNacked,
     PublishRefused,
     RemoteError,
@@ -467,6 +468,39 @@ async def test_request_reply_many_in_flight(bus: RabbitBus, other_bus: RabbitBus
 
     with pytest.raises(RemoteError, match="no method 'nope'"):
         await bus.request("flags", "nope")
+
+
+class Halved(Response):
+    half: int
+
+
+class Misread(Request[Halved]):
+    n: int
+
+
+Misread.service, Misread.method = "flags", "double"
+
+
+async def test_a_typed_call_reads_its_answer_as_the_response_or_says_what_is_wrong(
+    bus: RabbitBus, other_bus: RabbitBus
+) -> None:
+    async def double(req: Double, delivery: Delivery) -> Doubled:
+        return Doubled(n=req.n * 2)
+
+    async def broken(req: Broken, delivery: Delivery) -> Doubled:
+        raise RpcFailure("not_found", "cell 'zz' does not exist")
+
+    await other_bus.serve("flags", [route(Double, double), route(Broken, broken)])
+    assert await bus.call(Double(n=21), timeout=10) == Doubled(n=42)
+
+    # An error answer has no result of the response type: it is read as the error it is.
+    with pytest.raises(RemoteError) as caught:
+        await bus.call(Broken(), timeout=10)
+    assert caught.value.code == "not_found"
+
+    # An answer that is not the response type names the field, from within the result.
+    with pytest.raises(BusError, match=r"answered 'double' with an unexpected result: half: "):
+        await bus.call(Misread(n=1), timeout=10)
 
 
 class Peek(Request[Doubled]):

@@ -19,11 +19,9 @@ from common.messages import (
     CellRegistered,
     InfraComplianceChanged,
 )
-from common.requests.registry import MAX_PAGE, CellsList
+from common.requests.registry import MAX_PAGE, CellsList, ListedCell
 from common.scripts import Hashes
-from services.registry import pages as pages_module
 from services.registry.pages import FRESH_SECONDS, Pages
-from services.registry.store import RegistryStore
 from testing.services import Services
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -89,43 +87,36 @@ async def test_hashes_read_as_json_are_the_hashes(redis: aioredis.Redis) -> None
     assert read == [records["a"], {}, records["b"]]
 
 
-async def test_a_listing_of_every_cell_finds_its_next_page_read_ahead(
-    services: Services, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A full page of the largest size starts reading the next; the request for it gets that
-    read (while fresh, and only for the same filters after the same id)."""
-    redis = aioredis.from_url(services.redis_url, decode_responses=True)
-    store = RegistryStore(redis)
-    reads: list[CellsList] = []
-    real_read = pages_module.read_page
+async def test_a_listing_of_every_cell_finds_its_next_page_made_ahead() -> None:
+    """A full page of the largest size starts making the next; the request for it gets that
+    page (while fresh, and only for the same filters after the same id)."""
+    made: list[CellsList] = []
+    cell = ListedCell(id="x", stage="dedicated", region="eu-west-1", org="o", status="online",
+                      created_at=datetime.now(UTC))  # fmt: skip
 
-    async def counted(store_: RegistryStore, req: CellsList) -> list[dict[str, str]]:
-        reads.append(req)
-        return [{"id": f"{req.after or ''}>{i:05d}"} for i in range(req.limit)]
+    async def make(req: CellsList) -> list[ListedCell]:
+        made.append(req)
+        return [cell.model_copy(update={"id": f"{req.after or ''}>{i:05d}"})
+                for i in range(req.limit)]  # fmt: skip
 
-    monkeypatch.setattr(pages_module, "read_page", counted)
     now = [100.0]
-    pages = Pages(store, lambda: now[0])
-    try:
-        first = await pages.page(CellsList(limit=MAX_PAGE))
-        await asyncio.sleep(0)
-        assert [r.after for r in reads] == [None, first[-1]["id"]], "the next read ahead"
-        second = await pages.page(CellsList(limit=MAX_PAGE, after=first[-1]["id"]))
-        await asyncio.sleep(0)
-        assert len(reads) == 3 and second[0]["id"].startswith(first[-1]["id"])
-        # Other filters after the same id: read for themselves.
-        await pages.page(CellsList(limit=MAX_PAGE, after=second[-1]["id"], stage="saas"))
-        await asyncio.sleep(0)
-        assert reads[-1].stage == "saas" and len(reads) == 5
-        # A page read ahead too long ago is read again.
-        now[0] += FRESH_SECONDS + 1
-        await pages.page(CellsList(limit=MAX_PAGE, after=second[-1]["id"]))
-        await asyncio.sleep(0)
-        assert len(reads) == 7 and reads[-2].after == second[-1]["id"]
-        # A page of another size reads nothing ahead.
-        await pages.page(CellsList(limit=10))
-        await asyncio.sleep(0)
-        assert len(reads) == 8
-    finally:
-        monkeypatch.setattr(pages_module, "read_page", real_read)
-        await redis.aclose()
+    pages = Pages(make, lambda: now[0])
+    first = await pages.page(CellsList(limit=MAX_PAGE))
+    await asyncio.sleep(0)
+    assert [r.after for r in made] == [None, first[-1].id], "the next made ahead"
+    second = await pages.page(CellsList(limit=MAX_PAGE, after=first[-1].id))
+    await asyncio.sleep(0)
+    assert len(made) == 3 and second[0].id.startswith(first[-1].id)
+    # Other filters after the same id: made for themselves.
+    await pages.page(CellsList(limit=MAX_PAGE, after=second[-1].id, stage="saas"))
+    await asyncio.sleep(0)
+    assert made[-1].stage == "saas" and len(made) == 5
+    # A page made ahead too long ago is made again.
+    now[0] += FRESH_SECONDS + 1
+    await pages.page(CellsList(limit=MAX_PAGE, after=second[-1].id))
+    await asyncio.sleep(0)
+    assert len(made) == 7 and made[-2].after == second[-1].id
+    # A page of another size makes nothing ahead.
+    await pages.page(CellsList(limit=10))
+    await asyncio.sleep(0)
+    assert len(made) == 8

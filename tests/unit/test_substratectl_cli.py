@@ -133,10 +133,15 @@ def test_a_streamed_list_is_the_document_the_whole_list_prints(
 ) -> None:
     """cells list --all prints page by page; with --json the same JSON as emit_json of the
     whole list (keys sorted, nested too), and -o name one id a line."""
-    at_ = datetime(2026, 12, 1, tzinfo=UTC)
+    at_ = datetime(2026, 12, 1, 8, 30, 1, 250_000, tzinfo=UTC)
+    # Cells with a mapping inside and cells without (a listing prints those field by field),
+    # with every kind of value a listing holds.
     cells = [
         ListedCell(id=f"s-{i}", stage="saas", region="eu-west-1", org="ü-org", status="online",
-                   created_at=at_, refused_registrations=[{"z": 1, "a": [{"y": 2, "b": 3}]}])
+                   created_at=at_, last_heartbeat_at=at_ if i else None, maintenance=i == 1,
+                   maintenance_seconds_total=i * 12.5, applied_generation=i or None,
+                   compliance="out_of_sla" if i == 2 else None, flags_behind=i == 2,
+                   refused_registrations=[{"z": 1, "a": [{"y": 2, "b": 3}]}] if i == 1 else [])
         for i in range(3)
     ]  # fmt: skip
     for pages in ([], [cells], [cells[:2], cells[2:]]):
