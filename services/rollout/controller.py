@@ -26,6 +26,7 @@ from datetime import datetime
 from common.clock import Clock
 from common.crashpoints import pause_point
 from common.lease import Lease
+from common.memory import give_back
 from common.messages import DesiredState, Message, RolloutHalted
 from common.releases import Release
 from common.runner import wait_any
@@ -43,6 +44,7 @@ from services.rollout.model import (
     step,
     superseded,
 )
+from services.rollout.model.table import CellTable
 from services.rollout.model.tally import Tally
 from services.rollout.model.windows import Windows
 from services.rollout.store import FenceLost, RolloutStore, Stale
@@ -65,7 +67,7 @@ class Controller:
         # progress to be done waits for (0: no wave waits on outcomes).
         self._outcomes = 0
         self._awaiting = 0
-        self._cells: dict[str, CellFacts] | None = None
+        self._cells: CellTable | None = None
         self._cells_fence: str | None = None
         self._loaded_at = 0.0
         # The policy and rollouts of the last step, if it had nothing to do: the same step
@@ -111,6 +113,8 @@ class Controller:
             try:
                 if await self.tick():
                     metrics.STEP_DURATION.observe(self.clock.monotonic() - started)
+                if self._cells is not None and self._cells.drop_built():
+                    give_back()  # between steps, only the columns
             except FenceLost:
                 self._cells = None
                 metrics.FENCE_LOST.inc()
@@ -166,8 +170,9 @@ class Controller:
             if r.state not in ACTIVE_STATES and not (r.state == "aborted" and not r.reverted):
                 continue
             busy = True
+            cells = await asyncio.to_thread(by_id.cells)
             decision = await asyncio.to_thread(
-                step, r, list(by_id.values()), policy, now, required, windows=windows
+                step, r, cells, policy, now, required, windows=windows
             )
             if decision.awaiting:
                 awaiting.append(decision.awaiting)
@@ -195,7 +200,7 @@ class Controller:
             windows=windows,
         ):  # fmt: skip
             busy = True
-        counts = await asyncio.to_thread(metrics.by_release, list(by_id.values()))
+        counts = await asyncio.to_thread(lambda: metrics.by_release(by_id.cells()))
         metrics.observe(list(rollouts.values()), counts)
         if windows.withheld:
             busy = True  # a window that opens sends what it held back
@@ -211,7 +216,7 @@ class Controller:
     async def _catch_up(
         self,
         fence: str,
-        by_id: dict[str, CellFacts],
+        by_id: CellTable,
         *,
         rollouts: dict[str, Rollout],
         policy: RolloutPolicy,
@@ -223,7 +228,7 @@ class Controller:
         the next step must look again (a failed install is retried after a while)."""
 
         def catching_up() -> tuple[list[Assign], bool]:
-            cells = list(by_id.values())
+            cells = by_id.cells()
             extra = catch_up(
                 cells,
                 list(rollouts.values()),
@@ -260,11 +265,11 @@ class Controller:
         tally = self._tally
         if tally is None or tally.policy != policy:
             self._tally = tally = Tally(policy)
-            tally.reset(self._cells.values(), rollouts, now)
+            tally.reset(self._cells.cells(), rollouts, now)
             self._tally_whole = True
             return
         for version in rollouts.keys() - tally.counts.keys():
-            tally.add_release(version, self._cells.values(), now)
+            tally.add_release(version, self._cells.cells(), now)
         for version in tally.counts.keys() - rollouts.keys():
             tally.drop_release(version)
         tally.advance(self._cells, now)
@@ -347,7 +352,7 @@ class Controller:
             )
         return commands, bakes
 
-    async def _load_cells(self, fence: str, now: datetime) -> tuple[dict[str, CellFacts], bool]:
+    async def _load_cells(self, fence: str, now: datetime) -> tuple[CellTable, bool]:
         """The copy of the cells, and whether anything in it was read again. What changed is
         counted as it comes in; a full load is counted anew."""
         monotonic = self.clock.monotonic()
@@ -357,7 +362,8 @@ class Controller:
             # goes first: two at once was the service's largest use of memory.
             await self.store.forget_changes()
             self._cells = self._tally = None
-            self._cells = {c.id: c for c in await self.store.cells()}
+            self._cells = await self.store.table()
+            give_back()  # what the load's chunks took, the columns aside
             self._cells_fence, self._loaded_at = fence, monotonic
             self._tally = None
             return self._cells, True
@@ -376,9 +382,7 @@ class Controller:
     def _replace(self, cell_id: str, new: CellFacts | None, now: datetime) -> None:
         """A cell's entry in the copy, and in the counts."""
         assert self._cells is not None
-        old = self._cells.pop(cell_id, None)
-        if new is not None:
-            self._cells[cell_id] = new
+        old = self._cells.put(new) if new is not None else self._cells.pop(cell_id)
         if self._tally is not None:
             self._tally.update(old, new, now)
 

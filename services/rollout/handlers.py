@@ -343,7 +343,10 @@ async def _views(deps: Deps, rollouts: list[Rollout]) -> list[RolloutView]:
     counted = await deps.store.tally()
     if counted is None or any(r.version not in counted.counts for r in rollouts):
         tally = Tally(await deps.store.policy())
-        tally.reset(await deps.store.cells(), [r.version for r in rollouts], now)
+        tally.reset([], [r.version for r in rollouts], now)
+        # Counted as the cells are read, a chunk at a time: not a second copy of the fleet
+        # beside the controller's while it loads its own.
+        await deps.store.each_cell(lambda cell: tally.update(None, cell, now))
         counted = Counted(tally.counts, tally.deferred, now)
     return [_rollout_view(r, counted, now) for r in rollouts]
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from sys import intern
@@ -49,6 +49,7 @@ from common.scripts import Change, Changes, Hashes
 from common.vocabulary import TERMINAL_PHASES
 from common.windows import WindowSet
 from services.rollout.model import Assign, CellFacts, Rollout
+from services.rollout.model.table import CellTable
 from services.rollout.model.tally import Counts
 from services.rollout.model.windows import Windows
 
@@ -164,6 +165,8 @@ class RolloutStore:
         self._changes = Changes(redis)
         self._hashes = Hashes(redis)
         self._releases: dict[str, Release] = {}
+        # version -> (its JSON, the rollout) as last read
+        self._rollouts: dict[str, tuple[str, Rollout]] = {}
 
     # -- cells --------------------------------------------------------------------------------
 
@@ -223,11 +226,22 @@ class RolloutStore:
         return _facts(fleet, own)
 
     async def cells(self) -> list[CellFacts]:
-        """Every known cell, by id. Read a few thousand cells at a time (the fleet's entries,
-        then rollout's own hash of each): what is held at once is the cells built so far and
-        one chunk as Redis sent it, not the whole fleet's twice over. Each chunk is built in a
-        worker thread, so that the event loop keeps serving meanwhile."""
+        """Every known cell, by id."""
         found: dict[str, CellFacts] = {}
+        await self.each_cell(lambda cell: found.__setitem__(cell.id, cell))
+        return [found[i] for i in sorted(found)]
+
+    async def table(self) -> CellTable:
+        """Every known cell, in the controller's columns."""
+        table = CellTable()
+        await self.each_cell(table.put)
+        return table
+
+    async def each_cell(self, keep: Callable[[CellFacts], object]) -> None:
+        """Every known cell, to ``keep``. Read a few thousand cells at a time (the fleet's
+        entries, then rollout's own hash of each): what is held at once is what was kept so
+        far and one chunk as Redis sent it, not the whole fleet's twice over. Each chunk is
+        built in a worker thread, so that the event loop keeps serving meanwhile."""
         cursor = 0
         while True:
             cursor, entries = await self.redis.hscan(self.fleet.key, cursor, count=LOAD_CHUNK)
@@ -237,11 +251,11 @@ class RolloutStore:
 
             def build(fleet: list[FleetCell] = fleet, own: list[dict[str, str]] = own) -> None:
                 for cell, mine in zip(fleet, own, strict=True):
-                    found[cell.id] = _facts(cell, mine)
+                    keep(_facts(cell, mine))
 
             await asyncio.to_thread(build)
             if cursor == 0:
-                return [found[i] for i in sorted(found)]
+                return
 
     async def set_pin(self, cell_id: str, version: str | None) -> None:
         change = (
@@ -325,8 +339,19 @@ class RolloutStore:
         return Rollout.model_validate_json(raw) if raw else None
 
     async def rollouts(self) -> list[Rollout]:
-        raws = await self.redis.hvals(ROLLOUTS)
-        return [Rollout.model_validate_json(raw) for raw in raws]
+        raws: dict[str, str] = await self.redis.hgetall(ROLLOUTS)  # type: ignore[assignment]
+        # A rollout that did not change since the last read is the one read then: a stage's
+        # waves name each of its cells, and the controller reads every rollout each step.
+        read = {}
+        for version, raw in raws.items():
+            kept = self._rollouts.get(version)
+            read[version] = (
+                kept
+                if kept is not None and kept[0] == raw
+                else (raw, Rollout.model_validate_json(raw))
+            )
+        self._rollouts = read
+        return [rollout for _, rollout in read.values()]
 
     def _write_rollout(self, change: Change, rollout: Rollout, expected_rev: int) -> Rollout:
         """Add the rollout's write to ``change``, if its revision is still ``expected_rev``."""

@@ -53,14 +53,13 @@ class Tally:
     # -- what changed ---------------------------------------------------------------------------
 
     def reset(self, cells: Iterable[CellFacts], versions: Iterable[str], now: datetime) -> None:
-        """Count every release over the whole fleet (the controller's full reload)."""
-        self.counts, self.deferred = {}, {}
-        self._expired, self._deadlines = set(), []
-        cells = list(cells)
-        for version in versions:
-            self.add_release(version, cells, now)
+        """Count every release over the whole fleet (the controller's full reload), in one
+        pass over ``cells``: they may come as they are read."""
+        self.counts = {version: empty_counts() for version in versions}
+        self.deferred, self._expired, self._deadlines = {}, set(), []
+        self._changed.update(self.counts)
         for cell in cells:
-            self._defer(None, cell)
+            self.update(None, cell, now)
 
     def add_release(self, version: str, cells: Iterable[CellFacts], now: datetime) -> None:
         """Count a release that was not counted yet over the whole fleet (once, when it is
