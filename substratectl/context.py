@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-import yaml
+from typing import TYPE_CHECKING, TypeVar
 
 from common.bus.errors import BusError
 from common.bus.rabbit_bus import RabbitBus
 from common.requests import Request
 from common.settings import ControlPlaneSettings
 from substratectl.output import STYLE, emit_json, emit_yaml, names
+
+if TYPE_CHECKING:
+    import yaml
 
 R = TypeVar("R")
 # How long a command waits for the broker before saying it cannot reach it: a broker that is
@@ -133,6 +135,8 @@ def _parse(path: Path, loader: type[yaml.SafeLoader] | type[yaml.BaseLoader]) ->
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FileProblem(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    import yaml  # a file's commands only
+
     try:
         return yaml.load(text, Loader=loader)  # both loaders build plain data only
     except yaml.YAMLError as exc:
@@ -148,28 +152,37 @@ def read_mapping_file(path: Path, expected: str) -> dict[str, object]:
     """A YAML or JSON file holding a mapping. BaseLoader keeps every scalar as written: YAML
     would otherwise read 2026.11 as a float; pydantic still turns "true" into a bool. JSON is
     YAML too."""
+    import yaml
+
     data = _parse(path, yaml.BaseLoader)
     if not isinstance(data, dict):
         raise FileProblem(f"{path}: expected {expected}")
     return data
 
 
-class _FlagLoader(yaml.SafeLoader):
+@functools.cache
+def _flag_loader() -> type[yaml.SafeLoader]:
     """YAML as people write flag files: ``on``/``off``/``yes``/``no`` are variant names, not
     booleans (only ``true``/``false`` are), as in YAML 1.2."""
+    import yaml
 
+    class FlagLoader(yaml.SafeLoader):
+        pass
 
-_FlagLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_FlagLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+    FlagLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    FlagLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
+    return FlagLoader
 
 
 def read_flag_file(path: Path) -> dict[str, object]:
-    data = _parse(path, _FlagLoader)
+    data = _parse(path, _flag_loader())
     if not isinstance(data, dict):
         raise FileProblem(f"{path}: expected a mapping with key, owner, variants and rules")
     return data

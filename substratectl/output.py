@@ -14,16 +14,19 @@ from datetime import UTC, datetime
 from enum import Enum
 from operator import itemgetter
 from types import UnionType
-from typing import Any, Literal, TextIO, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TextIO, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel
 from pydantic_core import to_json
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from common.fields import printable
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+# rich and yaml are imported where they are used: most commands print JSON or a line, and
+# every command starts by importing this module (a tenth of a second of each start).
 
 
 def plain(payload: object) -> object:
@@ -154,6 +157,8 @@ def _sorted_page(page: list[Any]) -> list[Any]:
 
 def emit_yaml(payload: object) -> None:
     """YAML for people who edit what they read (``flags show -o yaml`` prints a flag file)."""
+    import yaml
+
     yaml.safe_dump(
         json.loads(json.dumps(plain(payload), default=str)),
         sys.stdout,
@@ -222,6 +227,8 @@ BAD = {
 
 
 def _styled(column: str, text: str) -> Text | str:
+    from rich.text import Text
+
     if column not in STATE_COLUMNS or not colour():
         return text
     if text in GOOD:
@@ -249,6 +256,8 @@ def colour() -> bool:
 
 def console(buffer: io.StringIO | None = None) -> Console:
     """A rich console: styled on a terminal, plain text everywhere else."""
+    from rich.console import Console
+
     return Console(
         file=buffer or sys.stdout,
         width=None if buffer is None else 400,
@@ -269,6 +278,8 @@ def table(
     terminal."""
     if not rows:
         return "(none)"
+    from rich.table import Table
+
     columns = [*columns, *wide] if STYLE.wide else list(columns)
     grid = Table(
         box=None, show_edge=False, pad_edge=False, header_style="bold" if colour() else None

@@ -9,9 +9,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.live import Live
-from rich.text import Text
-
 from common import times
 from common.fields import printable
 from common.requests import Request
@@ -153,6 +150,9 @@ async def watch(ctl: Ctl) -> int:
     terminal the frame is redrawn in place (rich's Live); elsewhere each changed frame is
     printed, and with --json each change is one JSON line."""
     if on_terminal() and not ctl.as_json:
+        from rich.live import Live
+        from rich.text import Text
+
         with Live(console=console(), auto_refresh=False) as live:
             return await _watch(
                 ctl, lambda r: live.update(Text("\n".join(_progress_lines(r))), refresh=True)
