@@ -93,8 +93,9 @@ def test_the_table_reads_back_what_was_put(steps: list[Change]) -> None:
 
 
 def test_a_large_table_finds_every_cell_and_holds_little() -> None:
-    """Past many doublings of the id index; the columns of 20,000 plain cells are well under
-    the 200 bytes a cell the rollout service may hold for the fleet."""
+    """Past many doublings of the id index and a column's widening; the columns of 20,000
+    plain cells are well under the 200 bytes a cell the rollout service may hold for the
+    fleet."""
     n = 20_000
     table = CellTable()
     for i in range(n):
@@ -104,4 +105,7 @@ def test_a_large_table_finds_every_cell_and_holds_little() -> None:
     assert len(table) == n and table.get("sc-000000") is not None
     assert all(table.get(f"sc-{i:06d}").desired_generation == i for i in range(0, n, 97))  # type: ignore[union-attr]
     assert table.get("sc-020000") is None
-    assert table.nbytes() / n < 120
+    # 500 orgs: their column widened from a byte a cell to two, every cell's org kept.
+    assert table.org.rows.typecode == "H" and table.stage.rows.typecode == "B"
+    assert all(table[f"sc-{i:06d}"].org == f"org-{i % 500}" for i in range(0, n, 89))
+    assert table.nbytes() / n < 110

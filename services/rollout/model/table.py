@@ -6,7 +6,8 @@ service's largest use of memory: a slotted record of 25 fields is over 200 bytes
 id, its times and the dictionary that finds it. Here each field is one array over every cell:
 
 - a field with few distinct values over the fleet (stage, status, org, a release, a phase) is
-  a small number per cell, an index into that field's list of values;
+  a small number per cell (a byte, or two for more than 256 values), an index into that
+  field's list of values;
 - a field every cell has its own value of (the id, the agent's incarnation) is the value's
   UTF-8 bytes in one buffer, found by their offset;
 - numbers and times are machine numbers (a time as microseconds since 1970).
@@ -43,15 +44,16 @@ class _Shared:
     def __init__(self) -> None:
         self.values: list[str | None] = [None]
         self._number: dict[str | None, int] = {None: 0}
-        self.rows = array("H")
+        # A byte a cell, widened when there are more values than it numbers.
+        self.rows = array("B")
 
     def encode(self, value: str | None) -> int:
         number = self._number.get(value)
         if number is None:
             number = self._number[value] = len(self.values)
             self.values.append(value)
-            if number == 1 << 16 and self.rows.typecode == "H":
-                self.rows = array("I", self.rows)  # more distinct values than two bytes hold
+            if number == 1 << (8 * self.rows.itemsize):
+                self.rows = array("H" if self.rows.typecode == "B" else "I", self.rows)
         return number
 
 
