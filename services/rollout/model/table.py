@@ -158,8 +158,6 @@ class CellTable(Mapping[str, CellFacts]):
             row = self._append()
             self._slots[slot] = row
             self._count += 1
-            if self._count * 2 > len(self._slots):
-                self._grow()
         elif self._live[row]:
             old = self._facts(row)
         else:
@@ -168,6 +166,9 @@ class CellTable(Mapping[str, CellFacts]):
         self._live[row] = 1
         if self._built is not None:
             self._changed.add(row)
+        # After the write: the index is rebuilt from the ids the rows hold.
+        if self._count * 2 > len(self._slots):
+            self._grow()
         return old
 
     def pop(self, cell_id: str) -> CellFacts | None:
