@@ -113,8 +113,12 @@ class Controller:
             try:
                 if await self.tick():
                     metrics.STEP_DURATION.observe(self.clock.monotonic() - started)
-                if self._cells is not None and self._cells.drop_built():
-                    give_back()  # between steps, only the columns
+                # While rollouts are under way a step reads the whole fleet each time: what it
+                # built is kept, and only the cells that changed are built again. A fleet at
+                # rest is held as the columns alone.
+                at_rest = self._quiet is not None
+                if at_rest and self._cells is not None and self._cells.drop_built():
+                    give_back()
             except FenceLost:
                 self._cells = None
                 metrics.FENCE_LOST.inc()

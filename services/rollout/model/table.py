@@ -16,7 +16,8 @@ Ids are found through an open-addressing table of rows, itself an array. A cell'
 :class:`CellFacts` is built when it is read. A step reads the whole fleet several times (each
 rollout's step, catch-up, the gauges): :meth:`CellTable.cells` builds it once and keeps what it
 built until :meth:`CellTable.drop_built`, building again only the cells that changed
-meanwhile. The controller drops it at the end of each step: between steps, only the columns.
+meanwhile. The controller keeps it while rollouts are under way and drops it once a step
+finds nothing to do: a fleet at rest is held as the columns alone.
 
 A row is never reused: a cell that goes is marked gone, and comes back in the same row. A full
 reload starts a new table.
