@@ -355,15 +355,21 @@ async def test_oversized_and_flooded_messages_leave_broker_storage_bounded(
     # a busy machine). Queues other tests of the session declared to watch the bus ("test.*")
     # are theirs, and a client's server-named reply queue ("amq.gen-*") lives only as long as
     # its connection: neither is the control plane's storage.
+    unbounded: list[str] = []
+
     async def bounded() -> dict[str, dict[str, Any]] | None:
         queues = {n: q for n, q in (await _queues(services)).items()
                   if not n.startswith(("test.", "amq."))}  # fmt: skip
         bounds = {name: q.get("effective_policy_definition") or {} for name, q in queues.items()}
         if command_queue(cell) not in queues or "registry.cells.dead" not in queues:
             return None
-        return queues if all(b.get("max-length-bytes") for b in bounds.values()) else None
+        unbounded[:] = sorted(n for n, b in bounds.items() if not b.get("max-length-bytes"))
+        return None if unbounded else queues
 
-    queues = await eventually(bounded, timeout=60, what="every queue under a byte bound")
+    try:
+        queues = await eventually(bounded, timeout=60, what="every queue under a byte bound")
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}; unbounded: {unbounded}") from None
     assert {q["policy"] for q in queues.values()} <= {p.name for p in POLICIES}
 
     # Past the broker's cap, a body is refused by the broker itself.
@@ -424,6 +430,29 @@ async def _publish(
 ) -> None:
     ex = await channel.get_exchange(exchange, ensure=False)
     await ex.publish(message, key)
+
+
+@pytest.mark.e2e
+async def test_a_storage_policy_deleted_or_never_applied_is_put_back(own_procs: Processes) -> None:
+    """The registry applied the policies that bound queue storage once, at start: a management
+    API that failed that once, or an operator deleting one, left the queues unbounded until the
+    next restart. It puts them again every SUBSTRATE_POLICY_INTERVAL_SECONDS."""
+    services = own_procs.services
+    policies = f"/policies/{quote(services.vhost, safe='')}"
+
+    async def applied() -> set[str]:
+        return {p["name"] for p in await services.api.call("GET", policies)}
+
+    assert not await applied(), "the vhost starts without the policies"
+    await start_registry(own_procs, SUBSTRATE_POLICY_INTERVAL_SECONDS="0.5")
+    every_policy = {p.name for p in POLICIES}
+    await eventually(lambda: _has(applied, every_policy), timeout=20, what="the policies applied")
+    await services.api.call("DELETE", f"{policies}/cell-commands")
+    await eventually(lambda: _has(applied, every_policy), timeout=20, what="the policy put back")
+
+
+async def _has(found: Callable[[], Awaitable[set[str]]], expected: set[str]) -> bool:
+    return await found() >= expected
 
 
 @pytest.mark.e2e

@@ -517,7 +517,9 @@ async def test_a_read_the_broker_nacks_is_asked_again_a_write_is_not(
     """While the service's queue refuses publishes (as a quorum queue between leaders does, here
     by a policy rejecting every publish), a read is sent again until it is taken and answered;
     a write fails at once with the nack."""
-    service = f"nacking{new_cell_id()}"
+    # A name of the tests' own ("test."): the queue is left in the session's vhost, where every
+    # queue but the tests' own must be under the storage bounds (test_cell_security).
+    service = f"test.nacking{new_cell_id()}"
     Peek.service = Poke.service = service
     Peek.method, Poke.method, Peek.read_only = "peek", "poke", True
     queue = rpc_queue(service)
