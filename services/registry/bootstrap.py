@@ -72,11 +72,6 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
     added = await deps.store.build_indexes()
     if added:
         log.info("indexed %d cells created before the id and org indexes", added)
-    try:
-        await accounts.ensure_policies()
-    except Exception:
-        # Cells are still served; the operator sees why the broker's limits are missing.
-        log.exception("could not apply the broker policies that bound queue storage")
     return Wiring(
         redis=redis,
         outbox=deps.store.outbox,
@@ -91,6 +86,14 @@ async def setup(bus: RabbitBus, settings: RegistrySettings, clock: Clock | None 
         loops={
             "sweep": every(
                 settings.sweep_interval, partial(handlers.sweep, deps), "liveness sweep"
+            ),
+            # At start and again and again: a management API that did not answer at start,
+            # or an operator's deletion, leaves the queues unbounded only until the next try.
+            # Cells are served meanwhile; the log says why the broker's limits are missing.
+            "policies": every(
+                settings.policy_interval_seconds,
+                accounts.ensure_policies,
+                "applying the broker policies that bound queue storage",
             ),
             # Again and again, for services that started after its last change.
             "roster": every(

@@ -21,6 +21,13 @@ class RegistrySettings(ServiceSettings):
         description="how often the operators' roster is published again (besides each change), "
         "for services that started after it changed",
     )
+    policy_interval_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="how often the broker policies that bound queue storage are put again "
+        "(at start, then this often: one the management API refused or an operator deleted "
+        "comes back)",
+    )
     sweep_interval_seconds: float | None = Field(
         default=None, gt=0, description="how often liveness is checked; default offline_after/6"
     )
