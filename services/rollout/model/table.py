@@ -15,9 +15,10 @@ id, its times and the dictionary that finds it. Here each field is one array ove
 Ids are found through an open-addressing table of rows, itself an array. A cell's
 :class:`CellFacts` is built when it is read. A step reads the whole fleet several times (each
 rollout's step, catch-up, the gauges): :meth:`CellTable.cells` builds it once and keeps what it
-built until :meth:`CellTable.drop_built`, building again only the cells that changed
-meanwhile. The controller keeps it while rollouts are under way and drops it once a step
-finds nothing to do: a fleet at rest is held as the columns alone.
+built until :meth:`CellTable.drop_built`. While it is kept, a put keeps the record it is
+given beside the columns and a read returns the kept record, so a report during a rollout
+builds no record. The controller keeps it while rollouts are under way and drops it once a
+step finds nothing to do: a fleet at rest is held as the columns alone.
 
 A row is never reused: a cell that goes is marked gone, and comes back in the same row. A full
 reload starts a new table.
@@ -106,9 +107,8 @@ class CellTable(Mapping[str, CellFacts]):
         self._count = 0
         # Open addressing: a slot holds a row (or _EMPTY); at most half the slots are used.
         self._slots = array("i", [_EMPTY]) * 1024
-        # What ``cells`` built, by row (None: gone), and the rows changed since.
+        # What ``cells`` built, by row (None: gone), kept current by every put and pop.
         self._built: list[CellFacts | None] | None = None
-        self._changed: set[int] = set()
 
     def _shared(self) -> list[_Shared]:
         return [self.stage, self.status, self.org, self.installed_release, self.pinned,
@@ -127,7 +127,7 @@ class CellTable(Mapping[str, CellFacts]):
         row = self._find(cell_id)[1]
         if row is None or not self._live[row]:
             raise KeyError(cell_id)
-        return self._facts(row)
+        return self._read(row)
 
     def __iter__(self) -> Iterator[str]:
         live, ids = self._live, self.id
@@ -139,16 +139,11 @@ class CellTable(Mapping[str, CellFacts]):
         if built is None:
             live, facts = self._live, self._facts
             self._built = built = [facts(row) if live[row] else None for row in range(len(live))]
-        else:
-            built.extend([None] * (len(self._live) - len(built)))
-            for row in self._changed:
-                built[row] = self._facts(row) if self._live[row] else None
-        self._changed = set()
         return [cell for cell in built if cell is not None]
 
     def drop_built(self) -> bool:
         """Forget what ``cells`` built; whether there was any."""
-        built, self._built, self._changed = self._built, None, set()
+        built, self._built = self._built, None
         return built is not None
 
     def put(self, cell: CellFacts) -> CellFacts | None:
@@ -160,13 +155,13 @@ class CellTable(Mapping[str, CellFacts]):
             self._slots[slot] = row
             self._count += 1
         elif self._live[row]:
-            old = self._facts(row)
+            old = self._read(row)
         else:
             self._count += 1
         self._write(row, cell)
         self._live[row] = 1
         if self._built is not None:
-            self._changed.add(row)
+            self._built[row] = cell
         # After the write: the index is rebuilt from the ids the rows hold.
         if self._count * 2 > len(self._slots):
             self._grow()
@@ -177,11 +172,11 @@ class CellTable(Mapping[str, CellFacts]):
         row = self._find(cell_id)[1]
         if row is None or not self._live[row]:
             return None
-        old = self._facts(row)
+        old = self._read(row)
         self._live[row] = 0
         self._count -= 1
         if self._built is not None:
-            self._changed.add(row)
+            self._built[row] = None
         return old
 
     def nbytes(self) -> int:
@@ -223,10 +218,18 @@ class CellTable(Mapping[str, CellFacts]):
                 slot = (slot + 1) & mask
             slots[slot] = row
 
+    def _read(self, row: int) -> CellFacts:
+        """A live row's record: the one kept, or built from the columns."""
+        built = self._built
+        cell = built[row] if built is not None else None
+        return cell if cell is not None else self._facts(row)
+
     def _append(self) -> int:
         """A new row, empty."""
         row = len(self._live)
         self._live.append(0)
+        if self._built is not None:
+            self._built.append(None)
         for shared in self._shared():
             shared.rows.append(0)
         for own in (self.id, self.incarnation):
