@@ -63,6 +63,8 @@ def test_a_release_goes_staging_then_saas_then_dedicated_in_waves_and_completes(
     sizes = [dedicated_times.count(t) for t in sorted(set(dedicated_times))]
     assert sizes == [1, 2, 8, 9]
     assert sum(isinstance(e, RolloutCompleted) for e in fleet.events) == 1
+    # Done, it keeps how many waves its last stage had, not the cells in them.
+    assert fleet.r(V2).waves == ((), (), (), ()) and fleet.r(V2).wave == 3
 
 
 def test_each_stage_soaks_for_its_time_before_the_next_starts() -> None:

@@ -373,13 +373,20 @@ class _Stepper:
         last_wave = r.wave + 1 >= len(r.waves)
         soak = self.policy.soak_seconds.of(r.stage)
         if last_stage and last_wave:
-            self.update(state="completed")
-            self.events.append(RolloutCompleted(at=self.now, version=r.version))
-            self.events.append(_progressed(self.r, self.cells, self.policy, self.now))
+            self.complete()
         elif soak > 0:
             self.update(state="soaking", soak_until=self.now + timedelta(seconds=soak))
         else:
             self.next_wave()
+
+    def complete(self) -> None:
+        """Done: every cell is reached. The last stage's waves keep their number (the views
+        say "wave 3 of 3"), not their cells: the ids of a 100,000-cell stage were most of what
+        the controller read of its rollouts at every step, long after they were needed."""
+        waves = self.r.waves
+        self.update(state="completed", waves=None if waves is None else tuple(() for _ in waves))
+        self.events.append(RolloutCompleted(at=self.now, version=self.r.version))
+        self.events.append(_progressed(self.r, self.cells, self.policy, self.now))
 
     def next_wave(self) -> None:
         r = self.r
@@ -392,9 +399,7 @@ class _Stepper:
         r = self.r
         index = STAGES.index(r.stage)
         if index + 1 >= len(STAGES):
-            self.update(state="completed")
-            self.events.append(RolloutCompleted(at=self.now, version=r.version))
-            self.events.append(_progressed(self.r, self.cells, self.policy, self.now))
+            self.complete()
             return
         self.update(stage=STAGES[index + 1], waves=None, wave=0, wave_started_at=None)
 
