@@ -114,8 +114,8 @@ class Controller:
                 if await self.tick():
                     metrics.STEP_DURATION.observe(self.clock.monotonic() - started)
                 # While rollouts are under way a step reads the whole fleet each time: what it
-                # built is kept, and only the cells that changed are built again. A fleet at
-                # rest is held as the columns alone.
+                # built is kept, and each change puts its record in it. A fleet at rest is held
+                # as the columns alone.
                 at_rest = self._quiet is not None
                 if at_rest and self._cells is not None and self._cells.drop_built():
                     give_back()
