@@ -289,7 +289,10 @@ class Agent:
             self.template_version = version
             await self.heartbeat()
 
-    async def register(self) -> bool:
+    async def register(self, queue_missing: bool | None = False) -> bool:
+        """``queue_missing``: True, the agent found its command queue missing (the registry
+        declares it again); False, the agent looks itself, so the registry need not; None,
+        the agent could not look, so the registry does."""
         assert self.account_id is not None
         state = self.state.state
         sent = await self._send(
@@ -305,6 +308,7 @@ class Agent:
                 installed_release=self.installed[0],
                 incarnation=state.incarnation,
                 rotation_key=self.state.public_key(),
+                queue_missing=queue_missing,
             )
         )
         if sent:
@@ -406,7 +410,9 @@ class Agent:
                 await self.sync("periodic")
 
     async def _after_reconnect(self) -> None:
-        await self.register()
+        # The queue may have gone while the agent was away; the registry declares it again
+        # only on the agent's word (and checks that word).
+        await self.register(queue_missing=await self._queue_missing())
         # The last outcome again: a report the control plane missed (lost with its state, or
         # refused while it was away) is what it converges on; one it has changes nothing.
         await self.upgrader.report_again()
@@ -455,8 +461,8 @@ class Agent:
                 "broker user %s is not the cell id %s", broker_urls.user(url), self.settings.id
             )
         bus.on_reconnect(self._after_reconnect)
-        # Registering first: where the command queue is missing (deleted by someone), the
-        # registry declares it again on registration.
+        # Registering first, then looking for the command queue: where it is missing (deleted
+        # by someone), the agent registers again saying so and the registry declares it.
         await self.register()
         await self._wait_for_queue(bus, stop)
         await bus.consume(
@@ -502,16 +508,26 @@ class Agent:
                 return
             except QueueMissing:
                 log.warning(
-                    "command queue %s is missing; waiting for the registry to declare it "
-                    "again (retry in %.0fs)",
+                    "command queue %s is missing; registering again for the registry to "
+                    "declare it (retry in %.1fs)",
                     queue,
                     delay,
                 )
+                await self.register(queue_missing=True)
             except BusError as exc:
                 log.warning("cannot check command queue %s (%s); retry in %.0fs", queue, exc, delay)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 30)
+
+    async def _queue_missing(self) -> bool | None:
+        """Whether the broker says the command queue is missing; None where it cannot say."""
+        assert self.bus is not None
+        try:
+            return not await self.bus.queue_exists(command_queue(self.settings.id))
+        except BusError as exc:
+            log.warning("cannot check the command queue (%s)", exc)
+            return None
 
     def _health(self) -> dict[str, object]:
         connected = self.bus is not None and self.bus.is_connected

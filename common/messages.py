@@ -144,6 +144,11 @@ class CellRegister(CellReport):
     # The agent's public key (common/sealing.py), bound at the first registration that has
     # one: a rotated secret is sealed to it.
     rotation_key: PublicKey | None = None
+    # Whether the agent found its command queue missing. None: an agent that does not look
+    # (an older one), so the registry looks on every registration. False: the agent looks
+    # after registering and registers again with True when the queue is missing, so the
+    # registry need not ask the broker each time (one passive declare less per registration).
+    queue_missing: bool | None = None
 
 
 @wire("cell.heartbeat.v1")

@@ -120,19 +120,22 @@ async def on_cell_register(msg: CellRegister, delivery: Delivery, deps: Deps) ->
         raise Refused(f"registration refused: {t.refusal.reason}")
     if t.outcome is Outcome.REGISTERED:
         log.info("cell %s registered from account %s", msg.cell_id, msg.aws_account_id)
-        await ensure_queue(deps, msg.cell_id)
+        await ensure_queue(deps, msg.cell_id, msg.queue_missing)
 
 
-async def ensure_queue(deps: Deps, cell_id: str) -> None:
+async def ensure_queue(deps: Deps, cell_id: str, missing: bool | None) -> None:
     """An agent registers on every start and reconnect: its command queue comes back if
     someone deleted it (a command meanwhile was kept as unroutable, not dropped), and a queue
     declared by an older registry gets the bindings this one declares. Declared in full only
     then: a full declaration costs the broker seven round trips, which in a storm of
-    registrations were most of the registry's work (bench/RESULTS.md); a queue known to be
-    declared as now costs one (does it still exist)."""
+    registrations were most of the registry's work (bench/RESULTS.md). A queue known to be
+    declared as now costs nothing where the agent looks for it itself (``missing`` False: it
+    says so when it is missing), one round trip otherwise (does it still exist). A cell's
+    word that it is missing is checked, not believed: it cannot make the registry declare
+    again and again."""
     fingerprint = deps.accounts.queue_fingerprint(cell_id)
     if await deps.store.queue_declared(cell_id) == fingerprint:
-        if await deps.accounts.queue_exists(cell_id):
+        if missing is False or await deps.accounts.queue_exists(cell_id):
             return
         log.warning("cell %s's command queue was missing; declaring it again", cell_id)
     await deps.accounts.ensure_queue(cell_id)

@@ -17,14 +17,14 @@ from testing.processes import http_get
 
 
 @pytest.mark.fault
-@pytest.mark.chaos
 async def test_a_command_for_a_cell_whose_queue_is_missing_is_kept_and_counted(
     fleet: Fleet,
 ) -> None:
     """Someone deletes a cell's command queue; the rollout's desired state for it cannot be
     routed: it is kept in the outbox's unroutable list, counted and logged, never dropped in
-    silence. When the agent registers again its queue is declared again, it syncs, and it gets
-    its desired state (kept in the rollout's store) once."""
+    silence. When the agent starts again it finds its queue missing and registers again saying
+    so; the queue is declared again, it syncs, and it gets its desired state (kept in the
+    rollout's store) once."""
     services = fleet.procs.services
     (cell,) = await fleet.add("staging", 1, **applier_env())
     queue = f"/queues/{quote(services.vhost, safe='')}/{quote(command_queue(cell.id), safe='')}"
@@ -49,5 +49,6 @@ async def test_a_command_for_a_cell_whose_queue_is_missing_is_kept_and_counted(
     await fleet.stop_agent(cell)
     await fleet.start_agent(cell)
     await fleet.wait_installed([cell], version, timeout=60)
+    assert "is missing; registering again" in cell.agent.output()
     await fleet.wait_state(version, "completed", timeout=60)
     Ledger.of([(cell.id, cell.state)], version).check()

@@ -481,6 +481,44 @@ async def test_a_registration_declares_the_command_queue_only_when_missing_or_ou
     assert accounts.queues_ensured == [cell, cell]
 
 
+async def test_an_agent_that_looks_for_its_queue_is_taken_at_its_word_only_when_it_is_there(
+    deps: handlers.Deps,
+) -> None:
+    """An agent that looks for its command queue itself (``queue_missing`` False) costs the
+    registry no check; one that says the queue is missing gets it declared again, and one
+    that says so of a queue that is there gets nothing but the registry's own check."""
+    accounts = deps.accounts
+    assert isinstance(accounts, FakeAccounts)
+    cell = await registered(deps)
+    checked: list[str] = []
+    exists = accounts.queue_exists
+
+    async def counted(cell_id: str) -> bool:
+        checked.append(cell_id)
+        return await exists(cell_id)
+
+    accounts.queue_exists = counted  # type: ignore[method-assign]
+    seq = 1
+
+    async def register_again(missing: bool | None) -> None:
+        nonlocal seq
+        seq += 1
+        msg = register_msg(cell, seq).model_copy(update={"queue_missing": missing})
+        await handlers.on_cell_register(msg, delivery(cell, "register"), deps=deps)
+
+    await register_again(False)
+    assert checked == [] and accounts.queues_ensured == []
+    await register_again(True)  # a false alarm: checked, not declared
+    assert checked == [cell] and accounts.queues_ensured == []
+    accounts.queues.discard(cell)  # someone deleted it
+    await register_again(False)  # the agent has not looked yet
+    assert accounts.queues_ensured == []
+    await register_again(True)
+    assert accounts.queues_ensured == [cell] and cell in accounts.queues
+    await register_again(None)  # an older agent: the registry looks
+    assert checked == [cell, cell, cell] and accounts.queues_ensured == [cell]
+
+
 async def test_cells_are_listed_page_by_page_in_id_order(deps: handlers.Deps) -> None:
     """A page holds at most ``limit`` cells by id, those after ``after``; following each page's
     last id reads every cell once, and a filter applies before the page is cut."""
