@@ -5,6 +5,7 @@ cell's own credentials."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import boto3
 
 from common.messages import CellHeartbeat, CellRegister
+from common.requests.registry import CellsShow
 from testing.broker import raw_publish
 from testing.processes import Proc, Processes
 from testing.services import aws_env
@@ -85,9 +87,22 @@ async def start_agent(
     )
 
 
-async def status_is(procs: Processes, cell_id: str, status: str) -> dict[str, Any] | None:
+async def shown_if(
+    procs: Processes, cell_id: str, check: Callable[[dict[str, Any]], object]
+) -> dict[str, Any] | None:
+    """The cell's record as substratectl shows it (``cells show --json``) if ``check`` holds of
+    it, else None: for a bounded poll. Looked at from the test's process first (the same
+    answer, ``Processes.look``), so substratectl runs only once the look says it will do, or
+    when the look cannot answer."""
+    look = await procs.look(CellsShow(id=cell_id))
+    if look is not None and not check(look.model_dump(mode="json", by_alias=True)):
+        return None
     record = await show(procs, cell_id)
-    return record if record["status"] == status else None
+    return record if check(record) else None
+
+
+async def status_is(procs: Processes, cell_id: str, status: str) -> dict[str, Any] | None:
+    return await shown_if(procs, cell_id, lambda r: r["status"] == status)
 
 
 def new_cell_id() -> str:

@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
 from common.messages import CELLS_EXCHANGE, CellUpgrade
+from common.requests.registry import CellsShow
+from common.requests.rollout import RolloutShow
 from common.topology import SERVICE_QUEUES, Binding, Topology, consuming_queue
 from testing.broker import read_all
 from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
@@ -143,7 +145,13 @@ class Fleet:
         return dict(result)
 
     async def wait_state(self, version: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        """The rollout's status as substratectl shows it, once in one of ``states`` (looked at
+        from the test's process until then: ``Processes.look``)."""
+
         async def reached() -> dict[str, Any] | None:
+            look = await self.procs.look(RolloutShow(version=version))
+            if look is not None and look.state not in states:
+                return None
             status = await self.status(version)
             return status if status["state"] in states else None
 
@@ -156,7 +164,16 @@ class Fleet:
         return (await show(self.procs, cell.id)).get("installed_release")
 
     async def wait_installed(self, cells: list[Cell], version: str, timeout: float = 30) -> None:
+        """Until substratectl shows every one of ``cells`` on ``version`` (looked at from the
+        test's process until then: ``Processes.look``)."""
+
+        async def looks_there(cell: Cell) -> bool:
+            look = await self.procs.look(CellsShow(id=cell.id))
+            return look is None or look.installed_release == version
+
         async def all_there() -> bool:
+            if not all([await looks_there(c) for c in cells]):
+                return False
             return all([await self.installed(c) == version for c in cells])
 
         await eventually(

@@ -17,7 +17,7 @@ from common.messages import CELLS_EXCHANGE, CellUpgrade, DesiredState
 from common.releases import Component, Release
 from common.topology import Binding, Topology, consuming_queue
 from testing.broker import read_all
-from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
+from testing.cells import create_cell, new_cell_id, show, shown_if, start_agent, status_is
 from testing.fleet import push_image
 from testing.polling import eventually
 from testing.ports import free_port
@@ -107,8 +107,7 @@ async def _gate_closed(port: int) -> tuple[int, str] | None:
 
 
 async def _installed(procs: Processes, cell: str, version: str) -> dict[str, Any] | None:
-    record = await show(procs, cell)
-    return record if record["installed_release"] == version else None
+    return await shown_if(procs, cell, lambda r: r["installed_release"] == version)
 
 
 @pytest.mark.e2e

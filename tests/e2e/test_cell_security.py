@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel
 from common.messages import CellHeartbeat, CellRegister, CellSync, command_queue
 from common.topology import BROKER_MAX_MESSAGE_BYTES, POLICIES, dead_letter_name
 from testing.broker import raw_publish, read_all
-from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
+from testing.cells import create_cell, new_cell_id, register_as_cell, show, shown_if, status_is
 from testing.polling import eventually
 from testing.ports import free_port
 from testing.processes import (
@@ -225,8 +225,7 @@ async def test_malformed_and_oversized_cell_messages_are_dead_lettered_and_count
 
 
 async def _installed(procs: Processes, cell: str, release: str) -> dict[str, Any] | None:
-    record = await show(procs, cell)
-    return record if record["installed_release"] == release else None
+    return await shown_if(procs, cell, lambda r: r["installed_release"] == release)
 
 
 def _raw_heartbeat(cell: str, seq: int, release: str | None = None) -> aio_pika.Message:
@@ -313,7 +312,9 @@ async def test_an_escape_code_a_cell_sends_never_reaches_an_operators_terminal(
             for m in dead
             if m.headers.get("x-substrate-original-routing-key") == key
         )
-        return bool(found) or (await show(procs, cell))["stack_name"] != "stack"
+        return bool(found) or bool(
+            await shown_if(procs, cell, lambda r: r["stack_name"] != "stack")
+        )
 
     await eventually(settled, timeout=15, what="the second registration handled")
     code, shown, err = await procs.ctl_text("cells", "show", cell)

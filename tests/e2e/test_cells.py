@@ -18,7 +18,15 @@ from aiormq.exceptions import ProbableAuthenticationError
 from common import broker_urls
 from common.messages import CellRegister, command_queue
 from testing.broker import raw_publish
-from testing.cells import create_cell, create_stack, new_cell_id, show, start_agent, status_is
+from testing.cells import (
+    create_cell,
+    create_stack,
+    new_cell_id,
+    show,
+    shown_if,
+    start_agent,
+    status_is,
+)
 from testing.polling import eventually
 from testing.ports import free_port
 from testing.processes import (
@@ -144,8 +152,7 @@ async def test_second_account_is_refused_and_reported(
 
 
 async def _refused(procs: Processes, cell: str) -> dict[str, Any] | None:
-    record = await show(procs, cell)
-    return record if record["refused_registrations"] else None
+    return await shown_if(procs, cell, lambda r: r["refused_registrations"])
 
 
 @pytest.mark.e2e
@@ -284,13 +291,15 @@ async def _connections_but(services: Services, cell: str, name: str) -> list[dic
 
 
 async def _confirmed(procs: Processes, cell: str, credential_id: str) -> dict[str, Any] | None:
-    record = await show(procs, cell)
-    ok = record["credential_id"] == credential_id and not record["credentials_pending"]
-    return record if ok else None
+    return await shown_if(
+        procs,
+        cell,
+        lambda r: r["credential_id"] == credential_id and not r["credentials_pending"],
+    )
 
 
 async def _heartbeat_after(procs: Processes, cell: str, first: str) -> bool:
-    return bool((await show(procs, cell))["last_heartbeat_at"] > first)
+    return bool(await shown_if(procs, cell, lambda r: r["last_heartbeat_at"] > first))
 
 
 @pytest.mark.e2e

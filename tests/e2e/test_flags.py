@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from common.bus.rabbit_bus import RabbitBus
 from common.topology import SERVICE_QUEUES
-from testing.cells import create_cell, new_cell_id, show, start_agent, status_is
+from testing.cells import create_cell, new_cell_id, show, shown_if, start_agent, status_is
 from testing.fleet import write
 from testing.polling import eventually
 from testing.ports import free_port
@@ -158,8 +158,7 @@ async def _answers(port: int, key: str) -> dict[str, Any] | None:
 
 
 async def _flags_held(procs: Processes, cell: str, version: int) -> dict[str, Any] | None:
-    record = await show(procs, cell)
-    return record if record.get("flags_snapshot_version") == version else None
+    return await shown_if(procs, cell, lambda r: r.get("flags_snapshot_version") == version)
 
 
 STAGED = """

@@ -23,7 +23,7 @@ from common.bus.rabbit_bus import RabbitBus
 from common.messages import EVENTS_EXCHANGE
 from common.topology import CELL_COMMANDS_DEAD, SERVICE_QUEUES, Binding, Topology, consuming_queue
 from testing.broker import raw_publish, read_all
-from testing.cells import TEMPLATE, TEMPLATE_V1, create_stack, new_cell_id, show
+from testing.cells import TEMPLATE, TEMPLATE_V1, create_stack, new_cell_id, show, shown_if
 from testing.cells import start_agent as start_cell_agent
 from testing.fleet import Fleet
 from testing.polling import eventually
@@ -158,8 +158,7 @@ class Infra:
 async def _shows(
     procs: Processes, cell_id: str, field: str, value: object
 ) -> dict[str, Any] | None:
-    record = await show(procs, cell_id)
-    return record if record.get(field) == value else None
+    return await shown_if(procs, cell_id, lambda r: r.get(field) == value)
 
 
 @pytest.fixture

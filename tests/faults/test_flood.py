@@ -7,13 +7,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import aio_pika
 import pytest
 
 from common.messages import CELLS_EXCHANGE, CellHeartbeat
 from services.registry.settings import RegistrySettings
-from testing.cells import create_cell, new_cell_id, register_as_cell, show, status_is
+from testing.cells import create_cell, new_cell_id, register_as_cell, show, shown_if, status_is
 from testing.polling import eventually
 from testing.processes import Processes, start_registry
 from testing.services import Services
@@ -66,8 +67,10 @@ async def test_a_flood_from_one_cell(fprocs: Processes) -> None:
         await connection.close()
 
     async def others_applied() -> bool:
-        views = [await show(fprocs, c) for c in others]
-        return all(v["agent_version"] == "after-the-flood" for v in views)
+        def applied(record: dict[str, Any]) -> bool:
+            return bool(record["agent_version"] == "after-the-flood")
+
+        return all([await shown_if(fprocs, c, applied) for c in others])
 
     await eventually(others_applied, timeout=60, interval=0.3, what="the others' heartbeats")
     elapsed = time.monotonic() - started

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from testing.cells import show
+from testing.cells import show, shown_if
 from testing.fleet import Cell, Fleet
 from testing.ledger import Ledger, applied, applier_env
 from testing.nodes import PrivateRabbit
@@ -31,8 +31,7 @@ async def test_reports_made_while_the_broker_is_down_are_sent_in_order_when_it_r
     version = await fleet.publish(1, maintenance=True)
 
     async def in_maintenance() -> dict[str, Any] | None:
-        record = await show(fleet.procs, cell.id)
-        return record if record["maintenance"] else None
+        return await shown_if(fleet.procs, cell.id, lambda r: r["maintenance"])
 
     await eventually(in_maintenance, timeout=60, interval=0.1, what="the cell in maintenance")
     await rabbit.kill()

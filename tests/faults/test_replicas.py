@@ -8,10 +8,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from testing.cells import show
+from testing.cells import shown_if
 from testing.fleet import Cell, Fleet, write
 from testing.ledger import CELLS, Ledger, applied, applier_env
 from testing.polling import eventually
@@ -115,8 +116,10 @@ async def test_two_replicas_of_every_service_and_one_killed(fleet: Fleet) -> Non
     assert code == 0 and result["changed"], err
 
     async def every_cell_has_it() -> bool:
-        shown = [await show(fleet.procs, c.id) for c in cells]
-        return all(s.get("flags_snapshot_version") == result["snapshot_version"] for s in shown)
+        def on_it(record: dict[str, Any]) -> bool:
+            return bool(record.get("flags_snapshot_version") == result["snapshot_version"])
+
+        return all([await shown_if(fleet.procs, c.id, on_it) for c in cells])
 
     await eventually(every_cell_has_it, timeout=60, interval=0.5,
                      what="every cell on the new flags snapshot")  # fmt: skip
