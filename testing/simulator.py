@@ -5,8 +5,8 @@ A worker (``python -m testing.simulator FILE``) holds the cells listed in FILE (
 ``{"cell_id": ..., "url": ...}`` per line) and obeys one command per line on stdin, answering
 each on stdout once every one of its cells has done it:
 
-- ``arrive``: each cell connects, registers (retrying while the broker turns it away) and
-  looks for its command queue, as an agent does when it starts: ``arrived``;
+- ``arrive``: each cell connects and registers (retrying while the broker turns it away), as an
+  agent does when it starts: ``arrived``;
 - ``connect``: each cell connects: ``connected``;
 - ``answer``: each cell consumes its command queue and answers a desired state as an agent with
   an instant applier does (its outcome, ``succeeded``, alone): ``answering``; from then on
@@ -88,16 +88,11 @@ class SimCell:
                 aws_account_id="123456789012",
                 region="eu-west-1",
                 incarnation="sim",
-                # It looks for its queue itself, as the agent does (``look``).
+                # As the agent says: it looks for its queue itself. (The agent's look, a
+                # passive declare after registering, is not simulated.)
                 queue_missing=False,
             )
         )
-
-    async def look(self) -> None:
-        """As the agent does after registering: does its command queue exist (a passive
-        declare on a channel of its own)."""
-        assert self.bus is not None
-        await self.bus.queue_state(command_queue(self.cell_id))
 
     async def heartbeat(self) -> None:
         assert self.bus is not None
@@ -195,7 +190,6 @@ class Worker:
             async def arrive(cell: SimCell) -> None:
                 await cell.connect()
                 await cell.register_until_taken()
-                await cell.until_taken(cell.look)
 
             await self.each(arrive, CONNECT_CONCURRENCY)
             return "arrived"
