@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common import broker_urls
 from common.fields import CellId
+from common.settings import EnvSettings
 
 
-class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CELL_", extra="ignore", frozen=True)
+class AgentSettings(EnvSettings):
+    env_prefix: ClassVar[str] = "CELL_"
 
     id: CellId
     amqp_url: str = Field(

@@ -7,7 +7,7 @@ import pytest
 
 from common import broker_urls
 from common.requests.registry import CellsCreate
-from common.settings import ServiceSettings, sentinel_addresses
+from common.settings import ServiceSettings, load, sentinel_addresses
 from services.registry.model import cell_amqp_url, stack_parameters
 from testing.cells import new_cell_id
 
@@ -77,8 +77,8 @@ def test_with_sentinels_answers_wait_for_one_replica_by_default(
 ) -> None:
     monkeypatch.setenv("SUBSTRATE_AMQP_URL", "amqp://u:p@node1/")
     monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://127.0.0.1:6379/3")
-    assert ServiceSettings().wait_replicas == 0
+    assert load(ServiceSettings).wait_replicas == 0
     monkeypatch.setenv("SUBSTRATE_REDIS_SENTINELS", "127.0.0.1:26379")
-    assert ServiceSettings().wait_replicas == 1
+    assert load(ServiceSettings).wait_replicas == 1
     monkeypatch.setenv("SUBSTRATE_REDIS_WAIT_REPLICAS", "0")
-    assert ServiceSettings().wait_replicas == 0
+    assert load(ServiceSettings).wait_replicas == 0

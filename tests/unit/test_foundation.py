@@ -7,7 +7,9 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
+from cell_agent.settings import AgentSettings
 from common import broker_urls
 from common.clock import FakeClock
 from common.messages import CELLS_EXCHANGE
@@ -21,6 +23,8 @@ from common.topology import (
     control_plane,
     dead_letter_name,
 )
+from services.infra_compliance.settings import InfraSettings
+from services.rollout.settings import RolloutSettings
 from substratectl.output import fields, table
 
 
@@ -36,6 +40,64 @@ def test_missing_setting_exits_naming_the_variable(
     err = capsys.readouterr().err
     assert "SUBSTRATE_AMQP_URL is not set" in err
     assert "SUBSTRATE_METRICS_PORT is invalid" in err
+
+
+def test_settings_are_read_as_pydantic_settings_read_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment reader that replaced pydantic-settings: the prefix, any case, JSON for a
+    container, an alias's choices in order, and what the constructor is given first."""
+    monkeypatch.setenv("SUBSTRATE_AMQP_URL", "amqp://u:p@node1/")
+    monkeypatch.setenv("substrate_redis_url", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("SUBSTRATE_CELL_BUDGETS", '{"sync": [1, 20]}')
+    monkeypatch.setenv("SUBSTRATE_DECLARE_TOPOLOGY", "false")
+    monkeypatch.setenv("SUBSTRATE_TICK_SECONDS", "2.5")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-2")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    infra = load(InfraSettings)
+    assert infra.redis_url == "redis://127.0.0.1:6379/3"
+    assert infra.cell_budgets == {"sync": (1.0, 20.0)}
+    assert infra.declare_topology is False and infra.tick_seconds == 2.5
+    assert infra.aws_region == "eu-west-2"
+    monkeypatch.setenv("AWS_REGION", "us-west-1")
+    assert load(InfraSettings).aws_region == "us-west-1", "the first choice wins"
+    given = InfraSettings.model_validate({"tick_seconds": 9})
+    assert given.tick_seconds == 9, "what the constructor is given before the variable"
+    # A service's settings made from the common ones keep them and read their own.
+    common = ServiceSettings.model_validate({"rpc_timeout_seconds": 7})
+    copied = RolloutSettings(**common.model_dump())
+    assert copied.rpc_timeout_seconds == 7 and copied.tick_seconds == 2.5
+    assert InfraSettings(**infra.model_dump()).aws_region == "eu-west-2", "given, not read"
+    with pytest.raises(ValidationError, match="frozen"):
+        infra.tick_seconds = 1  # type: ignore[misc]
+
+
+def test_a_variable_that_is_not_json_where_json_is_wanted_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SUBSTRATE_AMQP_URL", "amqp://u:p@node1/")
+    monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://x/0")
+    monkeypatch.setenv("SUBSTRATE_CELL_BUDGETS", "sync=1")
+    with pytest.raises(SystemExit) as exited:
+        load(ServiceSettings)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: setting SUBSTRATE_CELL_BUDGETS is invalid: Input should be a valid dictionary\n"
+    )
+
+
+def test_a_check_across_agent_settings_says_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CELL_ID", "c-1")
+    monkeypatch.setenv("CELL_AMQP_URL", "amqp://c-1:pw@broker/")
+    monkeypatch.setenv("CELL_STATE_DIR", "/tmp")
+    monkeypatch.setenv("CELL_APPLIER", "command")
+    monkeypatch.delenv("CELL_APPLY_COMMAND", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        load(AgentSettings)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: settings are invalid: Value error, CELL_APPLIER=command needs CELL_APPLY_COMMAND\n"
+    )
 
 
 def test_broker_user_is_read_from_the_url() -> None:
