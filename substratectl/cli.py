@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -16,17 +17,6 @@ from pydantic import ValidationError
 
 from common.bus.errors import BusError, RemoteError, validation_summary
 from common.settings import ControlPlaneSettings, load
-from substratectl import (
-    audit,
-    cells,
-    control_plane,
-    flags,
-    infra,
-    operators,
-    releases,
-    rollouts,
-    windows,
-)
 from substratectl.context import Ctl, FileProblem, NotConfirmed
 from substratectl.conventions import (
     SHELLS,
@@ -38,8 +28,36 @@ from substratectl.conventions import (
 )
 from substratectl.output import fail, on_terminal
 
+# The command modules in the order help lists them, and the module each command word is in. A
+# command runs with its own module only: the others' request types took a good part of every
+# command's start. Help, completion and a mistyped command build them all.
+MODULES = (
+    "control_plane", "cells", "releases", "rollouts", "windows", "flags", "infra", "operators",
+    "audit",
+)  # fmt: skip
+MODULE_OF = {
+    "schema": "control_plane", "status": "control_plane", "topology": "control_plane",
+    "cells": "cells", "release": "releases", "rollout": "rollouts", "windows": "windows",
+    "flags": "flags", "infra": "infra", "operators": "operators", "audit": "audit",
+}  # fmt: skip
+_VALUED = ("-o", "--output")  # the global options that take the next word as their value
 
-def build_parser() -> argparse.ArgumentParser:
+
+def command_word(argv: list[str]) -> str | None:
+    """The command a line runs (its first word that is neither an option nor an option's
+    value), or None where the line has none."""
+    words = iter(argv)
+    for word in words:
+        if word in _VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with ``command`` (a command word), that command's module only."""
+    modules = (MODULE_OF[command],) if command in MODULE_OF else MODULES
     parser = argparse.ArgumentParser(
         prog="substratectl",
         description="Operate the Substrate control plane: cells, releases, rollouts, flags.",
@@ -50,18 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(offline=False)
-    for module in (
-        control_plane,
-        cells,
-        releases,
-        rollouts,
-        windows,
-        flags,
-        infra,
-        operators,
-        audit,
-    ):
-        module.add_commands(sub)
+    for name in modules:
+        importlib.import_module(f"substratectl.{name}").add_commands(sub)
     p = sub.add_parser("completion", help="the shell completion script: bash, zsh or fish")
     p.add_argument("shell", choices=SHELLS)
     p.set_defaults(run=completion, offline=True)
@@ -116,10 +124,12 @@ EXIT_CLOSED_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    completing = "_ARGCOMPLETE" in os.environ
+    parser = build_parser(None if completing else command_word(argv))
     # Answers the shell's completion requests (and exits) when the shell asks; nothing else.
     argcomplete.autocomplete(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.json:
         args.output = "json"
     args.json = args.output == "json"

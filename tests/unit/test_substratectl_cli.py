@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from common.requests.registry import ListedCell
 from common.times import ago, at
 from substratectl.cells import selector
-from substratectl.cli import build_parser, main
+from substratectl.cli import MODULE_OF, build_parser, command_word, main
 from substratectl.conventions import EXAMPLES, completion_script, leaves
 from substratectl.output import Stream, age, emit_json, names, plural, table
 
@@ -50,6 +50,33 @@ def test_every_command_has_an_example_and_every_example_a_command() -> None:
         for example in examples:
             argv = shlex.split(example.split("#")[0].split("|")[0].split(">")[0])[1:]
             parser.parse_args(argv)  # every example is a valid command line
+
+
+def test_a_command_built_alone_parses_as_it_does_among_all() -> None:
+    """A run builds only its command's module; every example parses to the same arguments that
+    way, and every command word is known to the table that picks the module."""
+    everything = build_parser()
+    top = {words.split()[0] for words, _ in leaves(everything)} - {"completion"}
+    assert top == set(MODULE_OF)
+    for examples in EXAMPLES.values():
+        for example in examples:
+            argv = shlex.split(example.split("#")[0].split("|")[0].split(">")[0])[1:]
+            word = command_word(argv)
+            assert word == argv[0], example
+            alone = vars(build_parser(word).parse_args(argv))
+            whole = vars(everything.parse_args(argv))
+            assert alone.keys() == whole.keys(), example
+            for key, value in alone.items():
+                if callable(value):
+                    assert value.__qualname__ == whole[key].__qualname__, example
+                elif isinstance(value, datetime):  # "2h" from now, read twice
+                    assert abs(value - whole[key]) < timedelta(minutes=1), example
+                else:
+                    assert value == whole[key], example
+    assert command_word(["-o", "json", "cells", "list"]) == "cells"
+    assert command_word(["--output", "cells", "rollout"]) == "rollout"
+    assert command_word(["--json", "-v", "--output=yaml", "audit"]) == "audit"
+    assert command_word(["--version"]) is None
 
 
 def test_version_and_completion(capsys: pytest.CaptureFixture[str]) -> None:
