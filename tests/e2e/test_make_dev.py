@@ -1,8 +1,9 @@
 """`make dev` as a user runs it, with two replicas of every service (SUBSTRATE_REPLICAS=2): the
 script starts the system with its demo fleet of five cells, a published demo release goes
 through staging, saas and dedicated's canary and waves, Prometheus
-answers, and Ctrl-C leaves no process behind. Run on a vhost, Redis database and ports of its
-own, so the cells earlier tests left do not join its rollout and it touches nothing else."""
+answers, and Ctrl-C leaves no process behind; after make clean, make dev with one replica (the
+default) brings the cells back. Run on a vhost, Redis database and ports of its own, so the
+cells earlier tests left do not join its rollout and it touches nothing else."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import signal
 import socket
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.bus.rabbit_bus import RabbitBus
+from common.requests.registry import CellsList
+from common.requests.rollout import RolloutShow
 from testing.polling import eventually
 from testing.ports import free_port, free_ports
 from testing.processes import BIN
@@ -53,9 +57,18 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.fixture
+async def closing() -> AsyncIterator[list[RabbitBus]]:
+    """Buses a test opens, closed after it whatever happened."""
+    buses: list[RabbitBus] = []
+    yield buses
+    for bus in buses:
+        await bus.close(drain_timeout=1)
+
+
 @pytest.mark.e2e
 async def test_make_dev_shows_every_stage_and_stops_clean(
-    fresh_services: Services, tmp_path: Path
+    fresh_services: Services, tmp_path: Path, closing: list[RabbitBus]
 ) -> None:
     services = fresh_services  # dev.sh declares the topology itself, as on a fresh broker
     dev = tmp_path / "dev"
@@ -89,34 +102,20 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
             assert process.returncode == 0, f"{err.decode()}\n{_tails(dev)}"
             return json.loads(out)
 
+        # The polls look from this process (one bus, as guest); substratectl, which is what the
+        # test is about, is asked once each poll is satisfied. A substratectl each time round
+        # (a second of CPU) slowed the very processes being waited for.
+        look = await RabbitBus.connect(services.amqp_url, name=f"test-{prefix}", max_backoff=1)
+        closing.append(look)
+
         async def five_online() -> bool:
-            cells = await ctl("cells", "list", "--status", "online")
-            return len([c for c in cells if c["id"].startswith(prefix)]) == 5
+            cells = await look.call(CellsList(status="online"), timeout=30)
+            return len([c for c in cells if c.id.startswith(prefix)]) == 5
 
         await eventually(five_online, timeout=60, interval=0.5, what="five demo cells online")
-        release = await ctl("release", "publish", str(dev / "demo-release.yaml"))
-        seen: list[tuple[str, str, int | None]] = []
-
-        async def completed() -> bool:
-            r = await ctl("rollout", "status", release["version"])
-            if not seen or seen[-1] != (r["state"], r["stage"], r["wave"]):
-                seen.append((r["state"], r["stage"], r["wave"]))
-            return bool(r["state"] == "completed")
-
-        await eventually(completed, timeout=180, interval=0.3, what="the demo release completed")
-        stages = [s for _, s, _ in seen]
-        assert stages == sorted(stages, key=["staging", "saas", "dedicated"].index)
-        assert ("soaking", "staging", 1) in seen and ("soaking", "saas", 1) in seen
-        dedicated_waves = {w for _, s, w in seen if s == "dedicated"}
-        assert dedicated_waves == {1, 2, 3}, f"the canary and two waves: {seen}"
-
-        async def all_on_it() -> bool:
-            # The registry shows it from each agent's next heartbeat (every 5 s in make dev).
-            cells = await ctl("cells", "list")
-            mine = [c["installed_release"] for c in cells if c["id"].startswith(prefix)]
-            return mine == [release["version"]] * 5
-
-        await eventually(all_on_it, timeout=30, interval=0.5, what="the release on all five")
+        online = await ctl("cells", "list", "--status", "online")
+        assert len([c for c in online if c["id"].startswith(prefix)]) == 5
+        await _the_demo_release_reaches_every_cell(look, ctl, dev, prefix)
 
         url = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?query=up"
         up = (await asyncio.to_thread(_get_json, url))["data"]["result"]
@@ -138,7 +137,42 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
     assert not left, f"processes left behind: {left}"
     assert script.returncode == 0, "Ctrl-C is a clean stop"
 
-    await _after_make_clean(env, dev, tmp_path, five_online)
+    # Again with one replica of each service, make dev's default.
+    await _after_make_clean({**env, "SUBSTRATE_REPLICAS": "1"}, dev, tmp_path, five_online)
+
+
+async def _the_demo_release_reaches_every_cell(
+    look: RabbitBus, ctl: Callable[..., Awaitable[Any]], dev: Path, prefix: str
+) -> None:
+    """Published, it goes through staging, saas, and dedicated's canary and two waves, and each
+    of the five cells reports it installed."""
+    release = await ctl("release", "publish", str(dev / "demo-release.yaml"))
+    seen: list[tuple[str, str, int | None]] = []
+
+    async def completed() -> bool:
+        r = await look.call(RolloutShow(version=release["version"]), timeout=30)
+        if not seen or seen[-1] != (r.state, r.stage, r.wave):
+            seen.append((r.state, r.stage, r.wave))
+        return r.state == "completed"
+
+    await eventually(completed, timeout=180, interval=0.3, what="the demo release completed")
+    assert (await ctl("rollout", "status", release["version"]))["state"] == "completed"
+    stages = [s for _, s, _ in seen]
+    assert stages == sorted(stages, key=["staging", "saas", "dedicated"].index)
+    assert ("soaking", "staging", 1) in seen and ("soaking", "saas", 1) in seen
+    dedicated_waves = {w for _, s, w in seen if s == "dedicated"}
+    assert dedicated_waves == {1, 2, 3}, f"the canary and two waves: {seen}"
+
+    async def all_on_it() -> bool:
+        # The registry shows it from each agent's next heartbeat (every 5 s in make dev).
+        cells = await look.call(CellsList(), timeout=30)
+        mine = [c.installed_release for c in cells if c.id.startswith(prefix)]
+        return mine == [release["version"]] * 5
+
+    await eventually(all_on_it, timeout=30, interval=0.5, what="the release on all five")
+    listed = await ctl("cells", "list")
+    mine = [c["installed_release"] for c in listed if c["id"].startswith(prefix)]
+    assert mine == [release["version"]] * 5
 
 
 async def _after_make_clean(
@@ -152,6 +186,8 @@ async def _after_make_clean(
     try:
         await eventually(lambda: "Ctrl-C stops everything" in log.read_text(), timeout=180,
                          interval=0.5, what="make dev ready again")  # fmt: skip
+        # moto, one replica of four services, prometheus, agents
+        assert len(re.findall(r"\(pid (\d+)\)", log.read_text())) == 1 + 4 + 1 + 5
         await eventually(five_online, timeout=60, interval=0.5, what="five online after clean")
         # A process that dies fails make dev, named, with the end of its log.
         agent = re.search(r"cell-agent (\S+) \(\w+\) \(pid (\d+)\)", log.read_text())
