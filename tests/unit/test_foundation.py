@@ -14,7 +14,7 @@ from common import broker_urls
 from common.clock import FakeClock
 from common.messages import CELLS_EXCHANGE
 from common.metrics import MetricsServer, Response
-from common.settings import ServiceSettings, load
+from common.settings import EnvSettings, ServiceSettings, load
 from common.topology import (
     DELIVERY_LIMIT,
     SERVICE_QUEUES,
@@ -28,16 +28,21 @@ from services.rollout.settings import RolloutSettings
 from substratectl.output import fields, table
 
 
+def _refused(settings_cls: type[EnvSettings], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``load`` said, having exited 2."""
+    with pytest.raises(SystemExit) as exited:
+        load(settings_cls)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_missing_setting_exits_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("SUBSTRATE_AMQP_URL", raising=False)
     monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://x/0")
     monkeypatch.setenv("SUBSTRATE_METRICS_PORT", "not-a-port")
-    with pytest.raises(SystemExit) as exited:
-        load(ServiceSettings)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
+    err = _refused(ServiceSettings, capsys)
     assert "SUBSTRATE_AMQP_URL is not set" in err
     assert "SUBSTRATE_METRICS_PORT is invalid" in err
 
@@ -76,10 +81,7 @@ def test_a_variable_that_is_not_json_where_json_is_wanted_is_named(
     monkeypatch.setenv("SUBSTRATE_AMQP_URL", "amqp://u:p@node1/")
     monkeypatch.setenv("SUBSTRATE_REDIS_URL", "redis://x/0")
     monkeypatch.setenv("SUBSTRATE_CELL_BUDGETS", "sync=1")
-    with pytest.raises(SystemExit) as exited:
-        load(ServiceSettings)
-    assert exited.value.code == 2
-    assert capsys.readouterr().err == (
+    assert _refused(ServiceSettings, capsys) == (
         "error: setting SUBSTRATE_CELL_BUDGETS is invalid: Input should be a valid dictionary\n"
     )
 
@@ -92,10 +94,7 @@ def test_a_check_across_agent_settings_says_what_is_wrong(
     monkeypatch.setenv("CELL_STATE_DIR", "/tmp")
     monkeypatch.setenv("CELL_APPLIER", "command")
     monkeypatch.delenv("CELL_APPLY_COMMAND", raising=False)
-    with pytest.raises(SystemExit) as exited:
-        load(AgentSettings)
-    assert exited.value.code == 2
-    assert capsys.readouterr().err == (
+    assert _refused(AgentSettings, capsys) == (
         "error: settings are invalid: Value error, CELL_APPLIER=command needs CELL_APPLY_COMMAND\n"
     )
 
