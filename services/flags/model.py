@@ -19,21 +19,33 @@ assert ATTRIBUTES[0] == "id"
 def _answers(
     key: str, current: Snapshot, proposed: Snapshot, group: Group
 ) -> list[tuple[tuple[str | None, str | None], int]]:
-    """The group's answers before and after, and how many of its cells give each."""
-    answers: Counter[tuple[str | None, str | None]] = Counter()
-    first = _Attributes(zip(ATTRIBUTES, (group.ids[0], *group.values), strict=True))
-    first.id_read = False
-    pair = (current.evaluate(key, first).variant, proposed.evaluate(key, first).variant)
-    if not first.id_read:
-        return [(pair, len(group.ids))]
-    answers[pair] += 1
+    """The group's answers before and after, and how many of its cells give each. A side whose
+    answer for the first cell did not read its id gives every cell of the group that answer;
+    only a side that read it (a split, a rule on ids) is evaluated cell by cell."""
+    first = dict(zip(ATTRIBUTES, (group.ids[0], *group.values), strict=True))
+    before, before_reads_id = _evaluated(current, key, first)
+    after, after_reads_id = _evaluated(proposed, key, first)
+    if not (before_reads_id or after_reads_id):
+        return [((before, after), len(group.ids))]
+    answers: Counter[tuple[str | None, str | None]] = Counter({(before, after): 1})
+    attributes = dict(first)  # one mapping, its id changed from cell to cell
     for cell_id in group.ids[1:]:
-        attributes = dict(first)
         attributes["id"] = cell_id
-        answers[
-            (current.evaluate(key, attributes).variant, proposed.evaluate(key, attributes).variant)
-        ] += 1
+        if before_reads_id:
+            before = current.evaluate(key, attributes).variant
+        if after_reads_id:
+            after = proposed.evaluate(key, attributes).variant
+        answers[(before, after)] += 1
     return list(answers.items())
+
+
+def _evaluated(
+    snapshot: Snapshot, key: str, cell: dict[str, str | None]
+) -> tuple[str | None, bool]:
+    """The flag's variant for ``cell``, and whether deciding it read the cell's id."""
+    watched = _Attributes(cell)
+    watched.id_read = False
+    return snapshot.evaluate(key, watched).variant, watched.id_read
 
 
 class _Attributes(dict[str, str | None]):
