@@ -12,7 +12,7 @@ export SUBSTRATE_RABBITMQ_API_URL ?= http://guest:guest@127.0.0.1:15672
 # op-admin is compose's. Operators added with `substratectl operators add` get their own roles.
 export SUBSTRATE_ADMINS ?= guest,op-admin
 
-.PHONY: install lock services lint format test test-only chaos dev bench dashboards definitions clean
+.PHONY: install lock services lint format test test-only bytecode chaos dev bench dashboards definitions clean
 
 # Exactly the versions in uv.lock (runtime, dev and bench), checked against its hashes: a new
 # release of a dependency changes nothing until the lock is updated on purpose (make lock).
@@ -57,19 +57,20 @@ test: install services lint test-only
 # The slowest fault tests (marked chaos) run under make chaos only; one of each kind runs here.
 # Two workers, each taking whole files (a file's tests share its fixtures): most of a test is
 # waiting on the processes it started, so the two halve the wall time even on two cores.
-# The project's modules are compiled first: the suite starts hundreds of processes, and where
+TEST_WORKERS ?= 2
+test-only: bytecode
+	$(BIN)/pytest -m "not chaos" -n $(TEST_WORKERS) --dist loadfile
+
+# The project's modules compiled before a suite: it starts hundreds of processes, and where
 # PYTHONDONTWRITEBYTECODE is set (CI machines often set it) each one compiled every module it
 # imports from source again, about a tenth of each start.
-TEST_WORKERS ?= 2
 PACKAGES := common services cell_agent substratectl testing deploy observability bench
-test-only: install
+bytecode: install
 	$(BIN)/python -m compileall -q $(PACKAGES)
-	$(BIN)/pytest -m "not chaos" -n $(TEST_WORKERS) --dist loadfile
 
 # The fault suite at full size (make test runs it smaller): more cells in each faulted rollout
 # and 2,000 fuzz examples per message type and file.
-chaos: install services
-	$(BIN)/python -m compileall -q $(PACKAGES)
+chaos: bytecode services
 	SUBSTRATE_FAULT_CELLS=$${SUBSTRATE_FAULT_CELLS:-50} SUBSTRATE_FUZZ_EXAMPLES=$${SUBSTRATE_FUZZ_EXAMPLES:-2000} \
 		$(BIN)/pytest -m fault -p no:cacheprovider
 

@@ -28,18 +28,15 @@ from substratectl.conventions import (
 )
 from substratectl.output import fail, on_terminal
 
-# The command modules in the order help lists them, and the module each command word is in. A
-# command runs with its own module only: the others' request types took a good part of every
-# command's start. Help, completion and a mistyped command build them all.
-MODULES = (
-    "control_plane", "cells", "releases", "rollouts", "windows", "flags", "infra", "operators",
-    "audit",
-)  # fmt: skip
+# The module each command word is in, in the order help lists them. A command runs with its own
+# module only: the others' request types took a good part of every command's start. Help,
+# completion and a mistyped command build them all.
 MODULE_OF = {
     "schema": "control_plane", "status": "control_plane", "topology": "control_plane",
     "cells": "cells", "release": "releases", "rollout": "rollouts", "windows": "windows",
     "flags": "flags", "infra": "infra", "operators": "operators", "audit": "audit",
 }  # fmt: skip
+MODULES = tuple(dict.fromkeys(MODULE_OF.values()))
 _VALUED = ("-o", "--output")  # the global options that take the next word as their value
 
 

@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 
-from common.bus.rabbit_bus import RabbitBus
 from common.requests.registry import CellsList
 from common.requests.rollout import RolloutShow
 from testing.polling import eventually
 from testing.ports import free_port, free_ports
-from testing.processes import BIN
+from testing.processes import BIN, Processes, running_processes
 from testing.services import Services
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,17 +57,16 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-async def closing() -> AsyncIterator[list[RabbitBus]]:
-    """Buses a test opens, closed after it whatever happened."""
-    buses: list[RabbitBus] = []
-    yield buses
-    for bus in buses:
-        await bus.close(drain_timeout=1)
+async def looking(fresh_services: Services, tmp_path: Path) -> AsyncIterator[Processes]:
+    """The test's own asks (``Processes.ask``) on make dev's vhost; make dev starts every
+    process itself, so none is started through this."""
+    async with running_processes(fresh_services, tmp_path) as procs:
+        yield procs
 
 
 @pytest.mark.e2e
 async def test_make_dev_shows_every_stage_and_stops_clean(
-    fresh_services: Services, tmp_path: Path, closing: list[RabbitBus]
+    fresh_services: Services, tmp_path: Path, looking: Processes
 ) -> None:
     services = fresh_services  # dev.sh declares the topology itself, as on a fresh broker
     dev = tmp_path / "dev"
@@ -102,20 +100,17 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
             assert process.returncode == 0, f"{err.decode()}\n{_tails(dev)}"
             return json.loads(out)
 
-        # The polls look from this process (one bus, as guest); substratectl, which is what the
-        # test is about, is asked once each poll is satisfied. A substratectl each time round
-        # (a second of CPU) slowed the very processes being waited for.
-        look = await RabbitBus.connect(services.amqp_url, name=f"test-{prefix}", max_backoff=1)
-        closing.append(look)
-
+        # The polls look from this process (``looking``, as guest); substratectl, which is what
+        # the test is about, is asked once each poll is satisfied. A substratectl each time
+        # round (a second of CPU) slowed the very processes being waited for.
         async def five_online() -> bool:
-            cells = await look.call(CellsList(status="online"), timeout=30)
+            cells = await looking.ask(CellsList(status="online"))
             return len([c for c in cells if c.id.startswith(prefix)]) == 5
 
         await eventually(five_online, timeout=60, interval=0.5, what="five demo cells online")
         online = await ctl("cells", "list", "--status", "online")
         assert len([c for c in online if c["id"].startswith(prefix)]) == 5
-        await _the_demo_release_reaches_every_cell(look, ctl, dev, prefix)
+        await _the_demo_release_reaches_every_cell(looking, ctl, dev, prefix)
 
         url = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/api/v1/query?query=up"
         up = (await asyncio.to_thread(_get_json, url))["data"]["result"]
@@ -142,7 +137,7 @@ async def test_make_dev_shows_every_stage_and_stops_clean(
 
 
 async def _the_demo_release_reaches_every_cell(
-    look: RabbitBus, ctl: Callable[..., Awaitable[Any]], dev: Path, prefix: str
+    looking: Processes, ctl: Callable[..., Awaitable[Any]], dev: Path, prefix: str
 ) -> None:
     """Published, it goes through staging, saas, and dedicated's canary and two waves, and each
     of the five cells reports it installed."""
@@ -150,7 +145,7 @@ async def _the_demo_release_reaches_every_cell(
     seen: list[tuple[str, str, int | None]] = []
 
     async def completed() -> bool:
-        r = await look.call(RolloutShow(version=release["version"]), timeout=30)
+        r = await looking.ask(RolloutShow(version=release["version"]))
         if not seen or seen[-1] != (r.state, r.stage, r.wave):
             seen.append((r.state, r.stage, r.wave))
         return r.state == "completed"
@@ -165,7 +160,7 @@ async def _the_demo_release_reaches_every_cell(
 
     async def all_on_it() -> bool:
         # The registry shows it from each agent's next heartbeat (every 5 s in make dev).
-        cells = await look.call(CellsList(), timeout=30)
+        cells = await looking.ask(CellsList())
         mine = [c.installed_release for c in cells if c.id.startswith(prefix)]
         return mine == [release["version"]] * 5
 
