@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
@@ -204,7 +204,7 @@ class Controller:
             windows=windows,
         ):  # fmt: skip
             busy = True
-        counts = await asyncio.to_thread(lambda: metrics.by_release(by_id.cells()))
+        counts = await asyncio.to_thread(lambda: metrics.by_release(by_id.each()))
         metrics.observe(list(rollouts.values()), counts)
         if windows.withheld:
             busy = True  # a window that opens sends what it held back
@@ -232,16 +232,24 @@ class Controller:
         the next step must look again (a failed install is retried after a while)."""
 
         def catching_up() -> tuple[list[Assign], bool]:
-            cells = by_id.cells()
+            retrying = False
+
+            def watched() -> Iterator[CellFacts]:
+                # One pass over the fleet for both questions (see CellTable.each).
+                nonlocal retrying
+                for cell in by_id.each():
+                    retrying = retrying or failed_with_nothing_changed(cell)
+                    yield cell
+
             extra = catch_up(
-                cells,
+                watched(),
                 list(rollouts.values()),
                 now,
                 policy.retry_failed_seconds,
                 required,
                 windows=windows,
             )
-            return extra, any(failed_with_nothing_changed(c) for c in cells)
+            return extra, retrying
 
         extra, retrying = await asyncio.to_thread(catching_up)
         if extra or retrying:
@@ -269,11 +277,11 @@ class Controller:
         tally = self._tally
         if tally is None or tally.policy != policy:
             self._tally = tally = Tally(policy)
-            tally.reset(self._cells.cells(), rollouts, now)
+            tally.reset(self._cells.each(), rollouts, now)
             self._tally_whole = True
             return
         for version in rollouts.keys() - tally.counts.keys():
-            tally.add_release(version, self._cells.cells(), now)
+            tally.add_release(version, self._cells.each(), now)
         for version in tally.counts.keys() - rollouts.keys():
             tally.drop_release(version)
         tally.advance(self._cells, now)

@@ -67,8 +67,10 @@ WINDOWS = PREFIX + "windows"
 GENERATION = PREFIX + "generation"
 LEASE = PREFIX + "controller"
 TALLY = PREFIX + "tally"
-# Cells read at a time by a full load.
-LOAD_CHUNK = 5000
+# Cells read at a time by a full load. What a chunk builds and lets go is spread over the
+# allocator's arenas, and an arena stays the process's while any object in it lives: at 5,000
+# a chunk a load of 100,000 cells left the service 10 MB larger than at 1,000, in the same time.
+LOAD_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ class RolloutStore:
         return table
 
     async def each_cell(self, keep: Callable[[CellFacts], object]) -> None:
-        """Every known cell, to ``keep``. Read a few thousand cells at a time (the fleet's
+        """Every known cell, to ``keep``. Read a thousand cells at a time (the fleet's
         entries, then rollout's own hash of each): what is held at once is what was kept so
         far and one chunk as Redis sent it, not the whole fleet's twice over. Each chunk is
         built in a worker thread, so that the event loop keeps serving meanwhile."""

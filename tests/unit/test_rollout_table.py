@@ -1,6 +1,6 @@
 """The controller's copy of the fleet in columns (model.table) reads back every cell as it was
 put, whatever was put, replaced or forgotten before, and what it built for a step follows the
-changes made during the step."""
+changes made during the step; a single pass (each) reads the same, without building."""
 
 from __future__ import annotations
 
@@ -83,7 +83,12 @@ def test_the_table_reads_back_what_was_put(steps: list[Change]) -> None:
         elif kind == "pop":
             assert table.pop(cell_id) == model.pop(cell_id, None)
         elif kind == "step":
+            # A pass with each reads what cells reads, built or not, and keeps nothing.
+            built_before = table._built is not None
+            assert by_id(table.each()) == by_id(model.values())
+            assert (table._built is not None) == built_before
             assert by_id(table.cells()) == by_id(model.values())
+            assert by_id(table.each()) == by_id(model.values())
         else:
             table.drop_built()
         assert len(table) == len(model)

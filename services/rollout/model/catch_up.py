@@ -3,6 +3,7 @@ a cell back from offline or from an infrastructure hold, and a pinned cell's pin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from common.vocabulary import RUNNING_STATES, STAGES
@@ -80,7 +81,7 @@ def failed_with_nothing_changed(cell: CellFacts) -> bool:
 
 
 def catch_up(
-    cells: list[CellFacts],
+    cells: Iterable[CellFacts],
     rollouts: list[Rollout],
     now: datetime | None = None,
     retry_seconds: float | None = None,

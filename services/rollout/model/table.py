@@ -18,7 +18,11 @@ rollout's step, catch-up, the gauges): :meth:`CellTable.cells` builds it once an
 built until :meth:`CellTable.drop_built`. While it is kept, a put keeps the record it is
 given beside the columns and a read returns the kept record, so a report during a rollout
 builds no record. The controller keeps it while rollouts are under way and drops it once a
-step finds nothing to do: a fleet at rest is held as the columns alone.
+step finds nothing to do: a fleet at rest is held as the columns alone. A pass that reads the
+fleet once (catch-up, the counts, the gauges) goes through :meth:`CellTable.each`, which builds
+nothing to keep: a step with no rollout under way never holds a record for every cell. (A
+hundred thousand records built and let go left the service's memory a third larger: Python's
+allocator keeps an arena as long as one object in it lives.)
 
 A row is never reused: a cell that goes is marked gone, and comes back in the same row. A full
 reload starts a new table.
@@ -140,6 +144,16 @@ class CellTable(Mapping[str, CellFacts]):
             live, facts = self._live, self._facts
             self._built = built = [facts(row) if live[row] else None for row in range(len(live))]
         return [cell for cell in built if cell is not None]
+
+    def each(self) -> Iterator[CellFacts]:
+        """Every cell, as ``cells`` has them, for one pass: what ``cells`` built if it is kept,
+        else each record built as it is reached and let go once the next is. A pass over a
+        fleet at rest holds one record at a time, where ``cells`` holds a record for each."""
+        built = self._built
+        if built is not None:
+            return (cell for cell in built if cell is not None)
+        live, facts = self._live, self._facts
+        return (facts(row) for row in range(len(live)) if live[row])
 
     def drop_built(self) -> bool:
         """Forget what ``cells`` built; whether there was any."""
