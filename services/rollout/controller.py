@@ -199,12 +199,11 @@ class Controller:
                     metrics.HALTS.labels(event.stage).inc()
                     log.warning("rollout %s halted: %s", event.version, event.reason)
 
-        if await self._catch_up(
+        retry, counts = await self._catch_up(
             fence, by_id, rollouts=rollouts, policy=policy, now=now, required=required,
             windows=windows,
-        ):  # fmt: skip
-            busy = True
-        counts = await asyncio.to_thread(lambda: metrics.by_release(by_id.each()))
+        )  # fmt: skip
+        busy = busy or retry
         metrics.observe(list(rollouts.values()), counts)
         if windows.withheld:
             busy = True  # a window that opens sends what it held back
@@ -227,18 +226,21 @@ class Controller:
         now: datetime,
         required: tuple[str, ...],
         windows: Windows,
-    ) -> bool:
+    ) -> tuple[bool, dict[tuple[str, str], int]]:
         """Send cells that are behind what their stage has (a first install, a return); whether
-        the next step must look again (a failed install is retried after a while)."""
+        the next step must look again (a failed install is retried after a while), and the
+        cells by stage and release for the gauges (what is sent here changes neither)."""
+        counts: dict[tuple[str, str], int] = {}
 
         def catching_up() -> tuple[list[Assign], bool]:
             retrying = False
 
             def watched() -> Iterator[CellFacts]:
-                # One pass over the fleet for both questions (see CellTable.each).
+                # One pass over the fleet for the three (see CellTable.each).
                 nonlocal retrying
                 for cell in by_id.each():
                     retrying = retrying or failed_with_nothing_changed(cell)
+                    metrics.count_release(counts, cell)
                     yield cell
 
             extra = catch_up(
@@ -254,7 +256,7 @@ class Controller:
         extra, retrying = await asyncio.to_thread(catching_up)
         if extra or retrying:
             await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
-        return bool(extra or retrying)
+        return bool(extra or retrying), counts
 
     async def _supersede(
         self, fence: str, rollouts: dict[str, Rollout], policy: RolloutPolicy, now: datetime

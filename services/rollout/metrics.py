@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.vocabulary import ACTIVE_STATES, REGISTERED, STAGES, TERMINAL_PHASES
@@ -62,18 +60,15 @@ for _outcome in sorted(TERMINAL_PHASES):
 SHOWN_ROLLOUTS = 10
 
 
-def by_release(cells: Iterable[CellFacts]) -> dict[tuple[str, str], int]:
-    """Registered cells by (stage, the release they run): what ``observe`` shows."""
-    counts: dict[tuple[str, str], int] = {}
-    for cell in cells:
-        if cell.status in REGISTERED:
-            key = (cell.stage, cell.installed_release or "none")
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+def count_release(counts: dict[tuple[str, str], int], cell: CellFacts) -> None:
+    """Count a registered cell by (stage, the release it runs): what ``observe`` shows."""
+    if cell.status in REGISTERED:
+        key = (cell.stage, cell.installed_release or "none")
+        counts[key] = counts.get(key, 0) + 1
 
 
 def observe(rollouts: list[Rollout], counts: dict[tuple[str, str], int]) -> None:
-    """Set the gauges from one controller step's view (``counts``: ``by_release`` of its
+    """Set the gauges from one controller step's view (``counts``: ``count_release`` over its
     cells). Between clearing a gauge and setting it again nothing else runs, so a scrape never
     sees it empty."""
     CELLS_BY_RELEASE.clear()

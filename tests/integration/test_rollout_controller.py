@@ -400,6 +400,9 @@ async def test_a_fleet_with_no_rollout_under_way_is_never_held_as_a_record_a_cel
     assert await controller.tick()
     new = await store.cell("c-1")
     assert new is not None and new.desired_version == RELEASE.version
+    # The gauges were counted in the same pass.
+    gauge = {"stage": "dedicated", "release": "none"}
+    assert REGISTRY.get_sample_value("substrate_rollout_cells", gauge) == 2
     assert built == [], "a step with no rollout under way built every cell's record"
 
     newer = RELEASE.model_copy(update={"version": "2026.11.6"})
