@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from datetime import datetime
@@ -74,6 +74,11 @@ class Controller:
         # over an unchanged fleet would have nothing to do either.
         # (policy, rollouts, windows by cell, windows by org)
         self._quiet: tuple[object, ...] | None = None
+        # The cells read again for this step (changed or gone since the last).
+        self._changed: list[str] = []
+        # Registered cells by stage and release, for the gauges: counted over the whole copy
+        # by a step's full pass, then kept as cells change (None: to be counted).
+        self._release_counts: dict[tuple[str, str], int] | None = None
         # Every release's counts, kept with the copy of the cells (None: to be counted anew
         # over the whole copy), and written for the views.
         self._tally: Tally | None = None
@@ -160,6 +165,10 @@ class Controller:
             # Between rollouts a fleet at rest changes nothing from one tick to the next, and
             # over a large fleet catch_up and the gauges would cost a step's time every tick.
             return True
+        # After a step that had nothing to do, with only cells changed since, what a step
+        # would do is for those cells alone: no rollout is under way, no cell waits for a
+        # retry or a window, and the rest would still have nothing to do.
+        only = self._changed if self._quiet == quiet else None
         self._quiet = None
         # Whether this step has to be taken again on the next tick with nothing changed: a
         # rollout under way depends on the time (soak ends, deadlines), a write on itself.
@@ -201,7 +210,7 @@ class Controller:
 
         retry, counts = await self._catch_up(
             fence, by_id, rollouts=rollouts, policy=policy, now=now, required=required,
-            windows=windows,
+            windows=windows, only=only,
         )  # fmt: skip
         busy = busy or retry
         metrics.observe(list(rollouts.values()), counts)
@@ -226,21 +235,29 @@ class Controller:
         now: datetime,
         required: tuple[str, ...],
         windows: Windows,
+        only: list[str] | None = None,
     ) -> tuple[bool, dict[tuple[str, str], int]]:
         """Send cells that are behind what their stage has (a first install, a return); whether
         the next step must look again (a failed install is retried after a while), and the
-        cells by stage and release for the gauges (what is sent here changes neither)."""
-        counts: dict[tuple[str, str], int] = {}
+        cells by stage and release for the gauges (what is sent here changes neither). With
+        ``only``, those cells alone are looked at, and the gauges' counts are those kept."""
+        kept = self._release_counts
+        cells: Iterable[CellFacts]
+        if only is not None and kept is not None:
+            cells, counts = [c for c in map(by_id.get, only) if c is not None], kept
+        else:
+            cells, counts = by_id.each(), {}
 
         def catching_up() -> tuple[list[Assign], bool]:
             retrying = False
 
             def watched() -> Iterator[CellFacts]:
-                # One pass over the fleet for the three (see CellTable.each).
+                # One pass for the three questions (see CellTable.each).
                 nonlocal retrying
-                for cell in by_id.each():
+                for cell in cells:
                     retrying = retrying or failed_with_nothing_changed(cell)
-                    metrics.count_release(counts, cell)
+                    if counts is not kept:
+                        metrics.count_release(counts, cell)
                     yield cell
 
             extra = catch_up(
@@ -254,6 +271,7 @@ class Controller:
             return extra, retrying
 
         extra, retrying = await asyncio.to_thread(catching_up)
+        self._release_counts = counts
         if extra or retrying:
             await self._write(fence, None, None, assign=extra, events=[], now=now, policy=policy)
         return bool(extra or retrying), counts
@@ -379,9 +397,10 @@ class Controller:
             self._cells = await self.store.table()
             give_back()  # what the load's chunks took, the columns aside
             self._cells_fence, self._loaded_at = fence, monotonic
-            self._tally = None
+            self._tally = self._release_counts = self._quiet = None
             return self._cells, True
         changed, gone = await self.store.changed_cells()
+        self._changed = [cell.id for cell in changed] + gone
 
         def replace_all() -> None:
             for cell in changed:
@@ -399,6 +418,12 @@ class Controller:
         old = self._cells.put(new) if new is not None else self._cells.pop(cell_id)
         if self._tally is not None:
             self._tally.update(old, new, now)
+        counts = self._release_counts
+        if counts is not None:
+            if old is not None:
+                metrics.count_release(counts, old, -1)
+            if new is not None:
+                metrics.count_release(counts, new)
 
     def _apply(
         self,

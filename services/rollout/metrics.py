@@ -60,11 +60,16 @@ for _outcome in sorted(TERMINAL_PHASES):
 SHOWN_ROLLOUTS = 10
 
 
-def count_release(counts: dict[tuple[str, str], int], cell: CellFacts) -> None:
-    """Count a registered cell by (stage, the release it runs): what ``observe`` shows."""
+def count_release(counts: dict[tuple[str, str], int], cell: CellFacts, by: int = 1) -> None:
+    """Count a registered cell by (stage, the release it runs): what ``observe`` shows. With
+    ``by`` -1, take it out (a count that falls to 0 goes)."""
     if cell.status in REGISTERED:
         key = (cell.stage, cell.installed_release or "none")
-        counts[key] = counts.get(key, 0) + 1
+        n = counts.get(key, 0) + by
+        if n:
+            counts[key] = n
+        else:
+            counts.pop(key, None)
 
 
 def observe(rollouts: list[Rollout], counts: dict[tuple[str, str], int]) -> None:

@@ -371,13 +371,16 @@ async def test_a_fleet_with_no_rollout_under_way_is_never_held_as_a_record_a_cel
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A new leader over a fleet whose rollouts are done (a restart) counts it, catches it up
-    and sets the gauges in single passes: it builds no record for every cell, which at 100,000
-    cells left the service a third larger after the records were let go. A rollout under way
-    still builds them once for its step."""
+    and sets the gauges in one pass that builds a record at a time: it never holds a record
+    for every cell, which at 100,000 cells left the service a third larger after the records
+    were let go. Once a step has nothing to do, the next looks at the cells that changed
+    alone, and the gauges follow them. A rollout under way still builds the records once for
+    its step."""
     clock = FakeClock()
     store = RolloutStore(redis)
     await store.set_policy(RolloutPolicy(soak_seconds=SoakTimes(staging=0, saas=0, dedicated=0)))
-    await store.fleet.apply(_registered("c-0", "dedicated", clock))
+    for i in range(3):
+        await store.fleet.apply(_registered(f"c-{i}", "dedicated", clock))
     done = new_rollout(RELEASE, clock.now()).model_copy(update={"state": "completed"})
     assert await store.publish(RELEASE, at=clock.now(), by="op-test", event=_event(clock),
                                rollout=done)  # fmt: skip
@@ -388,21 +391,42 @@ async def test_a_fleet_with_no_rollout_under_way_is_never_held_as_a_record_a_cel
         built.append(len(table))
         return real_cells(table)
 
+    looked: list[list[str]] = []
+
+    def looking(cells: Iterable[Any], *args: Any, **kwargs: Any) -> Any:
+        cells = list(cells)
+        looked.append(sorted(c.id for c in cells))
+        return catch_up(cells, *args, **kwargs)
+
     monkeypatch.setattr(CellTable, "cells", cells)
+    monkeypatch.setattr(controller_module, "catch_up", looking)
+
+    def gauge(stage: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "substrate_rollout_cells", {"stage": stage, "release": "none"}
+        )
+
     controller = Controller(store, clock, Lease(redis, LEASE, 120))
     assert await controller.tick()
-    # Caught up in that pass: the cell is sent the completed release, and counted.
+    # Caught up in that pass: the cells are sent the completed release, and counted.
+    assert looked == [["c-0", "c-1", "c-2"]]
     cell = await store.cell("c-0")
     assert cell is not None and cell.desired_version == RELEASE.version
     counted = await store.tally()
-    assert counted is not None and counted.counts[RELEASE.version]["dedicated"]["in_progress"] == 1
-    await store.fleet.apply(_registered("c-1", "dedicated", clock))
+    assert counted is not None and counted.counts[RELEASE.version]["dedicated"]["in_progress"] == 3
+    assert gauge("dedicated") == 3
+    assert await controller.tick() and looked[-1] == ["c-0", "c-1", "c-2"]  # sent: look again
+    assert await controller.tick() and len(looked) == 2  # nothing to do: not looked again
+
+    # Two cells register: the next step looks at them alone, sends them theirs and counts them.
+    await store.fleet.apply(_registered("c-3", "dedicated", clock))
+    await store.fleet.apply(_registered("c-4", "staging", clock))
     assert await controller.tick()
-    new = await store.cell("c-1")
-    assert new is not None and new.desired_version == RELEASE.version
-    # The gauges were counted in the same pass.
-    gauge = {"stage": "dedicated", "release": "none"}
-    assert REGISTRY.get_sample_value("substrate_rollout_cells", gauge) == 2
+    assert looked[-1] == ["c-3", "c-4"]
+    for new_id in ("c-3", "c-4"):
+        new = await store.cell(new_id)
+        assert new is not None and new.desired_version == RELEASE.version
+    assert (gauge("dedicated"), gauge("staging")) == (4, 1)
     assert built == [], "a step with no rollout under way built every cell's record"
 
     newer = RELEASE.model_copy(update={"version": "2026.11.6"})
@@ -410,6 +434,8 @@ async def test_a_fleet_with_no_rollout_under_way_is_never_held_as_a_record_a_cel
                                rollout=new_rollout(newer, clock.now()))  # fmt: skip
     assert await controller.tick()
     assert built, "a rollout's step reads the records it builds once"
+    assert looked[-1] == ["c-0", "c-1", "c-2", "c-3", "c-4"]
+    assert (gauge("dedicated"), gauge("staging")) == (4, 1)
 
 
 async def test_views_read_the_leader_s_counts_which_follow_every_change(
