@@ -9,15 +9,31 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def _trim() -> object:
+def _glibc(function: str) -> object:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return getattr(ctypes.CDLL(name), function) if name else None
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim nor mallopt)
         return None
 
 
-_MALLOC_TRIM = _trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+# glibc's mallopt parameter (malloc.h) and the size from which a block is mapped on its own.
+_M_MMAP_THRESHOLD = -3
+LARGE = 256 * 1024
+
+
+def map_large_blocks() -> bool:
+    """Give each block of ``LARGE`` bytes or more its own mapping, returned to the system as
+    soon as it is freed; whether the C library took the setting.
+
+    glibc does this from 128 KB at first, but raises the threshold to the size of each mapped
+    block freed, so that after the first few a service's large, short-lived blocks (a page of
+    5,000 cells as JSON, a Redis reply) come from the heap, where they stay the process's
+    between blocks still in use: serving `cells list --all` three times over 100,000 cells
+    left the registry 13 MB larger than with the threshold fixed (111 MB against 98 MB)."""
+    return callable(_MALLOPT) and bool(_MALLOPT(_M_MMAP_THRESHOLD, LARGE))
 
 
 def give_back() -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from common import topology
 from common.bus.rabbit_bus import RabbitBus
+from common.memory import map_large_blocks
 from common.metrics import MetricsServer
 from common.settings import ServiceSettings, load
 from common.wiring import Wiring, start
@@ -121,6 +122,7 @@ def service_main(
     parser.parse_args()
     settings = load(settings_cls)
     configure_logging(settings.log_level)
+    map_large_blocks()
 
     async def main() -> None:
         stop = asyncio.Event()
