@@ -20,9 +20,9 @@ given beside the columns and a read returns the kept record, so a report during 
 builds no record. The controller keeps it while rollouts are under way and drops it once a
 step finds nothing to do: a fleet at rest is held as the columns alone. A pass that reads the
 fleet once (catch-up, the counts, the gauges) goes through :meth:`CellTable.each`, which builds
-nothing to keep: a step with no rollout under way never holds a record for every cell. (A
-hundred thousand records built and let go left the service's memory a third larger: Python's
-allocator keeps an arena as long as one object in it lives.)
+nothing to keep: a step with no rollout under way never holds a record for every cell. (At
+100,000 cells, building them all raised the service's peak by 31 MB, and some of it stayed:
+Python's allocator keeps an arena as long as one object in it lives.)
 
 A row is never reused: a cell that goes is marked gone, and comes back in the same row. A full
 reload starts a new table.
