@@ -4,8 +4,9 @@ facts and operators' decisions and wake it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from common.bus.errors import Refused, RpcFailure, refuse_foreign_sender
@@ -91,6 +92,8 @@ class Deps:
     send: Callable[[Message], Awaitable[None]] | None = None
     # Decides a customer's deferral, which comes in a sync (services/rollout/deferrals.py).
     defer: Callable[[CellSync, Delivery], Awaitable[None]] | None = None
+    # The views' own counts over every cell under way, by the releases they count (_views).
+    counting: dict[tuple[str, ...], asyncio.Task[Counted]] = field(default_factory=dict)
 
 
 # -- releases -------------------------------------------------------------------------------------
@@ -342,13 +345,26 @@ async def _views(deps: Deps, rollouts: list[Rollout]) -> list[RolloutView]:
     now = deps.clock.now()
     counted = await deps.store.tally()
     if counted is None or any(r.version not in counted.counts for r in rollouts):
-        tally = Tally(await deps.store.policy())
-        tally.reset([], [r.version for r in rollouts], now)
-        # Counted as the cells are read, a chunk at a time: not a second copy of the fleet
-        # beside the controller's while it loads its own.
-        await deps.store.each_cell(lambda cell: tally.update(None, cell, now))
-        counted = Counted(tally.counts, tally.deferred, now)
+        # Views asked together share one count: after a restart at 100,000 cells each took
+        # seconds of reading the fleet, until the new leader had counted.
+        versions = tuple(sorted({r.version for r in rollouts}))
+        task = deps.counting.get(versions)
+        if task is None:
+            task = deps.counting[versions] = asyncio.create_task(_count(deps, versions))
+            task.add_done_callback(lambda _: deps.counting.pop(versions, None))
+        counted = await asyncio.shield(task)
     return [_rollout_view(r, counted, now) for r in rollouts]
+
+
+async def _count(deps: Deps, versions: tuple[str, ...]) -> Counted:
+    """The releases' counts over every cell, as the controller keeps them."""
+    now = deps.clock.now()
+    tally = Tally(await deps.store.policy())
+    tally.reset([], versions, now)
+    # Counted as the cells are read, a chunk at a time: not a second copy of the fleet
+    # beside the controller's while it loads its own.
+    await deps.store.each_cell(lambda cell: tally.update(None, cell, now))
+    return Counted(tally.counts, tally.deferred, now)
 
 
 async def known_cell(deps: Deps, cell_id: str) -> CellFacts:

@@ -492,3 +492,45 @@ async def test_views_read_the_leader_s_counts_which_follow_every_change(
     assert await second.tick()
     counted = await store.tally()
     assert counted is not None and counted.counts[RELEASE.version] == await over_every_cell()
+
+
+async def test_views_asked_together_with_no_leader_share_one_count(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no controller's counts to read (a restart), views asked while one counts the fleet
+    wait for that count instead of each reading every cell; a view asked after it counts
+    anew."""
+    clock = FakeClock()
+    store = RolloutStore(redis)
+    deps = handlers.Deps(store=store, clock=clock)
+    await _fleet(store, clock)
+    reads, tallied, gate = 0, 0, asyncio.Event()
+    real_each_cell, real_tally = store.each_cell, store.tally
+
+    async def each_cell(keep: Any) -> None:
+        nonlocal reads
+        reads += 1
+        await gate.wait()
+        await real_each_cell(keep)
+
+    async def tally() -> Any:
+        nonlocal tallied
+        counted = await real_tally()
+        tallied += 1  # the view goes on to its count without awaiting anything else
+        return counted
+
+    monkeypatch.setattr(store, "each_cell", each_cell)
+    monkeypatch.setattr(store, "tally", tally)
+
+    async def viewed() -> dict[str, dict[str, int]]:
+        [view] = await handlers.rollout_list(RolloutList(), None, deps)  # type: ignore[arg-type]
+        return {stage: counts.model_dump() for stage, counts in view.stages.items()}
+
+    views = [asyncio.create_task(viewed()) for _ in range(3)]
+    await eventually(lambda: tallied == 3, timeout=10)
+    gate.set()
+    first, *others = await asyncio.gather(*views)
+    assert reads == 1, "each view read the fleet"
+    assert first["staging"]["pending"] == 2 and all(other == first for other in others)
+    assert deps.counting == {}
+    assert await viewed() == first and reads == 2
