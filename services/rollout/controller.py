@@ -74,8 +74,6 @@ class Controller:
         # over an unchanged fleet would have nothing to do either.
         # (policy, rollouts, windows by cell, windows by org)
         self._quiet: tuple[object, ...] | None = None
-        # The cells read again for this step (changed or gone since the last).
-        self._changed: list[str] = []
         # Registered cells by stage and release, for the gauges: counted over the whole copy
         # by a step's full pass, then kept as cells change (None: to be counted).
         self._release_counts: dict[tuple[str, str], int] | None = None
@@ -152,7 +150,7 @@ class Controller:
         rollouts = {r.version: r for r in await self.store.rollouts()}
         windows = await self.store.windows(policy, list(rollouts.values()))
         now = self.clock.now()
-        by_id, cells_changed = await self._load_cells(fence, now)
+        by_id, changed = await self._load_cells(fence, now)
         # Work over the whole fleet runs in a worker thread, here and below: the event loop
         # keeps answering requests and taking reports meanwhile (the interpreter passes between
         # the two every few milliseconds), where a step over 100,000 cells held it for seconds.
@@ -161,14 +159,14 @@ class Controller:
         # new state (halted, say) shows at least the counts it was decided on.
         await self._write_tally(fence, now)
         quiet = (policy, rollouts, windows.by_cell, windows.by_org)
-        if not cells_changed and self._quiet == quiet:
+        if changed == [] and self._quiet == quiet:
             # Between rollouts a fleet at rest changes nothing from one tick to the next, and
             # over a large fleet catch_up and the gauges would cost a step's time every tick.
             return True
         # After a step that had nothing to do, with only cells changed since, what a step
         # would do is for those cells alone: no rollout is under way, no cell waits for a
         # retry or a window, and the rest would still have nothing to do.
-        only = self._changed if self._quiet == quiet else None
+        only = changed if self._quiet == quiet else None
         self._quiet = None
         # Whether this step has to be taken again on the next tick with nothing changed: a
         # rollout under way depends on the time (soak ends, deadlines), a write on itself.
@@ -384,9 +382,10 @@ class Controller:
             )
         return commands, bakes
 
-    async def _load_cells(self, fence: str, now: datetime) -> tuple[CellTable, bool]:
-        """The copy of the cells, and whether anything in it was read again. What changed is
-        counted as it comes in; a full load is counted anew."""
+    async def _load_cells(self, fence: str, now: datetime) -> tuple[CellTable, list[str] | None]:
+        """The copy of the cells, and the ids of those read again (changed or gone), None
+        after a full load. What changed is counted as it comes in; a full load is counted
+        anew."""
         monotonic = self.clock.monotonic()
         stale = monotonic - self._loaded_at > FULL_RELOAD_SECONDS
         if self._cells is None or fence != self._cells_fence or stale:
@@ -397,10 +396,9 @@ class Controller:
             self._cells = await self.store.table()
             give_back()  # what the load's chunks took, the columns aside
             self._cells_fence, self._loaded_at = fence, monotonic
-            self._tally = self._release_counts = self._quiet = None
-            return self._cells, True
+            self._tally = self._release_counts = None
+            return self._cells, None
         changed, gone = await self.store.changed_cells()
-        self._changed = [cell.id for cell in changed] + gone
 
         def replace_all() -> None:
             for cell in changed:
@@ -410,7 +408,7 @@ class Controller:
 
         if changed or gone:
             await asyncio.to_thread(replace_all)
-        return self._cells, bool(changed or gone)
+        return self._cells, [cell.id for cell in changed] + gone
 
     def _replace(self, cell_id: str, new: CellFacts | None, now: datetime) -> None:
         """A cell's entry in the copy, and in the counts."""
