@@ -16,7 +16,7 @@ export SUBSTRATE_ADMINS ?= guest,op-admin
 
 # Exactly the versions in uv.lock (runtime, dev and bench), checked against its hashes: a new
 # release of a dependency changes nothing until the lock is updated on purpose (make lock).
-$(VENV)/.installed: uv.lock pyproject.toml
+$(VENV)/.installed: uv.lock pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV) --extra dev --extra bench
 	touch $@
 
@@ -61,9 +61,9 @@ TEST_WORKERS ?= 2
 test-only: bytecode
 	$(BIN)/pytest -m "not chaos" -n $(TEST_WORKERS) --dist loadfile
 
-# The project's modules compiled before a suite: it starts hundreds of processes, and where
-# PYTHONDONTWRITEBYTECODE is set (CI machines often set it) each one compiled every module it
-# imports from source again, about a tenth of each start.
+# The project's modules compiled before a suite (the installer compiles the dependencies): it
+# starts hundreds of processes, and where PYTHONDONTWRITEBYTECODE is set (CI machines often set
+# it) each one compiled every module it imports from source again, about a tenth of each start.
 PACKAGES := common services cell_agent substratectl testing deploy observability bench
 bytecode: install
 	$(BIN)/python -m compileall -q $(PACKAGES)
@@ -74,10 +74,10 @@ chaos: bytecode services
 	SUBSTRATE_FAULT_CELLS=$${SUBSTRATE_FAULT_CELLS:-50} SUBSTRATE_FUZZ_EXAMPLES=$${SUBSTRATE_FUZZ_EXAMPLES:-2000} \
 		$(BIN)/pytest -m fault -p no:cacheprovider
 
-dev: install services
+dev: bytecode services
 	bash scripts/dev.sh
 
-bench: install services
+bench: bytecode services
 	$(BIN)/python -m bench.bus --rounds 7
 
 clean:

@@ -31,4 +31,9 @@ fi
 if [ "$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$locked_uv" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$locked_uv"
 fi
-UV_PROJECT_ENVIRONMENT=$venv "$venv/bin/uv" sync --locked --quiet --python "$venv/bin/python" "$@"
+# --compile-bytecode: uv, unlike pip, leaves the packages uncompiled, and where the bytecode
+# cannot be written back (PYTHONDONTWRITEBYTECODE, as CI machines and images often set, or the
+# image's read-only /opt/substrate) every process compiled them all again at each start: 0.26 s
+# of substratectl's 0.59 s, measured here.
+UV_PROJECT_ENVIRONMENT=$venv "$venv/bin/uv" sync --locked --quiet --compile-bytecode \
+  --python "$venv/bin/python" "$@"

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import aio_pika
+import aiormq
+import pydantic
+import pydantic_core.core_schema
 import pytest
 from pydantic import ValidationError
 
@@ -223,3 +229,15 @@ def test_tables_and_records_print_control_characters_as_visible_escapes() -> Non
     shown = table([{"id": "a", "stack": evil}], ["id", "stack"]) + fields({"stack": evil})
     assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown)
     assert "stack\\x1b[2J\\x07\\x9b31m" in shown
+
+
+def test_the_installer_compiles_the_dependencies_a_command_imports() -> None:
+    """Where bytecode cannot be written back (PYTHONDONTWRITEBYTECODE, a read-only image), a
+    dependency installed without it is compiled again by every process that imports it."""
+    uncompiled = [
+        module.__name__
+        for module in (aio_pika, aiormq, pydantic, pydantic_core.core_schema)
+        if module.__file__ is None
+        or not Path(importlib.util.cache_from_source(module.__file__)).is_file()
+    ]
+    assert uncompiled == []
