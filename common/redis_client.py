@@ -13,6 +13,12 @@ current primary, and the retries last about 10 s: a failover takes the sentinels
 time plus an election. A connection still open to a former primary, now a replica, answers
 writes with READONLY; that is retried too, on a new connection to the new primary.
 
+Each command in flight holds a connection of the client's pool. redis-py 8 caps a pool at 100
+connections and fails the next command at once (MaxConnectionsError): in a storm of 10,000
+registrations the registry's 256 deliveries in flight reached it, and registrations and status
+requests failed. The pool here is bounded and blocking: a command waits for a connection instead,
+so a burst costs waiting, never an error, and each process keeps at most POOL_CONNECTIONS.
+
 Replication is asynchronous: a write the primary acknowledged can be lost if the primary dies
 before a replica has it. ``Durability.wait`` (Redis WAIT) holds an operator's answer until a
 replica has every write before it, so what an operator was told succeeded survives a failover.
@@ -23,8 +29,9 @@ from __future__ import annotations
 import logging
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
@@ -35,14 +42,27 @@ from common.settings import ServiceSettings, sentinel_addresses
 
 log = logging.getLogger(__name__)
 
+# Redis answers one command at a time: more round trips in flight than this only queue there.
+POOL_CONNECTIONS = 64
+# How long a command waits for a connection before it fails (and is retried as a connection
+# error is); a burst passes through the pool in well under a second.
+POOL_WAIT_SECONDS = 20.0
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections to the primary the sentinels name, waited for as ``connect``'s are."""
+
 
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=True,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def from_settings(settings: ServiceSettings) -> aioredis.Redis:
@@ -58,6 +78,9 @@ def from_settings(settings: ServiceSettings) -> aioredis.Redis:
     )
     primary: aioredis.Redis = sentinel.master_for(
         settings.redis_sentinel_master,
+        connection_pool_class=_BlockingSentinelPool,
+        max_connections=POOL_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         db=int(parsed.get("db", 0)),
         password=parsed.get("password"),
         decode_responses=True,

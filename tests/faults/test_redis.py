@@ -126,6 +126,28 @@ async def test_the_first_command_after_a_redis_restart_succeeds(redis_node: Priv
 
 
 @pytest.mark.fault
+async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(
+    redis_node: PrivateRedis,
+) -> None:
+    """Each command in flight holds a connection. redis-py's own pool fails the 101st at once
+    (MaxConnectionsError: a registration storm's deliveries in flight met it); the services'
+    pool makes a burst wait for a connection, and opens no more than its bound."""
+    ours = redis_client.connect(redis_node.url)
+    watcher = aioredis.from_url(redis_node.url, decode_responses=True)
+    burst = 5 * redis_client.POOL_CONNECTIONS
+    assert burst > 100  # beyond redis-py's own default
+    try:
+        await ours.set("burst", "1")
+        answers = await asyncio.gather(*(ours.get("burst") for _ in range(burst)))
+        assert answers == ["1"] * burst
+        clients = (await watcher.info("clients"))["connected_clients"]
+        assert clients <= redis_client.POOL_CONNECTIONS + 1  # ours, and the watcher
+    finally:
+        await ours.aclose()
+        await watcher.aclose()
+
+
+@pytest.mark.fault
 async def test_a_report_waits_out_redis_refusing_writes_instead_of_being_dead_lettered(
     fprocs: Processes, private: Services, fbus: RabbitBus
 ) -> None:
