@@ -481,7 +481,13 @@ async def storm(args: argparse.Namespace) -> None:
         try:
             print(f"{args.cells} cells connecting and registering at once, from {processes} "
                   "processes ...", flush=True)  # fmt: skip
-            baseline = await storm_baseline(bench, sims, args.cells)
+            # The raw consumer runs in this process: its CPU is the baseline's "bench".
+            base_meter = CpuMeter({
+                **await broker_and_redis_pids(bench),
+                "simulators": [p.pid for p in sims.processes],
+                "bench": [os.getpid()],
+            })  # fmt: skip
+            baseline, base_spent = await storm_baseline(bench, sims, args.cells, base_meter)
             print(f"  baseline: every connection open and registration consumed by raw "
                   f"aio-pika after {baseline:.1f}s", flush=True)  # fmt: skip
             for name in args.services:
@@ -521,6 +527,7 @@ async def storm(args: argparse.Namespace) -> None:
             flush=True,
         )
         print(f"CPU until then: {CpuMeter.line(spent, taken_in)}", flush=True)
+        print(f"baseline's CPU: {CpuMeter.line(base_spent, baseline)}", flush=True)
 
 
 async def events_taken_in(bench: Bench, queues: list[str]) -> bool:
@@ -545,17 +552,22 @@ async def _connections_gone(bench: Bench) -> bool:
     return len(found) <= 1  # the benchmark's own
 
 
-async def storm_baseline(bench: Bench, sims: Simulators, n: int) -> float:
+async def storm_baseline(
+    bench: Bench, sims: Simulators, n: int, meter: CpuMeter
+) -> tuple[float, dict[str, float]]:
+    """The baseline's time, and what each part spent in it."""
     await bench.stop_registry()
     raw_queue = "bench.raw-registrations"
     await bench.control.declare(
         Topology((), consuming_queue(raw_queue, Binding(CELLS_EXCHANGE, "*.register")))
     )
+    before = meter.read()
     started = time.perf_counter()
     drained = asyncio.create_task(raw_drain(bench.amqp_url, raw_queue, n, 256))
     await sims.command("arrive", "arrived")
     await drained
     elapsed = time.perf_counter() - started
+    spent = meter.since(before)
     await sims.command("leave", "left")
     # The broker closes 10,000 connections for a while after they left: the measured run
     # starts once it is done, as the baseline did.
@@ -564,7 +576,7 @@ async def storm_baseline(bench: Bench, sims: Simulators, n: int) -> float:
     # The registry's queue kept its copy of the baseline's registrations: not part of the run.
     vhost = quote(bench.vhost, safe="")
     await bench.api.call("DELETE", f"/queues/{vhost}/registry.cells/contents")
-    return elapsed
+    return elapsed, spent
 
 
 def main() -> None:
