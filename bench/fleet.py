@@ -481,12 +481,12 @@ async def storm(args: argparse.Namespace) -> None:
         try:
             print(f"{args.cells} cells connecting and registering at once, from {processes} "
                   "processes ...", flush=True)  # fmt: skip
-            # The raw consumer runs in this process: its CPU is the baseline's "bench".
-            base_meter = CpuMeter({
+            shared = {
                 **await broker_and_redis_pids(bench),
                 "simulators": [p.pid for p in sims.processes],
-                "bench": [os.getpid()],
-            })  # fmt: skip
+            }
+            # The raw consumer runs in this process: its CPU is the baseline's "bench".
+            base_meter = CpuMeter({**shared, "bench": [os.getpid()]})
             baseline, base_spent = await storm_baseline(bench, sims, args.cells, base_meter)
             print(f"  baseline: every connection open and registration consumed by raw "
                   f"aio-pika after {baseline:.1f}s", flush=True)  # fmt: skip
@@ -494,8 +494,7 @@ async def storm(args: argparse.Namespace) -> None:
                 await bench.start_service(name)
             await bench.start_registry()
             meter = CpuMeter({
-                **await broker_and_redis_pids(bench),
-                "simulators": [p.pid for p in sims.processes],
+                **shared,
                 "registry": bench.registry_pids,
                 **{name: [process.pid] for name, process in bench.services.items()},
             })  # fmt: skip

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 # Redis answers one command at a time: more round trips in flight than this only queue there.
 POOL_CONNECTIONS = 64
-# How long a command waits for a connection before it fails (and is retried as a connection
-# error is); a burst passes through the pool in well under a second.
+# How long a command waits for a connection before it fails with a ConnectionError (taking a
+# connection is outside redis-py's retries); a burst passes through the pool in well under a
+# second.
 POOL_WAIT_SECONDS = 20.0
 
 
